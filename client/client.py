@@ -1,0 +1,147 @@
+"""EffllmClient (blocking) and AsyncEffllmClient (asyncio): generate, stream, model info, stats, health.
+
+Both build the same GenerateRequest (`build_request`) and take a per-call `timeout` (a gRPC deadline;
+the server aborts the request when it passes). Errors surface as grpc.RpcError with the server's status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .v1 import generation_pb2 as pb
+from .v1 import generation_pb2_grpc as pb_grpc
+
+Messages = Sequence[tuple[str, str] | dict[str, str]]
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: Messages | None = None,
+    adapter: str = "",
+    max_new_tokens: int = 0,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    repetition_penalty: float | None = None,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """`prompt` (raw text) or `messages` ([(role, content)] or [{"role", "content"}]), not both."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    sampling = pb.SamplingParams(max_new_tokens=max_new_tokens, top_k=top_k, stop=list(stop))
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    if repetition_penalty is not None:
+        sampling.repetition_penalty = repetition_penalty
+    req = pb.GenerateRequest(adapter=adapter, request_id=request_id, sampling=sampling)
+    if prompt is not None:
+        req.prompt = prompt
+    else:
+        turns = [m if isinstance(m, tuple) else (m["role"], m["content"]) for m in messages or ()]
+        req.messages.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in turns)
+    return req
+
+
+class EffllmClient:
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
+                 channel: grpc.Channel | None = None) -> None:
+        self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.timeout = timeout
+        self._gen = pb_grpc.GenerationServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any) -> pb.GenerateResponse:
+        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+
+    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+               **kw: Any) -> Iterator[pb.GenerateStreamResponse]:
+        """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
+        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    def stats(self) -> pb.ServerStats:
+        return self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """SERVING, NOT_SERVING, ... as a name."""
+        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Block until health says SERVING (the model is loaded)."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        try:
+            for reply in call:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        finally:
+            call.cancel()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> EffllmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncEffllmClient:
+    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.timeout = timeout
+        self._gen = pb_grpc.GenerationServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **kw: Any) -> pb.GenerateResponse:
+        return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+
+    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
+                     **kw: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        try:
+            async for chunk in call:
+                yield chunk
+        finally:
+            call.cancel()
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+
+    async def stats(self) -> pb.ServerStats:
+        return await self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+
+    async def health(self, service: str = "") -> str:
+        reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncEffllmClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

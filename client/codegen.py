@@ -1,0 +1,47 @@
+"""Generate the Python stubs in client/v1/ from proto/effllm/v1/*.proto.
+
+`python -m effllm.client.codegen` rewrites them; tests/client/test_codegen.py checks they are in sync.
+grpc_tools writes absolute imports (`from effllm.v1 import x_pb2`); we make them relative so the stubs live
+inside effllm.client.v1 whatever the proto package is called.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "proto"
+STUB_DIR = ROOT / "client" / "v1"
+_ABS_IMPORT = re.compile(r"^from effllm\.v1 import (\w+_pb2)", re.M)
+
+
+def generate(out_dir: Path) -> list[Path]:
+    from grpc_tools import protoc  # dev-only dependency
+
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "effllm" / "v1").glob("*.proto"))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{protoc_include()}", f"--python_out={tmp}",
+                f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed: {' '.join(args)}")
+        written = []
+        for src in sorted((Path(tmp) / "effllm" / "v1").iterdir()):
+            text = _ABS_IMPORT.sub(r"from . import \1", src.read_text())
+            dst = out_dir / src.name
+            dst.write_text(text)
+            written.append(dst)
+    return written
+
+
+def protoc_include() -> str:
+    import grpc_tools
+
+    return str(Path(grpc_tools.__file__).parent / "_proto")
+
+
+if __name__ == "__main__":
+    for path in generate(STUB_DIR):
+        print(path.relative_to(ROOT), file=sys.stderr)

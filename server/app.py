@@ -1,0 +1,139 @@
+"""Assemble and run the gRPC server: services, health, reflection, engine start-up and drain.
+
+Order matters: the port opens first with health NOT_SERVING (so orchestrators can watch the load), the
+engine starts, health turns SERVING. On SIGTERM/SIGINT health turns NOT_SERVING, new requests get
+UNAVAILABLE, in-flight ones finish within the grace period, then the process exits 0; a second signal
+stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from ..client.v1 import generation_pb2 as pb
+from ..client.v1 import generation_pb2_grpc as pb_grpc
+from .engines.base import Engine
+from .runner import Runner
+from .service import GenerationService, Limits
+
+log = logging.getLogger("effllm.server")
+
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_concurrency: int = 32
+    queue_size: int = 256
+    max_message_bytes: int = 16 << 20
+    grace_s: float = 30.0
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port {self.port} is not in 0..65535")
+        if self.max_concurrency < 1 or self.queue_size < 0:
+            raise ValueError("max_concurrency >= 1 and queue_size >= 0 are required")
+
+
+class EffllmServer:
+    """One gRPC server around one engine. `start()` returns once the port is bound."""
+
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.runner = Runner(engine, config.max_concurrency, config.queue_size)
+        self.generation = GenerationService(self.runner, config.limits)
+        self.health = HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        opts = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+        ]
+        server = grpc.aio.server(options=opts)
+        pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info("listening on %s:%d (health NOT_SERVING while the model loads)", self.config.host, self.port)
+        return self.port
+
+    async def load(self) -> None:
+        await self.engine.start()
+        self.generation.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        info = self.engine.info
+        log.info(
+            "ready: %s (%s, %s, %s) on %s:%d", info.model, info.engine, info.precision, info.device,
+            self.config.host, self.port,
+        )
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Refuse new work, let in-flight requests finish (bounded), then stop."""
+        if self._server is None:
+            return
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self.generation.draining = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.runner.running + self.runner.queued > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await self._server.stop(grace=0.5)
+        await self.engine.shutdown()
+        self._server = None
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(engine: Engine, config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
+    server = EffllmServer(engine, config)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("signal received: draining (send again to stop now)")
+            loop.create_task(server.drain())
+        else:
+            log.warning("second signal: stopping now")
+            os._exit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await server.start()
+    await server.load()
+    await server.wait()
+    log.info("stopped")

@@ -1,0 +1,148 @@
+"""The engine boundary: plain dataclasses in, a stream of TokenEvents out.
+
+Everything above this module (service, admission) is free of torch; everything below it may use it.
+An engine reports what it can do in `EngineInfo`; the service refuses the rest before it reaches here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+Precision = Literal["fp32", "bf16", "fp16", "int4"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16", "int4")
+BYTES_PER_PARAM: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int4": 0.5}
+
+FinishReason = Literal["length", "stop", "cancelled", "error"]
+ErrorCode = Literal[
+    "invalid_argument", "not_found", "failed_precondition", "resource_exhausted", "unavailable", "internal"
+]
+
+
+class EngineError(Exception):
+    """A request-level failure with a status the service maps onto gRPC codes."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = 1.0
+
+
+AdapterMethod = Literal["lora", "rslora", "dora"]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A validated adapter version on disk (PEFT format), ready for an engine to load."""
+
+    name: str
+    version: str
+    path: Path
+    method: AdapterMethod
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    sampling: Sampling
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+    adapter: str = ""  # as the client named it: "" base, NAME or NAME@VERSION
+    # Set by the adapter registry before the engine sees the request: the exact version to run on.
+    resolved_adapter: AdapterSpec | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float
+    time_to_first_token_s: float
+    decode_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New text since the last event; the last event of a request has `finish_reason` and `usage`."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None  # filled by the runner, which owns the clock
+    adapter: str = ""  # NAME@VERSION actually used
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    fingerprint: str
+    engine: str
+    precision: Precision
+    max_context: int
+    device: str
+    parameters: int
+    weight_bytes: int
+    precisions: tuple[Precision, ...]
+    adapter_methods: tuple[str, ...] = ()
+    max_adapter_rank: int = 0
+    max_adapters_per_batch: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def weight_ratio_to_bf16(self) -> float:
+        return self.weight_bytes / (self.parameters * BYTES_PER_PARAM["bf16"]) if self.parameters else 0.0
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    async def start(self) -> None:
+        """Load the model; the server reports SERVING only after this returns."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the request's tokens. Closing the iterator early aborts the request and frees its slot."""
+        ...
+
+    def running(self) -> int:
+        """Requests the engine still holds (scheduled or waiting inside it)."""
+        ...
+
+    async def add_adapter(self, spec: AdapterSpec) -> None:
+        """Make `spec.key` servable; raise EngineError("failed_precondition") if this engine cannot."""
+
+    async def remove_adapter(self, key: str) -> None:
+        """Forget `key`; only called once no request runs on it."""
+
+    async def shutdown(self) -> None: ...

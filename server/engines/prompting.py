@@ -1,0 +1,39 @@
+"""Turn a request's prompt or chat turns into token ids, and check they fit the context.
+
+Both engines tokenize here, so a prompt means the same tokens whichever engine serves it, and the
+context check happens before a request takes a batch slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import EngineError, GenerationRequest
+
+
+class PromptRenderer:
+    def __init__(self, tokenizer: Any, max_context: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+
+    def render(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise EngineError("failed_precondition", "messages: this model has no chat template; send a prompt")
+            turns = [{"role": t.role, "content": t.content} for t in request.messages]
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+            token_ids = list(ids)
+        else:
+            token_ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=True)
+        if not token_ids:
+            raise EngineError("invalid_argument", "prompt: renders to zero tokens")
+        budget = self.max_context - request.sampling.max_new_tokens
+        if len(token_ids) > budget:
+            raise EngineError(
+                "invalid_argument",
+                f"prompt: {len(token_ids)} tokens + max_new_tokens {request.sampling.max_new_tokens} "
+                f"exceed the context of {self.max_context} tokens",
+            )
+        return token_ids

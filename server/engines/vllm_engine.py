@@ -1,0 +1,152 @@
+"""The default engine: vLLM's AsyncLLM (continuous batching, paged KV cache) in this process's event loop.
+
+The engine core runs in a child process vLLM spawns; we talk to it through AsyncLLM, which streams
+RequestOutputs in DELTA mode so each event holds only the new tokens. Aborting is explicit in `finally`
+so a cancelled gRPC call frees its batch slot even if vLLM's own cleanup is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..model import ResolvedModel, count_parameters, max_position_embeddings
+from .base import BYTES_PER_PARAM, EngineError, EngineInfo, GenerationRequest, Precision, TokenEvent, Usage
+from .prompting import PromptRenderer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    precision: Precision = "fp32"
+    max_context: int = 2048
+    max_concurrency: int = 32  # vLLM's max_num_seqs: the running batch
+    kv_cache_gib: float = 1.0  # CPU backend: KV cache size (vLLM reserves it up front)
+    device: str = "cpu"
+    seed: int = 0
+    enable_lora: bool = False
+    max_lora_rank: int = 64
+    max_loras: int = 8  # adapters per batch
+    max_cpu_loras: int = 16
+    enforce_eager: bool = True  # no torch.compile warm-up: start-up in seconds on CPU
+
+    def __post_init__(self) -> None:
+        if self.precision not in _DTYPES:
+            raise ValueError(f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)")
+        if self.max_context < 16 or self.max_concurrency < 1 or self.kv_cache_gib <= 0:
+            raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
+
+
+class VllmEngine:
+    def __init__(self, model: ResolvedModel, config: VllmConfig) -> None:
+        self.model = model
+        self.config = config
+        max_context = min(config.max_context, max_position_embeddings(model.path))
+        params = count_parameters(model.path)
+        self.info = EngineInfo(
+            model=model.name,
+            fingerprint=model.fingerprint,
+            engine="vllm",
+            precision=config.precision,
+            max_context=max_context,
+            device=config.device,
+            parameters=params,
+            weight_bytes=int(params * BYTES_PER_PARAM[config.precision]),
+            precisions=tuple(_DTYPES),  # type: ignore[arg-type]
+            adapter_methods=("lora", "rslora") if config.enable_lora else (),
+            max_adapter_rank=config.max_lora_rank if config.enable_lora else 0,
+            max_adapters_per_batch=config.max_loras if config.enable_lora else 0,
+        )
+        self._llm: Any = None
+        self._renderer: PromptRenderer | None = None
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        c = self.config
+        args = AsyncEngineArgs(
+            model=str(self.model.path),
+            served_model_name=self.model.name,
+            dtype=_DTYPES[c.precision],
+            max_model_len=self.info.max_context,
+            max_num_seqs=c.max_concurrency,
+            kv_cache_memory_bytes=int(c.kv_cache_gib * (1 << 30)),
+            seed=c.seed,
+            enforce_eager=c.enforce_eager,
+            enable_lora=c.enable_lora,
+            max_lora_rank=c.max_lora_rank,
+            max_loras=c.max_loras,
+            max_cpu_loras=max(c.max_cpu_loras, c.max_loras),
+            disable_log_stats=True,
+        )
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        tokenizer = AutoTokenizer.from_pretrained(self.model.path)
+        self._renderer = PromptRenderer(tokenizer, self.info.max_context)
+
+    @property
+    def renderer(self) -> PromptRenderer:
+        if self._renderer is None:
+            raise EngineError("unavailable", "engine is not started")
+        return self._renderer
+
+    def running(self) -> int:
+        return int(self._llm.output_processor.get_num_unfinished_requests()) if self._llm else 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.adapter:
+            raise EngineError("failed_precondition", "adapter: this server has no adapters loaded")
+        if self._llm is None or self._llm.errored:
+            raise EngineError("unavailable", "engine is not running")
+        prompt_ids = self.renderer.render(request)
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else -1,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            repetition_penalty=s.repetition_penalty,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        finished = False
+        produced = 0
+        try:
+            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request.request_id)
+            async for out in stream:
+                completion = out.outputs[0]
+                produced += len(completion.token_ids)
+                if out.finished:
+                    finished = True
+                    yield TokenEvent(
+                        text=completion.text,
+                        token_ids=tuple(completion.token_ids),
+                        finish_reason=_FINISH.get(completion.finish_reason or "", "stop"),  # type: ignore[arg-type]
+                        usage=Usage(input_tokens=len(prompt_ids), output_tokens=produced),
+                    )
+                    return
+                if completion.token_ids or completion.text:
+                    yield TokenEvent(text=completion.text, token_ids=tuple(completion.token_ids))
+        finally:
+            if not finished:
+                await self._llm.abort(request.request_id)
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None

@@ -1,0 +1,211 @@
+"""GenerationService: validate, map proto -> GenerationRequest, map errors -> gRPC status. No torch here.
+
+Every refusal names the field and the reason, and happens before the request takes a slot.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+import grpc
+
+from ..client.v1 import generation_pb2 as pb
+from ..client.v1 import generation_pb2_grpc as pb_grpc
+from .engines.base import ChatTurn, EngineError, EngineInfo, GenerationRequest, Sampling, TokenEvent
+from .runner import Runner
+
+STATUS = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+FINISH = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop": pb.FINISH_REASON_STOP,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "error": pb.FINISH_REASON_ERROR,
+}
+ROLES = ("system", "user", "assistant")
+_ADAPTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    default_max_new_tokens: int = 128
+    max_new_tokens: int = 4096
+    max_stop_strings: int = 16
+
+
+def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> GenerationRequest:
+    """Raises EngineError("invalid_argument") naming the first bad field."""
+    which = msg.WhichOneof("input")
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+    if which is None:
+        _bad("input: set either prompt or messages")
+    elif which == "prompt":
+        if not msg.prompt.strip():
+            _bad("prompt: is empty")
+        prompt = msg.prompt
+    else:
+        if not msg.messages.messages:
+            _bad("messages: is empty")
+        for i, turn in enumerate(msg.messages.messages):
+            if turn.role not in ROLES:
+                _bad(f"messages[{i}].role: {turn.role!r} is not one of {', '.join(ROLES)}")
+        messages = tuple(ChatTurn(t.role, t.content) for t in msg.messages.messages)
+
+    s = msg.sampling
+    max_new = s.max_new_tokens or limits.default_max_new_tokens
+    if s.max_new_tokens < 0:
+        _bad(f"sampling.max_new_tokens: {s.max_new_tokens} must be > 0")
+    if max_new >= max_context:
+        _bad(f"sampling.max_new_tokens: {max_new} must be below the context of {max_context} tokens")
+    if max_new > limits.max_new_tokens:
+        _bad(f"sampling.max_new_tokens: {max_new} is over this server's limit of {limits.max_new_tokens}")
+    temperature = s.temperature if s.HasField("temperature") else 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        _bad(f"sampling.temperature: {temperature} must be a finite number >= 0")
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    if not (0.0 < top_p <= 1.0):
+        _bad(f"sampling.top_p: {top_p} must be in (0, 1]")
+    if s.top_k < 0:
+        _bad(f"sampling.top_k: {s.top_k} must be >= 0 (0 disables it)")
+    penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    if not math.isfinite(penalty) or penalty <= 0:
+        _bad(f"sampling.repetition_penalty: {penalty} must be a finite number > 0")
+    if len(s.stop) > limits.max_stop_strings:
+        _bad(f"sampling.stop: {len(s.stop)} strings, at most {limits.max_stop_strings}")
+    if any(not stop for stop in s.stop):
+        _bad("sampling.stop: empty stop string")
+    if msg.adapter and not _ADAPTER.match(msg.adapter):
+        _bad(f"adapter: {msg.adapter[:80]!r} is not NAME or NAME@VERSION (letters, digits, . _ -)")
+    if msg.request_id and not _REQUEST_ID.match(msg.request_id):
+        _bad("request_id: 1-128 printable ASCII characters without spaces")
+
+    return GenerationRequest(
+        request_id=msg.request_id or uuid.uuid4().hex,
+        prompt=prompt,
+        messages=messages,
+        adapter=msg.adapter,
+        sampling=Sampling(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=s.top_k,
+            seed=s.seed if s.HasField("seed") else None,
+            stop=tuple(s.stop),
+            repetition_penalty=penalty,
+        ),
+    )
+
+
+def _bad(message: str) -> NoReturn:
+    raise EngineError("invalid_argument", message)
+
+
+def model_info(info: EngineInfo, runner: Runner) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model=info.model,
+        fingerprint=info.fingerprint,
+        engine=info.engine,
+        precision=info.precision,
+        max_context=info.max_context,
+        capabilities=pb.Capabilities(
+            precisions=list(info.precisions),
+            adapter_methods=list(info.adapter_methods),
+            max_adapter_rank=info.max_adapter_rank,
+            max_adapters_per_batch=info.max_adapters_per_batch,
+        ),
+        weight_bytes=info.weight_bytes,
+        weight_ratio_to_bf16=info.weight_ratio_to_bf16,
+        device=info.device,
+        parameters=info.parameters,
+        max_concurrency=runner.max_concurrency,
+        queue_size=runner.queue_size,
+    )
+
+
+class GenerationService(pb_grpc.GenerationServiceServicer):
+    def __init__(self, runner: Runner, limits: Limits) -> None:
+        self.runner = runner
+        self.limits = limits
+        self.ready = False  # set once the engine has started
+        self.draining = False
+
+    async def _events(
+        self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[GenerationRequest, TokenEvent]]:
+        if not self.ready or self.draining:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "server is draining" if self.draining else "model is loading"
+            )
+        try:
+            request = to_request(msg, self.limits, self.runner.engine.info.max_context)
+            async for event in self.runner.run(request):
+                yield request, event
+        except EngineError as err:
+            await context.abort(STATUS[err.code], err.message)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        reply = pb.GenerateResponse()
+        async for req, event in self._events(request, context):
+            reply.request_id = req.request_id
+            reply.text += event.text
+            reply.token_ids.extend(event.token_ids)
+            if event.finish_reason is not None:
+                reply.finish_reason = FINISH[event.finish_reason]
+                reply.adapter = event.adapter
+                _fill_final(reply.usage, reply.timings, event)
+        return reply
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async for req, event in self._events(request, context):
+            out = pb.GenerateStreamResponse(
+                request_id=req.request_id, text=event.text, token_ids=list(event.token_ids)
+            )
+            if event.finish_reason is not None:
+                out.final.finish_reason = FINISH[event.finish_reason]
+                out.final.adapter = event.adapter
+                _fill_final(out.final.usage, out.final.timings, event)
+            yield out
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
+        return model_info(self.runner.engine.info, self.runner)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.ServerStats:
+        r = self.runner
+        c = r.counters
+        return pb.ServerStats(
+            running=r.running,
+            queued=r.queued,
+            engine_running=r.engine.running() if self.ready else 0,
+            requests_total=c.requests_total,
+            requests_cancelled=c.requests_cancelled,
+            requests_rejected=c.requests_rejected,
+            output_tokens_total=c.output_tokens_total,
+        )
+
+
+def _fill_final(usage: pb.Usage, timings: pb.Timings, event: TokenEvent) -> None:
+    if event.usage:
+        usage.input_tokens = event.usage.input_tokens
+        usage.output_tokens = event.usage.output_tokens
+    if event.timings:
+        timings.queue_s = event.timings.queue_s
+        timings.time_to_first_token_s = event.timings.time_to_first_token_s
+        timings.decode_s = event.timings.decode_s
+        timings.total_s = event.timings.total_s

@@ -1,0 +1,24 @@
+"""Shared fixtures: one real vLLM-engine server for the whole session (starting one costs ~25 s)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .serverproc import ServerProcess, start_server
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(logs_dir: Path) -> Iterator[ServerProcess]:
+    """The default model on the vLLM engine, fp32, 8 batch slots and a queue of 32."""
+    server = start_server("--engine", "vllm", "--max-concurrency", "8", "--queue-size", "32",
+                          "--max-context", "1024", "--kv-cache-gib", "0.5", log_dir=logs_dir)
+    yield server
+    server.stop()
