@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import grpc
 
+from .channel import ClientSecurity
 from .client import EffllmClient
 
 
@@ -15,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="raw prompt (or use --chat, or stdin with -)")
     p.add_argument("--chat", action="append", metavar="[ROLE:]TEXT",
                    help="a chat turn, rendered with the model's chat template; repeat for several (role: user)")
-    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--target", default="127.0.0.1:50051",
+                   help="host:port, or several replicas as h1:p1,h2:p2 (round_robin with health checks)")
+    add_security_args(p)
     p.add_argument("--adapter", default="")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None)
@@ -27,6 +31,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the server to be SERVING")
     p.set_defaults(func=run)
+
+
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """TLS / mutual TLS / token flags shared by the client subcommands (the token never as a flag value)."""
+    g = p.add_argument_group("security")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    g.add_argument("--root-cert", type=Path, default=None, help="CA (PEM) that signed the server certificate")
+    g.add_argument("--client-cert", type=Path, default=None, help="client certificate (PEM): mutual TLS")
+    g.add_argument("--client-key", type=Path, default=None, help="client private key (PEM)")
+    g.add_argument("--token-file", type=Path, default=None,
+                   help="file holding the bearer token (default: $EFFLLM_AUTH_TOKEN)")
+    g.add_argument("--server-name", default=None, help="name to expect in the server certificate")
+
+
+def security_from_args(args: argparse.Namespace) -> ClientSecurity:
+    return ClientSecurity.from_files(
+        root_cert=args.root_cert, client_cert=args.client_cert, client_key=args.client_key,
+        token_file=args.token_file, tls=args.tls, server_name=args.server_name,
+    )
 
 
 def _turns(chat: list[str]) -> list[tuple[str, str]]:
@@ -47,7 +70,12 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, stop=args.stop,
     )
-    with EffllmClient(args.target, timeout=args.timeout) as client:
+    try:
+        security = security_from_args(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with EffllmClient(args.target, timeout=args.timeout, security=security) as client:
         try:
             if args.wait:
                 client.wait_ready(args.wait)

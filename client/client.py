@@ -2,6 +2,8 @@
 
 Both build the same GenerateRequest (`build_request`) and take a per-call `timeout` (a gRPC deadline;
 the server aborts the request when it passes). Errors surface as grpc.RpcError with the server's status.
+`target` is one address or several replicas (a list or "h1:p1,h2:p2": round_robin, see channel.py);
+`security` adds TLS / mutual TLS and a bearer token.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .channel import ClientSecurity, Targets, make_aio_channel, make_channel
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 
 
 def build_request(
@@ -55,9 +57,12 @@ def build_request(
 
 
 class EffllmClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None) -> None:
-        self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    def __init__(self, target: Targets = "127.0.0.1:50051", *, timeout: float | None = 120.0,
+                 channel: grpc.Channel | None = None, security: ClientSecurity | None = None) -> None:
+        if channel is None:
+            self.channel, self._raw_channel = make_channel(target, security)
+        else:
+            self.channel = self._raw_channel = channel
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -87,7 +92,7 @@ class EffllmClient:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Block until health says SERVING (the model is loaded)."""
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
         call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
         try:
             for reply in call:
@@ -107,9 +112,9 @@ class EffllmClient:
 
 
 class AsyncEffllmClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.aio.Channel | None = None) -> None:
-        self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    def __init__(self, target: Targets = "127.0.0.1:50051", *, timeout: float | None = 120.0,
+                 channel: grpc.aio.Channel | None = None, security: ClientSecurity | None = None) -> None:
+        self.channel = channel or make_aio_channel(target, security)
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)

@@ -9,6 +9,7 @@ stops at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
+from .auth import AuthConfig, AuthInterceptor, TlsConfig
 from .engines.base import Engine
 from .runner import Runner
 from .service import GenerationService, Limits
@@ -39,12 +41,16 @@ class ServerConfig:
     max_message_bytes: int = 16 << 20
     grace_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port {self.port} is not in 0..65535")
         if self.max_concurrency < 1 or self.queue_size < 0:
             raise ValueError("max_concurrency >= 1 and queue_size >= 0 are required")
+        if self.max_message_bytes < 1024 or self.grace_s < 0:
+            raise ValueError("max_message_bytes >= 1024 and grace_s >= 0 are required")
 
 
 class EffllmServer:
@@ -65,23 +71,32 @@ class EffllmServer:
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
-        server = grpc.aio.server(options=opts)
+        interceptors = [AuthInterceptor(self.config.auth)] if self.config.auth.enabled else []
+        server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        tls = self.config.tls
+        self.port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        log.info("listening on %s:%d (health NOT_SERVING while the model loads)", self.config.host, self.port)
+        log.info(
+            "listening on %s:%d (%s%s; health NOT_SERVING while the model loads)", self.config.host, self.port,
+            ("mutual TLS" if tls.client_ca else "TLS") if tls else "plaintext",
+            ", bearer-token auth" if self.config.auth.enabled else "",
+        )
         return self.port
 
     async def load(self) -> None:
         await self.engine.start()
+        if self.generation.draining:  # a signal came while loading: never turn SERVING
+            return
         self.generation.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         info = self.engine.info
@@ -103,16 +118,30 @@ class EffllmServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        started = loop.time()
+        deadline = started + grace
         while self.runner.running + self.runner.queued > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        left = self.runner.running + self.runner.queued
+        if left:
+            log.warning("grace period over: cancelling %d requests", left)
         await self._server.stop(grace=0.5)
         await self.engine.shutdown()
         self._server = None
+        log.info("drained in %.2fs", loop.time() - started)
         self._stopped.set()
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def _kill_children() -> None:
+    """The engine's worker processes (vLLM's engine core) must not outlive an immediate exit."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 async def serve(engine: Engine, config: ServerConfig) -> None:
@@ -120,15 +149,17 @@ async def serve(engine: Engine, config: ServerConfig) -> None:
     server = EffllmServer(engine, config)
     loop = asyncio.get_running_loop()
     signals = 0
+    tasks: list[asyncio.Task[None]] = []  # holds the drain task (the loop keeps only weak references)
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
             log.info("signal received: draining (send again to stop now)")
-            loop.create_task(server.drain())
+            tasks.append(loop.create_task(server.drain()))
         else:
             log.warning("second signal: stopping now")
+            _kill_children()
             os._exit(1)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,4 +167,6 @@ async def serve(engine: Engine, config: ServerConfig) -> None:
     await server.start()
     await server.load()
     await server.wait()
+    if not server.generation.ready:  # drained while loading: the engine came up after drain's shutdown
+        await engine.shutdown()
     log.info("stopped")

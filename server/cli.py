@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from pathlib import Path
 
 from .app import ServerConfig, serve
+from .auth import ENV_ADMIN, ENV_GENERATE, AuthConfig, TlsConfig, is_loopback
 from .engines.base import PRECISIONS, Engine
+from .faults import maybe_inject
 from .service import Limits
 
 
@@ -26,6 +29,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_new_tokens a request may ask")
     p.add_argument("--default-max-new-tokens", type=int, default=128)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache size")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="vLLM: shard the model over this many GPUs of this host")
+    lim = p.add_argument_group("limits (a request over one is refused at once, naming it)")
+    lim.add_argument("--max-prompt-tokens", type=int, default=0,
+                     help="rendered prompt tokens; 0: the context minus max_new_tokens")
+    lim.add_argument("--max-prompt-chars", type=int, default=200_000, help="prompt characters, before tokenizing")
+    lim.add_argument("--max-request-seconds", type=float, default=600.0,
+                     help="cap on any request's run time, whatever deadline the client sent")
+    lim.add_argument("--max-message-mib", type=float, default=16.0,
+                     help="largest gRPC message either way (gRPC's own default is 4 MiB)")
+    sec = p.add_argument_group("security (see docs/security.md)")
+    sec.add_argument("--auth-token-file", type=Path, default=None,
+                     help=f"lines `admin TOKEN` / `generate TOKEN` (or ${ENV_ADMIN} / ${ENV_GENERATE}); "
+                          "with a token, AdapterService and TuningService need the admin role")
+    sec.add_argument("--require-auth-for-generate", action="store_true",
+                     help="GenerationService needs a token too (generate or admin role)")
+    sec.add_argument("--allow-unauthenticated-admin", action="store_true",
+                     help="serve admin RPCs without a token on a non-loopback host (not recommended)")
+    sec.add_argument("--tls-cert", type=Path, default=None, help="server certificate chain (PEM)")
+    sec.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    sec.add_argument("--tls-client-ca", type=Path, default=None,
+                     help="CA bundle (PEM) that signs client certificates: mutual TLS")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
@@ -57,20 +82,51 @@ def build_engine(args: argparse.Namespace) -> Engine:
         kv_cache_gib=args.kv_cache_gib,
         device=device,
         seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     return VllmEngine(model, config)
 
 
+def security_config(args: argparse.Namespace) -> tuple[AuthConfig, TlsConfig | None]:
+    """Raises ValueError with a message for the user on an unsafe or incomplete combination."""
+    auth = AuthConfig.load(args.auth_token_file, require_for_generate=args.require_auth_for_generate)
+    if not auth.enabled and not is_loopback(args.host) and not args.allow_unauthenticated_admin:
+        raise ValueError(
+            f"--host {args.host} is not loopback and no admin token is set: give --auth-token-file or "
+            f"${ENV_ADMIN} (or --allow-unauthenticated-admin to accept that anyone may manage adapters)"
+        )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    return auth, tls
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        max_concurrency=args.max_concurrency,
-        queue_size=args.queue_size,
-        grace_s=args.grace,
-        limits=Limits(default_max_new_tokens=args.default_max_new_tokens, max_new_tokens=args.max_new_tokens),
-    )
-    engine = build_engine(args)
+    try:
+        auth, tls = security_config(args)
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            max_concurrency=args.max_concurrency,
+            queue_size=args.queue_size,
+            max_message_bytes=int(args.max_message_mib * (1 << 20)),
+            grace_s=args.grace,
+            limits=Limits(
+                default_max_new_tokens=args.default_max_new_tokens,
+                max_new_tokens=args.max_new_tokens,
+                max_prompt_chars=args.max_prompt_chars,
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_request_s=args.max_request_seconds,
+            ),
+            auth=auth,
+            tls=tls,
+        )
+    except (ValueError, OSError) as err:
+        logging.getLogger("effllm.server").error("bad configuration: %s", err)
+        return 2
+    engine = maybe_inject(build_engine(args))
     asyncio.run(serve(engine, config))
     return 0

@@ -5,6 +5,8 @@ Every refusal names the field and the reason, and happens before the request tak
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import re
 import uuid
@@ -18,6 +20,9 @@ from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
 from .engines.base import ChatTurn, EngineError, EngineInfo, GenerationRequest, Sampling, TokenEvent
 from .runner import Runner
+
+log = logging.getLogger("effllm.server")
+_timeout_at = getattr(asyncio, "timeout_at", None)  # Python >= 3.11
 
 STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
@@ -40,9 +45,26 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 @dataclass(frozen=True)
 class Limits:
+    """Per-request limits; each refusal names the limit (see docs/security.md for the full list)."""
+
     default_max_new_tokens: int = 128
     max_new_tokens: int = 4096
     max_stop_strings: int = 16
+    max_stop_chars: int = 256  # per stop string
+    # Checked on the raw text before tokenizing, so a huge prompt costs no tokenizer time.
+    max_prompt_chars: int = 200_000
+    # Checked on the rendered prompt; 0: only the context (max_context - max_new_tokens) bounds it.
+    max_prompt_tokens: int = 0
+    # A request runs at most this long whatever deadline the client sent (or none): DEADLINE_EXCEEDED after.
+    max_request_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.default_max_new_tokens <= self.max_new_tokens:
+            raise ValueError("0 < default_max_new_tokens <= max_new_tokens is required")
+        if self.max_prompt_chars < 1 or self.max_prompt_tokens < 0 or self.max_stop_chars < 1:
+            raise ValueError("max_prompt_chars >= 1, max_prompt_tokens >= 0 and max_stop_chars >= 1 are required")
+        if not (math.isfinite(self.max_request_s) and self.max_request_s > 0):
+            raise ValueError(f"max_request_s {self.max_request_s} must be a finite number > 0")
 
 
 def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> GenerationRequest:
@@ -56,12 +78,19 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
         if not msg.prompt.strip():
             _bad("prompt: is empty")
         prompt = msg.prompt
+        if len(prompt) > limits.max_prompt_chars:
+            _bad(f"prompt: {len(prompt)} characters is over this server's limit of "
+                 f"max_prompt_chars={limits.max_prompt_chars}")
     else:
         if not msg.messages.messages:
             _bad("messages: is empty")
         for i, turn in enumerate(msg.messages.messages):
             if turn.role not in ROLES:
                 _bad(f"messages[{i}].role: {turn.role!r} is not one of {', '.join(ROLES)}")
+        chars = sum(len(t.content) for t in msg.messages.messages)
+        if chars > limits.max_prompt_chars:
+            _bad(f"messages: {chars} characters is over this server's limit of "
+                 f"max_prompt_chars={limits.max_prompt_chars}")
         messages = tuple(ChatTurn(t.role, t.content) for t in msg.messages.messages)
 
     s = msg.sampling
@@ -71,7 +100,8 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
     if max_new >= max_context:
         _bad(f"sampling.max_new_tokens: {max_new} must be below the context of {max_context} tokens")
     if max_new > limits.max_new_tokens:
-        _bad(f"sampling.max_new_tokens: {max_new} is over this server's limit of {limits.max_new_tokens}")
+        _bad(f"sampling.max_new_tokens: {max_new} is over this server's limit of "
+             f"max_new_tokens={limits.max_new_tokens}")
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         _bad(f"sampling.temperature: {temperature} must be a finite number >= 0")
@@ -87,6 +117,8 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
         _bad(f"sampling.stop: {len(s.stop)} strings, at most {limits.max_stop_strings}")
     if any(not stop for stop in s.stop):
         _bad("sampling.stop: empty stop string")
+    if any(len(stop) > limits.max_stop_chars for stop in s.stop):
+        _bad(f"sampling.stop: a stop string is over max_stop_chars={limits.max_stop_chars}")
     if msg.adapter and not _ADAPTER.match(msg.adapter):
         _bad(f"adapter: {msg.adapter[:80]!r} is not NAME or NAME@VERSION (letters, digits, . _ -)")
     if msg.request_id and not _REQUEST_ID.match(msg.request_id):
@@ -106,6 +138,7 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
             stop=tuple(s.stop),
             repetition_penalty=penalty,
         ),
+        max_prompt_tokens=limits.max_prompt_tokens,
     )
 
 
@@ -149,12 +182,24 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "server is draining" if self.draining else "model is loading"
             )
+        cap = self.limits.max_request_s
         try:
             request = to_request(msg, self.limits, self.runner.engine.info.max_context)
-            async for event in self.runner.run(request):
+            async for event in _bounded(self.runner.run(request), cap):
                 yield request, event
         except EngineError as err:
             await context.abort(STATUS[err.code], err.message)
+        except asyncio.TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"request ran past this server's limit of max_request_s={cap:g}"
+            )
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:
+            # NOTE: an engine fault on one request ends that request only; the engine aborts it and frees its
+            # slot (the runner's finally), the rest of the batch goes on. INTERNAL says the fault is ours.
+            log.exception("request failed in the engine")
+            await context.abort(grpc.StatusCode.INTERNAL, f"engine failed on this request: {type(err).__name__}")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         reply = pb.GenerateResponse()
@@ -198,6 +243,29 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             requests_rejected=c.requests_rejected,
             output_tokens_total=c.output_tokens_total,
         )
+
+
+async def _bounded(events: AsyncIterator[TokenEvent], seconds: float) -> AsyncIterator[TokenEvent]:
+    """`events`, but raise TimeoutError once `seconds` have passed in total. The timeout cancels the pending
+    step inside the generator, whose own cleanup (engine abort, slot release) then runs."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    it = aiter(events)
+    try:
+        while True:
+            try:
+                # NOTE: asyncio.timeout_at keeps each step in this task (contextvars, OTel spans stay attached);
+                # wait_for is the Python 3.10 fallback.
+                if _timeout_at is not None:
+                    async with _timeout_at(deadline):
+                        event = await anext(it)
+                else:
+                    event = await asyncio.wait_for(anext(it), max(deadline - loop.time(), 0.0))
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        await it.aclose()  # type: ignore[attr-defined]
 
 
 def _fill_final(usage: pb.Usage, timings: pb.Timings, event: TokenEvent) -> None:

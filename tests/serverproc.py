@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from effllm.client import EffllmClient
+from effllm.client import ClientSecurity, EffllmClient
 
 
 def free_port() -> int:
@@ -25,12 +25,14 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    security: ClientSecurity | None = None  # how clients reach it (TLS, token); None: plaintext, no token
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def client(self, **kw: object) -> EffllmClient:
+        kw.setdefault("security", self.security)
         return EffllmClient(self.target, **kw)  # type: ignore[arg-type]
 
     def log(self) -> str:
@@ -48,13 +50,13 @@ class ServerProcess:
 
 
 def start_server(*args: str, log_dir: Path, ready_timeout: float = 300.0, wait: bool = True,
-                 env: dict[str, str] | None = None) -> ServerProcess:
+                 env: dict[str, str] | None = None, security: ClientSecurity | None = None) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--port", str(port), *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = ServerProcess(proc, port, log_path)
+    server = ServerProcess(proc, port, log_path, security)
     if wait:
         wait_serving(server, ready_timeout)
     return server

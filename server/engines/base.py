@@ -76,6 +76,8 @@ class GenerationRequest:
     adapter: str = ""  # as the client named it: "" base, NAME or NAME@VERSION
     # Set by the adapter registry before the engine sees the request: the exact version to run on.
     resolved_adapter: AdapterSpec | None = None
+    # The server's --max-prompt-tokens (0: only the context bounds the prompt); checked after rendering.
+    max_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,12 @@ class PromptRenderer:
             token_ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=True)
         if not token_ids:
             raise EngineError("invalid_argument", "prompt: renders to zero tokens")
+        if request.max_prompt_tokens and len(token_ids) > request.max_prompt_tokens:
+            raise EngineError(
+                "invalid_argument",
+                f"prompt: {len(token_ids)} tokens is over this server's limit of "
+                f"max_prompt_tokens={request.max_prompt_tokens}",
+            )
         budget = self.max_context - request.sampling.max_new_tokens
         if len(token_ids) > budget:
             raise EngineError(

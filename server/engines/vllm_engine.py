@@ -37,12 +37,15 @@ class VllmConfig:
     max_loras: int = 8  # adapters per batch
     max_cpu_loras: int = 16
     enforce_eager: bool = True  # no torch.compile warm-up: start-up in seconds on CPU
+    tensor_parallel_size: int = 1  # GPUs of one host the model is sharded over (vLLM's own TP)
 
     def __post_init__(self) -> None:
         if self.precision not in _DTYPES:
             raise ValueError(f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)")
         if self.max_context < 16 or self.max_concurrency < 1 or self.kv_cache_gib <= 0:
             raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} must be >= 1")
 
 
 class VllmEngine:
@@ -88,6 +91,7 @@ class VllmEngine:
             max_loras=c.max_loras,
             max_cpu_loras=max(c.max_cpu_loras, c.max_loras),
             disable_log_stats=True,
+            tensor_parallel_size=c.tensor_parallel_size,
         )
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)

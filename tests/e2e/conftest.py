@@ -1,0 +1,68 @@
+"""A hardened server for the reliability tests: mutual TLS, admin + generate tokens, generation behind a
+token, tight limits, a small batch and queue, and failpoints (requests named `fault-*` raise mid-stream,
+`slow-*` ones take 1 s per token)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from effllm.client import ClientSecurity
+
+from ..certs import Pki, make_pki
+from ..serverproc import ServerProcess, start_server
+
+HARDENED_LIMITS = {"max_concurrency": 2, "queue_size": 2, "max_prompt_tokens": 64, "max_request_s": 15.0,
+                   "max_message_mib": 1.0, "max_new_tokens": 256}
+
+
+@dataclass(frozen=True)
+class Hardened:
+    server: ServerProcess
+    pki: Pki
+    admin_token: str
+    generate_token: str
+
+    def security(self, token: str | None = "generate", *, client_cert: bool = True) -> ClientSecurity:
+        """Client settings: `token` is a role name ("generate"/"admin"), a literal token, or None."""
+        value = {"generate": self.generate_token, "admin": self.admin_token}.get(token or "", token)
+        return ClientSecurity(
+            root_cert=self.pki.ca_cert.read_bytes(),
+            client_cert=self.pki.client_cert.read_bytes() if client_cert else None,
+            client_key=self.pki.client_key.read_bytes() if client_cert else None,
+            token=value,
+        )
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
+    admin, generate = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    token_file = tmp_path_factory.mktemp("auth") / "tokens"
+    token_file.write_text(f"# role token\nadmin {admin}\ngenerate {generate}\n")
+    token_file.chmod(0o600)
+    lim = HARDENED_LIMITS
+    security = ClientSecurity(root_cert=pki.ca_cert.read_bytes(), client_cert=pki.client_cert.read_bytes(),
+                              client_key=pki.client_key.read_bytes(), token=generate)
+    server = start_server(
+        "--engine", "vllm", "--kv-cache-gib", "0.25", "--max-context", "512",
+        "--max-concurrency", str(lim["max_concurrency"]), "--queue-size", str(lim["queue_size"]),
+        "--max-prompt-tokens", str(lim["max_prompt_tokens"]), "--max-request-seconds", str(lim["max_request_s"]),
+        "--max-message-mib", str(lim["max_message_mib"]), "--max-new-tokens", str(lim["max_new_tokens"]),
+        "--default-max-new-tokens", "16",
+        "--auth-token-file", str(token_file), "--require-auth-for-generate",
+        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca_cert),
+        log_dir=logs_dir, env={"EFFLLM_FAILPOINTS": "engine_raise_prefix=fault-,engine_raise_after=2,"
+                                                    "engine_delay_prefix=slow-,engine_delay_s=1",
+                               "EFFLLM_AUTH_TOKEN": "", "EFFLLM_GENERATE_TOKEN": ""},
+        security=security,
+    )
+    yield Hardened(server, pki, admin, generate)
+    server.stop()

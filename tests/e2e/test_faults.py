@@ -1,0 +1,113 @@
+"""Faults against the real server: a client that vanishes mid-stream, the engine raising mid-batch, adapter
+files corrupted or deleted while loading, the tuner killed while publishing. After each, the server serves
+and (for adapters) the adapter root and the resident set are consistent."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from effllm.client import EffllmClient
+
+from ..serverproc import ServerProcess
+from .conftest import Hardened
+
+COUNTING = "Count from 1 to 500, separated by commas: 1, 2, 3, 4,"
+
+
+def _wait_idle(client: EffllmClient, timeout: float = 15.0) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    while True:
+        stats = client.stats()
+        if stats.running == 0 and stats.engine_running == 0 and stats.queued == 0:
+            return time.perf_counter() - t0, stats
+        assert time.perf_counter() - t0 < timeout, f"slot not freed: {stats}"
+        time.sleep(0.05)
+
+
+def test_client_killed_mid_stream_frees_its_slot(vllm_server: ServerProcess) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        from effllm.client import EffllmClient
+        c = EffllmClient({vllm_server.target!r}, timeout=300)
+        for chunk in c.stream({COUNTING!r}, max_new_tokens=900, temperature=0):
+            if chunk.text:
+                print("FIRST", flush=True)
+    """)
+    with vllm_server.client(timeout=30) as c:
+        before = c.stats()
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "FIRST"
+            during = c.stats()
+            assert during.running >= 1 and during.engine_running >= 1
+            proc.send_signal(signal.SIGKILL)  # no goodbye: the TCP connection just drops
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        freed_s, after = _wait_idle(c)
+        assert after.requests_cancelled == before.requests_cancelled + 1  # type: ignore[attr-defined]
+        assert c.generate("Say hi", max_new_tokens=2).usage.output_tokens >= 1
+    print(f"slot freed {freed_s:.2f}s after the client was killed")
+
+
+def test_engine_raising_mid_batch_fails_only_that_request(hardened: Hardened) -> None:
+    """`fault-*` requests raise inside the engine stream after 2 events (EFFLLM_FAILPOINTS); the healthy
+    request decoded in the same batch must finish with exactly the text it gets when run alone."""
+    prompt = "List five fruits:"
+    with EffllmClient(hardened.server.target, security=hardened.security("generate"), timeout=60) as c:
+        alone = c.generate(prompt, max_new_tokens=24, temperature=0, request_id="solo-1").text
+
+        def run(request_id: str) -> tuple[str, str]:
+            try:
+                return "OK", c.generate(prompt, max_new_tokens=24, temperature=0, request_id=request_id).text
+            except grpc.RpcError as err:
+                return err.code().name, err.details() or ""
+
+        with ThreadPoolExecutor(2) as pool:
+            doomed, healthy = pool.map(run, ["fault-1", "healthy-1"])
+        assert doomed == ("INTERNAL", "engine failed on this request: RuntimeError"), doomed
+        assert healthy == ("OK", alone)
+        _wait_idle(c)
+        # Streaming: the doomed request got its first tokens, then the error; nothing is left running.
+        chunks: list[str] = []
+        with pytest.raises(grpc.RpcError) as info:
+            for chunk in c.stream(prompt, max_new_tokens=24, temperature=0, request_id="fault-2"):
+                chunks.append(chunk.text)
+        assert info.value.code() == grpc.StatusCode.INTERNAL and len(chunks) >= 1
+        _wait_idle(c)
+        assert c.health() == "SERVING"
+        assert c.generate(prompt, max_new_tokens=24, temperature=0, request_id="after-1").text == alone
+
+
+def _adapter_service_served(target: str) -> bool:
+    from effllm.client.v1 import adapters_pb2, adapters_pb2_grpc
+
+    with EffllmClient(target, timeout=10) as c:
+        try:
+            adapters_pb2_grpc.AdapterServiceStub(c.channel).ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=10)
+        except grpc.RpcError as err:
+            return err.code() != grpc.StatusCode.UNIMPLEMENTED
+    return True
+
+
+def test_adapter_corrupted_or_deleted_while_loading(vllm_server: ServerProcess) -> None:
+    if not _adapter_service_served(vllm_server.target):
+        pytest.skip("needs AdapterService and --adapter-root (branch adapters, not merged into this build)")
+    pytest.fail("AdapterService is served now: write this test against it (see tests/e2e/test_faults.py)")
+
+
+def test_tuner_killed_while_publishing() -> None:
+    try:
+        import effllm.tuner.publish  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        pytest.skip("needs the tuner's publish step (branch tuner, not merged into this build)")
+    pytest.fail("the tuner can publish now: write this test against it (see tests/e2e/test_faults.py)")
