@@ -1,4 +1,4 @@
-"""Channels to one server or to several replicas: TLS / mutual TLS, bearer token, round_robin with health checks.
+"""Channels to one server or to several replicas: TLS / mutual TLS, a bearer token, round_robin + health.
 
 One target gives a plain channel. Several targets (a list, or one comma-separated string) give ONE channel
 over all of them with gRPC's own `round_robin` policy, client-side health checking (a replica that reports
@@ -49,9 +49,17 @@ class ClientSecurity:
             raise ValueError("token must be non-empty with no whitespace")
 
     @classmethod
-    def from_files(cls, *, root_cert: Path | None = None, client_cert: Path | None = None,
-                   client_key: Path | None = None, token_file: Path | None = None, tls: bool = False,
-                   server_name: str | None = None, env_token: bool = True) -> ClientSecurity:
+    def from_files(
+        cls,
+        *,
+        root_cert: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        token_file: Path | None = None,
+        tls: bool = False,
+        server_name: str | None = None,
+        env_token: bool = True,
+    ) -> ClientSecurity:
         """Read PEM files and the token (a file's first non-comment word, else $EFFLLM_AUTH_TOKEN)."""
         token = None
         if token_file is not None:
@@ -102,7 +110,9 @@ def balanced_target(targets: Sequence[str]) -> str:
             infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
         for addr in dict.fromkeys(addresses):
-            (v4 if addr.version == 4 else v6).append(f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}")
+            (v4 if addr.version == 4 else v6).append(
+                f"{addr}:{port}" if addr.version == 4 else f"[{addr}]:{port}"
+            )
     if v4 and v6:
         raise ValueError("a replica list must be all IPv4 or all IPv6 addresses")
     return f"ipv4:{','.join(v4)}" if v4 else f"ipv6:{','.join(v6)}"
@@ -116,22 +126,25 @@ def service_config(replicas: int) -> str | None:
     config: dict[str, Any] = {
         "loadBalancingConfig": [{"round_robin": {}}],
         "healthCheckConfig": {"serviceName": ""},
-        "methodConfig": [{
-            "name": [{"service": s} for s in RETRIED_SERVICES],
-            "retryPolicy": {
-                "maxAttempts": max(2, min(replicas + 1, 5)),
-                "initialBackoff": "0.05s",
-                "maxBackoff": "1s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }],
+        "methodConfig": [
+            {
+                "name": [{"service": s} for s in RETRIED_SERVICES],
+                "retryPolicy": {
+                    "maxAttempts": max(2, min(replicas + 1, 5)),
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
     }
     return json.dumps(config)
 
 
-def channel_options(replicas: int, security: ClientSecurity | None,
-                    max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+def channel_options(
+    replicas: int, security: ClientSecurity | None, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> list[tuple[str, Any]]:
     opts: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -144,8 +157,9 @@ def channel_options(replicas: int, security: ClientSecurity | None,
     return opts
 
 
-def make_channel(targets: Targets, security: ClientSecurity | None = None, *,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Channel, grpc.Channel]:
+def make_channel(
+    targets: Targets, security: ClientSecurity | None = None, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[grpc.Channel, grpc.Channel]:
     """(channel to call through, the raw channel underneath for connectivity checks)."""
     hosts = split_targets(targets)
     target = balanced_target(hosts)
@@ -159,22 +173,26 @@ def make_channel(targets: Targets, security: ClientSecurity | None = None, *,
     return grpc.intercept_channel(raw, _SyncToken(security.metadata)), raw
 
 
-def make_aio_channel(targets: Targets, security: ClientSecurity | None = None, *,
-                     max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.aio.Channel:
+def make_aio_channel(
+    targets: Targets, security: ClientSecurity | None = None, *, max_message_bytes: int = MAX_MESSAGE_BYTES
+) -> grpc.aio.Channel:
     hosts = split_targets(targets)
     target = balanced_target(hosts)
     opts = channel_options(len(hosts), security, max_message_bytes)
     interceptors = _aio_token(security.metadata) if security is not None and security.metadata else None
     if security is not None and security.tls:
-        return grpc.aio.secure_channel(target, security.channel_credentials(), options=opts,
-                                       interceptors=interceptors)
+        return grpc.aio.secure_channel(
+            target, security.channel_credentials(), options=opts, interceptors=interceptors
+        )
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
 
 
 def _with_metadata(details: Any, extra: tuple[tuple[str, str], ...]) -> Any:
     """The call details with `extra` metadata added (ClientCallDetails are namedtuple-like)."""
     metadata = [*(details.metadata or ()), *extra]
-    return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+    return (
+        details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+    )
 
 
 class _Details(grpc.ClientCallDetails):
@@ -214,5 +232,6 @@ def _aio_token(metadata: tuple[tuple[str, str], ...]) -> list[grpc.aio.ClientInt
 
 def _aio_details(details: grpc.aio.ClientCallDetails, extra: tuple[tuple[str, str], ...]) -> Any:
     metadata = grpc.aio.Metadata(*(details.metadata or ()), *extra)
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                      details.wait_for_ready)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import signal
@@ -31,8 +32,13 @@ sys.path.insert(0, str(ROOT))  # tests.serverproc: the same server start-up the 
 from effllm.client import AsyncEffllmClient  # noqa: E402
 
 BAD = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
-PROMPTS = ("Tell me about rivers.", "Write a haiku about rain.", "What is 2 + 2?", "Name three colours.",
-           "Summarise: the cat sat on the mat.")
+PROMPTS = (
+    "Tell me about rivers.",
+    "Write a haiku about rain.",
+    "What is 2 + 2?",
+    "Name three colours.",
+    "Summarise: the cat sat on the mat.",
+)
 
 
 @dataclass
@@ -52,10 +58,8 @@ def tree_rss(pid: int) -> float:
     proc = psutil.Process(pid)
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total / (1 << 20)
 
 
@@ -73,8 +77,16 @@ async def one(client: AsyncEffllmClient, rng: random.Random, report: Report) -> 
             reply = await client.generate(prompt, max_new_tokens=n)
             report.output_tokens += reply.usage.output_tokens
         elif kind == "invalid":
-            bad = rng.choice([dict(temperature=-1.0), dict(top_p=0.0), dict(max_new_tokens=10**9),
-                              dict(adapter="../../etc"), dict(stop=[""]), dict(repetition_penalty=float("nan"))])
+            bad = rng.choice(
+                [
+                    dict(temperature=-1.0),
+                    dict(top_p=0.0),
+                    dict(max_new_tokens=10**9),
+                    dict(adapter="../../etc"),
+                    dict(stop=[""]),
+                    dict(repetition_penalty=float("nan")),
+                ]
+            )
             await client.generate(prompt, **{"max_new_tokens": 2, **bad})  # type: ignore[arg-type]
         elif kind == "abandon":
             stream = client.stream(prompt, max_new_tokens=64)
@@ -105,8 +117,9 @@ async def burst(client: AsyncEffllmClient, size: int, report: Report) -> None:
     await asyncio.gather(*(call() for _ in range(size)))
 
 
-async def soak(target: str, pid: int | None, minutes: float, concurrency: int, burst_size: int,
-               seed: int) -> Report:
+async def soak(
+    target: str, pid: int | None, minutes: float, concurrency: int, burst_size: int, seed: int
+) -> Report:
     report = Report(minutes, concurrency)
     end = time.monotonic() + minutes * 60
     t0 = time.monotonic()
@@ -122,7 +135,9 @@ async def soak(target: str, pid: int | None, minutes: float, concurrency: int, b
             while time.monotonic() < end:
                 stats = await client.stats()
                 rss = tree_rss(pid) if pid else 0.0
-                report.rss_mib.append((round(time.monotonic() - t0, 1), round(rss, 1), stats.running, stats.queued))
+                report.rss_mib.append(
+                    (round(time.monotonic() - t0, 1), round(rss, 1), stats.running, stats.queued)
+                )
                 if time.monotonic() > next_burst:
                     await burst(client, burst_size, report)
                     next_burst = time.monotonic() + 20
@@ -133,12 +148,22 @@ async def soak(target: str, pid: int | None, minutes: float, concurrency: int, b
         try:
             assert await client.health() == "SERVING"
             stats = await client.stats()
-            report.server_stats = {k: int(getattr(stats, k)) for k in (
-                "running", "queued", "engine_running", "requests_total", "requests_cancelled",
-                "requests_rejected", "output_tokens_total")}
+            report.server_stats = {
+                k: int(getattr(stats, k))
+                for k in (
+                    "running",
+                    "queued",
+                    "engine_running",
+                    "requests_total",
+                    "requests_cancelled",
+                    "requests_rejected",
+                    "output_tokens_total",
+                )
+            }
             if pid:
-                report.rss_mib.append((round(time.monotonic() - t0, 1), round(tree_rss(pid), 1), stats.running,
-                                       stats.queued))
+                report.rss_mib.append(
+                    (round(time.monotonic() - t0, 1), round(tree_rss(pid), 1), stats.running, stats.queued)
+                )
         except (grpc.RpcError, AssertionError):
             report.server_alive = False
     return report
@@ -170,8 +195,11 @@ def main() -> int:
     ap.add_argument("--pid", type=int, default=None, help="its pid, for RSS")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "soak.json")
-    ap.add_argument("--serve-args", default="--engine vllm --kv-cache-gib 0.25 --max-context 512 "
-                    "--max-concurrency 4 --queue-size 8", help="flags for the server started here")
+    ap.add_argument(
+        "--serve-args",
+        default="--engine vllm --kv-cache-gib 0.25 --max-context 512 --max-concurrency 4 --queue-size 8",
+        help="flags for the server started here",
+    )
     args = ap.parse_args()
     server = None
     target, pid = args.target, args.pid

@@ -23,11 +23,13 @@ log = logging.getLogger("effllm.server.auth")
 
 ROLES = ("admin", "generate")
 # Always open: orchestrators probe health without credentials; reflection only describes the public API.
-PUBLIC_SERVICES = frozenset({
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
-})
+PUBLIC_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 GENERATION_SERVICE = "effllm.v1.GenerationService"
 ENV_ADMIN = "EFFLLM_AUTH_TOKEN"
 ENV_GENERATE = "EFFLLM_GENERATE_TOKEN"
@@ -46,7 +48,9 @@ class AuthConfig:
             if role not in ROLES:
                 raise ValueError(f"auth token role {role!r} is not one of {', '.join(ROLES)}")
             if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token) or not token.isprintable():
-                raise ValueError(f"a {role} token must be >= {MIN_TOKEN_CHARS} printable characters, no spaces")
+                raise ValueError(
+                    f"a {role} token must be >= {MIN_TOKEN_CHARS} printable characters, no spaces"
+                )
         if self.require_for_generate and not self.tokens:
             raise ValueError("require_for_generate needs at least one token (--auth-token-file or env)")
 
@@ -55,8 +59,13 @@ class AuthConfig:
         return bool(self.tokens)
 
     @classmethod
-    def load(cls, token_file: Path | None = None, *, require_for_generate: bool = False,
-             env: Mapping[str, str] | None = None) -> AuthConfig:
+    def load(
+        cls,
+        token_file: Path | None = None,
+        *,
+        require_for_generate: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> AuthConfig:
         """Tokens from `token_file` (lines `admin TOKEN`, `generate TOKEN`, or a bare `TOKEN` = admin;
         `#` comments) and from $EFFLLM_AUTH_TOKEN (admin) / $EFFLLM_GENERATE_TOKEN (generate)."""
         env = os.environ if env is None else env
@@ -72,7 +81,9 @@ class AuthConfig:
                 elif len(parts) == 2 and parts[0] in ROLES:
                     tokens.append((parts[0], parts[1]))
                 else:
-                    raise ValueError(f"{token_file}:{n}: expected `TOKEN` or `ROLE TOKEN` (ROLE: admin|generate)")
+                    raise ValueError(
+                        f"{token_file}:{n}: expected `TOKEN` or `ROLE TOKEN` (ROLE: admin|generate)"
+                    )
         for var, role in ((ENV_ADMIN, "admin"), (ENV_GENERATE, "generate")):
             if env.get(var):
                 tokens.append((role, env[var].strip()))
@@ -123,14 +134,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         token = bearer_token(details.invocation_metadata)  # type: ignore[attr-defined]
         if token is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
-                            f"{method} needs `authorization: Bearer TOKEN` metadata ({needed} role)")
+            return _refusal(
+                handler,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method} needs `authorization: Bearer TOKEN` metadata ({needed} role)",
+            )
         role = self.config.role_of(token)
         if role is None:
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: the bearer token is not valid")
+            return _refusal(
+                handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: the bearer token is not valid"
+            )
         if needed == "admin" and role != "admin":
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                            f"{method} needs the admin role; this token has the {role} role")
+            return _refusal(
+                handler,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} needs the admin role; this token has the {role} role",
+            )
         return handler
 
 
@@ -145,7 +164,9 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    kw = dict(
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming, **kw)
     if handler.request_streaming:

@@ -55,7 +55,11 @@ def start_server(*args: str, log_dir: Path, ready_timeout: float = 300.0, wait: 
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--port", str(port), *args]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # NOTE: one OpenMP thread unless the caller's environment says otherwise: with 2 threads, vLLM's CPU
+        # worker spins at every barrier, and on a shared, oversubscribed 2-core box 8 tokens took 13-16 s
+        # against 0.6-2.4 s with one thread (measured side by side, scripts in the reliability note).
+        env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, port, log_path, security)
     if wait:
         wait_serving(server, ready_timeout)

@@ -15,8 +15,14 @@ from effllm.client import ClientSecurity
 from ..certs import Pki, make_pki
 from ..serverproc import ServerProcess, start_server
 
-HARDENED_LIMITS = {"max_concurrency": 2, "queue_size": 2, "max_prompt_tokens": 64, "max_request_s": 15.0,
-                   "max_message_mib": 1.0, "max_new_tokens": 256}
+HARDENED_LIMITS = {
+    "max_concurrency": 2,
+    "queue_size": 2,
+    "max_prompt_tokens": 64,
+    "max_request_s": 30.0,
+    "max_message_mib": 1.0,
+    "max_new_tokens": 256,
+}
 
 
 @dataclass(frozen=True)
@@ -49,19 +55,49 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     token_file.write_text(f"# role token\nadmin {admin}\ngenerate {generate}\n")
     token_file.chmod(0o600)
     lim = HARDENED_LIMITS
-    security = ClientSecurity(root_cert=pki.ca_cert.read_bytes(), client_cert=pki.client_cert.read_bytes(),
-                              client_key=pki.client_key.read_bytes(), token=generate)
+    security = ClientSecurity(
+        root_cert=pki.ca_cert.read_bytes(),
+        client_cert=pki.client_cert.read_bytes(),
+        client_key=pki.client_key.read_bytes(),
+        token=generate,
+    )
     server = start_server(
-        "--engine", "vllm", "--kv-cache-gib", "0.25", "--max-context", "512",
-        "--max-concurrency", str(lim["max_concurrency"]), "--queue-size", str(lim["queue_size"]),
-        "--max-prompt-tokens", str(lim["max_prompt_tokens"]), "--max-request-seconds", str(lim["max_request_s"]),
-        "--max-message-mib", str(lim["max_message_mib"]), "--max-new-tokens", str(lim["max_new_tokens"]),
-        "--default-max-new-tokens", "16",
-        "--auth-token-file", str(token_file), "--require-auth-for-generate",
-        "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--tls-client-ca", str(pki.ca_cert),
-        log_dir=logs_dir, env={"EFFLLM_FAILPOINTS": "engine_raise_prefix=fault-,engine_raise_after=2,"
-                                                    "engine_delay_prefix=slow-,engine_delay_s=1",
-                               "EFFLLM_AUTH_TOKEN": "", "EFFLLM_GENERATE_TOKEN": ""},
+        "--engine",
+        "vllm",
+        "--kv-cache-gib",
+        "0.25",
+        "--max-context",
+        "512",
+        "--max-concurrency",
+        str(lim["max_concurrency"]),
+        "--queue-size",
+        str(lim["queue_size"]),
+        "--max-prompt-tokens",
+        str(lim["max_prompt_tokens"]),
+        "--max-request-seconds",
+        str(lim["max_request_s"]),
+        "--max-message-mib",
+        str(lim["max_message_mib"]),
+        "--max-new-tokens",
+        str(lim["max_new_tokens"]),
+        "--default-max-new-tokens",
+        "16",
+        "--auth-token-file",
+        str(token_file),
+        "--require-auth-for-generate",
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--tls-client-ca",
+        str(pki.ca_cert),
+        log_dir=logs_dir,
+        env={
+            "EFFLLM_FAILPOINTS": "engine_raise_prefix=fault-,engine_raise_after=2,"
+            "engine_delay_prefix=slow-,engine_delay_s=1",
+            "EFFLLM_AUTH_TOKEN": "",
+            "EFFLLM_GENERATE_TOKEN": "",
+        },
         security=security,
     )
     yield Hardened(server, pki, admin, generate)

@@ -93,7 +93,9 @@ def _adapter_service_served(target: str) -> bool:
 
     with EffllmClient(target, timeout=10) as c:
         try:
-            adapters_pb2_grpc.AdapterServiceStub(c.channel).ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=10)
+            adapters_pb2_grpc.AdapterServiceStub(c.channel).ListAdapters(
+                adapters_pb2.ListAdaptersRequest(), timeout=10
+            )
         except grpc.RpcError as err:
             return err.code() != grpc.StatusCode.UNIMPLEMENTED
     return True

@@ -29,8 +29,11 @@ FLOAT32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 NAME_CHARS = string.ascii_letters + string.digits + "._-@/ \\:"
 
 texts = st.one_of(st.text(max_size=60), st.sampled_from(["", " ", "\n", "\x00", "Hello", "{{ bos_token }}"]))
-names = st.one_of(st.text(max_size=40), st.text(alphabet=NAME_CHARS, max_size=140),
-                  st.sampled_from(["", "a", "a@1", "../x", "x@", "@1", "a" * 129]))
+names = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=NAME_CHARS, max_size=140),
+    st.sampled_from(["", "a", "a@1", "../x", "x@", "@1", "a" * 129]),
+)
 roles = st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "", "USER"]), st.text(max_size=10))
 
 sampling = st.builds(
@@ -91,8 +94,12 @@ def test_fuzz_generation_service(channel: grpc.Channel, vllm_server: ServerProce
     stub = pb_grpc.GenerationServiceStub(channel)
     pool = ThreadPoolExecutor(BATCH)
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(batch=st.lists(st.tuples(generate_requests(), st.booleans()), min_size=BATCH, max_size=BATCH))
     def run(batch: list[tuple[pb.GenerateRequest, bool]]) -> None:
         for code in pool.map(lambda item: _call(stub, *item), batch):
@@ -115,8 +122,9 @@ def test_fuzz_health_and_info(channel: grpc.Channel, service: str) -> None:
     assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).max_context > 0
     assert stub.GetStats(pb.GetStatsRequest(), timeout=10).requests_total >= 0
     try:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
-                                                          timeout=10)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=10
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
@@ -136,14 +144,22 @@ def test_fuzz_adapter_service(channel: grpc.Channel, vllm_server: ServerProcess)
     codes: Counter[str] = Counter()
 
     @settings(max_examples=150, deadline=None, database=None)
-    @given(name=names, version=names, path=names, wait=st.floats(width=64), pinned=st.booleans(),
-           which=st.sampled_from(["load", "unload", "pin"]))
+    @given(
+        name=names,
+        version=names,
+        path=names,
+        wait=st.floats(width=64),
+        pinned=st.booleans(),
+        which=st.sampled_from(["load", "unload", "pin"]),
+    )
     def run(name: str, version: str, path: str, wait: float, pinned: bool, which: str) -> None:
         try:
             if which == "load":
                 stub.LoadAdapter(apb.LoadAdapterRequest(name=name, version=version, path=path), timeout=30)
             elif which == "unload":
-                stub.UnloadAdapter(apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait), timeout=30)
+                stub.UnloadAdapter(
+                    apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait), timeout=30
+                )
             else:
                 stub.PinAdapter(apb.PinAdapterRequest(name=name, version=version, pinned=pinned), timeout=30)
             codes["OK"] += 1

@@ -20,8 +20,20 @@ from effllm.client import EffllmClient
 
 from ..serverproc import ServerProcess, start_server, wait_serving
 
-SERVER_ARGS = ("--engine", "vllm", "--kv-cache-gib", "0.25", "--max-context", "512", "--max-concurrency", "4",
-               "--queue-size", "16", "--grace", "120")
+SERVER_ARGS = (
+    "--engine",
+    "vllm",
+    "--kv-cache-gib",
+    "0.25",
+    "--max-context",
+    "512",
+    "--max-concurrency",
+    "4",
+    "--queue-size",
+    "16",
+    "--grace",
+    "120",
+)
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +126,21 @@ def test_sigkill_one_replica_fails_over(replicas: list[ServerProcess]) -> None:
         with ThreadPoolExecutor(workers) as pool:
             for n in range(workers):
                 pool.submit(worker, client, n)
-            _wait_for(lambda: sum(o.ok for o in outcomes) >= 2 * workers and streaming[0] >= 2, 240,
-                      "a first round of requests")
+            _wait_for(
+                lambda: sum(o.ok for o in outcomes) >= 2 * workers and streaming[0] >= 2,
+                240,
+                "a first round of requests",
+            )
             served_before = [t - b for t, b in zip(_totals(replicas), before, strict=True)]
             victim_children = psutil.Process(victim.proc.pid).children(recursive=True)
             killed_at = time.monotonic()
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(10)
-            _wait_for(lambda: sum(o.started > killed_at for o in outcomes) >= 2 * workers, 240,
-                      "requests started after the kill")
+            _wait_for(
+                lambda: sum(o.started > killed_at for o in outcomes) >= 2 * workers,
+                240,
+                "requests started after the kill",
+            )
             stop.set()
     orphans = [c for c in victim_children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     for child in orphans:  # what a SIGKILL leaves behind of vLLM's engine core, if anything
@@ -130,10 +148,12 @@ def test_sigkill_one_replica_fails_over(replicas: list[ServerProcess]) -> None:
     failed = [o for o in outcomes if not o.ok]
     lost = [o for o in failed if o.started < killed_at]
     after = [o for o in outcomes if o.started > killed_at]
-    print(f"replicas served {served_before} before the kill; requests {len(outcomes)}, "
-          f"ok {len(outcomes) - len(failed)}, failed {len(failed)} {dict(Counter(o.code for o in failed))}, "
-          f"lost (in flight on the victim) {len(lost)}, started after the kill {len(after)} "
-          f"(ok {sum(o.ok for o in after)}); engine processes left by the SIGKILL: {len(orphans)}")
+    print(
+        f"replicas served {served_before} before the kill; requests {len(outcomes)}, "
+        f"ok {len(outcomes) - len(failed)}, failed {len(failed)} {dict(Counter(o.code for o in failed))}, "
+        f"lost (in flight on the victim) {len(lost)}, started after the kill {len(after)} "
+        f"(ok {sum(o.ok for o in after)}); engine processes left by the SIGKILL: {len(orphans)}"
+    )
     assert min(served_before) >= 1, served_before  # both replicas were serving
     # Only streams already running on the dead replica may be lost, and each had streamed tokens (else gRPC
     # would have retried it on the survivor); at most one per worker.
@@ -154,8 +174,9 @@ def test_sigterm_drains_the_survivor(replicas: list[ServerProcess]) -> None:
         with server.client(timeout=120) as c:
             finish = 0
             try:
-                for n, chunk in enumerate(c.stream(f"Essay {i} about rivers:", max_new_tokens=16,
-                                                   temperature=0)):
+                for n, chunk in enumerate(
+                    c.stream(f"Essay {i} about rivers:", max_new_tokens=16, temperature=0)
+                ):
                     if n == 0:
                         started.wait(30)
                     if chunk.HasField("final"):
@@ -184,8 +205,10 @@ def test_sigterm_drains_the_survivor(replicas: list[ServerProcess]) -> None:
     exit_s = time.monotonic() - t0
     for t in threads:
         t.join(10)
-    print(f"drain: NOT_SERVING after {not_serving_s * 1e3:.0f} ms, exit {rc} after {exit_s:.2f} s "
-          f"with {in_flight} streams in flight")
+    print(
+        f"drain: NOT_SERVING after {not_serving_s * 1e3:.0f} ms, exit {rc} after {exit_s:.2f} s "
+        f"with {in_flight} streams in flight"
+    )
     assert rc == 0
     assert results == [("OK", 1)] * in_flight  # FINISH_REASON_LENGTH: all 16 tokens, none cut
     assert exit_s < 120

@@ -84,11 +84,16 @@ def test_mtls_refuses_clients_without_a_trusted_cert(hardened: Hardened) -> None
     target = hardened.server.target
     ca = hardened.pki.ca_cert.read_bytes()
     no_cert = ClientSecurity(root_cert=ca)
-    rogue = ClientSecurity(root_cert=ca, client_cert=hardened.pki.rogue_client_cert.read_bytes(),
-                           client_key=hardened.pki.rogue_client_key.read_bytes())
-    untrusted_server = ClientSecurity(root_cert=hardened.pki.rogue_client_cert.read_bytes(),
-                                      client_cert=hardened.pki.client_cert.read_bytes(),
-                                      client_key=hardened.pki.client_key.read_bytes())
+    rogue = ClientSecurity(
+        root_cert=ca,
+        client_cert=hardened.pki.rogue_client_cert.read_bytes(),
+        client_key=hardened.pki.rogue_client_key.read_bytes(),
+    )
+    untrusted_server = ClientSecurity(
+        root_cert=hardened.pki.rogue_client_cert.read_bytes(),
+        client_cert=hardened.pki.client_cert.read_bytes(),
+        client_key=hardened.pki.client_key.read_bytes(),
+    )
     for security in (None, no_cert, rogue, untrusted_server):
         assert _unreachable(security, target) == grpc.StatusCode.UNAVAILABLE
 
@@ -103,16 +108,38 @@ def test_cli_generate_over_mtls_with_token_file(hardened: Hardened, tmp_path: Pa
     token_file = tmp_path / "token"
     token_file.write_text(hardened.generate_token + "\n")
     pki = hardened.pki
-    base = [sys.executable, "-m", "effllm.cli.main", "generate", PROMPT, "--target", hardened.server.target,
-            "--root-cert", str(pki.ca_cert), "--client-cert", str(pki.client_cert), "--client-key",
-            str(pki.client_key), "--max-new-tokens", "3", "--temperature", "0"]
+    base = [
+        sys.executable,
+        "-m",
+        "effllm.cli.main",
+        "generate",
+        PROMPT,
+        "--target",
+        hardened.server.target,
+        "--root-cert",
+        str(pki.ca_cert),
+        "--client-cert",
+        str(pki.client_cert),
+        "--client-key",
+        str(pki.client_key),
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "EFFLLM_AUTH_TOKEN"}
-    ok = subprocess.run([*base, "--token-file", str(token_file)], capture_output=True, text=True, env=env,
-                        timeout=60)
+    ok = subprocess.run(
+        [*base, "--token-file", str(token_file)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert ok.returncode == 0, ok.stderr
     assert "new tokens" in ok.stderr
-    via_env = subprocess.run(base, capture_output=True, text=True, timeout=60,
-                             env={**env, "EFFLLM_AUTH_TOKEN": hardened.generate_token})
+    via_env = subprocess.run(
+        base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "EFFLLM_AUTH_TOKEN": hardened.generate_token},
+    )
     assert via_env.returncode == 0, via_env.stderr
     refused = subprocess.run(base, capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 1

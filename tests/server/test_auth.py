@@ -76,14 +76,18 @@ async def server() -> AsyncIterator[str]:
     await srv.stop(0)
 
 
-@pytest.mark.parametrize(("metadata", "expected"), [
-    ((), grpc.StatusCode.UNAUTHENTICATED),
-    ((("authorization", "Bearer nope-nope-nope-nope"),), grpc.StatusCode.UNAUTHENTICATED),
-    ((("authorization", f"Bearer {GEN}"),), grpc.StatusCode.PERMISSION_DENIED),
-    ((("authorization", f"Bearer {ADMIN}"),), grpc.StatusCode.OK),
-])
-async def test_interceptor_decisions(server: str, metadata: tuple[tuple[str, str], ...],
-                                     expected: grpc.StatusCode) -> None:
+@pytest.mark.parametrize(
+    ("metadata", "expected"),
+    [
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer nope-nope-nope-nope"),), grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", f"Bearer {GEN}"),), grpc.StatusCode.PERMISSION_DENIED),
+        ((("authorization", f"Bearer {ADMIN}"),), grpc.StatusCode.OK),
+    ],
+)
+async def test_interceptor_decisions(
+    server: str, metadata: tuple[tuple[str, str], ...], expected: grpc.StatusCode
+) -> None:
     before = _Adapters.calls
     async with grpc.aio.insecure_channel(server) as ch:
         stub = adapters_pb2_grpc.AdapterServiceStub(ch)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU check (issue #8): the hf engine on CUDA at bf16, fp16 and int4 with a LoRA adapter, a short streamed
+# load, and per precision: tokens/s, J/token (NVML energy counter), GPU memory. Under 8 minutes.
+#
+# UNTESTED ON A GPU: the task that wrote it had none. It needs the branches hf-engine (--engine hf) and
+# adapters (--adapter-root, --preload) merged; `smoke` runs the same flow on this CPU to check the plumbing.
+#
+#   bash scripts/gpu_check.sh prepare   # here, once: .gpucheck/ = model config + tokenizer + py3.12 wheels
+#   bash scripts/gpu_check.sh           # on the GPU machine, carrying .gpucheck (device run, carry=[".gpucheck"])
+#   bash scripts/gpu_check.sh smoke     # here: bf16 on CPU, no NVML figures
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+mode="${1:-run}"
+
+if [ "$mode" = prepare ]; then
+  grep -qx '/.gpucheck/' .git/info/exclude 2>/dev/null || echo '/.gpucheck/' >> "$(git rev-parse --git-path info/exclude)"
+  exec python scripts/gpu_check.py prepare --out .gpucheck
+fi
+
+PY=python3
+if [ "$mode" = smoke ]; then
+  PY=python
+else
+  # The image has torch, transformers, peft, grpcio, nvidia-ml-py; the rest travels as wheels.
+  if ls .gpucheck/wheels/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .gpucheck/wheels/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  # effllm without installing it: a namespace folder whose packages are this checkout's top-level folders.
+  shim=/tmp/effllm-shim/effllm
+  mkdir -p "$shim"
+  for pkg in server client tuner loadtest telemetry cli; do
+    [ -d "$pkg" ] && ln -sfn "$PWD/$pkg" "$shim/$pkg"
+  done
+  export PYTHONPATH="/tmp/effllm-shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+
+if [ "$mode" = smoke ]; then
+  exec timeout 480 $PY scripts/gpu_check.py run --device cpu --precisions bf16 --out runs/gpu_check_smoke
+fi
+exec timeout 470 $PY scripts/gpu_check.py run --device cuda --precisions bf16,fp16,int4
