@@ -31,6 +31,7 @@ class Hardened:
     pki: Pki
     admin_token: str
     generate_token: str
+    adapter_root: Path | None = None  # ROOT with good/1 (a real LoRA) when the server serves adapters
 
     def security(self, token: str | None = "generate", *, client_cert: bool = True) -> ClientSecurity:
         """Client settings: `token` is a role name ("generate"/"admin"), a literal token, or None."""
