@@ -20,16 +20,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ..client.v1 import adapters_pb2_grpc as apb_grpc
 from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
 from .auth import AuthConfig, AuthInterceptor, TlsConfig
-from .engines.base import Engine
+from .adapters.paths import parse_ref
+from .adapters.registry import AdapterRegistry, RegistryConfig
+from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
+from .adapters.service import AdapterService
+from .engines.base import Engine, EngineError
 from .runner import Runner
 from .service import GenerationService, Limits
 
 log = logging.getLogger("effllm.server")
 
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,)
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name, ADAPTER_SERVICE_NAME)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
+    preload: tuple[str, ...] = ()  # NAME or NAME@VERSION, loaded before health turns SERVING
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -56,11 +62,13 @@ class ServerConfig:
 class EffllmServer:
     """One gRPC server around one engine. `start()` returns once the port is bound."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.runner = Runner(engine, config.max_concurrency, config.queue_size)
+        self.adapters = adapters or AdapterRegistry(engine, None, RegistryConfig())
+        self.runner = Runner(engine, config.max_concurrency, config.queue_size, self.adapters)
         self.generation = GenerationService(self.runner, config.limits)
+        self.adapter_service = AdapterService(self.adapters)
         self.health = HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -74,6 +82,7 @@ class EffllmServer:
         interceptors = [AuthInterceptor(self.config.auth)] if self.config.auth.enabled else []
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
+        apb_grpc.add_AdapterServiceServicer_to_server(self.adapter_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)
@@ -95,6 +104,12 @@ class EffllmServer:
 
     async def load(self) -> None:
         await self.engine.start()
+        for ref in self.config.preload:
+            try:
+                await self.adapters.load(*parse_ref(ref))
+            except EngineError as err:
+                raise RuntimeError(f"--preload {ref}: {err.message}") from err
+        self.adapter_service.ready = True
         if self.generation.draining:  # a signal came while loading: never turn SERVING
             return
         self.generation.ready = True
@@ -144,9 +159,9 @@ def _kill_children() -> None:
             child.kill()
 
 
-async def serve(engine: Engine, config: ServerConfig) -> None:
+async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> None:
     """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
-    server = EffllmServer(engine, config)
+    server = EffllmServer(engine, config, adapters)
     loop = asyncio.get_running_loop()
     signals = 0
     tasks: list[asyncio.Task[None]] = []  # holds the drain task (the loop keeps only weak references)

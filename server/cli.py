@@ -7,6 +7,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .auth import ENV_ADMIN, ENV_GENERATE, AuthConfig, TlsConfig, is_loopback
 from .engines.base import PRECISIONS, Engine
@@ -54,6 +55,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
+    a = p.add_argument_group("adapters")
+    a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
+    a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
+    a.add_argument("--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction")
+    a.add_argument("--max-adapter-rank", type=int, default=64)
+    a.add_argument("--adapter-unload-wait", type=float, default=30.0,
+                   help="seconds an unload waits for in-flight requests by default")
+    a.add_argument("--preload", action="append", default=[], metavar="NAME[@VERSION]",
+                   help="adapter to load before serving (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -83,6 +93,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         device=device,
         seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
+        **_vllm_lora_options(args),
     )
     return VllmEngine(model, config)
 
@@ -101,6 +112,31 @@ def security_config(args: argparse.Namespace) -> tuple[AuthConfig, TlsConfig | N
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return auth, tls
+
+
+def _vllm_lora_options(args: argparse.Namespace) -> dict[str, object]:
+    if args.adapter_root is None:
+        return {}
+    return dict(
+        enable_lora=True,
+        max_lora_rank=args.max_adapter_rank,
+        max_loras=args.max_adapters_per_batch,
+        max_cpu_loras=max(args.max_adapters_resident, args.max_adapters_per_batch),
+    )
+
+
+def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
+    root = args.adapter_root
+    if root is not None:
+        root = root.expanduser().resolve()
+        if not root.is_dir():
+            raise SystemExit(f"--adapter-root {args.adapter_root}: not a folder")
+    model = getattr(engine, "model", None)  # ResolvedModel on both engines
+    config = RegistryConfig(
+        root=root, max_resident=args.max_adapters_resident, max_rank=args.max_adapter_rank,
+        unload_wait_s=args.adapter_unload_wait,
+    )
+    return AdapterRegistry(engine, model.path if model is not None else None, config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,10 +159,11 @@ def run(args: argparse.Namespace) -> int:
             ),
             auth=auth,
             tls=tls,
+            preload=tuple(args.preload),
         )
     except (ValueError, OSError) as err:
         logging.getLogger("effllm.server").error("bad configuration: %s", err)
         return 2
     engine = maybe_inject(build_engine(args))
-    asyncio.run(serve(engine, config))
+    asyncio.run(serve(engine, config, build_registry(args, engine)))
     return 0

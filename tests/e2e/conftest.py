@@ -1,5 +1,6 @@
 """A hardened server for the reliability tests: mutual TLS, admin + generate tokens, generation behind a
-token, tight limits, a small batch and queue, and failpoints (requests named `fault-*` raise mid-stream,
+token, tight limits, a small batch and queue, an adapter root holding good/1, and failpoints (requests
+named `fault-*` raise mid-stream,
 `slow-*` ones take 1 s per token)."""
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class Hardened:
         )
 
 
+def _make_good_adapter(folder: Path) -> None:
+    from effllm.server.model import resolve_model
+
+    from ..adaptertools import make_adapter
+
+    make_adapter(resolve_model(None).path, folder, method="lora", rank=8, seed=11)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
@@ -55,6 +64,8 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     token_file = tmp_path_factory.mktemp("auth") / "tokens"
     token_file.write_text(f"# role token\nadmin {admin}\ngenerate {generate}\n")
     token_file.chmod(0o600)
+    adapter_root = tmp_path_factory.mktemp("adapter-root")
+    _make_good_adapter(adapter_root / "good" / "1")
     lim = HARDENED_LIMITS
     security = ClientSecurity(
         root_cert=pki.ca_cert.read_bytes(),
@@ -92,6 +103,8 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         str(pki.server_key),
         "--tls-client-ca",
         str(pki.ca_cert),
+        "--adapter-root",
+        str(adapter_root),
         log_dir=logs_dir,
         env={
             "EFFLLM_FAILPOINTS": "engine_raise_prefix=fault-,engine_raise_after=2,"
@@ -101,5 +114,5 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         },
         security=security,
     )
-    yield Hardened(server, pki, admin, generate)
+    yield Hardened(server, pki, admin, generate, adapter_root)
     server.stop()

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from effllm.client import EffllmClient
 from effllm.client.v1 import generation_pb2 as pb
 from effllm.client.v1 import generation_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ..serverproc import ServerProcess
+from .conftest import Hardened
 
 BATCH = 10
 EXAMPLES = 205  # x BATCH = 2,050 generation requests
@@ -130,11 +132,14 @@ def test_fuzz_health_and_info(channel: grpc.Channel, service: str) -> None:
         assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
 
 
-def test_fuzz_adapter_service(channel: grpc.Channel, vllm_server: ServerProcess) -> None:
+def test_fuzz_adapter_service(hardened: Hardened) -> None:
+    """AdapterService fields (names, versions, relative paths that try to escape the root, wait times) on
+    the hardened server, which has an adapter root, with the admin token."""
     from effllm.client.v1 import adapters_pb2 as apb
     from effllm.client.v1 import adapters_pb2_grpc as apb_grpc
 
-    stub = apb_grpc.AdapterServiceStub(channel)
+    client = EffllmClient(hardened.server.target, security=hardened.security("admin"), timeout=30)
+    stub = apb_grpc.AdapterServiceStub(client.channel)
     try:
         stub.ListAdapters(apb.ListAdaptersRequest(), timeout=10)
     except grpc.RpcError as err:
@@ -142,12 +147,14 @@ def test_fuzz_adapter_service(channel: grpc.Channel, vllm_server: ServerProcess)
             pytest.skip("this build serves no AdapterService yet (branch adapters not merged)")
         raise
     codes: Counter[str] = Counter()
+    adapter_names = st.one_of(names, st.sampled_from(["good", "good@1", "../good", "good/../good"]))
+    paths = st.one_of(names, st.sampled_from(["good/1", "/etc", "../../etc/passwd", "good/1/../../..", "."]))
 
     @settings(max_examples=150, deadline=None, database=None)
     @given(
-        name=names,
-        version=names,
-        path=names,
+        name=adapter_names,
+        version=st.one_of(names, st.sampled_from(["1", "2", ".."])),
+        path=paths,
         wait=st.floats(width=64),
         pinned=st.booleans(),
         which=st.sampled_from(["load", "unload", "pin"]),
@@ -155,21 +162,28 @@ def test_fuzz_adapter_service(channel: grpc.Channel, vllm_server: ServerProcess)
     def run(name: str, version: str, path: str, wait: float, pinned: bool, which: str) -> None:
         try:
             if which == "load":
-                stub.LoadAdapter(apb.LoadAdapterRequest(name=name, version=version, path=path), timeout=30)
+                stub.LoadAdapter(apb.LoadAdapterRequest(name=name, version=version, path=path), timeout=60)
             elif which == "unload":
                 stub.UnloadAdapter(
-                    apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait), timeout=30
+                    apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait), timeout=60
                 )
             else:
-                stub.PinAdapter(apb.PinAdapterRequest(name=name, version=version, pinned=pinned), timeout=30)
+                stub.PinAdapter(apb.PinAdapterRequest(name=name, version=version, pinned=pinned), timeout=60)
             codes["OK"] += 1
         except grpc.RpcError as err:
             assert err.code().name in ALLOWED, f"{which}: {err.code().name}: {err.details()}"
             codes[err.code().name] += 1
 
-    run()
-    print(f"adapter fuzz: {dict(codes)}")
-    _assert_alive(vllm_server)
+    try:
+        run()
+        print(f"adapter fuzz: {dict(codes)}")
+        for a in client.list_adapters():  # whatever the fuzz loaded must be servable
+            if a.pinned:
+                client.pin_adapter(a.name, a.version, pinned=False)
+            client.unload_adapter(a.name, a.version)
+        assert client.health() == "SERVING"
+    finally:
+        client.close()
 
 
 def _assert_alive(server: ServerProcess) -> None:
