@@ -47,6 +47,8 @@ WHEELS = (
     "opentelemetry-exporter-otlp-proto-http",
     "opentelemetry-exporter-otlp-proto-common",
     "opentelemetry-semantic-conventions",
+    "opentelemetry-exporter-otlp-common",
+    "opentelemetry-exporter-http-transport",
     "opentelemetry-instrumentation",
     "opentelemetry-instrumentation-grpc",
     "googleapis-common-protos",

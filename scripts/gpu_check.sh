@@ -8,6 +8,11 @@
 #   bash scripts/gpu_check.sh prepare   # here, once: .gpucheck/ = model config + tokenizer + py3.12 wheels
 #   bash scripts/gpu_check.sh           # on the GPU machine, carrying .gpucheck (device run, carry=[".gpucheck"])
 #   bash scripts/gpu_check.sh smoke     # here: bf16 on CPU, no NVML figures
+# The device tool sends the session's own checkout: run `prepare` in that checkout (it writes .gpucheck/ and
+# adds it to .git/info/exclude), then: run(command="bash scripts/gpu_check.sh", carry=[".gpucheck"],
+# timeout_s=540). Weights: the real 517 MB checkpoint is over the 64 MiB carry limit, so unless the
+# default model resolves there, random bf16 weights of the same architecture are used (speed, memory and
+# energy per token do not depend on the weight values; the text does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

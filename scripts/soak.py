@@ -101,6 +101,8 @@ async def one(client: AsyncEffllmClient, rng: random.Random, report: Report) -> 
     report.requests += 1
     report.codes[code] += 1
     report.kinds[kind] += 1
+    if code == "RESOURCE_EXHAUSTED":
+        await asyncio.sleep(0.25)  # back off as a real client would, instead of spinning on refusals
 
 
 async def burst(client: AsyncEffllmClient, size: int, report: Report) -> None:
