@@ -34,6 +34,7 @@ from .service import GenerationService, Limits
 
 log = logging.getLogger("effllm.server")
 
+ENGINE_DIED_EXIT = 3
 SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name, ADAPTER_SERVICE_NAME)
 
 
@@ -73,6 +74,8 @@ class EffllmServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
+        self.failure: str | None = None  # why the server stopped on its own (then exit ENGINE_DIED_EXIT)
 
     async def start(self) -> int:
         opts = [
@@ -114,19 +117,34 @@ class EffllmServer:
             return
         self.generation.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
         info = self.engine.info
         log.info(
             "ready: %s (%s, %s, %s) on %s:%d", info.model, info.engine, info.precision, info.device,
             self.config.host, self.port,
         )
 
+    async def _watch_engine(self) -> None:
+        """An engine that died (vLLM's engine core can) serves nothing again: stop being SERVING at once so
+        balancers and round_robin clients go elsewhere, then exit non-zero for the supervisor to restart."""
+        alive = getattr(self.engine, "alive", None)
+        if alive is None:
+            return
+        while self._server is not None:
+            await asyncio.sleep(0.5)
+            if self._server is not None and not alive():
+                self.failure = "the engine died"
+                log.error("engine died: health NOT_SERVING, stopping (exit code %d)", ENGINE_DIED_EXIT)
+                await self.drain(grace_s=0.0)
+                return
+
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
     async def drain(self, grace_s: float | None = None) -> None:
-        """Refuse new work, let in-flight requests finish (bounded), then stop."""
-        if self._server is None:
+        """Refuse new work, let in-flight requests finish (bounded), then stop. Runs once."""
+        if self._server is None or self.generation.draining:
             return
         grace = self.config.grace_s if grace_s is None else grace_s
         self.generation.draining = True
@@ -159,8 +177,9 @@ def _kill_children() -> None:
             child.kill()
 
 
-async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> None:
-    """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
+async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> int:
+    """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once. Returns the exit code:
+    0 after a drain, ENGINE_DIED_EXIT when the engine died under it."""
     server = EffllmServer(engine, config, adapters)
     loop = asyncio.get_running_loop()
     signals = 0
@@ -185,3 +204,4 @@ async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry 
     if not server.generation.ready:  # drained while loading: the engine came up after drain's shutdown
         await engine.shutdown()
     log.info("stopped")
+    return ENGINE_DIED_EXIT if server.failure else 0

@@ -165,5 +165,4 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("effllm.server").error("bad configuration: %s", err)
         return 2
     engine = maybe_inject(build_engine(args))
-    asyncio.run(serve(engine, config, build_registry(args, engine)))
-    return 0
+    return asyncio.run(serve(engine, config, build_registry(args, engine)))

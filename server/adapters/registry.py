@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engines.base import AdapterSpec, Engine, EngineError
+from .snapshot import Snapshots
 from .paths import check_name, check_version, parse_ref, resolve_relative, resolve_version_dir
 from .validate import BaseModules, Validated, validate
 
@@ -52,6 +53,7 @@ class Entry:
     last_touch: float = 0.0  # monotonic, for LRU
     routable: bool = True  # False while unloading or evicting: new requests no longer get it
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    source: Path | None = None  # the folder in the root; spec.path is the private snapshot the engine reads
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -107,6 +109,7 @@ class AdapterRegistry:
         self._lock = asyncio.Lock()
         self._seq = itertools.count(1)
         self._base: BaseModules | None = None
+        self._snapshots = Snapshots()
 
     # -- requests ---------------------------------------------------------------------------------------
     def acquire(self, ref: str) -> Lease:
@@ -152,7 +155,7 @@ class AdapterRegistry:
         version, folder = resolve_version_dir(root, name, version)
         return name, version, folder
 
-    def _validate(self, folder: Path) -> Validated:
+    def _validate(self, folder: Path, root: Path | None = None) -> Validated:
         if self._base is None:
             if self.base_path is None:
                 raise EngineError("failed_precondition", "the base checkpoint is unknown; cannot validate adapters")
@@ -160,7 +163,7 @@ class AdapterRegistry:
         info = self.engine.info
         max_rank = min(self.config.max_rank, info.max_adapter_rank or self.config.max_rank)
         return validate(
-            folder, self._root(), self._base,
+            folder, root or self._root(), self._base,
             base_fingerprint=info.fingerprint, max_rank=max_rank, methods=tuple(info.adapter_methods),
         )
 
@@ -171,27 +174,37 @@ class AdapterRegistry:
         if (existing := self._routable(key)) is not None:
             return existing
         t0 = time.perf_counter()
-        validated = await asyncio.to_thread(self._validate, folder)
-        async with self._lock:
-            if (existing := self._routable(key)) is not None:
-                return existing
-            if key in self._entries:
-                raise EngineError("failed_precondition", f"name: {key} is being unloaded; retry when it is gone")
-            await self._make_room()
-            spec = AdapterSpec(
-                name=name, version=version, path=folder, method=validated.method, rank=validated.rank,
-                alpha=validated.alpha, target_modules=validated.target_modules,
-            )
-            try:
-                await self.engine.add_adapter(spec)
-            except EngineError:
-                raise
-            except Exception as exc:  # the engine refused it; keep the server and the other adapters going
-                log.exception("engine could not load %s", key)
-                raise EngineError("failed_precondition", f"engine could not load {key}: {exc}") from exc
-            entry = Entry(spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq))
-            entry.last_touch = time.monotonic()
-            self._entries[key] = entry  # from here on `NAME` resolves to the highest loaded version
+        await asyncio.to_thread(self._validate, folder)  # in place: path rules, then content
+        # The engine gets a private copy, validated again (see snapshot.py): damage to the root after this
+        # point cannot reach the engine.
+        copy = await asyncio.to_thread(self._snapshots.take, folder, key)
+        kept = False
+        try:
+            validated = await asyncio.to_thread(self._validate, copy, self._snapshots.root)
+            async with self._lock:
+                if (existing := self._routable(key)) is not None:
+                    return existing
+                if key in self._entries:
+                    raise EngineError("failed_precondition", f"name: {key} is being unloaded; retry when it is gone")
+                await self._make_room()
+                spec = AdapterSpec(
+                    name=name, version=version, path=copy, method=validated.method, rank=validated.rank,
+                    alpha=validated.alpha, target_modules=validated.target_modules,
+                )
+                try:
+                    await self.engine.add_adapter(spec)
+                except EngineError:
+                    raise
+                except Exception as exc:  # the engine refused it; keep the server and the other adapters going
+                    log.exception("engine could not load %s", key)
+                    raise EngineError("failed_precondition", f"engine could not load {key}: {exc}") from exc
+                entry = Entry(spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq), source=folder)
+                entry.last_touch = time.monotonic()
+                self._entries[key] = entry  # from here on `NAME` resolves to the highest loaded version
+                kept = True
+        finally:
+            if not kept:  # refused, or already loaded by a concurrent call: this copy is not needed
+                self._snapshots.drop(copy)
         log.info("loaded adapter %s (%s, r=%d) in %.3fs", key, spec.method, spec.rank, entry.load_s)
         return entry
 
@@ -215,6 +228,7 @@ class AdapterRegistry:
             await self.engine.remove_adapter(entry.key)
         finally:
             self._entries.pop(entry.key, None)
+            self._snapshots.drop(entry.spec.path)
 
     # -- unload / pin -----------------------------------------------------------------------------------
     def _find(self, name: str, version: str) -> list[Entry]:

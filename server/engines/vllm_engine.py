@@ -119,6 +119,10 @@ class VllmEngine:
             raise EngineError("unavailable", "engine is not started")
         return self._renderer
 
+    def alive(self) -> bool:
+        """False once vLLM's engine core has died (EngineDeadError): nothing can be served any more."""
+        return self._llm is not None and not self._llm.errored
+
     def running(self) -> int:
         return int(self._llm.output_processor.get_num_unfinished_requests()) if self._llm else 0
 
