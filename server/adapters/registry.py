@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engines.base import AdapterSpec, Engine, EngineError
-from .snapshot import Snapshots
 from .paths import check_name, check_version, parse_ref, resolve_relative, resolve_version_dir
+from .snapshot import Snapshots
 from .validate import BaseModules, Validated, validate
 
 log = logging.getLogger(__name__)
