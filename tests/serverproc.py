@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -40,13 +41,28 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
+            if sig == signal.SIGKILL:  # a SIGKILLed server cannot stop vLLM's engine core: kill it too
+                kill_children(self.proc.pid)
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                kill_children(self.proc.pid)
                 self.proc.kill()
                 self.proc.wait()
         return int(self.proc.returncode)
+
+
+def kill_children(pid: int) -> None:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def start_server(*args: str, log_dir: Path, ready_timeout: float = 300.0, wait: bool = True,

@@ -178,7 +178,7 @@ def test_sigterm_drains_the_survivor(replicas: list[ServerProcess]) -> None:
                     c.stream(f"Essay {i} about rivers:", max_new_tokens=16, temperature=0)
                 ):
                     if n == 0:
-                        started.wait(30)
+                        started.wait(120)
                     if chunk.HasField("final"):
                         finish = chunk.final.finish_reason
                 results.append(("OK", finish))
@@ -188,7 +188,7 @@ def test_sigterm_drains_the_survivor(replicas: list[ServerProcess]) -> None:
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(in_flight)]
     for t in threads:
         t.start()
-    started.wait(60)
+    started.wait(180)
     t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     with server.client(timeout=5) as c:
