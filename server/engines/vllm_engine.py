@@ -109,7 +109,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         if request.adapter:
-            raise EngineError("failed_precondition", "adapter: this server has no adapters loaded")
+            raise EngineError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
         if self._llm is None or self._llm.errored:
             raise EngineError("unavailable", "engine is not running")
         prompt_ids = self.renderer.render(request)
