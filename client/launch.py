@@ -49,8 +49,13 @@ class ServerProcess:
         return int(self.proc.returncode)
 
 
-def start_server(*args: str, log_dir: Path, ready_timeout: float = 300.0, wait: bool = True,
-                 env: dict[str, str] | None = None) -> ServerProcess:
+def start_server(
+    *args: str,
+    log_dir: Path,
+    ready_timeout: float = 300.0,
+    wait: bool = True,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--port", str(port), *args]

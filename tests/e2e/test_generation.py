@@ -52,8 +52,9 @@ def test_chat_template_is_applied(vllm_server: ServerProcess) -> None:
     with vllm_server.client() as c:
         r = c.generate(messages=turns, max_new_tokens=8, temperature=0.0)
     tok = AutoTokenizer.from_pretrained(resolve_model(None).path)
-    rendered = tok.apply_chat_template([{"role": a, "content": b} for a, b in turns], add_generation_prompt=True,
-                                       tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": a, "content": b} for a, b in turns], add_generation_prompt=True, tokenize=False
+    )
     assert "<|im_start|>assistant" in rendered
     assert r.usage.input_tokens == len(tok.encode(rendered))
     assert "Paris" in r.text
@@ -181,5 +182,8 @@ def test_model_info(vllm_server: ServerProcess) -> None:
 def test_reflection_lists_the_services(vllm_server: ServerProcess) -> None:
     with grpc.insecure_channel(vllm_server.target) as ch:
         services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
-    assert {"effllm.v1.GenerationService", "grpc.health.v1.Health",
-            "grpc.reflection.v1alpha.ServerReflection"} <= services
+    assert {
+        "effllm.v1.GenerationService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= services

@@ -15,8 +15,9 @@ from ..serverproc import start_server, wait_serving
 
 
 def test_health_goes_not_serving_to_serving_then_drains(logs_dir: Path) -> None:
-    server = start_server("--kv-cache-gib", "0.25", "--max-context", "512", "--grace", "20",
-                          log_dir=logs_dir, wait=False)
+    server = start_server(
+        "--kv-cache-gib", "0.25", "--max-context", "512", "--grace", "20", log_dir=logs_dir, wait=False
+    )
     try:
         seen: list[str] = []
         with server.client(timeout=2.0) as c:
