@@ -40,7 +40,7 @@ def test_local_dir_and_parameter_count() -> None:
 
 
 def test_dir_without_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match=r"config\.json"):
         model.resolve_model(str(tmp_path))
 
 
