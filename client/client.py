@@ -71,11 +71,14 @@ class EffllmClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any) -> pb.GenerateResponse:
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
         return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
 
-    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-               **kw: Any) -> Iterator[pb.GenerateStreamResponse]:
+    def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[pb.GenerateStreamResponse]:
         """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
         call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
@@ -142,12 +145,14 @@ class AsyncEffllmClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
 
-    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
-                       **kw: Any) -> pb.GenerateResponse:
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
         return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
 
-    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-                     **kw: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
             async for chunk in call:

@@ -231,7 +231,7 @@ def check_precision(
 ) -> dict[str, Any]:
     import psutil
 
-    from tests.serverproc import start_server
+    from effllm.client.launch import start_server
 
     row: dict[str, Any] = {"precision": precision}
     logs = Path("/tmp/gpucheck-logs")

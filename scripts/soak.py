@@ -206,7 +206,7 @@ def main() -> int:
     server = None
     target, pid = args.target, args.pid
     if target is None:
-        from tests.serverproc import start_server
+        from effllm.client.launch import start_server
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         server = start_server(*args.serve_args.split(), log_dir=args.out.parent)

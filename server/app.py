@@ -87,8 +87,11 @@ class EffllmServer:
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
         apb_grpc.add_AdapterServiceServicer_to_server(self.adapter_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
+        names = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         address = f"{self.config.host}:{self.config.port}"
         tls = self.config.tls
@@ -120,8 +123,13 @@ class EffllmServer:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
         info = self.engine.info
         log.info(
-            "ready: %s (%s, %s, %s) on %s:%d", info.model, info.engine, info.precision, info.device,
-            self.config.host, self.port,
+            "ready: %s (%s, %s, %s) on %s:%d",
+            info.model,
+            info.engine,
+            info.precision,
+            info.device,
+            self.config.host,
+            self.port,
         )
 
     async def _watch_engine(self) -> None:
@@ -149,7 +157,9 @@ class EffllmServer:
         grace = self.config.grace_s if grace_s is None else grace_s
         self.generation.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace)
+        log.info(
+            "draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + grace
@@ -183,14 +193,14 @@ async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry 
     server = EffllmServer(engine, config, adapters)
     loop = asyncio.get_running_loop()
     signals = 0
-    tasks: list[asyncio.Task[None]] = []  # holds the drain task (the loop keeps only weak references)
+    tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
             log.info("signal received: draining (send again to stop now)")
-            tasks.append(loop.create_task(server.drain()))
+            tasks.add(loop.create_task(server.drain()))
         else:
             log.warning("second signal: stopping now")
             _kill_children()

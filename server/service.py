@@ -100,8 +100,8 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
     if max_new >= max_context:
         _bad(f"sampling.max_new_tokens: {max_new} must be below the context of {max_context} tokens")
     if max_new > limits.max_new_tokens:
-        _bad(f"sampling.max_new_tokens: {max_new} is over this server's limit of "
-             f"max_new_tokens={limits.max_new_tokens}")
+        _bad(f"sampling.max_new_tokens: {max_new} is over this server's limit of {limits.max_new_tokens} "
+             "(max_new_tokens)")
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         _bad(f"sampling.temperature: {temperature} must be a finite number >= 0")
@@ -201,7 +201,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             log.exception("request failed in the engine")
             await context.abort(grpc.StatusCode.INTERNAL, f"engine failed on this request: {type(err).__name__}")
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         reply = pb.GenerateResponse()
         async for req, event in self._events(request, context):
             reply.request_id = req.request_id
@@ -226,12 +228,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 _fill_final(out.final.usage, out.final.timings, event)
             yield out
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
         return model_info(self.runner.engine.info, self.runner)
 
-    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.ServerStats:
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerStats:
         r = self.runner
         c = r.counters
         return pb.ServerStats(

@@ -31,7 +31,7 @@ def _refusal(fn: object) -> tuple[grpc.StatusCode, str, float]:
 def test_limits_refuse_at_once_naming_the_limit(hardened: Hardened) -> None:
     with _client(hardened) as c:
         cases = {
-            "max_new_tokens=256": lambda: c.generate("hi", max_new_tokens=257),
+            "limit of 256 (max_new_tokens)": lambda: c.generate("hi", max_new_tokens=257),
             "max_prompt_tokens=64": lambda: c.generate("word " * 200, max_new_tokens=2),
             "max_prompt_chars=200000": lambda: c.generate("a" * 300_000, max_new_tokens=2),
             "max_stop_chars=256": lambda: c.generate("hi", max_new_tokens=2, stop=["s" * 300]),
