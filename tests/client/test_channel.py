@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from effllm.client.channel import (
     ClientSecurity,
     balanced_target,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from effllm.client import ClientSecurity
 
 from ..certs import Pki, make_pki

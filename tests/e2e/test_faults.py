@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from effllm.client import EffllmClient
 
 from ..serverproc import ServerProcess

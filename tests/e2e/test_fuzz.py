@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from effllm.client import EffllmClient
-from effllm.client.v1 import generation_pb2 as pb
-from effllm.client.v1 import generation_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from effllm.client import EffllmClient
+from effllm.client.v1 import generation_pb2 as pb
+from effllm.client.v1 import generation_pb2_grpc as pb_grpc
 
 from ..serverproc import ServerProcess
 from .conftest import Hardened

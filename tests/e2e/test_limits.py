@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import psutil
 import pytest
+
 from effllm.client import EffllmClient
 
 from .conftest import HARDENED_LIMITS, Hardened

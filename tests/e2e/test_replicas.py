@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+
 from effllm.client import EffllmClient
 
 from ..serverproc import ServerProcess, start_server, wait_serving

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from effllm.client import ClientSecurity, EffllmClient
 from effllm.client.v1 import adapters_pb2, adapters_pb2_grpc
 
