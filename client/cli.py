@@ -15,10 +15,17 @@ from .client import EffllmClient
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a running server")
     p.add_argument("prompt", nargs="?", help="raw prompt (or use --chat, or stdin with -)")
-    p.add_argument("--chat", action="append", metavar="[ROLE:]TEXT",
-                   help="a chat turn, rendered with the model's chat template; repeat for several (role: user)")
-    p.add_argument("--target", default="127.0.0.1:50051",
-                   help="host:port, or several replicas as h1:p1,h2:p2 (round_robin with health checks)")
+    p.add_argument(
+        "--chat",
+        action="append",
+        metavar="[ROLE:]TEXT",
+        help="a chat turn, rendered with the model's chat template; repeat for several (role: user)",
+    )
+    p.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="host:port, or several replicas as h1:p1,h2:p2 (round_robin with health checks)",
+    )
     add_security_args(p)
     p.add_argument("--adapter", default="")
     p.add_argument("--max-new-tokens", type=int, default=0)
@@ -40,15 +47,23 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--root-cert", type=Path, default=None, help="CA (PEM) that signed the server certificate")
     g.add_argument("--client-cert", type=Path, default=None, help="client certificate (PEM): mutual TLS")
     g.add_argument("--client-key", type=Path, default=None, help="client private key (PEM)")
-    g.add_argument("--token-file", type=Path, default=None,
-                   help="file holding the bearer token (default: $EFFLLM_AUTH_TOKEN)")
+    g.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="file holding the bearer token (default: $EFFLLM_AUTH_TOKEN)",
+    )
     g.add_argument("--server-name", default=None, help="name to expect in the server certificate")
 
 
 def security_from_args(args: argparse.Namespace) -> ClientSecurity:
     return ClientSecurity.from_files(
-        root_cert=args.root_cert, client_cert=args.client_cert, client_key=args.client_key,
-        token_file=args.token_file, tls=args.tls, server_name=args.server_name,
+        root_cert=args.root_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
+        token_file=args.token_file,
+        tls=args.tls,
+        server_name=args.server_name,
     )
 
 

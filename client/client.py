@@ -60,8 +60,14 @@ def build_request(
 
 
 class EffllmClient:
-    def __init__(self, target: Targets = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None, security: ClientSecurity | None = None) -> None:
+    def __init__(
+        self,
+        target: Targets = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.Channel | None = None,
+        security: ClientSecurity | None = None,
+    ) -> None:
         if channel is None:
             self.channel, self._raw_channel = make_channel(target, security)
         else:
@@ -92,14 +98,16 @@ class EffllmClient:
     def stats(self) -> pb.ServerStats:
         return self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
-    def load_adapter(self, name: str, version: str = "", *, path: str = "",
-                     timeout: float | None = None) -> apb.AdapterInfo:
+    def load_adapter(
+        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+    ) -> apb.AdapterInfo:
         """Load ROOT/NAME/VERSION (empty: the highest on disk) or a folder `path` relative to the root."""
         req = apb.LoadAdapterRequest(name=name, version=version, path=path)
         return self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
-    def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
-                       timeout: float | None = None) -> list[str]:
+    def unload_adapter(
+        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+    ) -> list[str]:
         req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
         return list(self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout).unloaded)
 
@@ -137,8 +145,14 @@ class EffllmClient:
 
 
 class AsyncEffllmClient:
-    def __init__(self, target: Targets = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.aio.Channel | None = None, security: ClientSecurity | None = None) -> None:
+    def __init__(
+        self,
+        target: Targets = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.aio.Channel | None = None,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.channel = channel or make_aio_channel(target, security)
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
@@ -166,13 +180,15 @@ class AsyncEffllmClient:
     async def stats(self) -> pb.ServerStats:
         return await self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
-    async def load_adapter(self, name: str, version: str = "", *, path: str = "",
-                           timeout: float | None = None) -> apb.AdapterInfo:
+    async def load_adapter(
+        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+    ) -> apb.AdapterInfo:
         req = apb.LoadAdapterRequest(name=name, version=version, path=path)
         return await self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
-    async def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
-                             timeout: float | None = None) -> list[str]:
+    async def unload_adapter(
+        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+    ) -> list[str]:
         req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
         return list((await self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout)).unloaded)
 

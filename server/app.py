@@ -23,11 +23,11 @@ from grpc_reflection.v1alpha import reflection
 from ..client.v1 import adapters_pb2_grpc as apb_grpc
 from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
-from .auth import AuthConfig, AuthInterceptor, TlsConfig
 from .adapters.paths import parse_ref
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
+from .auth import AuthConfig, AuthInterceptor, TlsConfig
 from .engines.base import Engine, EngineError
 from .runner import Runner
 from .service import GenerationService, Limits
@@ -95,14 +95,18 @@ class EffllmServer:
         reflection.enable_server_reflection(names, server)
         address = f"{self.config.host}:{self.config.port}"
         tls = self.config.tls
-        self.port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        self.port = (
+            server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         log.info(
-            "listening on %s:%d (%s%s; health NOT_SERVING while the model loads)", self.config.host, self.port,
+            "listening on %s:%d (%s%s; health NOT_SERVING while the model loads)",
+            self.config.host,
+            self.port,
             ("mutual TLS" if tls.client_ca else "TLS") if tls else "plaintext",
             ", bearer-token auth" if self.config.auth.enabled else "",
         )

@@ -42,40 +42,83 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--default-max-new-tokens", type=int, default=128)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache size")
-    p.add_argument("--tensor-parallel-size", type=int, default=1,
-                   help="vLLM: shard the model over this many GPUs of this host")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="vLLM: shard the model over this many GPUs of this host",
+    )
     lim = p.add_argument_group("limits (a request over one is refused at once, naming it)")
-    lim.add_argument("--max-prompt-tokens", type=int, default=0,
-                     help="rendered prompt tokens; 0: the context minus max_new_tokens")
-    lim.add_argument("--max-prompt-chars", type=int, default=200_000, help="prompt characters, before tokenizing")
-    lim.add_argument("--max-request-seconds", type=float, default=600.0,
-                     help="cap on any request's run time, whatever deadline the client sent")
-    lim.add_argument("--max-message-mib", type=float, default=16.0,
-                     help="largest gRPC message either way (gRPC's own default is 4 MiB)")
+    lim.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=0,
+        help="rendered prompt tokens; 0: the context minus max_new_tokens",
+    )
+    lim.add_argument(
+        "--max-prompt-chars", type=int, default=200_000, help="prompt characters, before tokenizing"
+    )
+    lim.add_argument(
+        "--max-request-seconds",
+        type=float,
+        default=600.0,
+        help="cap on any request's run time, whatever deadline the client sent",
+    )
+    lim.add_argument(
+        "--max-message-mib",
+        type=float,
+        default=16.0,
+        help="largest gRPC message either way (gRPC's own default is 4 MiB)",
+    )
     sec = p.add_argument_group("security (see docs/security.md)")
-    sec.add_argument("--auth-token-file", type=Path, default=None,
-                     help=f"lines `admin TOKEN` / `generate TOKEN` (or ${ENV_ADMIN} / ${ENV_GENERATE}); "
-                          "with a token, AdapterService and TuningService need the admin role")
-    sec.add_argument("--require-auth-for-generate", action="store_true",
-                     help="GenerationService needs a token too (generate or admin role)")
-    sec.add_argument("--allow-unauthenticated-admin", action="store_true",
-                     help="serve admin RPCs without a token on a non-loopback host (not recommended)")
+    sec.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"lines `admin TOKEN` / `generate TOKEN` (or ${ENV_ADMIN} / ${ENV_GENERATE}); "
+        "with a token, AdapterService and TuningService need the admin role",
+    )
+    sec.add_argument(
+        "--require-auth-for-generate",
+        action="store_true",
+        help="GenerationService needs a token too (generate or admin role)",
+    )
+    sec.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        help="serve admin RPCs without a token on a non-loopback host (not recommended)",
+    )
     sec.add_argument("--tls-cert", type=Path, default=None, help="server certificate chain (PEM)")
     sec.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
-    sec.add_argument("--tls-client-ca", type=Path, default=None,
-                     help="CA bundle (PEM) that signs client certificates: mutual TLS")
+    sec.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="CA bundle (PEM) that signs client certificates: mutual TLS",
+    )
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
     a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
-    a.add_argument("--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction")
+    a.add_argument(
+        "--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction"
+    )
     a.add_argument("--max-adapter-rank", type=int, default=64)
-    a.add_argument("--adapter-unload-wait", type=float, default=30.0,
-                   help="seconds an unload waits for in-flight requests by default")
-    a.add_argument("--preload", action="append", default=[], metavar="NAME[@VERSION]",
-                   help="adapter to load before serving (repeatable)")
+    a.add_argument(
+        "--adapter-unload-wait",
+        type=float,
+        default=30.0,
+        help="seconds an unload waits for in-flight requests by default",
+    )
+    a.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="NAME[@VERSION]",
+        help="adapter to load before serving (repeatable)",
+    )
     p.set_defaults(func=run)
 
 
@@ -147,14 +190,18 @@ def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
             raise SystemExit(f"--adapter-root {args.adapter_root}: not a folder")
     model = getattr(engine, "model", None)  # ResolvedModel on both engines
     config = RegistryConfig(
-        root=root, max_resident=args.max_adapters_resident, max_rank=args.max_adapter_rank,
+        root=root,
+        max_resident=args.max_adapters_resident,
+        max_rank=args.max_adapter_rank,
         unload_wait_s=args.adapter_unload_wait,
     )
     return AdapterRegistry(engine, model.path if model is not None else None, config)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         auth, tls = security_config(args)
         config = ServerConfig(

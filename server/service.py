@@ -62,7 +62,9 @@ class Limits:
         if not 0 < self.default_max_new_tokens <= self.max_new_tokens:
             raise ValueError("0 < default_max_new_tokens <= max_new_tokens is required")
         if self.max_prompt_chars < 1 or self.max_prompt_tokens < 0 or self.max_stop_chars < 1:
-            raise ValueError("max_prompt_chars >= 1, max_prompt_tokens >= 0 and max_stop_chars >= 1 are required")
+            raise ValueError(
+                "max_prompt_chars >= 1, max_prompt_tokens >= 0 and max_stop_chars >= 1 are required"
+            )
         if not (math.isfinite(self.max_request_s) and self.max_request_s > 0):
             raise ValueError(f"max_request_s {self.max_request_s} must be a finite number > 0")
 
@@ -79,8 +81,10 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
             _bad("prompt: is empty")
         prompt = msg.prompt
         if len(prompt) > limits.max_prompt_chars:
-            _bad(f"prompt: {len(prompt)} characters is over this server's limit of "
-                 f"max_prompt_chars={limits.max_prompt_chars}")
+            _bad(
+                f"prompt: {len(prompt)} characters is over this server's limit of "
+                f"max_prompt_chars={limits.max_prompt_chars}"
+            )
     else:
         if not msg.messages.messages:
             _bad("messages: is empty")
@@ -89,8 +93,10 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
                 _bad(f"messages[{i}].role: {turn.role!r} is not one of {', '.join(ROLES)}")
         chars = sum(len(t.content) for t in msg.messages.messages)
         if chars > limits.max_prompt_chars:
-            _bad(f"messages: {chars} characters is over this server's limit of "
-                 f"max_prompt_chars={limits.max_prompt_chars}")
+            _bad(
+                f"messages: {chars} characters is over this server's limit of "
+                f"max_prompt_chars={limits.max_prompt_chars}"
+            )
         messages = tuple(ChatTurn(t.role, t.content) for t in msg.messages.messages)
 
     s = msg.sampling
@@ -100,8 +106,10 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
     if max_new >= max_context:
         _bad(f"sampling.max_new_tokens: {max_new} must be below the context of {max_context} tokens")
     if max_new > limits.max_new_tokens:
-        _bad(f"sampling.max_new_tokens: {max_new} is over this server's limit of {limits.max_new_tokens} "
-             "(max_new_tokens)")
+        _bad(
+            f"sampling.max_new_tokens: {max_new} is over this server's limit of {limits.max_new_tokens} "
+            "(max_new_tokens)"
+        )
     temperature = s.temperature if s.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         _bad(f"sampling.temperature: {temperature} must be a finite number >= 0")
@@ -191,7 +199,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             await context.abort(STATUS[err.code], err.message)
         except asyncio.TimeoutError:
             await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"request ran past this server's limit of max_request_s={cap:g}"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request ran past this server's limit of max_request_s={cap:g}",
             )
         except grpc.aio.AbortError:
             raise
@@ -199,7 +208,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             # NOTE: an engine fault on one request ends that request only; the engine aborts it and frees its
             # slot (the runner's finally), the rest of the batch goes on. INTERNAL says the fault is ours.
             log.exception("request failed in the engine")
-            await context.abort(grpc.StatusCode.INTERNAL, f"engine failed on this request: {type(err).__name__}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"engine failed on this request: {type(err).__name__}"
+            )
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -260,8 +271,8 @@ async def _bounded(events: AsyncIterator[TokenEvent], seconds: float) -> AsyncIt
     try:
         while True:
             try:
-                # NOTE: asyncio.timeout_at keeps each step in this task (contextvars, OTel spans stay attached);
-                # wait_for is the Python 3.10 fallback.
+                # NOTE: asyncio.timeout_at keeps each step in this task (contextvars and OTel spans stay
+                # attached); wait_for is the Python 3.10 fallback.
                 if _timeout_at is not None:
                     async with _timeout_at(deadline):
                         event = await anext(it)

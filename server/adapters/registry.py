@@ -185,7 +185,9 @@ class AdapterRegistry:
                 if (existing := self._routable(key)) is not None:
                     return existing
                 if key in self._entries:
-                    raise EngineError("failed_precondition", f"name: {key} is being unloaded; retry when it is gone")
+                    raise EngineError(
+                        "failed_precondition", f"name: {key} is being unloaded; retry when it is gone"
+                    )
                 await self._make_room()
                 spec = AdapterSpec(
                     name=name, version=version, path=copy, method=validated.method, rank=validated.rank,
@@ -195,10 +197,12 @@ class AdapterRegistry:
                     await self.engine.add_adapter(spec)
                 except EngineError:
                     raise
-                except Exception as exc:  # the engine refused it; keep the server and the other adapters going
+                except Exception as exc:  # the engine refused it; keep the server and the others going
                     log.exception("engine could not load %s", key)
                     raise EngineError("failed_precondition", f"engine could not load {key}: {exc}") from exc
-                entry = Entry(spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq), source=folder)
+                entry = Entry(
+                    spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq), source=folder
+                )
                 entry.last_touch = time.monotonic()
                 self._entries[key] = entry  # from here on `NAME` resolves to the highest loaded version
                 kept = True

@@ -197,7 +197,9 @@ class VllmEngine:
             if helper.bias != "none":
                 errors.append(f"LoRA bias {helper.bias!r} is not supported.")
         except Exception as exc:
-            raise EngineError("failed_precondition", f"adapter_config.json: vLLM cannot read it ({exc})") from exc
+            raise EngineError(
+                "failed_precondition", f"adapter_config.json: vLLM cannot read it ({exc})"
+            ) from exc
         if errors:
             raise EngineError("failed_precondition", f"adapter: {' '.join(errors)}")
         if spec.key in self._lora_ids:

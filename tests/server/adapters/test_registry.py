@@ -85,7 +85,8 @@ async def test_load_by_relative_path(adapter_root) -> None:
     assert e.spec.key == "mine@1" and e.source == (adapter_root.root / "f1" / "1").resolve()
     # the engine reads a private snapshot of exactly those bytes (server/adapters/snapshot.py)
     weights = "adapter_model.safetensors"
-    assert e.spec.path != e.source and (e.spec.path / weights).read_bytes() == (e.source / weights).read_bytes()
+    assert e.spec.path != e.source
+    assert (e.spec.path / weights).read_bytes() == (e.source / weights).read_bytes()
     e = await reg.load("mine", "7", path="f2/1")
     assert e.spec.key == "mine@7" and reg.latest("mine") is e
 
