@@ -114,6 +114,7 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
             "EFFLLM_GENERATE_TOKEN": "",
         },
         security=security,
+        ready_timeout=900,  # start-up takes minutes on a shared, oversubscribed box
     )
     yield Hardened(server, pki, admin, generate, adapter_root)
     server.stop()

@@ -43,7 +43,7 @@ def servers(logs_dir: Path) -> Iterator[list[ServerProcess]]:
     procs = [start_server(*SERVER_ARGS, log_dir=logs_dir, wait=False) for _ in range(3)]
     try:
         for server in procs:
-            wait_serving(server, 400)
+            wait_serving(server, 900)
         yield procs
     finally:
         for server in procs:
