@@ -59,8 +59,8 @@ class Limits:
     max_request_s: float = 600.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.default_max_new_tokens <= self.max_new_tokens:
-            raise ValueError("0 < default_max_new_tokens <= max_new_tokens is required")
+        if self.default_max_new_tokens < 1 or self.max_new_tokens < 1:
+            raise ValueError("default_max_new_tokens and max_new_tokens must be >= 1")
         if self.max_prompt_chars < 1 or self.max_prompt_tokens < 0 or self.max_stop_chars < 1:
             raise ValueError(
                 "max_prompt_chars >= 1, max_prompt_tokens >= 0 and max_stop_chars >= 1 are required"
@@ -100,7 +100,7 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
         messages = tuple(ChatTurn(t.role, t.content) for t in msg.messages.messages)
 
     s = msg.sampling
-    max_new = s.max_new_tokens or limits.default_max_new_tokens
+    max_new = s.max_new_tokens or min(limits.default_max_new_tokens, limits.max_new_tokens)
     if s.max_new_tokens < 0:
         _bad(f"sampling.max_new_tokens: {s.max_new_tokens} must be > 0")
     if max_new >= max_context:
