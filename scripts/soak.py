@@ -209,7 +209,7 @@ def main() -> int:
         from effllm.client.launch import start_server
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        server = start_server(*args.serve_args.split(), log_dir=args.out.parent)
+        server = start_server(*args.serve_args.split(), log_dir=args.out.parent, ready_timeout=900)
         target, pid = server.target, server.proc.pid
         print(f"server {target} pid {pid} (log {server.log_path})")
     try:
