@@ -67,7 +67,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     if choose_engine(args.engine, precision, device, args.adapter_methods) == "hf":
         from .engines.hf_engine import HfConfig, HfEngine
 
-        hf = HfConfig(precision=precision, max_context=args.max_context, max_concurrency=args.max_concurrency,
+        hf = HfConfig(precision=precision, max_context=args.max_context, max_concurrency=args.max_concurrency,  # type: ignore[arg-type]
                       device=device, seed=args.seed)
         # adapter limits come from the adapter flags where this server has them
         limits = {k: getattr(args, k) for k in ("max_adapter_rank", "max_adapters_per_batch")

@@ -47,7 +47,7 @@ class Row:
 
     @property
     def group(self) -> str:
-        """"" for the shared LoRA/base group; the adapter key for a DoRA adapter's own group."""
+        """ "" for the shared LoRA/base group; the adapter key for a DoRA adapter's own group."""
         return self.key if self.adapter is not None and self.adapter.method == "dora" else ""
 
 
@@ -80,7 +80,9 @@ class Batch:
             else:
                 self.peft.load_adapter(str(spec.path), adapter_name=spec.key)
         except Exception as exc:  # the registry validated it; a failure here is still the adapter's fault
-            raise EngineError("failed_precondition", f"adapter {spec.key}: PEFT cannot load it: {exc}") from exc
+            raise EngineError(
+                "failed_precondition", f"adapter {spec.key}: PEFT cannot load it: {exc}"
+            ) from exc
         self.peft.eval()
         self.adapters[spec.key] = spec
 
@@ -132,8 +134,9 @@ class Batch:
 
         ids = torch.tensor([row.prompt_ids], device=self.device)
         cache = DynamicCache(config=self.base.config)
-        logits = self._forward(row.group, [row], input_ids=ids, attention_mask=torch.ones_like(ids),
-                               past_key_values=cache)
+        logits = self._forward(
+            row.group, [row], input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache
+        )
         row.length = len(row.prompt_ids)
         return logits[0], cache
 
@@ -142,8 +145,14 @@ class Batch:
         ids = torch.tensor([[r.generated[-1]] for r in group.rows], device=self.device)
         positions = torch.tensor([[r.length] for r in group.rows], device=self.device)  # [B, 1]
         group.mask = torch.cat([group.mask, torch.ones_like(ids)], dim=1)
-        logits = self._forward(group.key, group.rows, input_ids=ids, attention_mask=group.mask,
-                               position_ids=positions, past_key_values=group.cache)
+        logits = self._forward(
+            group.key,
+            group.rows,
+            input_ids=ids,
+            attention_mask=group.mask,
+            position_ids=positions,
+            past_key_values=group.cache,
+        )
         for r in group.rows:
             r.length += 1
         return logits
@@ -232,7 +241,9 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator, histor
 def _layers(cache: Any) -> list[Any]:
     layers = list(cache.layers)
     if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        raise EngineError("internal", "hf engine: only full-attention KV caches (DynamicLayer) can be batched")
+        raise EngineError(
+            "internal", "hf engine: only full-attention KV caches (DynamicLayer) can be batched"
+        )
     return layers
 
 

@@ -32,7 +32,12 @@ from .prompting import PromptRenderer
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int4": "bfloat16"}  # int4: bf16 activations
+_DTYPES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "int4": "bfloat16",
+}  # int4: bf16 activations
 
 
 @dataclass(frozen=True)
@@ -104,14 +109,23 @@ class HfEngine:
         c = self.config
         torch.manual_seed(c.seed)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model.path)
-        model = AutoModelForCausalLM.from_pretrained(self.model.path, dtype=getattr(torch, _DTYPES[c.precision]))
+        model: Any = AutoModelForCausalLM.from_pretrained(  # type: ignore[call-arg]
+            self.model.path, dtype=getattr(torch, _DTYPES[c.precision])
+        )
         if c.precision == "int4":
             quantize_int4(model, c.int4_group_size)
         model.to(c.device).eval()
         measured = weight_bytes(model)
-        self.info = replace(self.info, weight_bytes=measured, extra={**self.info.extra, "weight_bytes": "measured"})
-        log.info("hf engine: %s at %s, %d weight bytes (%.3f of bf16)", self.model.name, c.precision,
-                 measured, self.info.weight_ratio_to_bf16)
+        self.info = replace(
+            self.info, weight_bytes=measured, extra={**self.info.extra, "weight_bytes": "measured"}
+        )
+        log.info(
+            "hf engine: %s at %s, %d weight bytes (%.3f of bf16)",
+            self.model.name,
+            c.precision,
+            measured,
+            self.info.weight_ratio_to_bf16,
+        )
         eos = model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if self._tokenizer.eos_token_id is not None:
@@ -132,12 +146,18 @@ class HfEngine:
     # --- adapters ---------------------------------------------------------------------------------------
     async def add_adapter(self, spec: AdapterSpec) -> None:
         if spec.method not in self.info.adapter_methods:
-            raise EngineError("failed_precondition", f"adapter {spec.key}: method {spec.method!r} is not served "
-                              f"by the hf engine at {self.config.precision} (it serves "
-                              f"{', '.join(self.info.adapter_methods)})")
+            raise EngineError(
+                "failed_precondition",
+                f"adapter {spec.key}: method {spec.method!r} is not served "
+                f"by the hf engine at {self.config.precision} (it serves "
+                f"{', '.join(self.info.adapter_methods)})",
+            )
         if spec.rank > self.config.max_adapter_rank:
-            raise EngineError("failed_precondition", f"adapter {spec.key}: rank {spec.rank} is over the "
-                              f"engine's max_adapter_rank {self.config.max_adapter_rank}")
+            raise EngineError(
+                "failed_precondition",
+                f"adapter {spec.key}: rank {spec.rank} is over the "
+                f"engine's max_adapter_rank {self.config.max_adapter_rank}",
+            )
         await self._on_worker(self._started_batch().add_adapter, spec)
 
     async def remove_adapter(self, key: str) -> None:
@@ -164,8 +184,15 @@ class HfEngine:
         s = request.sampling
         generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
         queue: asyncio.Queue[TokenEvent | EngineError] = asyncio.Queue()
-        row = Row(request.request_id, prompt_ids, s, spec, TextStream(self._tokenizer, prompt_ids, s.stop),
-                  generator, sink=queue)
+        row = Row(
+            request.request_id,
+            prompt_ids,
+            s,
+            spec,
+            TextStream(self._tokenizer, prompt_ids, s.stop),
+            generator,
+            sink=queue,
+        )
         self._waiting.append(row)
         self._wake.set()
         try:
@@ -197,7 +224,9 @@ class HfEngine:
                 outputs = await loop.run_in_executor(self._executor, self._batch.step, joiners, cancelled)
             except Exception as exc:  # a failed forward: every running request ends with the error
                 log.exception("hf engine step failed")
-                error = exc if isinstance(exc, EngineError) else EngineError("internal", f"engine step: {exc}")
+                error = (
+                    exc if isinstance(exc, EngineError) else EngineError("internal", f"engine step: {exc}")
+                )
                 for row in self._active:
                     row.finished = True
                     row.sink.put_nowait(error)

@@ -52,7 +52,7 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def quantize_int4(model: nn.Module, group_size: int = INT4_GROUP_SIZE) -> None:
+def quantize_int4(model: Any, group_size: int = INT4_GROUP_SIZE) -> None:
     """Quantize every Linear (lm_head included) to int4 in place, then re-tie the input embedding."""
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
     from torchao.quantization import quantize_
@@ -62,7 +62,7 @@ def quantize_int4(model: nn.Module, group_size: int = INT4_GROUP_SIZE) -> None:
     tied = head is not None and embed is not None and head.weight is embed.weight
     quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False))
     if tied:
-        model.set_input_embeddings(TiedInt4Embedding(head, embed.padding_idx))  # type: ignore[union-attr]
+        model.set_input_embeddings(TiedInt4Embedding(head, embed.padding_idx))
     else:
         log.warning("int4: the input embedding is not tied to lm_head; it stays at %s", embed.weight.dtype)
 
@@ -90,7 +90,9 @@ class TiedInt4Embedding(nn.Module):
 
     def __init__(self, head: nn.Module, padding_idx: int | None = None) -> None:
         super().__init__()
-        self.head = [head]  # a list: not a submodule, so lm_head's weight is neither re-registered nor counted twice
+        self.head = [
+            head
+        ]  # a list: not a submodule, so lm_head's weight is neither re-registered nor counted twice
         weight: Any = head.weight
         self.num_embeddings, self.embedding_dim = int(weight.shape[0]), int(weight.shape[1])
         self.padding_idx = padding_idx
@@ -110,7 +112,8 @@ class TiedInt4Embedding(nn.Module):
         k = self.embedding_dim
         ids = input_ids.reshape(-1).to(torch.int64)
         block = (ids // _PERIOD) * (_PERIOD * k)
-        pos = self.layout[ids % _PERIOD].to(torch.int64) + block[:, None]  # [T, K] nibble positions
+        layout: torch.Tensor = self.layout  # type: ignore[assignment]
+        pos = layout[ids % _PERIOD].to(torch.int64) + block[:, None]  # [T, K] nibble positions
         byte = qdata[pos // 2].to(torch.int32)
         q = torch.where(pos % 2 == 0, byte & 0xF, byte >> 4).float()
         group = k // sz.shape[0]

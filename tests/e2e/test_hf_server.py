@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from effllm.client.v1 import generation_pb2 as pb
 
 from ..serverproc import ServerProcess, start_server
@@ -19,9 +18,20 @@ CHAT = [("user", "What is the capital of France?")]
 
 @pytest.fixture(scope="module")
 def hf_server(logs_dir: Path) -> Iterator[ServerProcess]:
-    server = start_server("--engine", "hf", "--precision", "int4", "--max-concurrency", "4",
-                          "--queue-size", "8", "--max-context", "512", log_dir=logs_dir,
-                          env={"OMP_NUM_THREADS": "1"})  # the test box is shared: no OpenMP spin-wait storms
+    server = start_server(
+        "--engine",
+        "hf",
+        "--precision",
+        "int4",
+        "--max-concurrency",
+        "4",
+        "--queue-size",
+        "8",
+        "--max-context",
+        "512",
+        log_dir=logs_dir,
+        env={"OMP_NUM_THREADS": "1"},
+    )  # the test box is shared: no OpenMP spin-wait storms
     yield server
     server.stop()
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
 from effllm.server.engines.base import AdapterSpec, ChatTurn, GenerationRequest, Sampling, TokenEvent
 from effllm.server.engines.hf_engine import HfConfig, HfEngine
 from effllm.server.model import resolve_model
@@ -68,17 +66,22 @@ def reference(specs: dict[str, AdapterSpec]) -> Any:
                 else:
                     with peft.disable_adapter():
                         out = peft.generate(input_ids=ids, **kw)
-            cache[(prompt, adapter, n)] = out[0, ids.shape[1]:].tolist()
+            cache[(prompt, adapter, n)] = out[0, ids.shape[1] :].tolist()
         return cache[(prompt, adapter, n)]
 
     return run
 
 
-def request(prompt: str, spec: AdapterSpec | None = None, n: int = N, rid: str = "", **sampling: Any) -> GenerationRequest:
+def request(
+    prompt: str, spec: AdapterSpec | None = None, n: int = N, rid: str = "", **sampling: Any
+) -> GenerationRequest:
     sampling.setdefault("temperature", 0.0)
     return GenerationRequest(
-        request_id=rid or f"r{id(sampling)}", prompt=prompt, sampling=Sampling(max_new_tokens=n, **sampling),
-        adapter=spec.key if spec else "", resolved_adapter=spec,
+        request_id=rid or f"r{id(sampling)}",
+        prompt=prompt,
+        sampling=Sampling(max_new_tokens=n, **sampling),
+        adapter=spec.key if spec else "",
+        resolved_adapter=spec,
     )
 
 
@@ -90,11 +93,19 @@ def tokens(events: list[TokenEvent]) -> list[int]:
     return [t for e in events for t in e.token_ids]
 
 
-async def test_mixed_adapter_batch_matches_peft_one_by_one(engine: HfEngine, specs: dict[str, AdapterSpec],
-                                                         reference: Any) -> None:
-    rows = [(PROMPTS[0], None), *((PROMPTS[0], s) for s in specs.values()), (PROMPTS[1], specs["lora1"]),
-            (PROMPTS[1], specs["dora"]), (PROMPTS[1], None)]
-    results = await asyncio.gather(*(collect(engine, request(p, s, rid=f"mix{i}")) for i, (p, s) in enumerate(rows)))
+async def test_mixed_adapter_batch_matches_peft_one_by_one(
+    engine: HfEngine, specs: dict[str, AdapterSpec], reference: Any
+) -> None:
+    rows = [
+        (PROMPTS[0], None),
+        *((PROMPTS[0], s) for s in specs.values()),
+        (PROMPTS[1], specs["lora1"]),
+        (PROMPTS[1], specs["dora"]),
+        (PROMPTS[1], None),
+    ]
+    results = await asyncio.gather(
+        *(collect(engine, request(p, s, rid=f"mix{i}")) for i, (p, s) in enumerate(rows))
+    )
     expected = [reference(p, s.key if s else "") for p, s in rows]
     # every adapter really changes the output: the parity below could not hide a row run on the wrong adapter
     first_prompt = [tuple(e) for e in expected[:5]]
@@ -106,14 +117,19 @@ async def test_mixed_adapter_batch_matches_peft_one_by_one(engine: HfEngine, spe
     assert engine.running() == 0
 
 
-async def test_rows_joining_mid_decode_still_match(engine: HfEngine, specs: dict[str, AdapterSpec],
-                                                   reference: Any) -> None:
-    early = [asyncio.create_task(collect(engine, request(PROMPTS[1], s, n=16, rid=f"early{i}")))
-             for i, s in enumerate((None, specs["rs"]))]
+async def test_rows_joining_mid_decode_still_match(
+    engine: HfEngine, specs: dict[str, AdapterSpec], reference: Any
+) -> None:
+    early = [
+        asyncio.create_task(collect(engine, request(PROMPTS[1], s, n=16, rid=f"early{i}")))
+        for i, s in enumerate((None, specs["rs"]))
+    ]
     gen = engine.generate(request(PROMPTS[0], specs["lora2"], n=16, rid="late0"))
     late_events = [await gen.__anext__() for _ in range(4)]  # the early rows are mid-decode by now
-    joiners = [asyncio.create_task(collect(engine, request(p, s, rid=f"late{i + 1}")))
-               for i, (p, s) in enumerate(((PROMPTS[0], specs["dora"]), (PROMPTS[1], specs["lora1"])))]
+    joiners = [
+        asyncio.create_task(collect(engine, request(p, s, rid=f"late{i + 1}")))
+        for i, (p, s) in enumerate(((PROMPTS[0], specs["dora"]), (PROMPTS[1], specs["lora1"])))
+    ]
     late_events += [e async for e in gen]
     assert tokens(late_events) == reference(PROMPTS[0], specs["lora2"].key, 16)
     early_out = await asyncio.gather(*early)
@@ -126,13 +142,24 @@ async def test_rows_joining_mid_decode_still_match(engine: HfEngine, specs: dict
 
 async def test_same_seed_same_text_alone_or_batched(engine: HfEngine, specs: dict[str, AdapterSpec]) -> None:
     def sampled(seed: int, rid: str) -> GenerationRequest:
-        return request(PROMPTS[0], specs["lora1"], n=12, rid=rid, temperature=1.0, top_p=0.95, top_k=50,
-                       seed=seed, repetition_penalty=1.2)
+        return request(
+            PROMPTS[0],
+            specs["lora1"],
+            n=12,
+            rid=rid,
+            temperature=1.0,
+            top_p=0.95,
+            top_k=50,
+            seed=seed,
+            repetition_penalty=1.2,
+        )
 
     alone = await collect(engine, sampled(7, "seed-a"))
-    batched, *_ = await asyncio.gather(collect(engine, sampled(7, "seed-b")),
-                                       collect(engine, request(PROMPTS[1], rid="seed-other")),
-                                       collect(engine, sampled(8, "seed-c")))
+    batched, *_ = await asyncio.gather(
+        collect(engine, sampled(7, "seed-b")),
+        collect(engine, request(PROMPTS[1], rid="seed-other")),
+        collect(engine, sampled(8, "seed-c")),
+    )
     assert tokens(alone) == tokens(batched)
     assert "".join(e.text for e in alone) == "".join(e.text for e in batched)
     others = [tokens(await collect(engine, sampled(s, f"seed-{s}"))) for s in (8, 9)]
@@ -148,8 +175,12 @@ async def test_stop_string_cuts_text_and_deltas_add_up(engine: HfEngine) -> None
     assert text == engine._tokenizer.decode(tokens(full), skip_special_tokens=True)
     words = text.split()
     stop = " ".join(words[2:4])  # spans a token boundary, in the middle of the answer
-    cut = await collect(engine, GenerationRequest(
-        "stop-1", Sampling(max_new_tokens=24, temperature=0.0, stop=("@@never@@", stop)), messages=chat))
+    cut = await collect(
+        engine,
+        GenerationRequest(
+            "stop-1", Sampling(max_new_tokens=24, temperature=0.0, stop=("@@never@@", stop)), messages=chat
+        ),
+    )
     assert cut[-1].finish_reason == "stop"
     assert "".join(e.text for e in cut) == text[: text.index(stop)]
     assert len(tokens(cut)) < 24
@@ -196,8 +227,9 @@ async def test_half_precisions_answer(precision: str) -> None:
     await eng.start()
     try:
         chat = (ChatTurn("user", "What is the capital of France?"),)
-        events = await collect(eng, GenerationRequest("half", Sampling(max_new_tokens=10, temperature=0.0),
-                                                      messages=chat))
+        events = await collect(
+            eng, GenerationRequest("half", Sampling(max_new_tokens=10, temperature=0.0), messages=chat)
+        )
         assert "Paris" in "".join(e.text for e in events)
         assert eng.info.weight_bytes == pytest.approx(eng.info.parameters * 2, rel=0.01)
     finally:
@@ -215,9 +247,20 @@ async def test_int4_serves_an_adapter_at_under_a_third_of_bf16(specs: dict[str, 
         await eng.add_adapter(specs["lora1"])
         chat = (ChatTurn("user", "What is the capital of France?"),)
         base, tuned = await asyncio.gather(
-            collect(eng, GenerationRequest("i4-base", Sampling(max_new_tokens=8, temperature=0.0), messages=chat)),
-            collect(eng, GenerationRequest("i4-lora", Sampling(max_new_tokens=8, temperature=0.0), messages=chat,
-                                           adapter="lora1", resolved_adapter=specs["lora1"])))
+            collect(
+                eng, GenerationRequest("i4-base", Sampling(max_new_tokens=8, temperature=0.0), messages=chat)
+            ),
+            collect(
+                eng,
+                GenerationRequest(
+                    "i4-lora",
+                    Sampling(max_new_tokens=8, temperature=0.0),
+                    messages=chat,
+                    adapter="lora1",
+                    resolved_adapter=specs["lora1"],
+                ),
+            ),
+        )
         assert "Paris" in "".join(e.text for e in base)
         assert tuned[-1].adapter == "lora1@1" and len(tokens(tuned)) == 8
         assert tokens(tuned) != tokens(base)
