@@ -36,7 +36,6 @@ TOPICS = [
 
 def make_adapters(base: Path, root: Path) -> dict[str, Any]:
     from effllm.server.engines.base import AdapterSpec
-
     from tests.adaptertools import make_adapter
 
     specs = {}
@@ -125,6 +124,7 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+
     from effllm.server.model import resolve_model
 
     if args.threads:

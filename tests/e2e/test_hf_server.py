@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from effllm.client.v1 import generation_pb2 as pb
 
 from ..serverproc import ServerProcess, start_server

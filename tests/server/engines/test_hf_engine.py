@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from effllm.server.engines.base import AdapterSpec, ChatTurn, GenerationRequest, Sampling, TokenEvent
 from effllm.server.engines.hf_engine import HfConfig, HfEngine
 from effllm.server.model import resolve_model

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from transformers import AutoTokenizer
+
 from effllm.server.engines.hf_text import TextStream
 from effllm.server.model import resolve_model
-from transformers import AutoTokenizer
 
 TEXT = "Café ☕ costs 3€ — 日本語のテキスト 🚀🎉 done."
 
