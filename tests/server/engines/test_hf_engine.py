@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from effllm.server.engines.base import AdapterSpec, ChatTurn, GenerationRequest, Sampling, TokenEvent
+from effllm.server.engines.base import (
+    AdapterSpec,
+    ChatTurn,
+    EngineError,
+    GenerationRequest,
+    Sampling,
+    TokenEvent,
+)
 from effllm.server.engines.hf_engine import HfConfig, HfEngine
 from effllm.server.model import resolve_model
 
@@ -206,13 +213,17 @@ async def test_cancel_frees_the_slot(specs: dict[str, AdapterSpec]) -> None:
                 break
             await asyncio.sleep(0.05)
         assert eng.running() == 0
+        # shutting down fails what is still running instead of leaving it hanging
+        held = eng.generate(request(PROMPTS[0], n=200, rid="held"))
+        await held.__anext__()
+        await eng.shutdown()
+        with pytest.raises(EngineError, match="shut down"):
+            await asyncio.wait_for(held.__anext__(), timeout=10)
     finally:
         await eng.shutdown()
 
 
 async def test_unknown_adapter_is_refused(engine: HfEngine, specs: dict[str, AdapterSpec]) -> None:
-    from effllm.server.engines.base import EngineError
-
     ghost = AdapterSpec("ghost", "1", specs["lora1"].path, "lora", 8, 16.0, ("q_proj",))
     with pytest.raises(EngineError) as err:
         await collect(engine, request(PROMPTS[0], ghost))
@@ -265,8 +276,6 @@ async def test_int4_serves_an_adapter_at_under_a_third_of_bf16(specs: dict[str, 
         assert "Paris" in "".join(e.text for e in base)
         assert tuned[-1].adapter == "lora1@1" and len(tokens(tuned)) == 8
         assert tokens(tuned) != tokens(base)
-        from effllm.server.engines.base import EngineError
-
         with pytest.raises(EngineError, match="dora"):
             await eng.add_adapter(specs["dora"])
     finally:
