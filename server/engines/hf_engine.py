@@ -257,7 +257,8 @@ class HfEngine:
             if row.key and row.key not in adapters and len(adapters) >= self.config.max_adapters_per_batch:
                 continue  # waits until an adapter leaves the batch
             self._waiting.remove(row)
-            adapters.add(row.key) if row.key else None
+            if row.key:
+                adapters.add(row.key)
             joiners.append(row)
             free -= 1
         self._active.extend(joiners)

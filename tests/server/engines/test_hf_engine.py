@@ -233,6 +233,36 @@ async def test_unknown_adapter_is_refused(engine: HfEngine, specs: dict[str, Ada
         await engine.add_adapter(big)
 
 
+async def test_remove_then_add_again(engine: HfEngine, specs: dict[str, AdapterSpec], reference: Any) -> None:
+    spec = specs["lora2"]
+    await engine.remove_adapter(spec.key)
+    assert spec.key not in engine.adapters()
+    with pytest.raises(EngineError, match="not loaded"):
+        await collect(engine, request(PROMPTS[0], spec))
+    await engine.add_adapter(spec)
+    again = await collect(engine, request(PROMPTS[0], spec, rid="readd"))
+    assert tokens(again) == reference(PROMPTS[0], spec.key)
+
+
+async def test_adapters_per_batch_limit_holds_rows_back(specs: dict[str, AdapterSpec]) -> None:
+    config = HfConfig(precision="fp32", max_concurrency=4, max_adapters_per_batch=1, max_context=512)
+    eng = HfEngine(MODEL, config)
+    await eng.start()
+    try:
+        for name in ("lora1", "rs"):
+            await eng.add_adapter(specs[name])
+        holder = eng.generate(request(PROMPTS[0], specs["lora1"], n=200, rid="holder"))
+        await holder.__anext__()
+        same = asyncio.create_task(collect(eng, request(PROMPTS[1], specs["lora1"], n=3, rid="same")))
+        other = asyncio.create_task(collect(eng, request(PROMPTS[0], specs["rs"], n=3, rid="other")))
+        await asyncio.wait_for(same, timeout=120)  # the same adapter joins the running batch
+        assert not other.done() and eng.running() == 2  # a second adapter waits for room
+        await holder.aclose()
+        assert len(tokens(await asyncio.wait_for(other, timeout=120))) == 3
+    finally:
+        await eng.shutdown()
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 async def test_half_precisions_answer(precision: str) -> None:
     eng = HfEngine(MODEL, HfConfig(precision=precision, max_concurrency=2, max_context=256))  # type: ignore[arg-type]
