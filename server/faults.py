@@ -4,9 +4,9 @@
 with `fault-` raise RuntimeError inside the engine stream after 2 events, exactly where a real engine bug
 would surface; requests with other ids are untouched. The server must turn that into INTERNAL for the one
 request, free its slot (the wrapped stream is closed, which aborts it in the engine) and keep the rest of the
-batch going. `engine_delay_prefix=slow-,engine_delay_s=1` makes `slow-*` requests sleep that long before each
-event: a request that cannot finish in time, for the request-time cap. Nothing here runs unless the variable
-is set.
+batch going. `engine_delay_prefix=slow-,engine_delay_s=3600` makes `slow-*` requests stall that long
+inside the engine (holding their slot) before their first token: a request that cannot finish in time,
+for the request-time cap. Nothing here runs unless the variable is set.
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ class FaultyEngine:
         doomed = bool(fp.engine_raise_prefix) and request.request_id.startswith(fp.engine_raise_prefix)
         slow = bool(fp.engine_delay_prefix) and request.request_id.startswith(fp.engine_delay_prefix)
         # aclosing: the raise below must close (and so abort) the real engine stream at once, not at GC.
+        if slow:  # stall before the engine sees it: a per-token delay would not do (the engine decodes on)
+            await asyncio.sleep(fp.engine_delay_s)
         async with contextlib.aclosing(self.inner.generate(request)) as events:  # type: ignore[type-var]
             sent = 0
             async for event in events:
                 if doomed and sent >= fp.engine_raise_after:
                     raise RuntimeError(f"failpoint: engine fault injected into {request.request_id}")
-                if slow:
-                    await asyncio.sleep(fp.engine_delay_s)
                 yield event
                 sent += 1
 

@@ -1,7 +1,7 @@
 """A hardened server for the reliability tests: mutual TLS, admin + generate tokens, generation behind a
 token, tight limits, a small batch and queue, an adapter root holding good/1, and failpoints (requests
 named `fault-*` raise mid-stream,
-`slow-*` ones take 1 s per token)."""
+`slow-*` ones stall for an hour)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         log_dir=logs_dir,
         env={
             "EFFLLM_FAILPOINTS": "engine_raise_prefix=fault-,engine_raise_after=2,"
-            "engine_delay_prefix=slow-,engine_delay_s=1",
+            "engine_delay_prefix=slow-,engine_delay_s=3600",
             "EFFLLM_AUTH_TOKEN": "",
             "EFFLLM_GENERATE_TOKEN": "",
         },

@@ -50,8 +50,8 @@ def test_limits_refuse_at_once_naming_the_limit(hardened: Hardened) -> None:
 
 
 def test_request_time_cap_ends_a_long_request(hardened: Hardened) -> None:
-    """A `slow-*` request (1 s per token, failpoint) cannot finish 128 tokens inside the cap: the server
-    ends it at the cap with DEADLINE_EXCEEDED naming the limit, although the client allowed far longer."""
+    """A `slow-*` request (it stalls in the engine, failpoint) cannot finish inside the cap: the server ends
+    it at the cap with DEADLINE_EXCEEDED naming the limit, although the client allowed far longer."""
     cap = HARDENED_LIMITS["max_request_s"]
     with _client(hardened, timeout=300) as c:
         t0 = time.perf_counter()
