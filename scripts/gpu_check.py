@@ -294,7 +294,8 @@ def check_precision(
 
 
 def fmt(v: Any, spec: str) -> str:
-    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+    width = int(spec.split(".")[0] or 0)
+    return format(v, spec) if isinstance(v, (int, float)) else "n/a".rjust(width)
 
 
 def run(device: str, precisions: list[str], prepared: Path, out: Path) -> int:

@@ -2,8 +2,9 @@
 # GPU check (issue #8): the hf engine on CUDA at bf16, fp16 and int4 with a LoRA adapter, a short streamed
 # load, and per precision: tokens/s, J/token (NVML energy counter), GPU memory. Under 8 minutes.
 #
-# UNTESTED ON A GPU: the task that wrote it had none. It needs the branches hf-engine (--engine hf) and
-# adapters (--adapter-root, --preload) merged; `smoke` runs the same flow on this CPU to check the plumbing.
+# UNTESTED ON A GPU: the task that wrote it had none. The same flow ran on CPU (`gpu_check.py run --device cpu
+# --precisions fp32`: hf engine, adapter preloaded, 48 streams, no errors); NVML, CUDA and int4 paths did not.
+# Expect int4 to be reported as refused: the hf engine's int4 is the CPU (torchao) path and refuses CUDA.
 #
 #   bash scripts/gpu_check.sh prepare   # here, once: .gpucheck/ = model config + tokenizer + py3.12 wheels
 #   bash scripts/gpu_check.sh           # on the GPU machine, carrying .gpucheck (device run, carry=[".gpucheck"])
