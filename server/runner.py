@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .engines.base import Engine, EngineError, GenerationRequest, TokenEvent, Timings
+from .engines.base import Engine, EngineError, GenerationRequest, Timings, TokenEvent
 
 if TYPE_CHECKING:
     from .adapters.registry import AdapterRegistry
@@ -68,7 +68,7 @@ class Runner:
             await inner.aclose()  # the engine lets go of the adapter before the lease does
             lease.release()
 
-    async def _run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def _run(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         arrival = time.perf_counter()
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)

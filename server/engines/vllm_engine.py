@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
-# vLLM sizes its LoRA buffers for one of these ranks; we take the smallest that holds the configured max.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -54,6 +53,11 @@ class VllmConfig:
             raise ValueError(f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)")
         if self.max_context < 16 or self.max_concurrency < 1 or self.kv_cache_gib <= 0:
             raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
+
+
+def _vllm_rank(rank: int) -> Any:
+    """vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds `rank`."""
+    return next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
 
 
 class VllmEngine:
@@ -99,7 +103,7 @@ class VllmEngine:
             seed=c.seed,
             enforce_eager=c.enforce_eager,
             enable_lora=c.enable_lora,
-            max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= c.max_lora_rank), c.max_lora_rank),
+            max_lora_rank=_vllm_rank(c.max_lora_rank),
             max_loras=c.max_loras,
             max_cpu_loras=max(c.max_cpu_loras, c.max_loras),
             disable_log_stats=True,
@@ -187,7 +191,8 @@ class VllmEngine:
             if helper.bias != "none":
                 errors.append(f"LoRA bias {helper.bias!r} is not supported.")
         except Exception as exc:
-            raise EngineError("failed_precondition", f"adapter_config.json: vLLM cannot read it ({exc})") from exc
+            message = f"adapter_config.json: vLLM cannot read it ({exc})"
+            raise EngineError("failed_precondition", message) from exc
         if errors:
             raise EngineError("failed_precondition", f"adapter: {' '.join(errors)}")
         if spec.key in self._lora_ids:
