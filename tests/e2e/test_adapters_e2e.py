@@ -20,7 +20,7 @@ from ..serverproc import ServerProcess, start_server
 
 PROMPT = "The capital of France is"
 NEW = 8
-SWAP_NEW = 24
+SWAP_NEW = 16
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def server(adapter_root, logs_dir) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def client(server: ServerProcess) -> Iterator[EffllmClient]:
-    with server.client(timeout=120.0) as c:
+    with server.client(timeout=600.0) as c:
         yield c
 
 
@@ -114,7 +114,7 @@ def test_mixed_batch_matches_peft_reference(client, server, reference, adapter_r
     keys = ["", "demo@1", "demo@2", "rs@1", "wide@1"]
 
     async def batch() -> list[list[int]]:
-        async with AsyncEffllmClient(server.target) as ac:
+        async with AsyncEffllmClient(server.target, timeout=600.0) as ac:
             replies = await asyncio.gather(
                 *(ac.generate(PROMPT, adapter=k, max_new_tokens=NEW, temperature=0.0) for k in keys * 2)
             )
@@ -190,10 +190,10 @@ def test_hot_swap_under_16_streams(client, server) -> None:
     v1 = greedy(client, "swap@1", SWAP_NEW)[0]
 
     async def run() -> tuple[list, list, float]:
-        async with AsyncEffllmClient(server.target) as ac:
+        async with AsyncEffllmClient(server.target, timeout=600.0) as ac:
             started = [asyncio.Event() for _ in range(16)]
             early = [asyncio.create_task(_stream(ac, "swap", s)) for s in started]
-            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 600)
             info = await ac.load_adapter("swap", "2")  # mid-flight
             assert info.latest and info.version == "2"
             still_running = sum(not t.done() for t in early)
@@ -220,11 +220,11 @@ def test_unload_waits_for_in_flight_requests(client, server) -> None:
     client.load_adapter("swap", "1")
 
     async def run() -> tuple[list, float, list[str]]:
-        async with AsyncEffllmClient(server.target) as ac:
+        async with AsyncEffllmClient(server.target, timeout=600.0) as ac:
             started = [asyncio.Event() for _ in range(4)]
             streams = [asyncio.create_task(_stream(ac, "swap@1", s)) for s in started]
-            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
-            unloaded = await ac.unload_adapter("swap", "1", wait_s=60)
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 600)
+            unloaded = await ac.unload_adapter("swap", "1", wait_s=300)
             return await asyncio.gather(*streams), time.monotonic(), unloaded
 
     results, unloaded_at, keys = asyncio.run(run())
