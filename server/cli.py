@@ -5,28 +5,53 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Any
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
-from .engines.base import PRECISIONS, Engine
+from .engines.base import PRECISIONS, Engine, Precision
 from .service import Limits
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct")
-    p.add_argument("--engine", choices=("auto", "vllm"), default="auto")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                   help="auto: fp32 on CPU (fastest here), bf16 on CUDA")
+    p.add_argument(
+        "--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("auto", "vllm", "hf"),
+        default="auto",
+        help="auto: vllm, unless the precision or an adapter method needs hf "
+        "(int4 on CPU, or dora in --adapter-methods)",
+    )
+    p.add_argument(
+        "--adapter-methods",
+        default="lora,rslora",
+        help="adapter methods this server must serve (comma list of lora, rslora, dora); "
+        "dora is served by the hf engine only",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default="auto",
+        help="auto: fp32 on CPU (fastest here), bf16 on CUDA",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together (batch slots)")
-    p.add_argument("--queue-size", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--queue-size", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED"
+    )
     p.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_new_tokens a request may ask")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=2048, help="largest max_new_tokens a request may ask"
+    )
     p.add_argument("--default-max-new-tokens", type=int, default=128)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache size")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
@@ -56,13 +81,37 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
+def choose_engine(engine: str, precision: str, device: str, adapter_methods: str) -> str:
+    """`auto` -> vllm, unless hf is needed: int4 on CPU (vLLM's CPU backend has no int4) or DoRA."""
+    if engine != "auto":
+        return engine
+    methods = {m.strip() for m in adapter_methods.split(",") if m.strip()}
+    return "hf" if (precision == "int4" and device == "cpu") or "dora" in methods else "vllm"
+
+
 def build_engine(args: argparse.Namespace) -> Engine:
     from .engines.vllm_engine import VllmConfig, VllmEngine
     from .model import resolve_model
 
     device = resolve_device(args.device)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    precision: Precision = (
+        args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    )
     model = resolve_model(args.model)
+    if choose_engine(args.engine, precision, device, args.adapter_methods) == "hf":
+        from .engines.hf_engine import HfConfig, HfEngine
+
+        hf = HfConfig(
+            precision=precision,
+            max_context=args.max_context,
+            max_concurrency=args.max_concurrency,
+            device=device,
+            seed=args.seed,
+        )
+        # adapter limits come from the adapter flags where this server has them
+        names = ("max_adapter_rank", "max_adapters_per_batch")
+        limits = {k: getattr(args, k) for k in names if getattr(args, k, None)}
+        return HfEngine(model, replace(hf, **limits))
     config = VllmConfig(
         precision=precision,
         max_context=args.max_context,
@@ -101,7 +150,9 @@ def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = ServerConfig(
         host=args.host,
         port=args.port,

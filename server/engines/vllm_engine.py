@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..model import ResolvedModel, count_parameters, max_position_embeddings
 from .base import (
@@ -54,7 +54,9 @@ class VllmConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in _DTYPES:
-            raise ValueError(f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)")
+            raise ValueError(
+                f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)"
+            )
         if self.max_context < 16 or self.max_concurrency < 1 or self.kv_cache_gib <= 0:
             raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
 
@@ -107,7 +109,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,
-            dtype=_DTYPES[c.precision],
+            dtype=cast(Any, _DTYPES[c.precision]),
             max_model_len=self.info.max_context,
             max_num_seqs=c.max_concurrency,
             kv_cache_memory_bytes=int(c.kv_cache_gib * (1 << 30)),
@@ -141,7 +143,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         if request.adapter and request.resolved_adapter is None:
-            raise EngineError("failed_precondition", "adapter: this server has no adapters loaded")
+            raise EngineError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
         lora = self._lora_request(request.resolved_adapter) if request.resolved_adapter else self._null_lora
         if self._llm is None or self._llm.errored:
             raise EngineError("unavailable", "engine is not running")
