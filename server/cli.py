@@ -7,6 +7,7 @@ import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
@@ -206,7 +207,7 @@ def security_config(args: argparse.Namespace) -> tuple[AuthConfig, TlsConfig | N
     return auth, tls
 
 
-def _vllm_lora_options(args: argparse.Namespace) -> dict[str, object]:
+def _vllm_lora_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.adapter_root is None:
         return {}
     return dict(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -68,7 +68,7 @@ class Runner:
             await inner.aclose()  # the engine lets go of the adapter before the lease does
             lease.release()
 
-    async def _run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def _run(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         arrival = time.perf_counter()
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)
