@@ -22,6 +22,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc.filters import any_of, health_check, negate, service_prefix
 
 from .attribution import EnergyAttributor
 from .energy import select_meter
@@ -79,7 +80,9 @@ class ServerTelemetry:
 
     def interceptors(self) -> list[Any]:
         """The OpenTelemetry aio server interceptor: SERVER spans parented by the W3C context in metadata."""
-        return [aio_server_interceptor(tracer_provider=self.providers.tracer_provider)]
+        # Health probes and reflection would bury the generation spans (orchestrators poll every second).
+        skip = any_of(health_check(), service_prefix("grpc.reflection."))
+        return [aio_server_interceptor(tracer_provider=self.providers.tracer_provider, filter_=negate(skip))]
 
     def _write_manifest(self, served: ServedModel, source: str) -> None:
         info = {

@@ -270,7 +270,9 @@ def install(providers: Providers) -> None:
 
 
 @contextmanager
-def adapter_span(action: str, name: str, version: str, **attributes: Any) -> Iterator[trace.Span]:
+def adapter_span(
+    action: str, name: str, version: str, *, tracer_provider: trace.TracerProvider | None = None, **attributes: Any
+) -> Iterator[trace.Span]:
     """A span around an adapter operation, for the adapter registry:
 
         with adapter_span("load", "my-lora", "v3", **{"effllm.adapter.method": "lora"}) as span:
@@ -279,8 +281,8 @@ def adapter_span(action: str, name: str, version: str, **attributes: Any) -> Ite
     `action` is "load", "unload", "evict" or "swap". The span is named `adapter {action} NAME@VERSION`
     and carries effllm.adapter.{action,name,version}; its duration also goes to the
     `effllm.adapter.operation.duration` histogram labelled by action and adapter name.
-    Uses the global providers (a no-op when telemetry is off)."""
-    tracer = trace.get_tracer("effllm.adapters")
+    Uses the global providers unless `tracer_provider` is given (a no-op when telemetry is off)."""
+    tracer = trace.get_tracer("effllm.adapters", tracer_provider=tracer_provider)
     attrs = {
         "effllm.adapter.action": action,
         "effllm.adapter.name": name,
