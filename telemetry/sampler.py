@@ -146,7 +146,7 @@ class ResourceSampler:
     def sample(self) -> Sample:
         """Take one sample now (the thread calls this; callers may too, e.g. at a window's edges)."""
         mono, now = time.monotonic(), time.time()
-        cpu_s, rss = self.tree.read()
+        cpu_s, rss = self.tree.read(from_sampler=True)
         energy = self.meter.read().joules
         vm = psutil.virtual_memory()
         if self._prev is None:
@@ -195,6 +195,7 @@ class ResourceSampler:
             self._file = self.path.open("a", encoding="utf-8")
         self.sample()
         self._thread = threading.Thread(target=self._run, daemon=True, name="effllm-sampler")
+        self.tree.sampler_owned = True
         self._thread.start()
         return self
 
@@ -205,6 +206,7 @@ class ResourceSampler:
         self._stop.set()
         self._thread.join(timeout=2.0)
         self._thread = None
+        self.tree.sampler_owned = False
         self.sample()
         with self._lock:
             if self._file is not None:

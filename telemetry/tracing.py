@@ -271,7 +271,12 @@ def install(providers: Providers) -> None:
 
 @contextmanager
 def adapter_span(
-    action: str, name: str, version: str, *, tracer_provider: trace.TracerProvider | None = None, **attributes: Any
+    action: str,
+    name: str,
+    version: str,
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+    **attributes: Any,
 ) -> Iterator[trace.Span]:
     """A span around an adapter operation, for the adapter registry:
 

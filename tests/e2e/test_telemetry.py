@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from effllm.telemetry.otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, SpanRecord, spans_from_request
 from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -25,9 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
-from effllm.telemetry.otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, SpanRecord, spans_from_request
-
-from ..serverproc import ServerProcess, free_port, start_server
+from ..serverproc import ServerProcess, start_server
 
 MODEL = "SmolLM2-135M-Instruct"
 SPAN_NAME = f"generate {MODEL}"
@@ -59,7 +58,8 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer, metrics_service_pb2_
                     for m in sm.metrics:
                         points = m.histogram.data_points or m.sum.data_points or m.gauge.data_points
                         self.metric_names.setdefault(m.name, []).extend(
-                            {a.key: a.value.string_value for a in p.attributes} for p in points)
+                            {a.key: a.value.string_value for a in p.attributes} for p in points
+                        )
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
@@ -101,17 +101,38 @@ def test_stream_makes_one_server_span_parented_by_the_client_and_labelled_metric
 ) -> None:
     recv, otlp_port = receiver
     server = start_server(
-        "--engine", "vllm", "--max-concurrency", "4", "--max-context", "512", "--kv-cache-gib", "0.25",
-        "--otel-exporter", "otlp-grpc", "--otel-endpoint", f"127.0.0.1:{otlp_port}", "--prometheus-port", "0",
-        "--run-dir", str(tmp_path / "run"), log_dir=logs_dir,
+        "--engine",
+        "vllm",
+        "--max-concurrency",
+        "4",
+        "--max-context",
+        "512",
+        "--kv-cache-gib",
+        "0.25",
+        "--otel-exporter",
+        "otlp-grpc",
+        "--otel-endpoint",
+        f"127.0.0.1:{otlp_port}",
+        "--prometheus-port",
+        "0",
+        "--run-dir",
+        str(tmp_path / "run"),
+        log_dir=logs_dir,
     )
     client_spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(client_spans))
     try:
         with server.client(tracer_provider=provider) as client:
-            chunks = list(client.stream("The capital of France is", max_new_tokens=6, temperature=0.7, top_p=0.9,
-                                        request_id="tel-e2e-1"))
+            chunks = list(
+                client.stream(
+                    "The capital of France is",
+                    max_new_tokens=6,
+                    temperature=0.7,
+                    top_p=0.9,
+                    request_id="tel-e2e-1",
+                )
+            )
             final = chunks[-1].final
             with pytest.raises(grpc.RpcError) as err:
                 list(client.stream("hi", adapter="nope", max_new_tokens=2, request_id="tel-e2e-bad"))
@@ -122,8 +143,11 @@ def test_stream_makes_one_server_span_parented_by_the_client_and_labelled_metric
 
     # -- metrics (Prometheus text, scraped while the server ran)
     labels = (("effllm_adapter", "(base)"), ("effllm_precision", "fp32"), ("gen_ai_request_model", MODEL))
-    for metric in ("gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds",
-                   "gen_ai_server_request_duration_seconds"):
+    for metric in (
+        "gen_ai_server_time_to_first_token_seconds",
+        "gen_ai_server_time_per_output_token_seconds",
+        "gen_ai_server_request_duration_seconds",
+    ):
         counts = _histogram_counts(prom, metric)
         # the exporter gives every series of a family the same label names: "" where a point lacks one
         ok = [v for k, v in counts.items() if set(labels) <= set(k) and not dict(k).get("error_type")]
@@ -132,8 +156,10 @@ def test_stream_makes_one_server_span_parented_by_the_client_and_labelled_metric
     types = {dict(k)["gen_ai_token_type"] for k, v in usage.items() if set(labels) <= set(k) and v == 1.0}
     assert types == {"input", "output"}
     failed = _histogram_counts(prom, "gen_ai_server_request_duration_seconds")
-    assert any(dict(k).get("error_type") == "FAILED_PRECONDITION" and dict(k)["effllm_adapter"] == "nope"
-               for k in failed)
+    assert any(
+        dict(k).get("error_type") == "FAILED_PRECONDITION" and dict(k)["effllm_adapter"] == "nope"
+        for k in failed
+    )
     assert "effllm_server_queue_depth" in prom and "effllm_power_watts" in prom
 
     # -- spans (OTLP/gRPC to the in-process receiver)
@@ -144,15 +170,20 @@ def test_stream_makes_one_server_span_parented_by_the_client_and_labelled_metric
     mine = [s for s in generation if s.attributes.get("gen_ai.response.id") == "tel-e2e-1"]
     assert len(mine) == 1, [s.name for s in recv.spans]
     span = mine[0]
-    (client_span,) = [s for s in client_spans.get_finished_spans()
-                      if s.kind == SpanKind.CLIENT and s.context.trace_id == int(span.trace_id, 16)]
+    (client_span,) = [
+        s
+        for s in client_spans.get_finished_spans()
+        if s.kind == SpanKind.CLIENT and s.context.trace_id == int(span.trace_id, 16)
+    ]
     assert span.kind == SPAN_KIND_SERVER
     assert span.parent_span_id == f"{client_span.context.span_id:016x}"
     assert len([s for s in recv.spans if s.trace_id == span.trace_id and s.kind == SPAN_KIND_SERVER]) == 1
     a = span.attributes
     assert a["gen_ai.operation.name"] == "text_completion" and a["gen_ai.provider.name"] == "effllm"
     assert a["gen_ai.request.model"] == MODEL and a["gen_ai.request.max_tokens"] == 6
-    assert a["gen_ai.request.temperature"] == pytest.approx(0.7) and a["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert a["gen_ai.request.temperature"] == pytest.approx(0.7) and a[
+        "gen_ai.request.top_p"
+    ] == pytest.approx(0.9)
     assert a["gen_ai.usage.input_tokens"] == final.usage.input_tokens > 0
     assert a["gen_ai.usage.output_tokens"] == final.usage.output_tokens == 6
     assert a["gen_ai.response.finish_reasons"] == ["length"]
@@ -168,11 +199,14 @@ def test_stream_makes_one_server_span_parented_by_the_client_and_labelled_metric
     assert bad[0].attributes["error.type"] == "FAILED_PRECONDITION"
     assert bad[0].attributes["effllm.adapter.name"] == "nope"
     # -- metrics also went over OTLP to the same collector, with the adapter label
-    assert any(p.get("effllm.adapter") == "(base)" for p in recv.metric_names["gen_ai.server.time_to_first_token"])
+    assert any(
+        p.get("effllm.adapter") == "(base)" for p in recv.metric_names["gen_ai.server.time_to_first_token"]
+    )
 
 
-def test_default_run_leaves_traces_that_effllm_report_tabulates(vllm_server: ServerProcess,
-                                                                tmp_path: Path) -> None:
+def test_default_run_leaves_traces_that_effllm_report_tabulates(
+    vllm_server: ServerProcess, tmp_path: Path
+) -> None:
     m = re.search(r"traces -> (\S+);", vllm_server.log())
     assert m, "the server log names its trace file"
     trace_file = Path(m.group(1))
@@ -187,8 +221,12 @@ def test_default_run_leaves_traces_that_effllm_report_tabulates(vllm_server: Ser
     assert all(rid in trace_file.read_text() for rid in ids)
     assert (trace_file.parent / "resource-samples.jsonl").stat().st_size > 0
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "effllm.cli.main", "report", str(trace_file), "--json", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "effllm.cli.main", "report", str(trace_file), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert MODEL in proc.stdout and "ALL" in proc.stdout and "estimated" in proc.stdout
     report = json.loads(out.read_text())

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from effllm.telemetry.energy import (
     CpuTimeEstimateMeter,
     EnergyReading,
@@ -93,7 +92,8 @@ def test_no_gpu_here_falls_through_to_the_estimate_cleanly() -> None:
         pytest.skip("a GPU is visible")
     meter = select_meter()  # pynvml is installed but finds no driver/GPU; no RAPL readable here
     if Path("/sys/class/powercap/intel-rapl:0/energy_uj").exists() and os.access(
-            "/sys/class/powercap/intel-rapl:0/energy_uj", os.R_OK):
+        "/sys/class/powercap/intel-rapl:0/energy_uj", os.R_OK
+    ):
         assert meter.source == "measured-rapl"
     else:
         assert meter.source == "estimated"

@@ -6,13 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
-
 from effllm.telemetry.attribution import EnergyAttributor
 from effllm.telemetry.energy import RaplMeter
 from effllm.telemetry.genai import (
@@ -24,6 +17,12 @@ from effllm.telemetry.genai import (
     ServedModel,
     split_adapter,
 )
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
 
 @pytest.fixture
@@ -37,8 +36,12 @@ def setup(tmp_path: Path):  # type: ignore[no-untyped-def]
     zone.mkdir()
     (zone / "max_energy_range_uj").write_text("1000000000\n")
     (zone / "energy_uj").write_text("0\n")
-    observer = RequestObserver(ServedModel("M", "fp32", "vllm", 135), tp.get_tracer("t"),
-                               Instruments(mp.get_meter("t")), EnergyAttributor(RaplMeter(tmp_path)))
+    observer = RequestObserver(
+        ServedModel("M", "fp32", "vllm", 135),
+        tp.get_tracer("t"),
+        Instruments(mp.get_meter("t")),
+        EnergyAttributor(RaplMeter(tmp_path)),
+    )
     return observer, spans, reader, zone / "energy_uj"
 
 
@@ -74,7 +77,11 @@ def test_finished_request(setup) -> None:  # type: ignore[no-untyped-def]
     assert tuple(a["gen_ai.response.finish_reasons"]) == ("length",) and a["gen_ai.response.id"] == "r1"
     assert a["effllm.adapter.name"] == "sql" and a["effllm.adapter.version"] == "v2"
     assert a["effllm.precision"] == "fp32" and a["effllm.engine"] == "vllm"
-    assert a["effllm.queue_s"] == 0.01 and a["effllm.time_to_first_token_s"] == 0.2 and a["effllm.decode_s"] == 0.4
+    assert (
+        a["effllm.queue_s"] == 0.01
+        and a["effllm.time_to_first_token_s"] == 0.2
+        and a["effllm.decode_s"] == 0.4
+    )
     assert a["effllm.energy_j"] == pytest.approx(3.0) and a["effllm.energy.source"] == "measured-rapl"
     points = _points(reader)
     (ttft,) = points["gen_ai.server.time_to_first_token"]

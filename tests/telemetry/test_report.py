@@ -10,28 +10,51 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.trace import SpanKind, StatusCode
-
 from effllm.telemetry.otlpjson import OtlpJsonFileExporter
 from effllm.telemetry.report import build_report, format_table
 from effllm.telemetry.sampler import Sample
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind, StatusCode, Tracer
 
 T0 = 1_800_000_000.0  # Unix seconds of the run's start
 S = 1_000_000_000
 
 
-def _span(tracer, start: float, end: float, adapter: str, ttft: float, decode: float, out: int,  # type: ignore[no-untyped-def]
-          energy: float, error: bool = False) -> None:
-    span = tracer.start_span("generate M", kind=SpanKind.SERVER, start_time=int((T0 + start) * S), attributes={
-        "gen_ai.request.model": "M", "effllm.adapter.name": adapter, "effllm.model.parameters": 1000})
+def _span(
+    tracer: Tracer,
+    start: float,
+    end: float,
+    adapter: str,
+    ttft: float,
+    decode: float,
+    out: int,
+    energy: float,
+    error: bool = False,
+) -> None:
+    span = tracer.start_span(
+        "generate M",
+        kind=SpanKind.SERVER,
+        start_time=int((T0 + start) * S),
+        attributes={
+            "gen_ai.request.model": "M",
+            "effllm.adapter.name": adapter,
+            "effllm.model.parameters": 1000,
+        },
+    )
     if error:
         span.set_status(StatusCode.ERROR, "RESOURCE_EXHAUSTED: busy")
     else:
-        span.set_attributes({
-            "effllm.time_to_first_token_s": ttft, "effllm.decode_s": decode, "gen_ai.usage.output_tokens": out,
-            "gen_ai.usage.input_tokens": 3, "effllm.energy_j": energy, "effllm.energy.source": "estimated"})
+        span.set_attributes(
+            {
+                "effllm.time_to_first_token_s": ttft,
+                "effllm.decode_s": decode,
+                "gen_ai.usage.output_tokens": out,
+                "gen_ai.usage.input_tokens": 3,
+                "effllm.energy_j": energy,
+                "effllm.energy.source": "estimated",
+            }
+        )
     span.end(end_time=int((T0 + end) * S))
 
 
@@ -49,9 +72,18 @@ def run_dir(tmp_path: Path) -> Path:
     tp.shutdown()
     with (tmp_path / "resource-samples.jsonl").open("w") as f:
         for i in range(5):  # t = 0..4 s: memory 0.1..0.5, utilisation 0.5, power 20 W
-            s = Sample(t=T0 + i, memory_utilisation=0.1 * (i + 1), utilisation=0.5, power_w=20.0, energy_j=20.0 * i,
-                       energy_source="estimated", rss_bytes=100, system_memory_used_bytes=0,
-                       system_memory_total_bytes=1000, cpu_utilisation=0.5)
+            s = Sample(
+                t=T0 + i,
+                memory_utilisation=0.1 * (i + 1),
+                utilisation=0.5,
+                power_w=20.0,
+                energy_j=20.0 * i,
+                energy_source="estimated",
+                rss_bytes=100,
+                system_memory_used_bytes=0,
+                system_memory_total_bytes=1000,
+                cpu_utilisation=0.5,
+            )
             f.write(json.dumps(asdict(s)) + "\n")
     return tmp_path
 
@@ -81,8 +113,20 @@ def test_report_numbers(run_dir: Path) -> None:
 
 def test_report_cli_table_and_json(run_dir: Path) -> None:
     out = run_dir / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "effllm.cli.main", "report", str(run_dir / "traces.jsonl"),
-                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "effllm.cli.main",
+            "report",
+            str(run_dir / "traces.jsonl"),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[1].split()[:3] == ["adapter", "req", "err"]
@@ -94,13 +138,21 @@ def test_report_cli_table_and_json(run_dir: Path) -> None:
 
 
 def test_report_cli_errors(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "effllm.cli.main", "report", str(tmp_path / "nope.jsonl")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "effllm.cli.main", "report", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no such file" in proc.stderr
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    proc = subprocess.run([sys.executable, "-m", "effllm.cli.main", "report", str(empty)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "effllm.cli.main", "report", str(empty)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "no generation spans" in proc.stderr
 
 

@@ -7,19 +7,31 @@ import time
 from pathlib import Path
 
 import pytest
-
 from effllm.telemetry.sampler import Measurement, ResourceSampler, Sample, read_samples, summarize
 
 
 def _sample(t: float, mem: float, util: float, power: float, energy: float) -> Sample:
-    return Sample(t=t, memory_utilisation=mem, utilisation=util, power_w=power, energy_j=energy,
-                  energy_source="estimated", rss_bytes=int(mem * 1000), system_memory_used_bytes=0,
-                  system_memory_total_bytes=1000, cpu_utilisation=util)
+    return Sample(
+        t=t,
+        memory_utilisation=mem,
+        utilisation=util,
+        power_w=power,
+        energy_j=energy,
+        energy_source="estimated",
+        rss_bytes=int(mem * 1000),
+        system_memory_used_bytes=0,
+        system_memory_total_bytes=1000,
+        cpu_utilisation=util,
+    )
 
 
 def test_summarize_by_hand() -> None:
-    samples = [_sample(0, 0.2, 0.0, 10, 0), _sample(1, 0.4, 1.0, 30, 20), _sample(2, 0.4, 1.0, 30, 50),
-               _sample(9, 0.9, 0.0, 0, 60)]
+    samples = [
+        _sample(0, 0.2, 0.0, 10, 0),
+        _sample(1, 0.4, 1.0, 30, 20),
+        _sample(2, 0.4, 1.0, 30, 50),
+        _sample(9, 0.9, 0.0, 0, 60),
+    ]
     w = summarize(samples, start=0, end=2)
     assert w.samples == 3
     assert w.amu == pytest.approx((0.3 + 0.4) / 2)

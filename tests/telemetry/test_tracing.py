@@ -6,11 +6,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
-
 from effllm.telemetry.otlpjson import read_spans
 from effllm.telemetry.tracing import (
     TelemetryConfig,
@@ -19,6 +14,10 @@ from effllm.telemetry.tracing import (
     exporter_from_env,
     make_providers,
 )
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 
 def test_defaults_write_a_file() -> None:
@@ -27,15 +26,27 @@ def test_defaults_write_a_file() -> None:
 
 
 def test_env_selects_and_flags_win() -> None:
-    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
-           "OTEL_METRICS_EXPORTER": "prometheus", "OTEL_EXPORTER_PROMETHEUS_PORT": "9999"}
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_METRICS_EXPORTER": "prometheus",
+        "OTEL_EXPORTER_PROMETHEUS_PORT": "9999",
+    }
     c = config_from(env=env)
     assert c.exporter == "otlp-http" and c.prometheus_port == 9999
     c = config_from(env=env, exporter="none", prometheus_port=1234)
     assert c.exporter == "none" and c.prometheus_port == 1234
     assert exporter_from_env({"OTEL_TRACES_EXPORTER": "otlp"}) == "otlp-grpc"
-    assert exporter_from_env({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
-                              "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}) == "otlp-grpc"
+    assert (
+        exporter_from_env(
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+            }
+        )
+        == "otlp-grpc"
+    )
     assert exporter_from_env({}) is None
 
 
@@ -77,6 +88,12 @@ def test_adapter_span_ok_and_error() -> None:
         raise RuntimeError("engine refused")
     load, evict = spans.get_finished_spans()
     assert load.name == "adapter load sql@v1"
-    assert dict(load.attributes or {}) == {"effllm.adapter.action": "load", "effllm.adapter.name": "sql",
-                                           "effllm.adapter.version": "v1", "effllm.adapter.method": "lora"}
-    assert evict.status.status_code == StatusCode.ERROR and "engine refused" in (evict.status.description or "")
+    assert dict(load.attributes or {}) == {
+        "effllm.adapter.action": "load",
+        "effllm.adapter.name": "sql",
+        "effllm.adapter.version": "v1",
+        "effllm.adapter.method": "lora",
+    }
+    assert evict.status.status_code == StatusCode.ERROR and "engine refused" in (
+        evict.status.description or ""
+    )
