@@ -232,7 +232,8 @@ def main() -> int:
             f"{int(s['output_tokens']):>8} {s['server_cpu_ms_per_token']:>18.2f}"
         )
     print(
-        f"throughput change (on vs off): {change:+.2f} % pooled, {change_median:+.2f} % median (target: within 3 %)"
+        f"throughput change (on vs off): {change:+.2f} % pooled, {change_median:+.2f} % median "
+        "(target: within 3 %)"
     )
     print(f"server CPU per token change (on vs off): {cpu_change:+.2f} % (less sensitive to other tenants)")
     result = {
