@@ -4,7 +4,8 @@ Invariant: `cpu_seconds()` never decreases: a child that exits keeps the time it
 The child list is refreshed at most every `refresh_s` because listing children scans all of /proc
 (~4 ms with 100 processes); when a sampler thread owns the tree (`sampler_owned`), only it refreshes, so
 reads from the event loop (energy attribution) never pay for the scan. Reads closer together than
-`coalesce_s` return the previous figures. RSS is summed over the processes, so pages they share are counted once per process.
+`coalesce_s` return the previous figures. RSS is summed over the processes, so pages they share are
+counted once per process.
 """
 
 from __future__ import annotations

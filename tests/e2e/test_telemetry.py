@@ -157,7 +157,7 @@ def test_stream_makes_one_server_span_parented_by_the_client_and_labelled_metric
     assert types == {"input", "output"}
     failed = _histogram_counts(prom, "gen_ai_server_request_duration_seconds")
     assert any(
-        dict(k).get("error_type") == "FAILED_PRECONDITION" and dict(k)["effllm_adapter"] == "nope"
+        dict(k).get("error_type") == "FAILED_PRECONDITION" and dict(k)["effllm_adapter"] == "(invalid)"
         for k in failed
     )
     assert "effllm_server_queue_depth" in prom and "effllm_power_watts" in prom

@@ -110,3 +110,12 @@ def test_failed_request_sets_error_status(setup) -> None:  # type: ignore[no-unt
     (duration,) = _points(reader)["gen_ai.server.request.duration"]
     assert duration.attributes["error.type"] == "RESOURCE_EXHAUSTED"
     assert duration.attributes["effllm.adapter"] == "(base)"
+
+
+def test_refused_adapter_names_do_not_become_metric_labels(setup) -> None:  # type: ignore[no-untyped-def]
+    observer, spans, reader, _ = setup
+    observer.begin(RequestStart("r3", False, 8, 1.0, 1.0, "random-name-123")).fail("not_found", "no adapter")
+    observer.begin(RequestStart("r4", False, 8, 1.0, 1.0, "sql")).fail("resource_exhausted", "busy")
+    names = {p.attributes["effllm.adapter"] for p in _points(reader)["gen_ai.server.request.duration"]}
+    assert names == {"(invalid)", "sql"}  # a refusal for load keeps its (valid) adapter's label
+    assert spans.get_finished_spans()[0].attributes["effllm.adapter.name"] == "random-name-123"
