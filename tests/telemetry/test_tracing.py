@@ -97,3 +97,40 @@ def test_adapter_span_ok_and_error() -> None:
     assert evict.status.status_code == StatusCode.ERROR and "engine refused" in (
         evict.status.description or ""
     )
+
+
+def test_otlp_http_exporter_posts_protobuf_to_the_collector_paths(tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    got: dict[str, bytes] = {}
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got[self.path] = self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{httpd.server_address[1]}"
+        providers = make_providers(
+            TelemetryConfig(exporter="otlp-http", endpoint=endpoint, sample_hz=0), tmp_path
+        )
+        assert providers.trace_file is None  # OTLP only: no file unless --trace-file says so
+        with providers.tracer_provider.get_tracer("t").start_as_current_span("over-http"):
+            pass
+        providers.meter_provider.get_meter("t").create_counter("effllm.test.http").add(1)
+        providers.shutdown()
+    finally:
+        httpd.shutdown()
+    assert set(got) == {"/v1/traces", "/v1/metrics"}
+    request = ExportTraceServiceRequest.FromString(got["/v1/traces"])
+    assert request.resource_spans[0].scope_spans[0].spans[0].name == "over-http"
