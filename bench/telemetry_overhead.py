@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
+
 from effllm.client import AsyncEffllmClient, EffllmClient
 
 PROMPTS = [

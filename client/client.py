@@ -62,9 +62,14 @@ class EffllmClient:
     """`tracer_provider`: CLIENT spans for generate/stream, their W3C context sent to the server
     (default: the process's global provider, if one is installed; none otherwise)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None,
-                 tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.Channel | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.target = target
         self.timeout = timeout
@@ -72,17 +77,22 @@ class EffllmClient:
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any) -> pb.GenerateResponse:
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
         with call_span(self._tracer, _GENERATE, self.target) as md:
-            return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout,
-                                      metadata=md)
+            return self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
-    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-               **kw: Any) -> Iterator[pb.GenerateStreamResponse]:
+    def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[pb.GenerateStreamResponse]:
         """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
         with call_span(self._tracer, _STREAM, self.target) as md:
-            call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout,
-                                            metadata=md)
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
             try:
                 yield from call
             finally:
@@ -121,9 +131,14 @@ class EffllmClient:
 
 
 class AsyncEffllmClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.aio.Channel | None = None,
-                 tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.aio.Channel | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.target = target
         self.timeout = timeout
@@ -131,17 +146,21 @@ class AsyncEffllmClient:
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
-                       **kw: Any) -> pb.GenerateResponse:
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
         with call_span(self._tracer, _GENERATE, self.target) as md:
-            return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout,
-                                            metadata=md)
+            return await self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
-    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-                     **kw: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         with call_span(self._tracer, _STREAM, self.target) as md:
-            call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout,
-                                            metadata=md)
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
             try:
                 async for chunk in call:
                     yield chunk

@@ -56,13 +56,18 @@ class ServerConfig:
 class EffllmServer:
     """One gRPC server around one engine. `start()` returns once the port is bound."""
 
-    def __init__(self, engine: Engine, config: ServerConfig,
-                 telemetry: ServerTelemetry | None = None) -> None:
+    def __init__(
+        self, engine: Engine, config: ServerConfig, telemetry: ServerTelemetry | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
         self.telemetry = telemetry
-        self.runner = Runner(engine, config.max_concurrency, config.queue_size,
-                             observer=telemetry.observer if telemetry else None)
+        self.runner = Runner(
+            engine,
+            config.max_concurrency,
+            config.queue_size,
+            observer=telemetry.observer if telemetry else None,
+        )
         self.generation = GenerationService(self.runner, config.limits)
         self.health = HealthServicer()
         self.port = 0
@@ -78,8 +83,11 @@ class EffllmServer:
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
+        names = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
@@ -96,8 +104,13 @@ class EffllmServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         info = self.engine.info
         log.info(
-            "ready: %s (%s, %s, %s) on %s:%d", info.model, info.engine, info.precision, info.device,
-            self.config.host, self.port,
+            "ready: %s (%s, %s, %s) on %s:%d",
+            info.model,
+            info.engine,
+            info.precision,
+            info.device,
+            self.config.host,
+            self.port,
         )
 
     async def _set_health(self, status: int) -> None:
@@ -111,7 +124,9 @@ class EffllmServer:
         grace = self.config.grace_s if grace_s is None else grace_s
         self.generation.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace)
+        log.info(
+            "draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.runner.running + self.runner.queued > 0 and loop.time() < deadline:
@@ -127,22 +142,25 @@ class EffllmServer:
         await self._stopped.wait()
 
 
-async def serve(engine: Engine, config: ServerConfig,
-                telemetry_config: TelemetryConfig | None = None) -> None:
+async def serve(
+    engine: Engine, config: ServerConfig, telemetry_config: TelemetryConfig | None = None
+) -> None:
     """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
     # The gauges read the runner lazily, so they may be registered before the server exists.
-    telemetry = start_telemetry(engine, telemetry_config, 
-                                lambda: (server.runner.queued, server.runner.running))
+    telemetry = start_telemetry(
+        engine, telemetry_config, lambda: (server.runner.queued, server.runner.running)
+    )
     server = EffllmServer(engine, config, telemetry)
     loop = asyncio.get_running_loop()
     signals = 0
+    tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
             log.info("signal received: draining (send again to stop now)")
-            loop.create_task(server.drain())
+            tasks.add(loop.create_task(server.drain()))
         else:
             log.warning("second signal: stopping now")
             os._exit(1)
@@ -155,8 +173,9 @@ async def serve(engine: Engine, config: ServerConfig,
     log.info("stopped")
 
 
-def start_telemetry(engine: Engine, config: TelemetryConfig | None,
-                    load: Callable[[], tuple[int, int]]) -> ServerTelemetry | None:
+def start_telemetry(
+    engine: Engine, config: TelemetryConfig | None, load: Callable[[], tuple[int, int]]
+) -> ServerTelemetry | None:
     """Traces, metrics, sampler and energy for this server; None when telemetry is off."""
     if config is None or not config.enabled:
         log.info("telemetry off")

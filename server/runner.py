@@ -25,8 +25,9 @@ class Counters:
 
 
 class Runner:
-    def __init__(self, engine: Engine, max_concurrency: int, queue_size: int,
-                 observer: RequestObserver | None = None) -> None:
+    def __init__(
+        self, engine: Engine, max_concurrency: int, queue_size: int, observer: RequestObserver | None = None
+    ) -> None:
         self.engine = engine
         self.observer = observer  # telemetry: span, metrics and energy per request (None: off)
         self.max_concurrency = max_concurrency
@@ -118,8 +119,14 @@ class Runner:
 
 def _start(request: GenerationRequest) -> RequestStart:
     s = request.sampling
-    return RequestStart(request.request_id, request.messages is not None, s.max_new_tokens, s.temperature,
-                        s.top_p, request.adapter)
+    return RequestStart(
+        request.request_id,
+        request.messages is not None,
+        s.max_new_tokens,
+        s.temperature,
+        s.top_p,
+        request.adapter,
+    )
 
 
 def _end(event: TokenEvent) -> RequestEnd:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from effllm.telemetry.otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, SpanRecord, spans_from_request
 from google.protobuf import json_format
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -25,6 +24,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
+
+from effllm.telemetry.otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, SpanRecord, spans_from_request
 
 from ..serverproc import ServerProcess, start_server
 

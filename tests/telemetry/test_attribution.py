@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from effllm.telemetry.attribution import EnergyAttributor
 from effllm.telemetry.energy import RaplMeter
 

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from effllm.telemetry.energy import (
     CpuTimeEstimateMeter,
     EnergyReading,

@@ -6,7 +6,6 @@ import base64
 import json
 from pathlib import Path
 
-from effllm.telemetry.otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, OtlpJsonFileExporter, read_spans
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -14,12 +13,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode
 
+from effllm.telemetry.otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, OtlpJsonFileExporter, read_spans
+
 
 def _write(path: Path) -> tuple[str, str, str]:
     provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
     provider.add_span_processor(SimpleSpanProcessor(OtlpJsonFileExporter(path)))
     tracer = provider.get_tracer("test")
-    with tracer.start_as_current_span("parent", kind=SpanKind.CLIENT) as parent:  # noqa: SIM117
+    with tracer.start_as_current_span("parent", kind=SpanKind.CLIENT) as parent:
         with tracer.start_as_current_span(
             "generate m",
             kind=SpanKind.SERVER,

@@ -10,12 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from effllm.telemetry.otlpjson import OtlpJsonFileExporter
-from effllm.telemetry.report import build_report, format_table
-from effllm.telemetry.sampler import Sample
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
+
+from effllm.telemetry.otlpjson import OtlpJsonFileExporter
+from effllm.telemetry.report import build_report, format_table
+from effllm.telemetry.sampler import Sample
 
 T0 = 1_800_000_000.0  # Unix seconds of the run's start
 S = 1_000_000_000

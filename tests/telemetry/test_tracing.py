@@ -6,6 +6,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
 from effllm.telemetry.otlpjson import read_spans
 from effllm.telemetry.tracing import (
     TelemetryConfig,
@@ -14,10 +19,6 @@ from effllm.telemetry.tracing import (
     exporter_from_env,
     make_providers,
 )
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
 
 
 def test_defaults_write_a_file() -> None:
