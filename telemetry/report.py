@@ -61,6 +61,10 @@ class GroupReport:
     amu: float | None = None
     pcu: float | None = None
     aec_w: float | None = None
+    # From the samples: all the meter saw in the window, idle time included (ML.ENERGY's window J/token).
+    # Process-wide, so meaningful for ALL (or a run with one adapter), not for one adapter among several.
+    window_energy_j: float | None = None
+    window_j_per_token: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,11 +109,12 @@ def _group(adapter: str, spans: Sequence[SpanRecord], samples: Sequence[Sample])
     energy = [s for s in ok if "effllm.energy_j" in s.attributes]
     joules = sum(float(s.attributes["effllm.energy_j"]) for s in energy)
     sources = sorted({str(s.attributes.get("effllm.energy.source", "")) for s in energy})
-    amu = pcu = aec = None
+    amu = pcu = aec = window_j = window_jpt = None
     window_samples = [x for x in samples if start <= x.t <= end]
     if len(window_samples) >= 2:
         w = summarize(window_samples)
-        amu, pcu, aec = w.amu, w.pcu, w.aec_w
+        amu, pcu, aec, window_j = w.amu, w.pcu, w.aec_w, w.energy_j
+        window_jpt = metrics.joules_per_token(w.energy_j, tokens)
     return GroupReport(
         adapter=adapter,
         requests=len(spans),
@@ -127,6 +132,8 @@ def _group(adapter: str, spans: Sequence[SpanRecord], samples: Sequence[Sample])
         energy_j=joules if energy else math.nan,
         j_per_token=metrics.joules_per_token(joules, tokens) if energy else math.nan,
         energy_source="+".join(sources),
+        window_energy_j=window_j,
+        window_j_per_token=window_jpt,
         amu=amu,
         pcu=pcu,
         aec_w=aec,

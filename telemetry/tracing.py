@@ -255,7 +255,12 @@ def make_providers(config: TelemetryConfig, run_dir: Path) -> Providers:
         from prometheus_client import start_http_server
 
         readers.append(PrometheusMetricReader())
-        http, _thread = start_http_server(config.prometheus_port, addr=config.prometheus_host)
+        try:
+            http, _thread = start_http_server(config.prometheus_port, addr=config.prometheus_host)
+        except OSError as err:
+            raise OSError(
+                f"--prometheus-port {config.prometheus_port} on {config.prometheus_host}: {err}"
+            ) from err
         port = int(http.server_port)
     if config.exporter in ("otlp-grpc", "otlp-http") and config.otlp_metrics:
         readers.append(_metric_reader(config.exporter, config.endpoint, config.metrics_interval_s))

@@ -104,6 +104,8 @@ def test_report_numbers(run_dir: Path) -> None:
     assert sql.it_tokens_per_param_s == pytest.approx(15 / 5 / 1000)
     assert sql.j_per_token == pytest.approx(20 / 15) and sql.energy_source == "estimated"
     assert sql.amu == pytest.approx(0.3) and sql.pcu == pytest.approx(0.5) and sql.aec_w == pytest.approx(20)
+    assert sql.window_energy_j == pytest.approx(80.0)  # samples t=0..4: 0 -> 80 J
+    assert sql.window_j_per_token == pytest.approx(80 / 15)
     assert (base.requests, base.errors, base.output_tokens) == (2, 1, 5)
     assert base.amu == pytest.approx(0.35)  # window [2, 3.1] holds the samples at t=2 (0.3) and t=3 (0.4)
     assert (total.requests, total.errors, total.output_tokens) == (4, 1, 20)

@@ -135,3 +135,14 @@ def test_otlp_http_exporter_posts_protobuf_to_the_collector_paths(tmp_path: Path
     assert set(got) == {"/v1/traces", "/v1/metrics"}
     request = ExportTraceServiceRequest.FromString(got["/v1/traces"])
     assert request.resource_spans[0].scope_spans[0].spans[0].name == "over-http"
+
+
+def test_busy_prometheus_port_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(OSError, match=f"--prometheus-port {port}"):
+            make_providers(TelemetryConfig(exporter="none", prometheus_port=port, sample_hz=0), tmp_path)
