@@ -238,10 +238,12 @@ def main() -> int:
     for name, x in (("off", off), ("on", on)):
         print(
             f"{name:<10} {x['pooled_tokens_per_s']:>13.2f} {x['median_tokens_per_s']:>13.2f} "
-            f"{int(x['output_tokens']):>8} {x['server_cpu_ms_per_token']:>18.2f} {x['main_cpu_ms_per_token']:>21.2f}"
+            f"{int(x['output_tokens']):>8} {x['server_cpu_ms_per_token']:>18.2f} "
+            f"{x['main_cpu_ms_per_token']:>21.2f}"
         )
     print(
-        f"{'change':<10} {change:>+12.2f}% {change_median:>+12.2f}% {'':>8} {cpu_change:>+17.2f}% {main_change:>+20.2f}%"
+        f"{'change':<10} {change:>+12.2f}% {change_median:>+12.2f}% {'':>8} {cpu_change:>+17.2f}% "
+        f"{main_change:>+20.2f}%"
     )
     print("target: throughput within 3 %; CPU per token is less sensitive to other tenants than wall clock")
     result = {
