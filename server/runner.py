@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from ..telemetry.genai import RequestEnd, RequestObserver, RequestStart, RequestTrace
@@ -50,25 +51,28 @@ class Runner:
             )
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if self.observer is None:
-            async for event in self._run(request, None):
-                yield event
-            return
-        trace = self.observer.begin(_start(request))
+        trace = self.observer.begin(_start(request)) if self.observer is not None else None
         try:
-            async for event in self._run(request, trace):
-                yield event
+            # aclosing: a consumer that stops early frees the slot now, not when the GC finalises _run
+            async with aclosing(self._run(request, trace)) as events:
+                async for event in events:
+                    yield event
         except EngineError as err:
-            trace.fail(err.code, err.message)
+            if trace is not None:
+                trace.fail(err.code, err.message)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            trace.cancelled()
+            if trace is not None:
+                trace.cancelled()
             raise
         except Exception as err:
-            trace.fail("internal", f"{type(err).__name__}: {err}")
+            if trace is not None:
+                trace.fail("internal", f"{type(err).__name__}: {err}")
             raise
 
-    async def _run(self, request: GenerationRequest, trace: RequestTrace | None) -> AsyncIterator[TokenEvent]:
+    async def _run(
+        self, request: GenerationRequest, trace: RequestTrace | None
+    ) -> AsyncGenerator[TokenEvent, None]:
         arrival = time.perf_counter()
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)
