@@ -25,7 +25,7 @@ from .attribution import EnergyAttributor
 
 PROVIDER = "effllm"
 BASE_ADAPTER = "(base)"  # the adapter label of base-model requests; not a valid adapter name
-INVALID_ADAPTER = "(invalid)"  # the label of requests refused before running for a possibly bad name
+INVALID_ADAPTER = "(invalid)"  # the label of requests that failed for a possibly bad adapter name
 _NAME_ERRORS = frozenset({"not_found", "invalid_argument", "failed_precondition"})
 SPAN_PREFIX = "generate "
 
