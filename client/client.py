@@ -14,14 +14,18 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import TracerProvider
 
 from .channel import ClientSecurity, Targets, make_aio_channel, make_channel
+from .tracing import call_span, configured_tracer
 from .v1 import adapters_pb2 as apb
 from .v1 import adapters_pb2_grpc as apb_grpc
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
+_GENERATE = "effllm.v1.GenerationService/Generate"
+_STREAM = "effllm.v1.GenerationService/GenerateStream"
 
 
 def build_request(
@@ -60,6 +64,9 @@ def build_request(
 
 
 class EffllmClient:
+    """`tracer_provider`: CLIENT spans for generate/stream, their W3C context sent to the server
+    (default: the process's global provider, if one is installed; none otherwise)."""
+
     def __init__(
         self,
         target: Targets = "127.0.0.1:50051",
@@ -67,12 +74,15 @@ class EffllmClient:
         timeout: float | None = 120.0,
         channel: grpc.Channel | None = None,
         security: ClientSecurity | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         if channel is None:
             self.channel, self._raw_channel = make_channel(target, security)
         else:
             self.channel = self._raw_channel = channel
+        self.target = target if isinstance(target, str) else ",".join(target)
         self.timeout = timeout
+        self._tracer = configured_tracer(tracer_provider)
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
@@ -80,17 +90,23 @@ class EffllmClient:
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> pb.GenerateResponse:
-        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        with call_span(self._tracer, _GENERATE, self.target) as md:
+            return self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
     def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> Iterator[pb.GenerateStreamResponse]:
         """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        with call_span(self._tracer, _STREAM, self.target) as md:
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
+            try:
+                yield from call
+            finally:
+                call.cancel()
 
     def model_info(self) -> pb.ModelInfo:
         return self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
@@ -152,9 +168,12 @@ class AsyncEffllmClient:
         timeout: float | None = 120.0,
         channel: grpc.aio.Channel | None = None,
         security: ClientSecurity | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.channel = channel or make_aio_channel(target, security)
+        self.target = target if isinstance(target, str) else ",".join(target)
         self.timeout = timeout
+        self._tracer = configured_tracer(tracer_provider)
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
@@ -162,17 +181,23 @@ class AsyncEffllmClient:
     async def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> pb.GenerateResponse:
-        return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        with call_span(self._tracer, _GENERATE, self.target) as md:
+            return await self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
     async def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        with call_span(self._tracer, _STREAM, self.target) as md:
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
+            try:
+                async for chunk in call:
+                    yield chunk
+            finally:
+                call.cancel()
 
     async def model_info(self) -> pb.ModelInfo:
         return await self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..telemetry.tracing import add_flags as add_telemetry_flags
+from ..telemetry.tracing import config_from_args as telemetry_config
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .auth import ENV_ADMIN, ENV_GENERATE, AuthConfig, TlsConfig, is_loopback
@@ -133,6 +135,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME[@VERSION]",
         help="adapter to load before serving (repeatable)",
     )
+    add_telemetry_flags(p)
     p.set_defaults(func=run)
 
 
@@ -262,4 +265,5 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("effllm.server").error("bad configuration: %s", err)
         return 2
     engine = maybe_inject(build_engine(args))
-    return asyncio.run(serve(engine, config, build_registry(args, engine)))
+    telemetry = telemetry_config(args, service_name="effllm-server")
+    return asyncio.run(serve(engine, config, build_registry(args, engine), telemetry))

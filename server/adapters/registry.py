@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...telemetry.genai import set_resident_adapters_source
+from ...telemetry.tracing import adapter_span
 from ..engines.base import AdapterSpec, Engine, EngineError
 from .paths import check_name, check_version, parse_ref, resolve_relative, resolve_version_dir
 from .snapshot import Snapshots
@@ -110,6 +112,7 @@ class AdapterRegistry:
         self._seq = itertools.count(1)
         self._base: BaseModules | None = None
         self._snapshots = Snapshots()
+        set_resident_adapters_source(lambda: list(self._entries))
 
     # -- requests ---------------------------------------------------------------------------------------
     def acquire(self, ref: str) -> Lease:
@@ -178,9 +181,13 @@ class AdapterRegistry:
     async def load(self, name: str, version: str = "", path: str = "") -> Entry:
         """Validate, then make NAME@VERSION servable (idempotent). On any failure nothing has changed."""
         name, version, folder = self.locate(name, version, path)
-        key = f"{name}@{version}"
-        if (existing := self._routable(key)) is not None:
+        if (existing := self._routable(f"{name}@{version}")) is not None:
             return existing
+        with adapter_span("load", name, version):
+            return await self._load(name, version, folder)
+
+    async def _load(self, name: str, version: str, folder: Path) -> Entry:
+        key = f"{name}@{version}"
         t0 = time.perf_counter()
         await asyncio.to_thread(self._validate, folder)  # in place: path rules, then content
         # The engine gets a private copy, validated again (see snapshot.py): damage to the root after this
@@ -237,12 +244,13 @@ class AdapterRegistry:
                 )
             victim = min(idle, key=lambda e: e.last_touch)
             victim.routable = False  # same step as the choice: no new lease can reach it
-            await self._drop(victim)
+            await self._drop(victim, "evict")
             log.info("evicted adapter %s (least recently used)", victim.key)
 
-    async def _drop(self, entry: Entry) -> None:
+    async def _drop(self, entry: Entry, action: str) -> None:
         try:
-            await self.engine.remove_adapter(entry.key)
+            with adapter_span(action, entry.spec.name, entry.spec.version):
+                await self.engine.remove_adapter(entry.key)
         finally:
             self._entries.pop(entry.key, None)
             self._snapshots.drop(entry.spec.path)
@@ -284,7 +292,7 @@ class AdapterRegistry:
                     f"adapter: {busy} requests still in flight after {wait:.1f}s; nothing was unloaded",
                 ) from None
             for e in found:
-                await self._drop(e)
+                await self._drop(e, "unload")
         keys = [e.key for e in found]
         log.info("unloaded adapters %s", ", ".join(keys))
         return keys

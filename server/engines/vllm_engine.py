@@ -238,12 +238,22 @@ class VllmEngine:
         module, (out_dim, in_dim) = _first_module(self.model.path, "q_proj")
         self._null_dir = tempfile.TemporaryDirectory(prefix="effllm-null-lora-")
         folder = Path(self._null_dir.name)
-        config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"], "bias": "none",
-                  "task_type": "CAUSAL_LM", "base_model_name_or_path": str(self.model.path)}
+        config = {
+            "peft_type": "LORA",
+            "r": 1,
+            "lora_alpha": 1,
+            "target_modules": ["q_proj"],
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(self.model.path),
+        }
         (folder / "adapter_config.json").write_text(json.dumps(config))
         prefix = f"base_model.model.{module}"
-        save_file({f"{prefix}.lora_A.weight": zeros(1, in_dim), f"{prefix}.lora_B.weight": zeros(out_dim, 1)},
-                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {f"{prefix}.lora_A.weight": zeros(1, in_dim), f"{prefix}.lora_B.weight": zeros(out_dim, 1)},
+            str(folder / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
         self._null_lora = LoRARequest(lora_name="__base__", lora_int_id=1, lora_path=str(folder))
         await self._llm.add_lora(self._null_lora)
         await self._llm.pin_lora(1)
