@@ -16,6 +16,7 @@ from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
+Metadata = Sequence[tuple[str, str]]
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 
 
@@ -62,13 +63,18 @@ class EffllmClient:
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any) -> pb.GenerateResponse:
-        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                 metadata: Metadata | None = None, **kw: Any) -> pb.GenerateResponse:
+        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=metadata)
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-               **kw: Any) -> Iterator[pb.GenerateStreamResponse]:
-        """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
+               metadata: Metadata | None = None, **kw: Any) -> Iterator[pb.GenerateStreamResponse]:
+        """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call.
+
+        `metadata`: extra gRPC metadata, e.g. W3C `traceparent` so the server's span joins the caller's trace.
+        """
+        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout,
+                                        metadata=metadata)
         try:
             yield from call
         finally:

@@ -1,0 +1,67 @@
+"""Short REAL campaigns: real Locust subprocesses against the real vLLM server, loopback only.
+
+Checks self-consistency across three independent views of the same run: Locust's own stats, the per-request
+rows and the server's counters (GetStats; server spans when the server writes traces).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from effllm.loadtest.campaign import Campaign, run
+from effllm.loadtest.config import LoadConfig
+from effllm.loadtest.report import Slo
+from effllm.loadtest.workload import LengthDist, PromptSource, Workload
+
+from ..serverproc import ServerProcess
+
+
+def _check_consistent(rep: dict, expect_ok: bool = True) -> None:
+    req = rep["requests"]
+    assert req["total"] > 0 and req["ok"] > 0
+    if expect_ok:
+        assert req["errors"] == {}, req["errors"]
+    # Locust's own count of finished requests == our rows == what the server says it finished
+    assert rep["locust"]["e2e"]["requests"] == req["total"]
+    assert req["server_requests_delta"] == req["total"]
+    assert req["server_output_tokens_delta"] == rep["output_tokens"] > 0
+    assert rep["locust"]["ttft"]["requests"] == req["ok"]
+    # tokens/s is tokens over wall time, and IT (Σ tokens / Σ latency) never exceeds it by more than concurrency
+    thr = rep["throughput"]
+    assert thr["tokens_per_s_wall"] == pytest.approx(rep["output_tokens"] / rep["wall_s"])
+    assert thr["it_tokens_per_s"] > 0
+    # the client sees the first token no earlier than the server produced it
+    srv = rep["server"]
+    assert srv["ttft_pairs"] == req["ok"] and srv["client_ttft_ge_server"] == srv["ttft_pairs"]
+    lat = rep["latency_s"]
+    assert 0 < lat["ttft"]["p50"] <= lat["e2e"]["p50"]
+    assert lat["tpot"]["n"] > 0 and lat["itl"]["n"] > 0
+
+
+def test_open_loop_campaign_is_self_consistent(vllm_server: ServerProcess, tmp_path: Path) -> None:
+    wl = Workload(seed=1, mode="open", rate=4.0, prompts=PromptSource("synthetic", LengthDist.parse("uniform:8-24")),
+                  output=LengthDist.parse("12"))
+    cfg = LoadConfig(targets=(vllm_server.target,), workload=wl, duration_s=4.0, timeout_s=60.0,
+                     run_dir=str(tmp_path / "open"))
+    rep = run(Campaign(cfg, slo=Slo(ttft_s=5.0, tpot_s=1.0), server_pid=vllm_server.proc.pid, label="open"))
+    _check_consistent(rep)
+    assert 4 <= rep["requests"]["total"] <= 40  # ~16 expected at 4 req/s for 4 s
+    eff = rep["efficientllm"]
+    assert eff["amu_gb"] > 0.1 and eff["energy_j"] > 0 and "estimated" in eff["energy_source"]
+    assert eff["j_per_token"] == pytest.approx(eff["energy_j"] / rep["output_tokens"])
+    assert 0 < rep["goodput"]["share"] <= 1
+    html = (tmp_path / "open" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "EfficientLLM" in html
+
+
+def test_distributed_master_and_workers(vllm_server: ServerProcess, tmp_path: Path) -> None:
+    """The same locustfile as master + 2 workers on loopback, closed loop, 2 users."""
+    wl = Workload(seed=2, mode="closed", users=2, output=LengthDist.parse("8"))
+    cfg = LoadConfig(targets=(vllm_server.target,), workload=wl, duration_s=3.0, timeout_s=60.0,
+                     run_dir=str(tmp_path / "dist"))
+    rep = run(Campaign(cfg, workers=2, label="dist"))
+    _check_consistent(rep)
+    assert rep["meta"]["locust_exit_codes"] == [0, 0, 0]
+    assert len(list((tmp_path / "dist").glob("requests-*.jsonl"))) == 2  # one rows file per worker
