@@ -65,7 +65,8 @@ class EffllmClient:
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None,
                  metadata: Metadata | None = None, **kw: Any) -> pb.GenerateResponse:
-        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=metadata)
+        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout,
+                                  metadata=metadata)
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None,
                metadata: Metadata | None = None, **kw: Any) -> Iterator[pb.GenerateStreamResponse]:

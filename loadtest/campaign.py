@@ -51,15 +51,27 @@ class ServerHandle:
     log: Path
 
     @classmethod
-    def start(cls, args: str, log_dir: Path, ready_timeout: float = 300.0,
-              env: dict[str, str] | None = None) -> ServerHandle:
+    def start(
+        cls, args: str, log_dir: Path, ready_timeout: float = 300.0, env: dict[str, str] | None = None
+    ) -> ServerHandle:
         port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
         log = log_dir / f"server-{port}.log"
-        cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
-               *shlex.split(args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "effllm.cli.main",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *shlex.split(args),
+        ]
         with log.open("wb") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            proc = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
         handle = cls(proc, f"127.0.0.1:{port}", log)
         handle.wait(ready_timeout)
         return handle
@@ -108,10 +120,18 @@ class Campaign:
 def _server_snapshot(target: str) -> dict[str, Any]:
     with EffllmClient(target, timeout=10.0) as c:
         s, info = c.stats(), c.model_info()
-    return {"requests_total": s.requests_total, "output_tokens_total": s.output_tokens_total,
-            "model_info": {"model": info.model, "engine": info.engine, "precision": info.precision,
-                           "weight_bytes": info.weight_bytes, "device": info.device,
-                           "parameters": info.parameters}}
+    return {
+        "requests_total": s.requests_total,
+        "output_tokens_total": s.output_tokens_total,
+        "model_info": {
+            "model": info.model,
+            "engine": info.engine,
+            "precision": info.precision,
+            "weight_bytes": info.weight_bytes,
+            "device": info.device,
+            "parameters": info.parameters,
+        },
+    }
 
 
 def _locust_cmds(c: Campaign, run_dir: Path) -> list[list[str]]:
@@ -122,16 +142,39 @@ def _locust_cmds(c: Campaign, run_dir: Path) -> list[list[str]]:
     # Past the campaign's own end: requests in flight at duration_s may take up to timeout_s to finish.
     run_time = int(cfg.duration_s + cfg.timeout_s + 10)
     base = [sys.executable, "-m", "locust", "-f", locustfile(), "--loglevel", "WARNING", "--skip-log-setup"]
-    head = ["--headless", "--run-time", f"{run_time}s", "--stop-timeout", str(int(cfg.timeout_s)),
-            "--csv", str(run_dir / "locust"), "--csv-full-history", "--only-summary"]
+    head = [
+        "--headless",
+        "--run-time",
+        f"{run_time}s",
+        "--stop-timeout",
+        str(int(cfg.timeout_s)),
+        "--csv",
+        str(run_dir / "locust"),
+        "--csv-full-history",
+        "--only-summary",
+    ]
     if w.shape is None or w.mode == "open":
         head += ["-u", str(users), "-r", str(max(users, 1))]
     if c.workers == 0:
         return [base + head + [user_class]]
     port = free_port()
-    master = base + head + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
-                            "--expect-workers", str(c.workers), "--expect-workers-max-wait", "60", user_class]
-    worker = base + ["--worker", "--master-host", "127.0.0.1", "--master-port", str(port), user_class]
+    master = (
+        base
+        + head
+        + [
+            "--master",
+            "--master-bind-host",
+            "127.0.0.1",
+            "--master-bind-port",
+            str(port),
+            "--expect-workers",
+            str(c.workers),
+            "--expect-workers-max-wait",
+            "60",
+            user_class,
+        ]
+    )
+    worker = [*base, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), user_class]
     return [master] + [worker] * c.workers
 
 
@@ -159,18 +202,30 @@ def run(c: Campaign) -> dict[str, Any]:
     if not rows:
         raise RuntimeError(f"Locust recorded no request (exit codes {codes}); see {run_dir / 'locust.log'}")
     server = {
-        "requests_total_delta": sum(after[t]["requests_total"] - before[t]["requests_total"] for t in cfg.targets),
-        "output_tokens_total_delta": sum(after[t]["output_tokens_total"] - before[t]["output_tokens_total"]
-                                         for t in cfg.targets),
+        "requests_total_delta": sum(
+            after[t]["requests_total"] - before[t]["requests_total"] for t in cfg.targets
+        ),
+        "output_tokens_total_delta": sum(
+            after[t]["output_tokens_total"] - before[t]["output_tokens_total"] for t in cfg.targets
+        ),
         "model_info": before[cfg.targets[0]]["model_info"],
         "targets": {t: before[t]["model_info"] for t in cfg.targets},
     }
     t0 = min(r["t_start"] for r in rows)
     t1 = max(r.get("t_end", r["t_start"]) for r in rows)
     report = build(
-        rows, locust=read_locust_stats(run_dir / "locust"), spans=load_spans(c.traces), server=server,
-        resources=watch.summary(t0, t1) if watch else None, slo=c.slo,
-        meta={"label": c.label, "locust_exit_codes": codes, "workers": c.workers, "config": json.loads(cfg.to_json())},
+        rows,
+        locust=read_locust_stats(run_dir / "locust"),
+        spans=load_spans(c.traces),
+        server=server,
+        resources=watch.summary(t0, t1) if watch else None,
+        slo=c.slo,
+        meta={
+            "label": c.label,
+            "locust_exit_codes": codes,
+            "workers": c.workers,
+            "config": json.loads(cfg.to_json()),
+        },
     )
     write(run_dir, {c.label: report})
     return report

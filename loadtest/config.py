@@ -55,5 +55,7 @@ class LoadConfig:
     def from_env(cls) -> LoadConfig:
         path = os.environ.get(ENV)
         if not path:
-            raise RuntimeError(f"{ENV} is not set: run through `effllm load`, or point it at a LoadConfig JSON")
+            raise RuntimeError(
+                f"{ENV} is not set: run through `effllm load`, or point it at a LoadConfig JSON"
+            )
         return cls.from_dict(json.loads(Path(path).read_text()))

@@ -12,7 +12,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _png(fig: Any) -> bytes:
@@ -31,7 +31,9 @@ def latency_cdfs(report: dict[str, Any]) -> bytes | None:
     for ax, key in zip(axes, ("ttft", "tpot", "e2e"), strict=True):
         xs = cdf.get(key) or []
         if xs:
-            ax.plot([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], drawstyle="steps-post")
+            ax.plot(
+                [x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], drawstyle="steps-post"
+            )
         ax.set_title(f"{key.upper()} CDF (n={len(xs)})")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests")
@@ -45,8 +47,15 @@ def throughput_over_time(report: dict[str, Any]) -> bytes | None:
         return None
     fig, ax = plt.subplots(figsize=(12, 3.2))
     t = [b["t_s"] for b in s]
-    ax.bar(t, [b["tokens"] for b in s], width=0.9, align="edge", color="tab:blue", alpha=0.35,
-           label="output tokens/s (bars)")
+    ax.bar(
+        t,
+        [b["tokens"] for b in s],
+        width=0.9,
+        align="edge",
+        color="tab:blue",
+        alpha=0.35,
+        label="output tokens/s (bars)",
+    )
     ax.set_xlabel("s since first request")
     ax.set_ylabel("tokens/s")
     ax2 = ax.twinx()
@@ -68,8 +77,13 @@ def ttft_vs_load(reports: dict[str, dict[str, Any]]) -> bytes | None:
         w = [x for x in rep["series"]["ttft_vs_load"] if x["ttft_mean_s"] is not None]
         w.sort(key=lambda x: x["rate_rps"])
         ax.plot([x["rate_rps"] for x in w], [x["ttft_mean_s"] * 1e3 for x in w], "o-", label=f"{label} mean")
-        ax.plot([x["rate_rps"] for x in w], [x["ttft_p90_s"] * 1e3 for x in w], "x--", alpha=0.6,
-                label=f"{label} p90")
+        ax.plot(
+            [x["rate_rps"] for x in w],
+            [x["ttft_p90_s"] * 1e3 for x in w],
+            "x--",
+            alpha=0.6,
+            label=f"{label} p90",
+        )
     ax.set_xlabel("arrivals/s in the window")
     ax.set_ylabel("TTFT (ms)")
     ax.set_title("TTFT vs load (5 s windows)")

@@ -25,8 +25,22 @@ from .quality import default_model_path
 from .report import Slo
 from .workload import Workload
 
-COLUMNS = ["precision", "engine", "weights (MB)", "AMU (GB)", "AL (s)", "AT (IT tok/s)", "tok/s (wall)",
-           "TTFT p50 (ms)", "AEC (W)", "J/token", "energy source", "perplexity", "MCR", "ok/total"]
+COLUMNS = [
+    "precision",
+    "engine",
+    "weights (MB)",
+    "AMU (GB)",
+    "AL (s)",
+    "AT (IT tok/s)",
+    "tok/s (wall)",
+    "TTFT p50 (ms)",
+    "AEC (W)",
+    "J/token",
+    "energy source",
+    "perplexity",
+    "MCR",
+    "ok/total",
+]
 
 
 def _model_path(serve_args: str) -> str:
@@ -37,15 +51,24 @@ def _model_path(serve_args: str) -> str:
 
 
 def score(model_path: str, precision: str, timeout_s: float = 900.0) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "effllm.loadtest.quality", model_path, precision],
-                          capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(
+        [sys.executable, "-m", "effllm.loadtest.quality", model_path, precision],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        }
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def table(reports: dict[str, dict[str, Any]], quality: dict[str, dict[str, Any]],
-          failed: dict[str, str]) -> dict[str, Any]:
+def table(
+    reports: dict[str, dict[str, Any]], quality: dict[str, dict[str, Any]], failed: dict[str, str]
+) -> dict[str, Any]:
     ran = [p for p in reports if reports[p]["efficientllm"].get("weight_bytes")]
     ref = "bf16" if "bf16" in ran else (ran[0] if ran else None)
     rows: list[list[str]] = []
@@ -61,36 +84,72 @@ def table(reports: dict[str, dict[str, Any]], quality: dict[str, dict[str, Any]]
         if ref and e.get("weight_bytes") and ppl(p) and ppl(ref):
             ref_bytes = reports[ref]["efficientllm"]["weight_bytes"]
             mcr = (ref_bytes / e["weight_bytes"]) * (ppl(ref) / ppl(p))  # type: ignore[operator]
-        rec = {"precision": p, "engine": e.get("engine"), "weight_mb": (e.get("weight_bytes") or 0) / 1e6,
-               "amu_gb": e["amu_gb"], "al_s": e["al_s"], "at_tokens_per_s": e["at_it_tokens_per_s"],
-               "tokens_per_s_wall": rep["throughput"]["tokens_per_s_wall"],
-               "ttft_p50_s": rep["latency_s"]["ttft"]["p50"], "aec_w": e["aec_w"], "j_per_token": e["j_per_token"],
-               "energy_source": e["energy_source"], "perplexity": ppl(p),
-               "quality_method": quality.get(p, {}).get("method") or quality.get(p, {}).get("error"),
-               "mcr": mcr, "ok": rep["requests"]["ok"], "total": rep["requests"]["total"]}
+        rec = {
+            "precision": p,
+            "engine": e.get("engine"),
+            "weight_mb": (e.get("weight_bytes") or 0) / 1e6,
+            "amu_gb": e["amu_gb"],
+            "al_s": e["al_s"],
+            "at_tokens_per_s": e["at_it_tokens_per_s"],
+            "tokens_per_s_wall": rep["throughput"]["tokens_per_s_wall"],
+            "ttft_p50_s": rep["latency_s"]["ttft"]["p50"],
+            "aec_w": e["aec_w"],
+            "j_per_token": e["j_per_token"],
+            "energy_source": e["energy_source"],
+            "perplexity": ppl(p),
+            "quality_method": quality.get(p, {}).get("method") or quality.get(p, {}).get("error"),
+            "mcr": mcr,
+            "ok": rep["requests"]["ok"],
+            "total": rep["requests"]["total"],
+        }
         records.append(rec)
 
         def f(x: Any, d: int = 3) -> str:
             return "—" if x is None else f"{x:.{d}g}"
 
-        rows.append([p, str(rec["engine"]), f(rec["weight_mb"], 4), f(rec["amu_gb"]), f(rec["al_s"]),
-                     f(rec["at_tokens_per_s"], 4), f(rec["tokens_per_s_wall"], 4),
-                     f((rec["ttft_p50_s"] or 0) * 1e3, 4), f(rec["aec_w"]), f(rec["j_per_token"]),
-                     str(rec["energy_source"]), f(rec["perplexity"], 4) + f" [{rec['quality_method']}]",
-                     f(mcr), f"{rec['ok']}/{rec['total']}"])
+        rows.append(
+            [
+                p,
+                str(rec["engine"]),
+                f(rec["weight_mb"], 4),
+                f(rec["amu_gb"]),
+                f(rec["al_s"]),
+                f(rec["at_tokens_per_s"], 4),
+                f(rec["tokens_per_s_wall"], 4),
+                f((rec["ttft_p50_s"] or 0) * 1e3, 4),
+                f(rec["aec_w"]),
+                f(rec["j_per_token"]),
+                str(rec["energy_source"]),
+                f(rec["perplexity"], 4) + f" [{rec['quality_method']}]",
+                f(mcr),
+                f"{rec['ok']}/{rec['total']}",
+            ]
+        )
     for p, why in failed.items():
         rows.append([p, "—", *["—"] * (len(COLUMNS) - 4), why[:160], "—", "0/0"])
         records.append({"precision": p, "error": why})
-    note = (f"MCR reference: {ref}; quality = 1/perplexity on the built-in held-out texts, scored with "
-            "transformers in a separate process at the same precision. AMU = mean RSS of the server process "
-            "tree; AL = mean request latency; AT = IT = Σ tokens / Σ latencies; AEC = mean power over the "
-            "campaign window.")
+    note = (
+        f"MCR reference: {ref}; quality = 1/perplexity on the built-in held-out texts, scored with "
+        "transformers in a separate process at the same precision. AMU = mean RSS of the server process "
+        "tree; AL = mean request latency; AT = IT = Σ tokens / Σ latencies; AEC = mean power over the "
+        "campaign window."
+    )
     return {"columns": COLUMNS, "rows": rows, "records": records, "reference": ref, "note": note}
 
 
-def run_precision(workload: Workload, *, serve_args: str, precisions: list[str], extra: dict[str, str],
-                  run_dir: Path, duration_s: float, timeout_s: float, slo: Slo, quality: str = "perplexity",
-                  traces: tuple[Path, ...] = ()) -> dict[str, Any]:
+def run_precision(
+    workload: Workload,
+    *,
+    serve_args: str,
+    precisions: list[str],
+    extra: dict[str, str],
+    run_dir: Path,
+    duration_s: float,
+    timeout_s: float,
+    slo: Slo,
+    quality: str = "perplexity",
+    traces: tuple[Path, ...] = (),
+) -> dict[str, Any]:
     reports: dict[str, dict[str, Any]] = {}
     qual: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
@@ -102,8 +161,13 @@ def run_precision(workload: Workload, *, serve_args: str, precisions: list[str],
             failed[p] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             continue
         try:
-            cfg = LoadConfig(targets=(server.target,), workload=workload, duration_s=duration_s,
-                             timeout_s=timeout_s, run_dir=str(sub))
+            cfg = LoadConfig(
+                targets=(server.target,),
+                workload=workload,
+                duration_s=duration_s,
+                timeout_s=timeout_s,
+                run_dir=str(sub),
+            )
             rep = run(Campaign(cfg, slo=slo, traces=traces, server_pid=server.proc.pid, label=p))
         finally:
             server.stop()
@@ -112,11 +176,11 @@ def run_precision(workload: Workload, *, serve_args: str, precisions: list[str],
             qual[p] = score(_model_path(serve_args), p)
     tab = table(reports, qual, failed)
     write(run_dir, {p: replace_label(r, p) for p, r in reports.items()}, tab)
-    (run_dir / "precision.json").write_text(json.dumps({"table": tab, "quality": qual}, indent=1, default=str))
+    (run_dir / "precision.json").write_text(
+        json.dumps({"table": tab, "quality": qual}, indent=1, default=str)
+    )
     return {"reports": reports, "precision": tab, "quality": qual}
 
 
 def replace_label(rep: dict[str, Any], label: str) -> dict[str, Any]:
     return {**rep, "meta": {**rep["meta"], "label": label}}
-
-

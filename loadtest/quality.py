@@ -72,7 +72,9 @@ def load(model_path: str, precision: str) -> tuple[Any, Any, str]:
     try:
         from transformers import BitsAndBytesConfig
 
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
         model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=q)
         return model.eval(), tok, "int4(bitsandbytes-nf4)"
     except Exception:  # no bitsandbytes backend here: simulate the weights' rounding instead
@@ -94,8 +96,14 @@ def perplexity(model_path: str, precision: str) -> dict[str, Any]:
             n = ids.shape[1] - 1  # labels are shifted inside the model: n predicted tokens
             nll += float(out.loss) * n
             count += n
-    return {"precision": precision, "method": method, "perplexity": math.exp(nll / count), "tokens": count,
-            "texts": len(HELD_OUT), "seconds": time.perf_counter() - t0}
+    return {
+        "precision": precision,
+        "method": method,
+        "perplexity": math.exp(nll / count),
+        "tokens": count,
+        "texts": len(HELD_OUT),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def default_model_path() -> str:
@@ -103,7 +111,8 @@ def default_model_path() -> str:
     import os
 
     root = os.environ.get("EFFLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "effllm")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "effllm"
+    )
     return str(Path(root) / "models" / "SmolLM2-135M-Instruct")
 
 

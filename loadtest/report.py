@@ -64,9 +64,12 @@ def read_locust_stats(prefix: Path) -> dict[str, dict[str, float]]:
     with path.open() as fh:
         for rec in csv.DictReader(fh):
             out[rec["Name"]] = {
-                "requests": float(rec["Request Count"]), "failures": float(rec["Failure Count"]),
-                "median_ms": float(rec["Median Response Time"] or 0), "mean_ms": float(rec["Average Response Time"]),
-                "p90_ms": float(rec.get("90%") or 0), "p99_ms": float(rec.get("99%") or 0),
+                "requests": float(rec["Request Count"]),
+                "failures": float(rec["Failure Count"]),
+                "median_ms": float(rec["Median Response Time"] or 0),
+                "mean_ms": float(rec["Average Response Time"]),
+                "p90_ms": float(rec.get("90%") or 0),
+                "p99_ms": float(rec.get("99%") or 0),
             }
     return out
 
@@ -105,7 +108,7 @@ def throughput_series(rows: list[dict[str, Any]], bin_s: float = 1.0) -> list[di
 
 
 def ttft_vs_load(rows: list[dict[str, Any]], window_s: float = 5.0) -> list[dict[str, float | None]]:
-    """Per window: offered rate (arrivals/s), achieved tokens/s, mean and p90 TTFT of requests started in it."""
+    """Per window: arrivals/s, output tokens/s, mean and p90 TTFT of the requests that arrived in it."""
     if not rows:
         return []
     t0, _ = _wall(rows)
@@ -116,17 +119,29 @@ def ttft_vs_load(rows: list[dict[str, Any]], window_s: float = 5.0) -> list[dict
     for k in sorted(bins):
         rs = bins[k]
         ttfts = quantiles([r["ttft_s"] for r in rs if r.get("ttft_s") is not None])
-        out.append({"t_s": k * window_s, "rate_rps": len(rs) / window_s,
-                    "tokens_per_s": sum(r["output_tokens"] for r in rs) / window_s,
-                    "ttft_mean_s": ttfts["mean"], "ttft_p90_s": ttfts["p90"],
-                    "errors": float(sum(r.get("status") != "OK" for r in rs))})
+        out.append(
+            {
+                "t_s": k * window_s,
+                "rate_rps": len(rs) / window_s,
+                "tokens_per_s": sum(r["output_tokens"] for r in rs) / window_s,
+                "ttft_mean_s": ttfts["mean"],
+                "ttft_p90_s": ttfts["p90"],
+                "errors": float(sum(r.get("status") != "OK" for r in rs)),
+            }
+        )
     return out
 
 
-def build(rows: list[dict[str, Any]], *, locust: dict[str, dict[str, float]] | None = None,
-          spans: list[ServerSpan] | None = None, server: dict[str, Any] | None = None,
-          resources: dict[str, Any] | None = None, slo: Slo | None = None,
-          meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def build(
+    rows: list[dict[str, Any]],
+    *,
+    locust: dict[str, dict[str, float]] | None = None,
+    spans: list[ServerSpan] | None = None,
+    server: dict[str, Any] | None = None,
+    resources: dict[str, Any] | None = None,
+    slo: Slo | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The whole report as a dict (JSON-ready)."""
     if not rows:
         raise ValueError("no requests were recorded: the campaign sent nothing (is the server up?)")
@@ -144,12 +159,18 @@ def build(rows: list[dict[str, Any]], *, locust: dict[str, dict[str, float]] | N
     itl = [x for r in ok for x in r.get("itl_s", [])]
 
     joined = join(rows, spans or [])
-    server_cmp = {"spans": len(spans or []), "joined": len(joined)}
-    pairs = [(r["ttft_s"], joined[r["rid"]].ttft_s) for r in ok if r["rid"] in joined and r.get("ttft_s") is not None
-             and joined[r["rid"]].ttft_s is not None]
+    server_cmp: dict[str, Any] = {"spans": len(spans or []), "joined": len(joined)}
+    pairs = [
+        (r["ttft_s"], joined[r["rid"]].ttft_s)
+        for r in ok
+        if r["rid"] in joined and r.get("ttft_s") is not None and joined[r["rid"]].ttft_s is not None
+    ]
     if not pairs:  # before server spans exist, the stream's final message carries the server's TTFT
-        pairs = [(r["ttft_s"], r["server_ttft_s"]) for r in ok
-                 if r.get("ttft_s") is not None and r.get("server_ttft_s") is not None]
+        pairs = [
+            (r["ttft_s"], r["server_ttft_s"])
+            for r in ok
+            if r.get("ttft_s") is not None and r.get("server_ttft_s") is not None
+        ]
         server_cmp["ttft_source"] = "stream final timings"
     else:
         server_cmp["ttft_source"] = "server spans"
@@ -164,7 +185,9 @@ def build(rows: list[dict[str, Any]], *, locust: dict[str, dict[str, float]] | N
         sp = [joined[r["rid"]] for r in rs if r["rid"] in joined]
         ej = [s.energy_j for s in sp if s.energy_j is not None]
         per_adapter[name or "(base)"] = {
-            "requests": sum(r["adapter"] == name for r in rows), "ok": len(rs), "output_tokens": toks,
+            "requests": sum(r["adapter"] == name for r in rows),
+            "ok": len(rs),
+            "output_tokens": toks,
             "ttft_mean_s": quantiles([r["ttft_s"] for r in rs if r.get("ttft_s") is not None])["mean"],
             "e2e_mean_s": quantiles([r["e2e_s"] for r in rs])["mean"],
             "energy_j": sum(ej) if ej else None,
@@ -173,6 +196,8 @@ def build(rows: list[dict[str, Any]], *, locust: dict[str, dict[str, float]] | N
         }
 
     span_energy = [s.energy_j for s in joined.values() if s.energy_j is not None]
+    energy_j: float | None
+    source: str | None
     res = resources or {}
     if span_energy:
         energy_j, source = sum(span_energy), next(iter(joined.values())).energy_source + " (server spans)"
@@ -183,36 +208,56 @@ def build(rows: list[dict[str, Any]], *, locust: dict[str, dict[str, float]] | N
     info = srv.get("model_info", {})
     return {
         "meta": meta or {},
-        "requests": {"total": len(rows), "ok": len(ok), "errors": dict(errors),
-                     "server_requests_delta": srv.get("requests_total_delta"),
-                     "server_output_tokens_delta": srv.get("output_tokens_total_delta")},
+        "requests": {
+            "total": len(rows),
+            "ok": len(ok),
+            "errors": dict(errors),
+            "server_requests_delta": srv.get("requests_total_delta"),
+            "server_output_tokens_delta": srv.get("output_tokens_total_delta"),
+        },
         "wall_s": wall,
         "output_tokens": tokens,
         "input_tokens": sum(r.get("input_tokens", 0) for r in ok),
-        "throughput": {"tokens_per_s_wall": tokens / wall if wall > 0 else None,
-                       "it_tokens_per_s": tokens / sum_lat if sum_lat > 0 else None,
-                       "requests_per_s": len(ok) / wall if wall > 0 else None},
-        "latency_s": {"ttft": quantiles([r["ttft_s"] for r in ok if r.get("ttft_s") is not None]),
-                      "tpot": quantiles([r["tpot_s"] for r in ok if r.get("tpot_s") is not None]),
-                      "itl": quantiles(itl), "e2e": quantiles([r["e2e_s"] for r in ok])},
-        "goodput": {"slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "e2e_s": slo.e2e_s},
-                    "requests": len(good), "share": len(good) / len(rows),
-                    "requests_per_s": len(good) / wall if wall > 0 else None},
+        "throughput": {
+            "tokens_per_s_wall": tokens / wall if wall > 0 else None,
+            "it_tokens_per_s": tokens / sum_lat if sum_lat > 0 else None,
+            "requests_per_s": len(ok) / wall if wall > 0 else None,
+        },
+        "latency_s": {
+            "ttft": quantiles([r["ttft_s"] for r in ok if r.get("ttft_s") is not None]),
+            "tpot": quantiles([r["tpot_s"] for r in ok if r.get("tpot_s") is not None]),
+            "itl": quantiles(itl),
+            "e2e": quantiles([r["e2e_s"] for r in ok]),
+        },
+        "goodput": {
+            "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "e2e_s": slo.e2e_s},
+            "requests": len(good),
+            "share": len(good) / len(rows),
+            "requests_per_s": len(good) / wall if wall > 0 else None,
+        },
         "per_adapter": per_adapter,
         "server": server_cmp,
         "efficientllm": {
-            "amu_gb": res.get("amu_gb"), "pcu": res.get("pcu"),
+            "amu_gb": res.get("amu_gb"),
+            "pcu": res.get("pcu"),
             "al_s": sum_lat / len(ok) if ok else None,
             "at_it_tokens_per_s": tokens / sum_lat if sum_lat > 0 else None,
-            "aec_w": aec, "energy_j": energy_j, "energy_source": source,
+            "aec_w": aec,
+            "energy_j": energy_j,
+            "energy_source": source,
             "j_per_token": (energy_j / tokens) if energy_j is not None and tokens else None,
-            "precision": info.get("precision"), "engine": info.get("engine"),
+            "precision": info.get("precision"),
+            "engine": info.get("engine"),
             "weight_bytes": info.get("weight_bytes"),
         },
         "locust": locust or {},
         "series": {"throughput_1s": throughput_series(rows), "ttft_vs_load": ttft_vs_load(rows)},
-        "cdf_s": {k: sorted(v) for k, v in {
-            "ttft": [r["ttft_s"] for r in ok if r.get("ttft_s") is not None],
-            "tpot": [r["tpot_s"] for r in ok if r.get("tpot_s") is not None],
-            "e2e": [r["e2e_s"] for r in ok]}.items()},
+        "cdf_s": {
+            k: sorted(v)
+            for k, v in {
+                "ttft": [r["ttft_s"] for r in ok if r.get("ttft_s") is not None],
+                "tpot": [r["tpot_s"] for r in ok if r.get("tpot_s") is not None],
+                "e2e": [r["e2e_s"] for r in ok],
+            }.items()
+        },
     }

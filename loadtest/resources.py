@@ -9,6 +9,7 @@ whole package, so other load on the machine counts too).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,10 +56,8 @@ class ResourceWatch:
             except psutil.Error:
                 continue  # a child that just exited
         rapl = None
-        try:
+        with contextlib.suppress(OSError, ValueError):
             rapl = int(_RAPL.read_text()) / 1e6
-        except (OSError, ValueError):
-            pass
         return Sample(time.time(), rss, cpu, rapl)
 
     def _run(self) -> None:
@@ -89,7 +88,10 @@ class ResourceWatch:
         if s[0].rapl_j is not None and s[-1].rapl_j is not None and s[-1].rapl_j >= s[0].rapl_j:
             energy, source = s[-1].rapl_j - s[0].rapl_j, "measured(rapl)"
         else:
-            energy, source = cpu_s * WATTS_PER_BUSY_CORE, f"estimated(cpu-time x {WATTS_PER_BUSY_CORE:g} W/core)"
+            energy, source = (
+                cpu_s * WATTS_PER_BUSY_CORE,
+                f"estimated(cpu-time x {WATTS_PER_BUSY_CORE:g} W/core)",
+            )
         return {
             "samples": len(s),
             "window_s": span,

@@ -102,17 +102,23 @@ def parse_lines(lines: Iterable[str]) -> list[ServerSpan]:
             resource = {a["key"]: _value(a["value"]) for a in rs.get("resource", {}).get("attributes", [])}
             for ss in rs.get("scopeSpans", []):
                 for s in ss.get("spans", []):
-                    spans.append(ServerSpan(
-                        trace_id=_trace_id(s.get("traceId", "")),
-                        span_id=s.get("spanId", ""),
-                        name=s.get("name", ""),
-                        start_s=int(s.get("startTimeUnixNano", 0)) / 1e9,
-                        end_s=int(s.get("endTimeUnixNano", 0)) / 1e9,
-                        attributes={a["key"]: _value(a["value"]) for a in s.get("attributes", [])},
-                        resource=resource,
-                    ))
+                    spans.append(
+                        ServerSpan(
+                            trace_id=_trace_id(s.get("traceId", "")),
+                            span_id=s.get("spanId", ""),
+                            name=s.get("name", ""),
+                            start_s=int(s.get("startTimeUnixNano", 0)) / 1e9,
+                            end_s=int(s.get("endTimeUnixNano", 0)) / 1e9,
+                            attributes={a["key"]: _value(a["value"]) for a in s.get("attributes", [])},
+                            resource=resource,
+                        )
+                    )
                     kind = s.get("kind")
-                    if kind is not None and kind not in _SPAN_KIND_SERVER and spans[-1].name.startswith("generate"):
+                    if (
+                        kind is not None
+                        and kind not in _SPAN_KIND_SERVER
+                        and spans[-1].name.startswith("generate")
+                    ):
                         spans.pop()  # a client span that happens to share the name
     return spans
 

@@ -23,25 +23,23 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import gevent
 import gevent.pool
+from grpc.experimental import gevent as grpc_gevent
 from locust import LoadTestShape, User, constant, events, task
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 from locust.user.task import LOCUST_STATE_STOPPING
 
-from grpc.experimental import gevent as grpc_gevent
-
 grpc_gevent.init_gevent()  # before any channel: grpc's C core must cooperate with gevent's loop
 
 import grpc  # noqa: E402
-from opentelemetry import propagate, trace  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-
 from effllm.client import EffllmClient  # noqa: E402
 from effllm.loadtest.config import LoadConfig  # noqa: E402
 from effllm.loadtest.workload import RequestSpec, RequestStream  # noqa: E402
+from opentelemetry import propagate, trace  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 
 CONFIG = LoadConfig.from_env()
 WORKLOAD = CONFIG.workload
@@ -62,7 +60,7 @@ class _Process:
     """Per-process state: clients per target, the request stream and the rows file."""
 
     start: float | None = None  # monotonic time the first user started (the campaign clock)
-    clients: dict[str, EffllmClient] = {}
+    clients: ClassVar[dict[str, EffllmClient]] = {}
     rows: Any = None
     users = 0
     inflight = 0
@@ -108,11 +106,16 @@ class _EffllmUser(User):
         _Process.users += 1
         _Process.clock()
 
-    def _fire(self, name: str, seconds: float, tokens: int, exc: Exception | None = None,
-              **context: Any) -> None:
+    def _fire(
+        self, name: str, seconds: float, tokens: int, exc: Exception | None = None, **context: Any
+    ) -> None:
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=seconds * 1000.0, response_length=tokens,
-            exception=exc, context=context,
+            request_type="grpc",
+            name=name,
+            response_time=seconds * 1000.0,
+            response_length=tokens,
+            exception=exc,
+            context=context,
         )
 
     def send(self, spec: RequestSpec) -> None:
@@ -129,12 +132,24 @@ class _EffllmUser(User):
         rid = uuid.uuid4().hex
         p = spec.prompt
         kw: dict[str, Any] = dict(
-            prompt=p.prompt, messages=list(p.messages) if p.messages else None, adapter=spec.adapter,
-            max_new_tokens=spec.max_new_tokens, temperature=WORKLOAD.temperature, request_id=rid,
+            prompt=p.prompt,
+            messages=list(p.messages) if p.messages else None,
+            adapter=spec.adapter,
+            max_new_tokens=spec.max_new_tokens,
+            temperature=WORKLOAD.temperature,
+            request_id=rid,
         )
-        row: dict[str, Any] = {"rid": rid, "target": target, "adapter": spec.adapter, "t_start": time.time(),
-                               "t_campaign": _Process.clock(), "max_new_tokens": spec.max_new_tokens}
-        with _TRACER.start_as_current_span(f"generate {spec.adapter or 'base'}", kind=trace.SpanKind.CLIENT) as span:
+        row: dict[str, Any] = {
+            "rid": rid,
+            "target": target,
+            "adapter": spec.adapter,
+            "t_start": time.time(),
+            "t_campaign": _Process.clock(),
+            "max_new_tokens": spec.max_new_tokens,
+        }
+        with _TRACER.start_as_current_span(
+            f"generate {spec.adapter or 'base'}", kind=trace.SpanKind.CLIENT
+        ) as span:
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             row["trace_id"] = format(span.get_span_context().trace_id, "032x")
@@ -180,13 +195,19 @@ class _EffllmUser(User):
         for gap in itl:
             self._fire("itl", gap, 1)
         self._fire("e2e", e2e, n)
-        row.update(status="OK", e2e_s=e2e, ttft_s=ttft, tpot_s=tpot, output_tokens=n, itl_s=itl,
-                   t_end=time.time())
+        row.update(
+            status="OK", e2e_s=e2e, ttft_s=ttft, tpot_s=tpot, output_tokens=n, itl_s=itl, t_end=time.time()
+        )
         if final is not None:
             t = final.timings
-            row.update(input_tokens=final.usage.input_tokens, finish=int(final.finish_reason),
-                       served_adapter=final.adapter, server_ttft_s=t.time_to_first_token_s,
-                       server_queue_s=t.queue_s, server_total_s=t.total_s)
+            row.update(
+                input_tokens=final.usage.input_tokens,
+                finish=int(final.finish_reason),
+                served_adapter=final.adapter,
+                server_ttft_s=t.time_to_first_token_s,
+                server_queue_s=t.queue_s,
+                server_total_s=t.total_s,
+            )
         _Process.write(row)
 
     def _fail(self, row: dict[str, Any], start: float, code: str, details: str) -> None:
@@ -248,7 +269,7 @@ def _done(user: User) -> None:
         if isinstance(runner, WorkerRunner):
             # Stats first, on the same ordered channel: the master quits as soon as all workers are done.
             runner._send_stats()
-            runner.send_message("effllm_done", runner.worker_index)
+            runner.send_message("effllm_done", {"worker": runner.worker_index})
         elif isinstance(runner, LocalRunner):
             gevent.spawn_later(0.2, runner.quit)
     gevent.sleep(3600)  # idle until Locust stops this user
@@ -261,7 +282,7 @@ def _on_init(environment: Any, **_: Any) -> None:
         done: set[int] = set()
 
         def on_done(msg: Any, **__: Any) -> None:
-            done.add(int(msg.data))
+            done.add(int(msg.data["worker"]))
             if len(done) >= max(1, int(environment.parsed_options.expect_workers)):
                 gevent.spawn_later(0.5, runner.quit)
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from effllm.loadtest.workload import (
     AdapterMix,
     Arrivals,
@@ -76,9 +75,14 @@ def test_shapes() -> None:
 
 
 def test_same_seed_same_stream_and_json_round_trip(tmp_path) -> None:
-    w = Workload(seed=7, rate=3.0, prompts=PromptSource("chat", LengthDist.parse("uniform:8-40"), chat_share=0.5),
-                 output=LengthDist.parse("normal:16,4"), adapters=AdapterMix("zipf", ("a", "b", "c"), 1.2, 0.1),
-                 shape=Shape("ramp", 1, 5, 30))
+    w = Workload(
+        seed=7,
+        rate=3.0,
+        prompts=PromptSource("chat", LengthDist.parse("uniform:8-40"), chat_share=0.5),
+        output=LengthDist.parse("normal:16,4"),
+        adapters=AdapterMix("zipf", ("a", "b", "c"), 1.2, 0.1),
+        shape=Shape("ramp", 1, 5, 30),
+    )
     w2 = Workload.from_dict(json.loads(json.dumps(w.to_dict())))
     assert w2 == w
     a, b, c = w.requests(0), w2.requests(0), w.requests(1)
@@ -94,13 +98,15 @@ def test_synthetic_prompt_length_in_words_and_jsonl(tmp_path) -> None:
     spec = w.requests().next()
     assert spec.prompt.prompt is not None and len(spec.prompt.prompt.split()) == 25
     f = tmp_path / "p.jsonl"
-    f.write_text('{"prompt": "hello", "max_new_tokens": 5}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    f.write_text(
+        '{"prompt": "hello", "max_new_tokens": 5}\n{"messages": [{"role": "user", "content": "hi"}]}\n'
+    )
     js = Workload(prompts=PromptSource("jsonl", path=str(f)), output=LengthDist.parse("9")).requests()
     seen = {(s.prompt.prompt, s.max_new_tokens) for s in (js.next() for _ in range(40))}
     assert seen == {("hello", 5), (None, 9)}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
-    with pytest.raises(ValueError, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         Workload(prompts=PromptSource("jsonl", path=str(bad))).requests()
 
 
