@@ -29,6 +29,7 @@ import gevent
 import gevent.pool
 from grpc.experimental import gevent as grpc_gevent
 from locust import LoadTestShape, User, constant, events, task
+from locust.exception import StopUser
 from locust.runners import LocalRunner, MasterRunner, WorkerRunner
 from locust.user.task import LOCUST_STATE_STOPPING
 
@@ -87,7 +88,8 @@ class _Process:
         if cls.rows is None:
             run_dir = Path(CONFIG.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            cls.rows = (run_dir / f"requests-{os.getpid()}.jsonl").open("a")
+            # line-buffered: a row is on disk as soon as its request ends, whatever stops the process
+            cls.rows = (run_dir / f"requests-{os.getpid()}.jsonl").open("a", buffering=1)
         cls.rows.write(json.dumps(row) + "\n")
 
 
@@ -272,7 +274,7 @@ def _done(user: User) -> None:
             runner.send_message("effllm_done", {"worker": runner.worker_index})
         elif isinstance(runner, LocalRunner):
             gevent.spawn_later(0.2, runner.quit)
-    gevent.sleep(3600)  # idle until Locust stops this user
+    raise StopUser()  # this user is finished; Locust's quit then has nothing left to wait for
 
 
 @events.init.add_listener
