@@ -16,7 +16,6 @@ from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
-Metadata = Sequence[tuple[str, str]]
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 
 
@@ -56,26 +55,28 @@ def build_request(
 
 
 class EffllmClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None,
-                 metadata: Metadata | None = None, **kw: Any) -> pb.GenerateResponse:
-        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout,
-                                  metadata=metadata)
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
+        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
 
-    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-               metadata: Metadata | None = None, **kw: Any) -> Iterator[pb.GenerateStreamResponse]:
-        """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call.
-
-        `metadata`: extra gRPC metadata, e.g. W3C `traceparent` so the server's span joins the caller's trace.
-        """
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout,
-                                        metadata=metadata)
+    def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
+        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
             yield from call
         finally:
@@ -114,19 +115,26 @@ class EffllmClient:
 
 
 class AsyncEffllmClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
-                       **kw: Any) -> pb.GenerateResponse:
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
         return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
 
-    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-                     **kw: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
             async for chunk in call:

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from .engines.base import Engine, EngineError, GenerationRequest, TokenEvent, Timings
+from .engines.base import Engine, EngineError, GenerationRequest, Timings, TokenEvent
 
 
 @dataclass
