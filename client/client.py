@@ -11,11 +11,15 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import TracerProvider
 
+from .tracing import call_span, configured_tracer
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
+_GENERATE = "effllm.v1.GenerationService/Generate"
+_STREAM = "effllm.v1.GenerationService/GenerateStream"
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 
 
@@ -55,32 +59,44 @@ def build_request(
 
 
 class EffllmClient:
+    """`tracer_provider`: CLIENT spans for generate/stream, their W3C context sent to the server
+    (default: the process's global provider, if one is installed; none otherwise)."""
+
     def __init__(
         self,
         target: str = "127.0.0.1:50051",
         *,
         timeout: float | None = 120.0,
         channel: grpc.Channel | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.target = target
         self.timeout = timeout
+        self._tracer = configured_tracer(tracer_provider)
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> pb.GenerateResponse:
-        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        with call_span(self._tracer, _GENERATE, self.target) as md:
+            return self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
     def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> Iterator[pb.GenerateStreamResponse]:
         """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        with call_span(self._tracer, _STREAM, self.target) as md:
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
+            try:
+                yield from call
+            finally:
+                call.cancel()
 
     def model_info(self) -> pb.ModelInfo:
         return self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
@@ -121,26 +137,35 @@ class AsyncEffllmClient:
         *,
         timeout: float | None = 120.0,
         channel: grpc.aio.Channel | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.target = target
         self.timeout = timeout
+        self._tracer = configured_tracer(tracer_provider)
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> pb.GenerateResponse:
-        return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        with call_span(self._tracer, _GENERATE, self.target) as md:
+            return await self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
     async def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        with call_span(self._tracer, _STREAM, self.target) as md:
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
+            try:
+                async for chunk in call:
+                    yield chunk
+            finally:
+                call.cancel()
 
     async def model_info(self) -> pb.ModelInfo:
         return await self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)

@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,6 +26,10 @@ from ..client.v1 import generation_pb2_grpc as pb_grpc
 from .engines.base import Engine
 from .runner import Runner
 from .service import GenerationService, Limits
+
+if TYPE_CHECKING:
+    from ..telemetry.serving import ServerTelemetry
+    from ..telemetry.tracing import TelemetryConfig
 
 log = logging.getLogger("effllm.server")
 
@@ -50,10 +56,18 @@ class ServerConfig:
 class EffllmServer:
     """One gRPC server around one engine. `start()` returns once the port is bound."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(
+        self, engine: Engine, config: ServerConfig, telemetry: ServerTelemetry | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
-        self.runner = Runner(engine, config.max_concurrency, config.queue_size)
+        self.telemetry = telemetry
+        self.runner = Runner(
+            engine,
+            config.max_concurrency,
+            config.queue_size,
+            observer=telemetry.observer if telemetry else None,
+        )
         self.generation = GenerationService(self.runner, config.limits)
         self.health = HealthServicer()
         self.port = 0
@@ -65,7 +79,8 @@ class EffllmServer:
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
-        server = grpc.aio.server(options=opts)
+        interceptors = self.telemetry.interceptors() if self.telemetry else []
+        server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
@@ -118,6 +133,8 @@ class EffllmServer:
             await asyncio.sleep(0.05)
         await self._server.stop(grace=0.5)
         await self.engine.shutdown()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()  # flush spans and metrics before the process exits
         self._server = None
         self._stopped.set()
 
@@ -125,9 +142,15 @@ class EffllmServer:
         await self._stopped.wait()
 
 
-async def serve(engine: Engine, config: ServerConfig) -> None:
+async def serve(
+    engine: Engine, config: ServerConfig, telemetry_config: TelemetryConfig | None = None
+) -> None:
     """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
-    server = EffllmServer(engine, config)
+    # The gauges read the runner lazily, so they may be registered before the server exists.
+    telemetry = start_telemetry(
+        engine, telemetry_config, lambda: (server.runner.queued, server.runner.running)
+    )
+    server = EffllmServer(engine, config, telemetry)
     loop = asyncio.get_running_loop()
     signals = 0
     tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly
@@ -148,3 +171,18 @@ async def serve(engine: Engine, config: ServerConfig) -> None:
     await server.load()
     await server.wait()
     log.info("stopped")
+
+
+def start_telemetry(
+    engine: Engine, config: TelemetryConfig | None, load: Callable[[], tuple[int, int]]
+) -> ServerTelemetry | None:
+    """Traces, metrics, sampler and energy for this server; None when telemetry is off."""
+    if config is None or not config.enabled:
+        log.info("telemetry off")
+        return None
+    from ..telemetry.genai import ServedModel
+    from ..telemetry.serving import ServerTelemetry
+
+    info = engine.info
+    served = ServedModel(info.model, info.precision, info.engine, info.parameters)
+    return ServerTelemetry.start(config, served, load)

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 
+from ..telemetry.tracing import add_flags as add_telemetry_flags
+from ..telemetry.tracing import config_from_args as telemetry_config
 from .app import ServerConfig, serve
 from .engines.base import PRECISIONS, Engine, Precision
 from .service import Limits
@@ -41,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
+    add_telemetry_flags(p)
     p.set_defaults(func=run)
 
 
@@ -88,5 +91,5 @@ def run(args: argparse.Namespace) -> int:
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens, max_new_tokens=args.max_new_tokens),
     )
     engine = build_engine(args)
-    asyncio.run(serve(engine, config))
+    asyncio.run(serve(engine, config, telemetry_config(args, service_name="effllm-server")))
     return 0

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+from ..telemetry.genai import RequestEnd, RequestObserver, RequestStart, RequestTrace
 from .engines.base import Engine, EngineError, GenerationRequest, Timings, TokenEvent
 
 
@@ -24,8 +25,11 @@ class Counters:
 
 
 class Runner:
-    def __init__(self, engine: Engine, max_concurrency: int, queue_size: int) -> None:
+    def __init__(
+        self, engine: Engine, max_concurrency: int, queue_size: int, observer: RequestObserver | None = None
+    ) -> None:
         self.engine = engine
+        self.observer = observer  # telemetry: span, metrics and energy per request (None: off)
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -46,6 +50,25 @@ class Runner:
             )
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        if self.observer is None:
+            async for event in self._run(request, None):
+                yield event
+            return
+        trace = self.observer.begin(_start(request))
+        try:
+            async for event in self._run(request, trace):
+                yield event
+        except EngineError as err:
+            trace.fail(err.code, err.message)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            trace.cancelled()
+            raise
+        except Exception as err:
+            trace.fail("internal", f"{type(err).__name__}: {err}")
+            raise
+
+    async def _run(self, request: GenerationRequest, trace: RequestTrace | None) -> AsyncIterator[TokenEvent]:
         arrival = time.perf_counter()
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)
@@ -59,6 +82,8 @@ class Runner:
             self.queued -= 1
         self.running += 1
         scheduled = time.perf_counter()
+        if trace is not None:
+            trace.scheduled()
         first: float | None = None
         try:
             async for event in self.engine.generate(request):
@@ -79,6 +104,8 @@ class Runner:
                             total_s=now - arrival,
                         ),
                     )
+                    if trace is not None:
+                        trace.finish(_end(event))
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             self.counters.requests_cancelled += 1
@@ -88,3 +115,30 @@ class Runner:
             self.counters.requests_total += 1
             self._in_flight.discard(request.request_id)
             self._slots.release()
+
+
+def _start(request: GenerationRequest) -> RequestStart:
+    s = request.sampling
+    return RequestStart(
+        request.request_id,
+        request.messages is not None,
+        s.max_new_tokens,
+        s.temperature,
+        s.top_p,
+        request.adapter,
+    )
+
+
+def _end(event: TokenEvent) -> RequestEnd:
+    usage, t = event.usage, event.timings
+    assert t is not None and event.finish_reason is not None
+    return RequestEnd(
+        input_tokens=usage.input_tokens if usage else 0,
+        output_tokens=usage.output_tokens if usage else 0,
+        finish_reason=event.finish_reason,
+        adapter=event.adapter,
+        queue_s=t.queue_s,
+        time_to_first_token_s=t.time_to_first_token_s,
+        decode_s=t.decode_s,
+        total_s=t.total_s,
+    )

@@ -1,0 +1,261 @@
+"""Telemetry on vs off: the same server flags, the same streamed requests, throughput side by side.
+
+Two `effllm serve` processes run at once, one with the default telemetry (file traces, sampler at
+10 Hz, energy attribution, Prometheus) and one with --no-telemetry. Rounds alternate between them
+(on, off, off, on, ...) and the server not being measured is paused with SIGSTOP (its whole process
+tree), so neither pays for the other's idle threads. Each round streams `--requests` requests through
+`--concurrency` concurrent streams (greedy, fixed prompts: both servers produce the same tokens) and
+counts output tokens / wall-clock seconds, and the CPU seconds the measured server's process tree used
+per output token (telemetry's cost shows there even when other tenants make wall-clock numbers noisy).
+
+    python bench/telemetry_overhead.py --rounds 3 --requests 24 --concurrency 8 --max-new-tokens 64
+
+Prints a table and writes JSON (default runs/bench-telemetry-overhead-<UTC>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+from effllm.client import AsyncEffllmClient, EffllmClient
+
+PROMPTS = [
+    "Write a long story about a robot who learns to paint.",
+    "Explain in detail how a steam engine works.",
+    "List the planets of the solar system and describe each one.",
+    "Describe a walk through a busy market in the morning.",
+]
+
+
+@dataclass
+class Round:
+    config: str  # "on" | "off"
+    index: int
+    requests: int
+    output_tokens: int
+    wall_s: float
+    server_cpu_s: float  # CPU seconds the measured server's process tree used during the round
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return 1000.0 * self.server_cpu_s / self.output_tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(
+    name: str, extra: list[str], args: argparse.Namespace, work: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "effllm.cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--max-concurrency",
+        str(args.concurrency),
+        "--max-context",
+        "1024",
+        "--kv-cache-gib",
+        str(args.kv_cache_gib),
+        *extra,
+    ]
+    log = (work / f"server-{name}.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with EffllmClient(f"127.0.0.1:{port}", timeout=10) as c:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} server exited; see {work / f'server-{name}.log'}")
+            try:
+                if c.health() == "SERVING":
+                    return proc, port
+            except Exception:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"{name} server not ready")
+
+
+def _tree(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_cpu_s(proc: subprocess.Popen[bytes]) -> float:
+    total = 0.0
+    for p in _tree(proc):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def pause(proc: subprocess.Popen[bytes], on: bool) -> None:
+    for p in _tree(proc):
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGSTOP if on else signal.SIGCONT)
+
+
+async def load(port: int, n: int, concurrency: int, max_new_tokens: int) -> tuple[int, float]:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    tokens = 0
+
+    async def worker(client: AsyncEffllmClient) -> None:
+        nonlocal tokens
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            async for chunk in client.stream(
+                PROMPTS[i % len(PROMPTS)], max_new_tokens=max_new_tokens, temperature=0.0, timeout=600
+            ):
+                if chunk.HasField("final"):
+                    tokens += chunk.final.usage.output_tokens
+
+    async with AsyncEffllmClient(f"127.0.0.1:{port}", timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return tokens, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration")
+    ap.add_argument("--requests", type=int, default=24, help="requests per round")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or Path("runs") / f"bench-telemetry-overhead-{stamp}.json"
+    work = Path(tempfile.mkdtemp(prefix="effllm-bench-tel-"))
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    rounds: list[Round] = []
+    try:
+        servers["on"] = start("on", ["--run-dir", str(work / "run-on")], args, work)
+        pause(servers["on"][0], True)
+        servers["off"] = start("off", ["--no-telemetry"], args, work)
+        pause(servers["off"][0], True)
+        for name in ("on", "off"):  # warm-up (not measured)
+            pause(servers[name][0], False)
+            asyncio.run(load(servers[name][1], args.concurrency, args.concurrency, 8))
+            pause(servers[name][0], True)
+        order = []
+        for r in range(args.rounds):
+            order += [("on", r), ("off", r)] if r % 2 == 0 else [("off", r), ("on", r)]
+        for name, r in order:
+            proc, port = servers[name]
+            pause(proc, False)
+            cpu0 = tree_cpu_s(proc)
+            try:
+                tokens, wall = asyncio.run(load(port, args.requests, args.concurrency, args.max_new_tokens))
+                cpu = tree_cpu_s(proc) - cpu0
+            finally:
+                pause(proc, True)
+            rounds.append(Round(name, r, args.requests, tokens, wall, cpu))
+            print(
+                f"round {r} {name:>3}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s, "
+                f"server CPU {cpu:.2f} s = {1000 * cpu / max(tokens, 1):.1f} ms/token",
+                flush=True,
+            )
+    finally:
+        for proc, _ in servers.values():
+            pause(proc, False)
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def summary(name: str) -> dict[str, float]:
+        rs = [r for r in rounds if r.config == name]
+        return {
+            "median_tokens_per_s": statistics.median(r.tokens_per_s for r in rs),
+            "pooled_tokens_per_s": sum(r.output_tokens for r in rs) / sum(r.wall_s for r in rs),
+            "output_tokens": sum(r.output_tokens for r in rs),
+            "server_cpu_ms_per_token": 1000.0
+            * sum(r.server_cpu_s for r in rs)
+            / sum(r.output_tokens for r in rs),
+        }
+
+    on, off = summary("on"), summary("off")
+    change = 100.0 * (on["pooled_tokens_per_s"] - off["pooled_tokens_per_s"]) / off["pooled_tokens_per_s"]
+    change_median = (
+        100.0 * (on["median_tokens_per_s"] - off["median_tokens_per_s"]) / off["median_tokens_per_s"]
+    )
+    cpu_change = (
+        100.0
+        * (on["server_cpu_ms_per_token"] - off["server_cpu_ms_per_token"])
+        / off["server_cpu_ms_per_token"]
+    )
+    print()
+    print(
+        f"telemetry overhead: {args.rounds} rounds x {args.requests} requests, {args.concurrency} streams, "
+        f"max_new_tokens {args.max_new_tokens}, {os.cpu_count()} CPU cores"
+    )
+    print(
+        f"{'telemetry':<10} {'pooled tok/s':>13} {'median tok/s':>13} {'tokens':>8} {'server CPU ms/tok':>18}"
+    )
+    for name, s in (("off", off), ("on", on)):
+        print(
+            f"{name:<10} {s['pooled_tokens_per_s']:>13.1f} {s['median_tokens_per_s']:>13.1f} "
+            f"{int(s['output_tokens']):>8} {s['server_cpu_ms_per_token']:>18.2f}"
+        )
+    print(
+        f"throughput change (on vs off): {change:+.2f} % pooled, {change_median:+.2f} % median "
+        "(target: within 3 %)"
+    )
+    print(f"server CPU per token change (on vs off): {cpu_change:+.2f} % (less sensitive to other tenants)")
+    result = {
+        "config": vars(args) | {"out": str(out)},
+        "cpu_cores": os.cpu_count(),
+        "rounds": [
+            asdict(r) | {"tokens_per_s": r.tokens_per_s, "cpu_ms_per_token": r.cpu_ms_per_token}
+            for r in rounds
+        ],
+        "on": on,
+        "off": off,
+        "change_pct_pooled": change,
+        "server_cpu_per_token_change_pct": cpu_change,
+        "change_pct_median": change_median,
+        "telemetry_run_dir": str(work / "run-on"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
