@@ -21,9 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ..client.v1 import adapters_pb2_grpc as apb_grpc
 from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
-from .engines.base import Engine
+from .adapters.paths import parse_ref
+from .adapters.registry import AdapterRegistry, RegistryConfig
+from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
+from .adapters.service import AdapterService
+from .engines.base import Engine, EngineError
 from .runner import Runner
 from .service import GenerationService, Limits
 
@@ -33,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("effllm.server")
 
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,)
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name, ADAPTER_SERVICE_NAME)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class ServerConfig:
     max_message_bytes: int = 16 << 20
     grace_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
+    preload: tuple[str, ...] = ()  # NAME or NAME@VERSION, loaded before health turns SERVING
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -57,18 +63,22 @@ class EffllmServer:
     """One gRPC server around one engine. `start()` returns once the port is bound."""
 
     def __init__(
-        self, engine: Engine, config: ServerConfig, telemetry: ServerTelemetry | None = None
+        self, engine: Engine, config: ServerConfig, telemetry: ServerTelemetry | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
         self.telemetry = telemetry
+        self.adapters = adapters or AdapterRegistry(engine, None, RegistryConfig())
         self.runner = Runner(
             engine,
             config.max_concurrency,
             config.queue_size,
             observer=telemetry.observer if telemetry else None,
+            adapters=self.adapters,
         )
         self.generation = GenerationService(self.runner, config.limits)
+        self.adapter_service = AdapterService(self.adapters)
         self.health = HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -82,6 +92,7 @@ class EffllmServer:
         interceptors = self.telemetry.interceptors() if self.telemetry else []
         server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
+        apb_grpc.add_AdapterServiceServicer_to_server(self.adapter_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (
             *SERVICE_NAMES,
@@ -100,6 +111,12 @@ class EffllmServer:
 
     async def load(self) -> None:
         await self.engine.start()
+        for ref in self.config.preload:
+            try:
+                await self.adapters.load(*parse_ref(ref))
+            except EngineError as err:
+                raise RuntimeError(f"--preload {ref}: {err.message}") from err
+        self.adapter_service.ready = True
         self.generation.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         info = self.engine.info
@@ -143,14 +160,15 @@ class EffllmServer:
 
 
 async def serve(
-    engine: Engine, config: ServerConfig, telemetry_config: TelemetryConfig | None = None
+    engine: Engine, config: ServerConfig, telemetry_config: TelemetryConfig | None = None,
+    adapters: AdapterRegistry | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
     # The gauges read the runner lazily, so they may be registered before the server exists.
     telemetry = start_telemetry(
         engine, telemetry_config, lambda: (server.runner.queued, server.runner.running)
     )
-    server = EffllmServer(engine, config, telemetry)
+    server = EffllmServer(engine, config, telemetry, adapters)
     loop = asyncio.get_running_loop()
     signals = 0
     tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly

@@ -11,9 +11,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..telemetry.genai import RequestEnd, RequestObserver, RequestStart, RequestTrace
 from .engines.base import Engine, EngineError, GenerationRequest, Timings, TokenEvent
+
+if TYPE_CHECKING:
+    from .adapters.registry import AdapterRegistry
 
 
 @dataclass
@@ -26,10 +30,12 @@ class Counters:
 
 class Runner:
     def __init__(
-        self, engine: Engine, max_concurrency: int, queue_size: int, observer: RequestObserver | None = None
+        self, engine: Engine, max_concurrency: int, queue_size: int, observer: RequestObserver | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self.engine = engine
         self.observer = observer  # telemetry: span, metrics and energy per request (None: off)
+        self.adapters = adapters
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -51,12 +57,12 @@ class Runner:
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         if self.observer is None:
-            async for event in self._run(request, None):
+            async for event in self._resolve(request, None):
                 yield event
             return
         trace = self.observer.begin(_start(request))
         try:
-            async for event in self._run(request, trace):
+            async for event in self._resolve(request, trace):
                 yield event
         except EngineError as err:
             trace.fail(err.code, err.message)
@@ -67,6 +73,25 @@ class Runner:
         except Exception as err:
             trace.fail("internal", f"{type(err).__name__}: {err}")
             raise
+
+    async def _resolve(
+        self, request: GenerationRequest, trace: RequestTrace | None
+    ) -> AsyncIterator[TokenEvent]:
+        """Resolve the adapter (a lease on one version, held until the request ends), then admit and run."""
+        if not request.adapter:
+            async for event in self._run(request, trace):
+                yield event
+            return
+        if self.adapters is None:
+            raise EngineError("failed_precondition", "adapter: this server runs without adapters")
+        lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
+        inner = self._run(replace(request, resolved_adapter=lease.spec), trace)
+        try:
+            async for event in inner:
+                yield event
+        finally:
+            await inner.aclose()  # the engine lets go of the adapter before the lease does
+            lease.release()
 
     async def _run(self, request: GenerationRequest, trace: RequestTrace | None) -> AsyncIterator[TokenEvent]:
         arrival = time.perf_counter()
@@ -97,6 +122,7 @@ class Runner:
                     first_at = first if first is not None else now
                     event = replace(
                         event,
+                        adapter=request.resolved_adapter.key if request.resolved_adapter else event.adapter,
                         timings=Timings(
                             queue_s=scheduled - arrival,
                             time_to_first_token_s=first_at - arrival,
