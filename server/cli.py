@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from ..telemetry.tracing import add_flags as add_telemetry_flags
@@ -24,7 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct"
     )
-    p.add_argument("--engine", choices=("auto", "vllm"), default="auto")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "vllm", "hf"),
+        default="auto",
+        help="auto: vllm, unless the precision or an adapter method needs hf "
+        "(int4 on CPU, or dora in --adapter-methods)",
+    )
+    p.add_argument(
+        "--adapter-methods",
+        default="lora,rslora",
+        help="adapter methods this server must serve (comma list of lora, rslora, dora); "
+        "dora is served by the hf engine only",
+    )
     p.add_argument(
         "--precision",
         choices=("auto", *PRECISIONS),
@@ -69,6 +82,14 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
+def choose_engine(engine: str, precision: str, device: str, adapter_methods: str) -> str:
+    """`auto` -> vllm, unless hf is needed: int4 on CPU (vLLM's CPU backend has no int4) or DoRA."""
+    if engine != "auto":
+        return engine
+    methods = {m.strip() for m in adapter_methods.split(",") if m.strip()}
+    return "hf" if (precision == "int4" and device == "cpu") or "dora" in methods else "vllm"
+
+
 def build_engine(args: argparse.Namespace) -> Engine:
     from .engines.vllm_engine import VllmConfig, VllmEngine
     from .model import resolve_model
@@ -78,6 +99,20 @@ def build_engine(args: argparse.Namespace) -> Engine:
         args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     )
     model = resolve_model(args.model)
+    if choose_engine(args.engine, precision, device, args.adapter_methods) == "hf":
+        from .engines.hf_engine import HfConfig, HfEngine
+
+        hf = HfConfig(
+            precision=precision,
+            max_context=args.max_context,
+            max_concurrency=args.max_concurrency,
+            device=device,
+            seed=args.seed,
+        )
+        # adapter limits come from the adapter flags where this server has them
+        names = ("max_adapter_rank", "max_adapters_per_batch")
+        limits = {k: getattr(args, k) for k in names if getattr(args, k, None)}
+        return HfEngine(model, replace(hf, **limits))
     config = VllmConfig(
         precision=precision,
         max_context=args.max_context,
