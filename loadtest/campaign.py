@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from ..client import EffllmClient
+from ..telemetry.sampler import read_samples, summarize
+from ..telemetry.tracing import SAMPLES_FILE, TRACES_FILE
 from . import render
 from .config import ENV, LoadConfig
 from .report import Slo, build, read_locust_stats, read_rows
 from .resources import ResourceWatch
-from .traces import load_spans
+from .traces import ServerSpan, load_spans
 
 
 def free_port() -> int:
@@ -49,6 +51,7 @@ class ServerHandle:
     proc: subprocess.Popen[bytes]
     target: str
     log: Path
+    run_dir: Path | None = None  # the server's telemetry run dir (traces.jsonl, resource-samples.jsonl)
 
     @classmethod
     def start(
@@ -68,11 +71,16 @@ class ServerHandle:
             str(port),
             *shlex.split(args),
         ]
+        server_run_dir = None
+        if "--run-dir" not in shlex.split(args) and "--no-telemetry" not in shlex.split(args):
+            # the server's traces and resource samples land beside the campaign's results
+            server_run_dir = log_dir / "server"
+            cmd += ["--run-dir", str(server_run_dir)]
         with log.open("wb") as fh:
             proc = subprocess.Popen(
                 cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
             )
-        handle = cls(proc, f"127.0.0.1:{port}", log)
+        handle = cls(proc, f"127.0.0.1:{port}", log, server_run_dir)
         handle.wait(ready_timeout)
         return handle
 
@@ -110,6 +118,7 @@ class Campaign:
     workers: int = 0  # 0: one local Locust process; N: a master and N workers on loopback
     traces: tuple[Path, ...] = ()  # server trace files/dirs (OTLP/JSON lines)
     server_pid: int | None = None  # watch this process tree (set automatically with --serve)
+    server_run_dir: Path | None = None  # the server's telemetry run dir: its traces and resource samples
     label: str = "campaign"
 
     def __post_init__(self) -> None:
@@ -213,12 +222,17 @@ def run(c: Campaign) -> dict[str, Any]:
     }
     t0 = min(r["t_start"] for r in rows)
     t1 = max(r.get("t_end", r["t_start"]) for r in rows)
+    trace_paths = list(c.traces)
+    if c.server_run_dir is not None:
+        trace_paths.append(c.server_run_dir / TRACES_FILE)
+    spans = _wait_for_spans(trace_paths, len(rows))
+    resources = _server_samples(c.server_run_dir, t0, t1) or (watch.summary(t0, t1) if watch else None)
     report = build(
         rows,
         locust=read_locust_stats(run_dir / "locust"),
-        spans=load_spans(c.traces),
+        spans=spans,
         server=server,
-        resources=watch.summary(t0, t1) if watch else None,
+        resources=resources,
         slo=c.slo,
         meta={
             "label": c.label,
@@ -229,6 +243,38 @@ def run(c: Campaign) -> dict[str, Any]:
     )
     write(run_dir, {c.label: report})
     return report
+
+
+def _wait_for_spans(paths: list[Path], expected: int, timeout_s: float = 15.0) -> list[ServerSpan]:
+    """The server exports spans in batches (every few seconds): wait until all requests' spans are in."""
+    deadline = time.monotonic() + timeout_s
+    spans = load_spans(paths)
+    while paths and len(spans) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        spans = load_spans(paths)
+    return spans
+
+
+def _server_samples(run_dir: Path | None, t0: float, t1: float) -> dict[str, Any] | None:
+    """AMU, PCU, AEC and energy over [t0, t1] from the server's own resource sampler (its energy source)."""
+    if run_dir is None or not (run_dir / SAMPLES_FILE).exists():
+        return None
+    try:
+        w = summarize(read_samples(run_dir / SAMPLES_FILE), t0, t1)
+    except ValueError:  # no samples in the window
+        return None
+    return {
+        "source": "server resource sampler",
+        "samples": w.samples,
+        "window_s": w.duration_s,
+        "amu": w.amu,
+        "amu_gb": w.amu_bytes / 1e9,
+        "peak_rss_gb": w.peak_memory_bytes / 1e9,
+        "pcu": w.pcu,
+        "energy_j": w.energy_j,
+        "aec_w": w.aec_w,
+        "energy_source": w.energy_source,
+    }
 
 
 def write(run_dir: Path, reports: dict[str, dict[str, Any]], precision: dict[str, Any] | None = None) -> Path:

@@ -38,6 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--server-pid", type=int, default=None, help="watch this server process tree (memory, CPU)"
     )
     g.add_argument(
+        "--server-run-dir",
+        type=Path,
+        default=None,
+        help="the server's telemetry run dir (traces.jsonl, resource-samples.jsonl); automatic with --serve",
+    )
+    g.add_argument(
         "--traces",
         action="append",
         default=[],
@@ -190,6 +196,7 @@ def run(a: argparse.Namespace) -> int:
             workers=a.workers,
             traces=tuple(a.traces),
             server_pid=a.server_pid or (server.proc.pid if server else None),
+            server_run_dir=a.server_run_dir or (server.run_dir if server else None),
             label=a.label,
         )
         report = run_campaign(campaign)

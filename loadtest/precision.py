@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..telemetry import metrics
 from .campaign import Campaign, ServerHandle, run, write
 from .config import LoadConfig
 from .quality import default_model_path
@@ -83,7 +84,8 @@ def table(
         mcr = None
         if ref and e.get("weight_bytes") and ppl(p) and ppl(ref):
             ref_bytes = reports[ref]["efficientllm"]["weight_bytes"]
-            mcr = (ref_bytes / e["weight_bytes"]) * (ppl(ref) / ppl(p))  # type: ignore[operator]
+            # quality = 1/perplexity, so perf_comp/perf_orig = ppl_ref / ppl_p
+            mcr = metrics.mcr(ref_bytes, e["weight_bytes"], 1 / ppl(ref), 1 / ppl(p))  # type: ignore[operator]
         rec = {
             "precision": p,
             "engine": e.get("engine"),
@@ -168,7 +170,16 @@ def run_precision(
                 timeout_s=timeout_s,
                 run_dir=str(sub),
             )
-            rep = run(Campaign(cfg, slo=slo, traces=traces, server_pid=server.proc.pid, label=p))
+            rep = run(
+                Campaign(
+                    cfg,
+                    slo=slo,
+                    traces=traces,
+                    server_pid=server.proc.pid,
+                    server_run_dir=server.run_dir,
+                    label=p,
+                )
+            )
         finally:
             server.stop()
         reports[p] = rep

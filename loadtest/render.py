@@ -65,6 +65,7 @@ def summary_rows(label: str, rep: dict[str, Any]) -> list[list[str]]:
 EFF_COLUMNS = (
     "precision",
     "AMU (GB)",
+    "AMU (ratio)",
     "PCU",
     "AL (s)",
     "AT (IT tok/s)",
@@ -79,6 +80,7 @@ def eff_row(label: str, rep: dict[str, Any]) -> list[str]:
     return [
         e.get("precision") or label,
         _f(e["amu_gb"]),
+        _f(e.get("amu_ratio")),
         _f(e["pcu"]),
         _f(e["al_s"], digits=4),
         _f(e["at_it_tokens_per_s"], digits=4),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..telemetry import metrics
 from .traces import ServerSpan, join
 
 
@@ -199,11 +200,19 @@ def build(
     energy_j: float | None
     source: str | None
     res = resources or {}
-    if span_energy:
+    # The campaign's energy is the whole window's (idle share included), as J/token in a steady-state
+    # window is defined; the per-request energy the server attributes in its spans is given beside it.
+    if res.get("energy_j") is not None:
+        energy_j, source = res["energy_j"], res.get("energy_source")
+    elif span_energy:
         energy_j, source = sum(span_energy), next(iter(joined.values())).energy_source + " (server spans)"
     else:
-        energy_j, source = res.get("energy_j"), res.get("energy_source")
-    aec = (energy_j / wall) if energy_j is not None and wall > 0 else None
+        energy_j, source = None, None
+    aec = (
+        res.get("aec_w")
+        if res.get("aec_w") is not None
+        else (energy_j / wall if energy_j is not None and wall > 0 else None)
+    )
     srv = server or {}
     info = srv.get("model_info", {})
     return {
@@ -219,7 +228,7 @@ def build(
         "output_tokens": tokens,
         "input_tokens": sum(r.get("input_tokens", 0) for r in ok),
         "throughput": {
-            "tokens_per_s_wall": tokens / wall if wall > 0 else None,
+            "tokens_per_s_wall": metrics.wall_throughput(tokens, wall) if wall > 0 else None,
             "it_tokens_per_s": tokens / sum_lat if sum_lat > 0 else None,
             "requests_per_s": len(ok) / wall if wall > 0 else None,
         },
@@ -239,13 +248,22 @@ def build(
         "server": server_cmp,
         "efficientllm": {
             "amu_gb": res.get("amu_gb"),
+            "amu_ratio": res.get("amu"),
             "pcu": res.get("pcu"),
-            "al_s": sum_lat / len(ok) if ok else None,
-            "at_it_tokens_per_s": tokens / sum_lat if sum_lat > 0 else None,
+            "resources_from": res.get("source", "load-side process watch" if res else None),
+            "al_s": metrics.average_latency([r["e2e_s"] for r in ok]) if ok else None,
+            "at_it_tokens_per_s": metrics.inference_throughput(
+                [r["output_tokens"] for r in ok], [r["e2e_s"] for r in ok]
+            )
+            if sum_lat > 0
+            else None,
             "aec_w": aec,
             "energy_j": energy_j,
             "energy_source": source,
-            "j_per_token": (energy_j / tokens) if energy_j is not None and tokens else None,
+            "j_per_token": metrics.joules_per_token(energy_j, tokens)
+            if energy_j is not None and tokens
+            else None,
+            "attributed_energy_j": sum(span_energy) if span_energy else None,
             "precision": info.get("precision"),
             "engine": info.get("engine"),
             "weight_bytes": info.get("weight_bytes"),

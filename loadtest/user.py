@@ -9,7 +9,7 @@ CSV and web UI show each: `ttft`, `tpot` (= (E2E − TTFT)/(n − 1), only when 
 token after the first), `e2e`; response_length is the output token count. A failed request fires `e2e`
 with an exception naming the gRPC status code. Each request also leaves one row in
 RUN_DIR/requests-<stream>.jsonl (the report's per-request source) and carries W3C trace context in its
-metadata, so the server's `generate` span is a child of this process's client span (same trace id).
+metadata (through effllm's client), so the server's `generate` span shares this request's trace id.
 
 Users: `OpenLoopUser` (one per process; arrivals at the workload's rate split over processes, each request
 in its own greenlet, so slow replies never slow arrivals) and `ClosedLoopUser` (send, wait for the reply,
@@ -36,17 +36,19 @@ from locust.user.task import LOCUST_STATE_STOPPING
 grpc_gevent.init_gevent()  # before any channel: grpc's C core must cooperate with gevent's loop
 
 import grpc  # noqa: E402
+from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
+
 from effllm.client import EffllmClient  # noqa: E402
 from effllm.loadtest.config import LoadConfig  # noqa: E402
 from effllm.loadtest.workload import RequestSpec, RequestStream  # noqa: E402
-from opentelemetry import propagate, trace  # noqa: E402
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 
 CONFIG = LoadConfig.from_env()
 WORKLOAD = CONFIG.workload
-# An SDK provider so client spans have real trace ids to propagate; spans are not exported (the join key is
+# An SDK provider so client spans have real trace ids; effllm's client (given this provider) opens a CLIENT
+# span per call under our request span and sends its W3C context. Spans are not exported (the join key is
 # the trace id, kept in each request row).
-_TRACER = TracerProvider().get_tracer("effllm.loadtest")
+_PROVIDER = TracerProvider()
+_TRACER = _PROVIDER.get_tracer("effllm.loadtest")
 
 
 class GrpcStatusError(Exception):
@@ -80,7 +82,7 @@ class _Process:
     @classmethod
     def client(cls, target: str) -> EffllmClient:
         if target not in cls.clients:
-            cls.clients[target] = EffllmClient(target, timeout=CONFIG.timeout_s)
+            cls.clients[target] = EffllmClient(target, timeout=CONFIG.timeout_s, tracer_provider=_PROVIDER)
         return cls.clients[target]
 
     @classmethod
@@ -149,11 +151,7 @@ class _EffllmUser(User):
             "t_campaign": _Process.clock(),
             "max_new_tokens": spec.max_new_tokens,
         }
-        with _TRACER.start_as_current_span(
-            f"generate {spec.adapter or 'base'}", kind=trace.SpanKind.CLIENT
-        ) as span:
-            carrier: dict[str, str] = {}
-            propagate.inject(carrier)
+        with _TRACER.start_as_current_span(f"locust request {spec.adapter or 'base'}") as span:
             row["trace_id"] = format(span.get_span_context().trace_id, "032x")
             start = time.perf_counter()
             ttft: float | None = None
@@ -163,7 +161,7 @@ class _EffllmUser(User):
             final: Any = None
             try:
                 if CONFIG.stream:
-                    for chunk in client.stream(metadata=list(carrier.items()), **kw):
+                    for chunk in client.stream(**kw):
                         now = time.perf_counter()
                         k = len(chunk.token_ids)
                         if k:
@@ -177,7 +175,7 @@ class _EffllmUser(User):
                         if chunk.HasField("final"):
                             final = chunk.final
                 else:
-                    final = client.generate(metadata=list(carrier.items()), **kw)
+                    final = client.generate(**kw)
                     ttft = None
             except grpc.RpcError as err:
                 code = err.code().name if err.code() else "UNKNOWN"
