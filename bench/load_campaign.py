@@ -23,9 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def make_adapters(out: Path, n: int) -> Path:
-    from tests.adaptertools import make_adapter
-
     from effllm.loadtest.quality import default_model_path
+    from tests.adaptertools import make_adapter
 
     root = out / "adapters"
     for i in range(1, n + 1):
@@ -75,30 +74,92 @@ def main() -> int:
     if a.adapters:
         root = make_adapters(a.out, a.adapters)
         adapter_serve += f" --adapter-root {root} --max-adapters-per-batch {a.adapters} " + " ".join(
-            f"--preload a{i}" for i in range(1, a.adapters + 1))
-    common = ["--prompt-len", a.prompt_len, "--output-len", a.output_len, "--timeout", "300",
-              "--slo", "ttft=2,tpot=0.5"]
-    adapter_args = ["--adapters", names, "--popularity", "zipf", "--zipf-alpha", str(a.zipf_alpha)] if a.adapters else []
+            f"--preload a{i}" for i in range(1, a.adapters + 1)
+        )
+    common = [
+        "--prompt-len",
+        a.prompt_len,
+        "--output-len",
+        a.output_len,
+        "--timeout",
+        "300",
+        "--slo",
+        "ttft=2,tpot=0.5",
+    ]
+    adapter_args = (
+        ["--adapters", names, "--popularity", "zipf", "--zipf-alpha", str(a.zipf_alpha)] if a.adapters else []
+    )
     summary: dict = {}
     rate = a.rate
     if rate is None and "ramp" not in skip:
-        ramp = load("--serve", adapter_serve, "--rate", str(a.ramp_to), "--shape", "ramp", "--shape-start",
-                    str(a.ramp_from), "--shape-end", str(a.ramp_to), "--duration", str(a.ramp_s),
-                    "--run-dir", str(a.out / "ramp"), "--label", "ramp", *common, *adapter_args)["reports"]["ramp"]
+        ramp = load(
+            "--serve",
+            adapter_serve,
+            "--rate",
+            str(a.ramp_to),
+            "--shape",
+            "ramp",
+            "--shape-start",
+            str(a.ramp_from),
+            "--shape-end",
+            str(a.ramp_to),
+            "--duration",
+            str(a.ramp_s),
+            "--run-dir",
+            str(a.out / "ramp"),
+            "--label",
+            "ramp",
+            *common,
+            *adapter_args,
+        )["reports"]["ramp"]
         rate = saturation(ramp, a.ttft_knee_s)
         summary["ramp"] = {"windows": ramp["series"]["ttft_vs_load"], "saturation_rps": rate}
         print(f"saturation ≈ {rate:.2f} req/s")
     if "campaign" not in skip:
         target = (rate or 1.0) * a.fraction
-        rep = load("--serve", adapter_serve, "--rate", f"{target:.3f}", "--duration", str(a.duration),
-                   "--run-dir", str(a.out / "campaign"), "--label", "campaign", *common,
-                   *adapter_args)["reports"]["campaign"]
-        summary["campaign"] = {k: rep[k] for k in ("requests", "wall_s", "output_tokens", "throughput",
-                                                   "latency_s", "goodput", "per_adapter", "efficientllm", "server")}
+        rep = load(
+            "--serve",
+            adapter_serve,
+            "--rate",
+            f"{target:.3f}",
+            "--duration",
+            str(a.duration),
+            "--run-dir",
+            str(a.out / "campaign"),
+            "--label",
+            "campaign",
+            *common,
+            *adapter_args,
+        )["reports"]["campaign"]
+        summary["campaign"] = {
+            k: rep[k]
+            for k in (
+                "requests",
+                "wall_s",
+                "output_tokens",
+                "throughput",
+                "latency_s",
+                "goodput",
+                "per_adapter",
+                "efficientllm",
+                "server",
+            )
+        }
         summary["campaign"]["rate_rps"] = target
     if "precision" not in skip:
-        doc = load("--serve", a.serve, "--precisions", a.precisions, "--rate", str(a.precision_rate),
-                   "--duration", str(a.precision_duration), "--run-dir", str(a.out / "precision"), *common)
+        doc = load(
+            "--serve",
+            a.serve,
+            "--precisions",
+            a.precisions,
+            "--rate",
+            str(a.precision_rate),
+            "--duration",
+            str(a.precision_duration),
+            "--run-dir",
+            str(a.out / "precision"),
+            *common,
+        )
         summary["precision"] = doc["precision"]
         print("\n".join(" | ".join(r) for r in [doc["precision"]["columns"], *doc["precision"]["rows"]]))
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

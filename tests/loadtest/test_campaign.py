@@ -6,15 +6,24 @@ rows and the server's counters (GetStats; server spans when the server writes tr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+
 from effllm.loadtest.campaign import Campaign, run
 from effllm.loadtest.config import LoadConfig
 from effllm.loadtest.report import Slo, build, read_rows
 from effllm.loadtest.workload import LengthDist, PromptSource, Workload
 
 from ..serverproc import ServerProcess
+
+
+def _server_run_dir(server: ServerProcess) -> Path:
+    """The fixture server's telemetry run dir, from its start-up log line (`traces -> PATH`)."""
+    m = re.search(r"traces -> (\S+)", server.log())
+    assert m, "the server logged no trace file: is telemetry on?"
+    return Path(m.group(1)).parent
 
 
 def _check_consistent(rep: dict, expect_ok: bool = True) -> None:
@@ -31,8 +40,10 @@ def _check_consistent(rep: dict, expect_ok: bool = True) -> None:
     thr = rep["throughput"]
     assert thr["tokens_per_s_wall"] == pytest.approx(rep["output_tokens"] / rep["wall_s"])
     assert thr["it_tokens_per_s"] > 0
-    # the client sees the first token no earlier than the server produced it
+    # every request's server span was found by its trace id (W3C context from the Locust user)
     srv = rep["server"]
+    assert srv["joined"] == req["total"] and srv["ttft_source"] == "server spans"
+    # the client sees the first token no earlier than the server produced it
     assert srv["ttft_pairs"] == req["ok"] and srv["client_ttft_ge_server"] == srv["ttft_pairs"]
     lat = rep["latency_s"]
     assert 0 < lat["ttft"]["p50"] <= lat["e2e"]["p50"]
@@ -54,12 +65,19 @@ def test_open_loop_campaign_is_self_consistent(vllm_server: ServerProcess, tmp_p
         timeout_s=150.0,
         run_dir=str(tmp_path / "open"),
     )
-    rep = run(Campaign(cfg, slo=Slo(ttft_s=5.0, tpot_s=1.0), server_pid=vllm_server.proc.pid, label="open"))
+    run_dir = _server_run_dir(vllm_server)
+    rep = run(Campaign(cfg, slo=Slo(ttft_s=5.0, tpot_s=1.0), server_run_dir=run_dir, label="open"))
     _check_consistent(rep)
     assert 1 <= rep["requests"]["total"] <= 20  # ~6 expected at 2 req/s for 3 s
     eff = rep["efficientllm"]
-    assert eff["amu_gb"] > 0.1 and eff["energy_j"] > 0 and "estimated" in eff["energy_source"]
+    # resources from the server's own sampler over the campaign window; energy labelled with its source
+    assert eff["resources_from"] == "server resource sampler"
+    assert eff["amu_gb"] > 0.1 and 0 < eff["amu_ratio"] < 1 and 0 < eff["pcu"] <= 1
+    assert eff["energy_j"] > 0 and eff["energy_source"] in ("estimated", "measured")
     assert eff["j_per_token"] == pytest.approx(eff["energy_j"] / rep["output_tokens"])
+    assert eff["attributed_energy_j"] > 0  # the server's per-request energy, from its spans
+    base = rep["per_adapter"]["(base)"]
+    assert base["j_per_token"] == pytest.approx(base["energy_j"] / base["output_tokens"])
     # goodput counts exactly the requests within the SLOs (same rows, three bounds)
     rows = read_rows(tmp_path / "open")
     ttfts = sorted(r["ttft_s"] for r in rows)
@@ -82,7 +100,7 @@ def test_distributed_master_and_workers(vllm_server: ServerProcess, tmp_path: Pa
         timeout_s=150.0,
         run_dir=str(tmp_path / "dist"),
     )
-    rep = run(Campaign(cfg, workers=2, label="dist"))
+    rep = run(Campaign(cfg, workers=2, server_run_dir=_server_run_dir(vllm_server), label="dist"))
     _check_consistent(rep)
     assert rep["meta"]["locust_exit_codes"] == [0, 0, 0]
     assert len(list((tmp_path / "dist").glob("requests-*.jsonl"))) == 2  # one rows file per worker

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from effllm.loadtest.workload import (
     AdapterMix,
     Arrivals,
