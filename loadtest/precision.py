@@ -128,7 +128,7 @@ def table(
             ]
         )
     for p, why in failed.items():
-        rows.append([p, "—", *["—"] * (len(COLUMNS) - 4), why[:160], "—", "0/0"])
+        rows.append([p, "—", *["—"] * (len(COLUMNS) - 5), why[:160], "—", "0/0"])
         records.append({"precision": p, "error": why})
     note = (
         f"MCR reference: {ref}; quality = 1/perplexity on the built-in held-out texts, scored with "
