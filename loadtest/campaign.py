@@ -55,7 +55,7 @@ class ServerHandle:
 
     @classmethod
     def start(
-        cls, args: str, log_dir: Path, ready_timeout: float = 300.0, env: dict[str, str] | None = None
+        cls, args: str, log_dir: Path, ready_timeout: float = 900.0, env: dict[str, str] | None = None
     ) -> ServerHandle:
         port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
