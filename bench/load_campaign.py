@@ -90,11 +90,23 @@ def main() -> int:
         ["--adapters", names, "--popularity", "zipf", "--zipf-alpha", str(a.zipf_alpha)] if a.adapters else []
     )
     summary: dict = {}
+    # One adapter server for the ramp and the campaign (a start costs minutes on a loaded machine).
+    from effllm.loadtest.campaign import ServerHandle
+
+    server = ServerHandle.start(adapter_serve, a.out / "server")
+    assert server.run_dir is not None
+    served = [
+        "--target",
+        server.target,
+        "--server-run-dir",
+        str(server.run_dir),
+        "--server-pid",
+        str(server.proc.pid),
+    ]
     rate = a.rate
     if rate is None and "ramp" not in skip:
         ramp = load(
-            "--serve",
-            adapter_serve,
+            *served,
             "--rate",
             str(a.ramp_to),
             "--shape",
@@ -118,8 +130,7 @@ def main() -> int:
     if "campaign" not in skip:
         target = (rate or 1.0) * a.fraction
         rep = load(
-            "--serve",
-            adapter_serve,
+            *served,
             "--rate",
             f"{target:.3f}",
             "--duration",
@@ -146,6 +157,7 @@ def main() -> int:
             )
         }
         summary["campaign"]["rate_rps"] = target
+    server.stop()
     if "precision" not in skip:
         doc = load(
             "--serve",

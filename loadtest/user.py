@@ -225,21 +225,14 @@ class OpenLoopUser(_EffllmUser):
     @task
     def arrivals(self) -> None:
         pool = gevent.pool.Group()
-        next_at = _Process.clock()
+        next_at: float | None = _Process.clock()
         while self._state != LOCUST_STATE_STOPPING:
-            t = _Process.clock()
-            target = WORKLOAD.target(t)
-            if t >= CONFIG.duration_s or target is None:
+            assert next_at is not None
+            next_at = self.stream.next_arrival(next_at, share=1.0 / CONFIG.processes)
+            if next_at is None or next_at >= CONFIG.duration_s:
                 break
-            if target <= 0:
-                gevent.sleep(0.1)
-                next_at = _Process.clock()
-                continue
-            next_at += self.stream.gap(target / CONFIG.processes)
             # Sleep to the planned arrival time (not by the gap) so send() overheads never slow the rate.
             gevent.sleep(max(0.0, next_at - _Process.clock()))
-            if _Process.clock() >= CONFIG.duration_s:
-                break
             pool.spawn(self.send, self.stream.next())
         pool.join(timeout=CONFIG.timeout_s + 5)
         _done(self)

@@ -449,6 +449,22 @@ class RequestStream:
     def gap(self, rate: float) -> float:
         return self.workload.arrivals.gap(self._gap_rng, rate)
 
+    def next_arrival(self, t: float, share: float = 1.0, dt: float = 0.01) -> float | None:
+        """The arrival after time `t` (campaign clock, s) at `share` × the workload's rate; None once the
+        rate (its shape) has ended. Under a shape the rate changes over time: a unit-mean gap is drawn and
+        spent in operational time, ∫ rate dt (time rescaling: exact for Poisson, so a ramp really ramps)."""
+        w = self.workload
+        if w.shape is None:
+            return t + self.gap(w.rate * share)
+        budget = w.arrivals.gap(self._gap_rng, 1.0)
+        while budget > 0:
+            rate = w.target(t)
+            if rate is None:
+                return None
+            budget -= max(rate, 0.0) * share * dt
+            t += dt
+        return t
+
     def next(self) -> RequestSpec:
         w, rng, i = self.workload, self._rng, self._index
         self._index += 1

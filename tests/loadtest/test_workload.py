@@ -120,3 +120,20 @@ def test_invalid_configs_name_the_field() -> None:
         Arrivals("gamma", 0)
     with pytest.raises(ValueError, match="rate"):
         Workload(rate=0)
+
+
+def test_ramp_arrivals_follow_the_rate_over_time() -> None:
+    """A ramp 0 -> 10 req/s over 40 s: ~200 arrivals, three times as many in the second half."""
+    counts = []
+    for seed in range(5):
+        w = Workload(seed=seed, rate=10.0, shape=Shape("ramp", 0.0, 10.0, duration_s=40.0))
+        s, t, times = w.requests(), 0.0, []
+        while (t := s.next_arrival(t)) is not None:  # type: ignore[assignment]
+            times.append(t)
+        counts.append((sum(x < 20 for x in times), sum(x >= 20 for x in times)))
+    first, second = (sum(c[i] for c in counts) / 5 for i in (0, 1))
+    assert abs(first + second - 200) < 20 and abs(second / first - 3) < 0.6
+    # a constant rate keeps the exact gap stream
+    w = Workload(seed=1, rate=4.0)
+    a, b = w.requests(), w.requests()
+    assert a.next_arrival(1.0) == pytest.approx(1.0 + b.gap(4.0))
