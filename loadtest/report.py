@@ -56,21 +56,27 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["t_start"])
 
 
-def read_locust_stats(prefix: Path) -> dict[str, dict[str, float]]:
+def read_locust_stats(prefix: Path) -> dict[str, dict[str, float | None]]:
     """Locust's `<prefix>_stats.csv`: name -> {requests, failures, median_ms, mean_ms, p90_ms, p99_ms}."""
     path = Path(f"{prefix}_stats.csv")
     if not path.exists():
         return {}
-    out = {}
+    def num(x: str | None) -> float | None:
+        try:
+            return float(x) if x else None
+        except ValueError:  # Locust writes N/A where a name has no samples
+            return None
+
+    out: dict[str, dict[str, float | None]] = {}
     with path.open() as fh:
         for rec in csv.DictReader(fh):
             out[rec["Name"]] = {
-                "requests": float(rec["Request Count"]),
-                "failures": float(rec["Failure Count"]),
-                "median_ms": float(rec["Median Response Time"] or 0),
-                "mean_ms": float(rec["Average Response Time"]),
-                "p90_ms": float(rec.get("90%") or 0),
-                "p99_ms": float(rec.get("99%") or 0),
+                "requests": num(rec["Request Count"]),
+                "failures": num(rec["Failure Count"]),
+                "median_ms": num(rec["Median Response Time"]),
+                "mean_ms": num(rec["Average Response Time"]),
+                "p90_ms": num(rec.get("90%")),
+                "p99_ms": num(rec.get("99%")),
             }
     return out
 
@@ -136,7 +142,7 @@ def ttft_vs_load(rows: list[dict[str, Any]], window_s: float = 5.0) -> list[dict
 def build(
     rows: list[dict[str, Any]],
     *,
-    locust: dict[str, dict[str, float]] | None = None,
+    locust: dict[str, dict[str, float | None]] | None = None,
     spans: list[ServerSpan] | None = None,
     server: dict[str, Any] | None = None,
     resources: dict[str, Any] | None = None,
