@@ -160,6 +160,8 @@ def _locust_cmds(c: Campaign, run_dir: Path) -> list[list[str]]:
         "--csv",
         str(run_dir / "locust"),
         "--csv-full-history",
+        "--json-file",
+        str(run_dir / "locust_stats"),  # Locust adds .json
         "--only-summary",
     ]
     if w.shape is None or w.mode == "open":

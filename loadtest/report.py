@@ -61,18 +61,26 @@ def read_locust_stats(prefix: Path) -> dict[str, dict[str, float | None]]:
     path = Path(f"{prefix}_stats.csv")
     if not path.exists():
         return {}
+
     def num(x: str | None) -> float | None:
         try:
             return float(x) if x else None
         except ValueError:  # Locust writes N/A where a name has no samples
             return None
 
+    # final counts: Locust rewrites its CSV every second, its JSON once at shutdown (after the last event)
+    final: dict[str, tuple[float, float]] = {}
+    json_path = Path(f"{prefix}_stats.json")
+    if json_path.exists():
+        for e in json.loads(json_path.read_text()):
+            final[e["name"]] = (float(e["num_requests"]), float(e["num_failures"]))
     out: dict[str, dict[str, float | None]] = {}
     with path.open() as fh:
         for rec in csv.DictReader(fh):
+            counts = final.get(rec["Name"])
             out[rec["Name"]] = {
-                "requests": num(rec["Request Count"]),
-                "failures": num(rec["Failure Count"]),
+                "requests": counts[0] if counts else num(rec["Request Count"]),
+                "failures": counts[1] if counts else num(rec["Failure Count"]),
                 "median_ms": num(rec["Median Response Time"]),
                 "mean_ms": num(rec["Average Response Time"]),
                 "p90_ms": num(rec.get("90%")),

@@ -264,7 +264,7 @@ def _done(user: User) -> None:
             runner._send_stats()
             runner.send_message("effllm_done", {"worker": runner.worker_index})
         elif isinstance(runner, LocalRunner):
-            gevent.spawn_later(0.2, runner.quit)
+            gevent.spawn_later(1.5, runner.quit)  # > Locust's 1 s CSV interval: the CSV has all
     raise StopUser()  # this user is finished; Locust's quit then has nothing left to wait for
 
 
@@ -277,7 +277,7 @@ def _on_init(environment: Any, **_: Any) -> None:
         def on_done(msg: Any, **__: Any) -> None:
             done.add(int(msg.data["worker"]))
             if len(done) >= max(1, int(environment.parsed_options.expect_workers)):
-                gevent.spawn_later(0.5, runner.quit)
+                gevent.spawn_later(1.5, runner.quit)
 
         runner.register_message("effllm_done", on_done)
 
