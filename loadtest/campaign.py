@@ -29,7 +29,7 @@ from . import render
 from .config import ENV, LoadConfig
 from .report import Slo, build, read_locust_stats, read_rows
 from .resources import ResourceWatch
-from .traces import ServerSpan, load_spans
+from .traces import ServerSpan, join, load_spans
 
 
 def free_port() -> int:
@@ -227,7 +227,7 @@ def run(c: Campaign) -> dict[str, Any]:
     trace_paths = list(c.traces)
     if c.server_run_dir is not None:
         trace_paths.append(c.server_run_dir / TRACES_FILE)
-    spans = _wait_for_spans(trace_paths, len(rows))
+    spans = _wait_for_spans(trace_paths, rows)
     resources = _server_samples(c.server_run_dir, t0, t1) or (watch.summary(t0, t1) if watch else None)
     report = build(
         rows,
@@ -247,11 +247,14 @@ def run(c: Campaign) -> dict[str, Any]:
     return report
 
 
-def _wait_for_spans(paths: list[Path], expected: int, timeout_s: float = 15.0) -> list[ServerSpan]:
-    """The server exports spans in batches (every few seconds): wait until all requests' spans are in."""
+def _wait_for_spans(
+    paths: list[Path], rows: list[dict[str, Any]], timeout_s: float = 20.0
+) -> list[ServerSpan]:
+    """The server exports spans in batches (every few seconds): wait until every request's span is in
+    (a shared trace file also holds earlier runs' spans, so count joins, not spans)."""
     deadline = time.monotonic() + timeout_s
     spans = load_spans(paths)
-    while paths and len(spans) < expected and time.monotonic() < deadline:
+    while paths and len(join(rows, spans)) < len(rows) and time.monotonic() < deadline:
         time.sleep(0.5)
         spans = load_spans(paths)
     return spans
