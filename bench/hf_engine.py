@@ -104,7 +104,7 @@ async def bench_precision(precision: str, specs: dict[str, Any], args: argparse.
         "levels": {},
     }
     for c in args.concurrency:
-        n = max(args.requests, 2 * c) if c > 1 else args.requests
+        n = max(args.requests, c)
         for mode, adapters in (("base", []), ("4 adapters", mixed)):
             r = await run_level(engine, c, adapters, n, args.max_new)
             out["levels"][f"{c}/{mode}"] = r
@@ -117,7 +117,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int4"])
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--requests", type=int, default=2, help="requests per level at concurrency 1 (2*c above)")
+    p.add_argument("--requests", type=int, default=2, help="requests per level (at least c)")
     p.add_argument("--max-new", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench-hf-engine.json")

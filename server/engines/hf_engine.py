@@ -138,6 +138,12 @@ class HfEngine:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+        # requests still held would otherwise wait forever on their queues
+        for row in [*self._active, *self._waiting]:
+            if not row.finished:
+                row.finished = True
+                row.sink.put_nowait(EngineError("unavailable", "engine shut down"))
+        self._active, self._waiting = [], []
         self._executor.shutdown(wait=True)
 
     def running(self) -> int:
@@ -251,7 +257,8 @@ class HfEngine:
             if row.key and row.key not in adapters and len(adapters) >= self.config.max_adapters_per_batch:
                 continue  # waits until an adapter leaves the batch
             self._waiting.remove(row)
-            adapters.add(row.key) if row.key else None
+            if row.key:
+                adapters.add(row.key)
             joiners.append(row)
             free -= 1
         self._active.extend(joiners)

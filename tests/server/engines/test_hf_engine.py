@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from effllm.server.engines.base import AdapterSpec, ChatTurn, GenerationRequest, Sampling, TokenEvent
+from effllm.server.engines.base import (
+    AdapterSpec,
+    ChatTurn,
+    EngineError,
+    GenerationRequest,
+    Sampling,
+    TokenEvent,
+)
 from effllm.server.engines.hf_engine import HfConfig, HfEngine
 from effllm.server.model import resolve_model
 
@@ -206,13 +213,17 @@ async def test_cancel_frees_the_slot(specs: dict[str, AdapterSpec]) -> None:
                 break
             await asyncio.sleep(0.05)
         assert eng.running() == 0
+        # shutting down fails what is still running instead of leaving it hanging
+        held = eng.generate(request(PROMPTS[0], n=200, rid="held"))
+        await held.__anext__()
+        await eng.shutdown()
+        with pytest.raises(EngineError, match="shut down"):
+            await asyncio.wait_for(held.__anext__(), timeout=10)
     finally:
         await eng.shutdown()
 
 
 async def test_unknown_adapter_is_refused(engine: HfEngine, specs: dict[str, AdapterSpec]) -> None:
-    from effllm.server.engines.base import EngineError
-
     ghost = AdapterSpec("ghost", "1", specs["lora1"].path, "lora", 8, 16.0, ("q_proj",))
     with pytest.raises(EngineError) as err:
         await collect(engine, request(PROMPTS[0], ghost))
@@ -220,6 +231,36 @@ async def test_unknown_adapter_is_refused(engine: HfEngine, specs: dict[str, Ada
     big = AdapterSpec("big", "1", specs["lora1"].path, "lora", 128, 16.0, ("q_proj",))
     with pytest.raises(EngineError, match="rank 128"):
         await engine.add_adapter(big)
+
+
+async def test_remove_then_add_again(engine: HfEngine, specs: dict[str, AdapterSpec], reference: Any) -> None:
+    spec = specs["lora2"]
+    await engine.remove_adapter(spec.key)
+    assert spec.key not in engine.adapters()
+    with pytest.raises(EngineError, match="not loaded"):
+        await collect(engine, request(PROMPTS[0], spec))
+    await engine.add_adapter(spec)
+    again = await collect(engine, request(PROMPTS[0], spec, rid="readd"))
+    assert tokens(again) == reference(PROMPTS[0], spec.key)
+
+
+async def test_adapters_per_batch_limit_holds_rows_back(specs: dict[str, AdapterSpec]) -> None:
+    config = HfConfig(precision="fp32", max_concurrency=4, max_adapters_per_batch=1, max_context=512)
+    eng = HfEngine(MODEL, config)
+    await eng.start()
+    try:
+        for name in ("lora1", "rs"):
+            await eng.add_adapter(specs[name])
+        holder = eng.generate(request(PROMPTS[0], specs["lora1"], n=200, rid="holder"))
+        await holder.__anext__()
+        same = asyncio.create_task(collect(eng, request(PROMPTS[1], specs["lora1"], n=3, rid="same")))
+        other = asyncio.create_task(collect(eng, request(PROMPTS[0], specs["rs"], n=3, rid="other")))
+        await asyncio.wait_for(same, timeout=120)  # the same adapter joins the running batch
+        assert not other.done() and eng.running() == 2  # a second adapter waits for room
+        await holder.aclose()
+        assert len(tokens(await asyncio.wait_for(other, timeout=120))) == 3
+    finally:
+        await eng.shutdown()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -265,8 +306,6 @@ async def test_int4_serves_an_adapter_at_under_a_third_of_bf16(specs: dict[str, 
         assert "Paris" in "".join(e.text for e in base)
         assert tuned[-1].adapter == "lora1@1" and len(tokens(tuned)) == 8
         assert tokens(tuned) != tokens(base)
-        from effllm.server.engines.base import EngineError
-
         with pytest.raises(EngineError, match="dora"):
             await eng.add_adapter(specs["dora"])
     finally:
