@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -56,31 +57,33 @@ class Runner:
             )
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        if self.observer is None:
-            async for event in self._resolve(request, None):
-                yield event
-            return
-        trace = self.observer.begin(_start(request))
+        trace = self.observer.begin(_start(request)) if self.observer is not None else None
         try:
-            async for event in self._resolve(request, trace):
-                yield event
+            # aclosing: a consumer that stops early frees the slot now, not when the GC finalises _run
+            async with aclosing(self._resolve(request, trace)) as events:
+                async for event in events:
+                    yield event
         except EngineError as err:
-            trace.fail(err.code, err.message)
+            if trace is not None:
+                trace.fail(err.code, err.message)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            trace.cancelled()
+            if trace is not None:
+                trace.cancelled()
             raise
         except Exception as err:
-            trace.fail("internal", f"{type(err).__name__}: {err}")
+            if trace is not None:
+                trace.fail("internal", f"{type(err).__name__}: {err}")
             raise
 
     async def _resolve(
         self, request: GenerationRequest, trace: RequestTrace | None
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncGenerator[TokenEvent, None]:
         """Resolve the adapter (a lease on one version, held until the request ends), then admit and run."""
         if not request.adapter:
-            async for event in self._run(request, trace):
-                yield event
+            async with aclosing(self._run(request, trace)) as events:
+                async for event in events:
+                    yield event
             return
         if self.adapters is None:
             raise EngineError("failed_precondition", "adapter: this server runs without adapters")
@@ -93,7 +96,9 @@ class Runner:
             await inner.aclose()  # the engine lets go of the adapter before the lease does
             lease.release()
 
-    async def _run(self, request: GenerationRequest, trace: RequestTrace | None) -> AsyncIterator[TokenEvent]:
+    async def _run(
+        self, request: GenerationRequest, trace: RequestTrace | None
+    ) -> AsyncGenerator[TokenEvent, None]:
         arrival = time.perf_counter()
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)

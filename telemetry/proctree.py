@@ -18,7 +18,7 @@ import psutil
 
 
 class ProcessTree:
-    def __init__(self, pid: int | None = None, refresh_s: float = 2.0, coalesce_s: float = 0.005) -> None:
+    def __init__(self, pid: int | None = None, refresh_s: float = 5.0, coalesce_s: float = 0.005) -> None:
         self._root = psutil.Process(pid)
         self._refresh_s = refresh_s
         self._coalesce_s = coalesce_s
@@ -31,10 +31,10 @@ class ProcessTree:
         self._listed_at = -1e18
         self._cpu_s = 0.0
         self._baseline = True
-        self._update(True)  # baseline: CPU time counts from now
+        self._update(True, True)  # baseline: CPU time counts from now
         self._baseline = False
 
-    def _update(self, may_list: bool) -> None:
+    def _update(self, may_list: bool, memory: bool) -> None:
         now = time.monotonic()
         if now - self._read_at < self._coalesce_s:
             return
@@ -47,9 +47,12 @@ class ProcessTree:
             self._listed_at = now
         for pid, proc in list(self._procs.items()):
             try:
-                with proc.oneshot():
+                if memory:
+                    with proc.oneshot():
+                        t = proc.cpu_times()
+                        self._rss[pid] = int(proc.memory_info().rss)
+                else:  # one /proc read instead of two: RSS moves slowly, CPU time is what we integrate
                     t = proc.cpu_times()
-                    rss = proc.memory_info().rss
             except psutil.Error:  # gone: its time up to the last read is already counted
                 self._procs.pop(pid, None)
                 self._last_cpu.pop(pid, None)
@@ -61,13 +64,13 @@ class ProcessTree:
             if prev is not None and cpu > prev:
                 self._cpu_s += cpu - prev
             self._last_cpu[pid] = cpu
-            self._rss[pid] = int(rss)
 
-    def read(self, from_sampler: bool = False) -> tuple[float, int]:
-        """(CPU seconds since this object was made, RSS bytes now), in one pass over /proc."""
+    def read(self, from_sampler: bool = False, memory: bool = True) -> tuple[float, int]:
+        """(CPU seconds since this object was made, RSS bytes), in one pass over /proc; with
+        memory=False the RSS is the last one read."""
         with self._lock:
-            self._update(from_sampler or not self.sampler_owned)
+            self._update(from_sampler or not self.sampler_owned, memory)
             return self._cpu_s, sum(self._rss.values())
 
     def cpu_seconds(self) -> float:
-        return self.read()[0]
+        return self.read(memory=False)[0]
