@@ -7,6 +7,7 @@ import asyncio
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
@@ -62,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
     a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
-    a.add_argument("--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction")
+    a.add_argument("--max-adapters-resident", type=int, default=16,
+                   help="loaded versions before LRU eviction")
     a.add_argument("--max-adapter-rank", type=int, default=64)
     a.add_argument("--adapter-unload-wait", type=float, default=30.0,
                    help="seconds an unload waits for in-flight requests by default")
@@ -125,7 +127,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     return VllmEngine(model, config)
 
 
-def _vllm_lora_options(args: argparse.Namespace) -> dict[str, object]:
+def _vllm_lora_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.adapter_root is None:
         return {}
     return dict(

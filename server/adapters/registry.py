@@ -129,7 +129,9 @@ class AdapterRegistry:
         return max(candidates, key=Entry.order, default=None)
 
     def entries(self) -> list[Entry]:
-        return sorted((e for e in self._entries.values() if e.routable), key=lambda e: (e.spec.name, e.order()))
+        return sorted(
+            (e for e in self._entries.values() if e.routable), key=lambda e: (e.spec.name, e.order())
+        )
 
     def is_latest(self, entry: Entry) -> bool:
         return self.latest(entry.spec.name) is entry
@@ -155,13 +157,19 @@ class AdapterRegistry:
     def _validate(self, folder: Path) -> Validated:
         if self._base is None:
             if self.base_path is None:
-                raise EngineError("failed_precondition", "the base checkpoint is unknown; cannot validate adapters")
+                raise EngineError(
+                    "failed_precondition", "the base checkpoint is unknown; cannot validate adapters"
+                )
             self._base = BaseModules(self.base_path)
         info = self.engine.info
         max_rank = min(self.config.max_rank, info.max_adapter_rank or self.config.max_rank)
         return validate(
-            folder, self._root(), self._base,
-            base_fingerprint=info.fingerprint, max_rank=max_rank, methods=tuple(info.adapter_methods),
+            folder,
+            self._root(),
+            self._base,
+            base_fingerprint=info.fingerprint,
+            max_rank=max_rank,
+            methods=tuple(info.adapter_methods),
         )
 
     async def load(self, name: str, version: str = "", path: str = "") -> Entry:
@@ -176,11 +184,18 @@ class AdapterRegistry:
             if (existing := self._routable(key)) is not None:
                 return existing
             if key in self._entries:
-                raise EngineError("failed_precondition", f"name: {key} is being unloaded; retry when it is gone")
+                raise EngineError(
+                    "failed_precondition", f"name: {key} is being unloaded; retry when it is gone"
+                )
             await self._make_room()
             spec = AdapterSpec(
-                name=name, version=version, path=folder, method=validated.method, rank=validated.rank,
-                alpha=validated.alpha, target_modules=validated.target_modules,
+                name=name,
+                version=version,
+                path=folder,
+                method=validated.method,
+                rank=validated.rank,
+                alpha=validated.alpha,
+                target_modules=validated.target_modules,
             )
             try:
                 await self.engine.add_adapter(spec)
@@ -202,8 +217,8 @@ class AdapterRegistry:
             if not idle:
                 raise EngineError(
                     "resource_exhausted",
-                    f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are pinned or "
-                    "serving requests; unload or unpin one first",
+                    f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are "
+                    "pinned or serving requests; unload or unpin one first",
                 )
             victim = min(idle, key=lambda e: e.last_touch)
             victim.routable = False  # same step as the choice: no new lease can reach it
@@ -237,7 +252,9 @@ class AdapterRegistry:
             found = self._find(name, version)
             pinned = [e.key for e in found if e.pinned]
             if pinned:
-                raise EngineError("failed_precondition", f"adapter: {', '.join(pinned)} is pinned; unpin it first")
+                raise EngineError(
+                    "failed_precondition", f"adapter: {', '.join(pinned)} is pinned; unpin it first"
+                )
             for e in found:
                 e.routable = False
             try:
