@@ -339,7 +339,7 @@ def main() -> int:
     p.add_argument("--per-batch", type=int, default=8, help="--max-adapters-per-batch of the server")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ranks", default="8,16,64")
-    p.add_argument("--load-trials", type=int, default=20)
+    p.add_argument("--load-trials", type=int, default=20, help="0 skips the load-latency part")
     p.add_argument("--kv-cache-gib", type=float, default=0.25)
     p.add_argument("--server-arg", action="append", default=[], help="extra `effllm serve` flag (repeatable)")
     p.add_argument("--model", default=None, help="base checkpoint dir (default: the embedded default model)")
@@ -360,7 +360,7 @@ def main() -> int:
         a.server_arg += ["--model", str(model.path)]
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     try:
-        copies = {r: a.load_trials for r in a.ranks}
+        copies = {r: max(a.load_trials, 1) for r in a.ranks}
         copies[8] = max(copies.get(8, 0), max(a.distinct))
         t0 = time.perf_counter()
         root = make_root(work, model.path, sorted(set(a.ranks) | {8}), copies)
@@ -371,7 +371,7 @@ def main() -> int:
         tput: list[Throughput] = []
         for precision in a.precisions:
             tput += bench_throughput(a, root, precision, work)
-        loads = bench_load(a, root, work)
+        loads = bench_load(a, root, work) if a.load_trials > 0 else []
     finally:
         for log in work.glob("*.log"):
             shutil.copy(log, out.parent / f"{out.stem}-{log.name}")

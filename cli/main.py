@@ -8,7 +8,10 @@ import sys
 
 # (module, needs the model stack) — imported lazily so `effllm generate` never imports torch.
 _COMMANDS = (
-    "effllm.server.cli", "effllm.client.cli", "effllm.client.adapters_cli", "effllm.telemetry.cli",
+    "effllm.server.cli",
+    "effllm.client.cli",
+    "effllm.client.adapters_cli",
+    "effllm.telemetry.cli",
     "effllm.loadtest.cli",
 )
 

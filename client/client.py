@@ -108,14 +108,16 @@ class EffllmClient:
     def stats(self) -> pb.ServerStats:
         return self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
-    def load_adapter(self, name: str, version: str = "", *, path: str = "",
-                     timeout: float | None = None) -> apb.AdapterInfo:
+    def load_adapter(
+        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+    ) -> apb.AdapterInfo:
         """Load ROOT/NAME/VERSION (empty: the highest on disk) or a folder `path` relative to the root."""
         req = apb.LoadAdapterRequest(name=name, version=version, path=path)
         return self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
-    def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
-                       timeout: float | None = None) -> list[str]:
+    def unload_adapter(
+        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+    ) -> list[str]:
         req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
         return list(self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout).unloaded)
 
@@ -196,13 +198,15 @@ class AsyncEffllmClient:
     async def stats(self) -> pb.ServerStats:
         return await self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
-    async def load_adapter(self, name: str, version: str = "", *, path: str = "",
-                           timeout: float | None = None) -> apb.AdapterInfo:
+    async def load_adapter(
+        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+    ) -> apb.AdapterInfo:
         req = apb.LoadAdapterRequest(name=name, version=version, path=path)
         return await self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
-    async def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
-                             timeout: float | None = None) -> list[str]:
+    async def unload_adapter(
+        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+    ) -> list[str]:
         req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
         return list((await self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout)).unloaded)
 

@@ -63,8 +63,11 @@ class EffllmServer:
     """One gRPC server around one engine. `start()` returns once the port is bound."""
 
     def __init__(
-        self, engine: Engine, config: ServerConfig, telemetry: ServerTelemetry | None = None,
+        self,
+        engine: Engine,
+        config: ServerConfig,
         adapters: AdapterRegistry | None = None,
+        telemetry: ServerTelemetry | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -74,8 +77,8 @@ class EffllmServer:
             engine,
             config.max_concurrency,
             config.queue_size,
+            self.adapters,
             observer=telemetry.observer if telemetry else None,
-            adapters=self.adapters,
         )
         self.generation = GenerationService(self.runner, config.limits)
         self.adapter_service = AdapterService(self.adapters)
@@ -160,15 +163,17 @@ class EffllmServer:
 
 
 async def serve(
-    engine: Engine, config: ServerConfig, telemetry_config: TelemetryConfig | None = None,
+    engine: Engine,
+    config: ServerConfig,
     adapters: AdapterRegistry | None = None,
+    telemetry_config: TelemetryConfig | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
     # The gauges read the runner lazily, so they may be registered before the server exists.
     telemetry = start_telemetry(
         engine, telemetry_config, lambda: (server.runner.queued, server.runner.running)
     )
-    server = EffllmServer(engine, config, telemetry, adapters)
+    server = EffllmServer(engine, config, adapters, telemetry)
     loop = asyncio.get_running_loop()
     signals = 0
     tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly

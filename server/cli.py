@@ -59,17 +59,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
-    add_telemetry_flags(p)
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
     a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
-    a.add_argument("--max-adapters-resident", type=int, default=16,
-                   help="loaded versions before LRU eviction")
+    a.add_argument(
+        "--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction"
+    )
     a.add_argument("--max-adapter-rank", type=int, default=64)
-    a.add_argument("--adapter-unload-wait", type=float, default=30.0,
-                   help="seconds an unload waits for in-flight requests by default")
-    a.add_argument("--preload", action="append", default=[], metavar="NAME[@VERSION]",
-                   help="adapter to load before serving (repeatable)")
+    a.add_argument(
+        "--adapter-unload-wait",
+        type=float,
+        default=30.0,
+        help="seconds an unload waits for in-flight requests by default",
+    )
+    a.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="NAME[@VERSION]",
+        help="adapter to load before serving (repeatable)",
+    )
+    add_telemetry_flags(p)
     p.set_defaults(func=run)
 
 
@@ -146,7 +156,9 @@ def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
             raise SystemExit(f"--adapter-root {args.adapter_root}: not a folder")
     model = getattr(engine, "model", None)  # ResolvedModel on both engines
     config = RegistryConfig(
-        root=root, max_resident=args.max_adapters_resident, max_rank=args.max_adapter_rank,
+        root=root,
+        max_resident=args.max_adapters_resident,
+        max_rank=args.max_adapter_rank,
         unload_wait_s=args.adapter_unload_wait,
     )
     return AdapterRegistry(engine, model.path if model is not None else None, config)
@@ -166,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
         preload=tuple(args.preload),
     )
     engine = build_engine(args)
-    asyncio.run(serve(engine, config, telemetry_config(args, service_name="effllm-server"),
-                      build_registry(args, engine)))
+    asyncio.run(
+        serve(
+            engine, config, build_registry(args, engine), telemetry_config(args, service_name="effllm-server")
+        )
+    )
     return 0

@@ -31,12 +31,16 @@ class Counters:
 
 class Runner:
     def __init__(
-        self, engine: Engine, max_concurrency: int, queue_size: int, observer: RequestObserver | None = None,
+        self,
+        engine: Engine,
+        max_concurrency: int,
+        queue_size: int,
         adapters: AdapterRegistry | None = None,
+        observer: RequestObserver | None = None,
     ) -> None:
         self.engine = engine
-        self.observer = observer  # telemetry: span, metrics and energy per request (None: off)
         self.adapters = adapters
+        self.observer = observer  # telemetry: span, metrics and energy per request (None: off)
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -57,10 +61,20 @@ class Runner:
             )
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Resolve the adapter (a lease on one version, held until the request ends), then admit and run."""
         trace = self.observer.begin(_start(request)) if self.observer is not None else None
+        lease = None
         try:
-            # aclosing: a consumer that stops early frees the slot now, not when the GC finalises _run
-            async with aclosing(self._resolve(request, trace)) as events:
+            if request.adapter:
+                if self.adapters is None:
+                    raise EngineError(
+                        "not_found", f"adapter: {request.adapter!r} (this server has no adapters)"
+                    )
+                lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
+                request = replace(request, resolved_adapter=lease.spec)
+            # aclosing: a consumer that stops early frees the slot (and lets go of the adapter) now,
+            # not when the GC finalises _run; only then is the lease released.
+            async with aclosing(self._run(request, trace)) as events:
                 async for event in events:
                     yield event
         except EngineError as err:
@@ -75,26 +89,9 @@ class Runner:
             if trace is not None:
                 trace.fail("internal", f"{type(err).__name__}: {err}")
             raise
-
-    async def _resolve(
-        self, request: GenerationRequest, trace: RequestTrace | None
-    ) -> AsyncGenerator[TokenEvent, None]:
-        """Resolve the adapter (a lease on one version, held until the request ends), then admit and run."""
-        if not request.adapter:
-            async with aclosing(self._run(request, trace)) as events:
-                async for event in events:
-                    yield event
-            return
-        if self.adapters is None:
-            raise EngineError("failed_precondition", "adapter: this server runs without adapters")
-        lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
-        inner = self._run(replace(request, resolved_adapter=lease.spec), trace)
-        try:
-            async for event in inner:
-                yield event
         finally:
-            await inner.aclose()  # the engine lets go of the adapter before the lease does
-            lease.release()
+            if lease is not None:
+                lease.release()
 
     async def _run(
         self, request: GenerationRequest, trace: RequestTrace | None
@@ -127,7 +124,7 @@ class Runner:
                     first_at = first if first is not None else now
                     event = replace(
                         event,
-                        adapter=request.resolved_adapter.key if request.resolved_adapter else event.adapter,
+                        adapter=request.resolved_adapter.key if request.resolved_adapter else "",
                         timings=Timings(
                             queue_s=scheduled - arrival,
                             time_to_first_token_s=first_at - arrival,

@@ -7,7 +7,7 @@ parents it); we rename it `generate {model}` and give it the gen_ai.* and effllm
 an interceptor (or a recording span) the observer starts its own SERVER span.
 Invariant: plain values in, no server types imported (telemetry sits below the server). Metric
 attributes are low-cardinality: model, adapter NAME (not version), precision, operation, error type;
-a request refused before it ran for a reason that may stem from a bad adapter name (not_found,
+a request that failed for a reason that may stem from a bad adapter name (not_found,
 invalid_argument, failed_precondition) is labelled `(invalid)` so clients cannot mint label values
 (its span still names the adapter it asked for).
 """
@@ -25,7 +25,7 @@ from .attribution import EnergyAttributor
 
 PROVIDER = "effllm"
 BASE_ADAPTER = "(base)"  # the adapter label of base-model requests; not a valid adapter name
-INVALID_ADAPTER = "(invalid)"  # the label of requests refused before running for a possibly bad name
+INVALID_ADAPTER = "(invalid)"  # the label of requests that failed for a possibly bad adapter name
 _NAME_ERRORS = frozenset({"not_found", "invalid_argument", "failed_precondition"})
 SPAN_PREFIX = "generate "
 
@@ -234,11 +234,10 @@ class RequestTrace:
         if self._done:
             return
         self._done = True
-        ran = self._running
         self._energy()
         mark_error(code, message, self.span)
         labels = {**self.labels, "error.type": code.upper()}
-        if not ran and code.lower() in _NAME_ERRORS and self.start.adapter:
+        if code.lower() in _NAME_ERRORS and self.start.adapter:
             labels["effllm.adapter"] = INVALID_ADAPTER
         self.o.instruments.duration.record(time.perf_counter() - self.started, labels)
         self._end()

@@ -149,11 +149,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 5) -> str:
+def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 100) -> str:
     """Copy `src_dir` into ROOT/NAME/<next version> atomically and return that version.
 
     The copy's manifest (written if absent) gets this name and version. Two publishers racing for one
-    version: the loser's rename fails and it takes the next number.
+    version: the loser's rename fails and it takes the next number (each loss means another publisher won,
+    so `attempts` bounds the racers, not the retries of one).
     """
     check_name(name)
     src_dir = Path(src_dir)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...telemetry.genai import set_resident_adapters_source
+from ...telemetry.tracing import adapter_span
 from ..engines.base import AdapterSpec, Engine, EngineError
 from .paths import check_name, check_version, parse_ref, resolve_relative, resolve_version_dir
 from .validate import BaseModules, Validated, validate
@@ -107,6 +109,7 @@ class AdapterRegistry:
         self._lock = asyncio.Lock()
         self._seq = itertools.count(1)
         self._base: BaseModules | None = None
+        set_resident_adapters_source(lambda: list(self._entries))
 
     # -- requests ---------------------------------------------------------------------------------------
     def acquire(self, ref: str) -> Lease:
@@ -175,9 +178,13 @@ class AdapterRegistry:
     async def load(self, name: str, version: str = "", path: str = "") -> Entry:
         """Validate, then make NAME@VERSION servable (idempotent). On any failure nothing has changed."""
         name, version, folder = self.locate(name, version, path)
-        key = f"{name}@{version}"
-        if (existing := self._routable(key)) is not None:
+        if (existing := self._routable(f"{name}@{version}")) is not None:
             return existing
+        with adapter_span("load", name, version):
+            return await self._load(name, version, folder)
+
+    async def _load(self, name: str, version: str, folder: Path) -> Entry:
+        key = f"{name}@{version}"
         t0 = time.perf_counter()
         validated = await asyncio.to_thread(self._validate, folder)
         async with self._lock:
@@ -222,12 +229,13 @@ class AdapterRegistry:
                 )
             victim = min(idle, key=lambda e: e.last_touch)
             victim.routable = False  # same step as the choice: no new lease can reach it
-            await self._drop(victim)
+            await self._drop(victim, "evict")
             log.info("evicted adapter %s (least recently used)", victim.key)
 
-    async def _drop(self, entry: Entry) -> None:
+    async def _drop(self, entry: Entry, action: str) -> None:
         try:
-            await self.engine.remove_adapter(entry.key)
+            with adapter_span(action, entry.spec.name, entry.spec.version):
+                await self.engine.remove_adapter(entry.key)
         finally:
             self._entries.pop(entry.key, None)
 
@@ -268,7 +276,7 @@ class AdapterRegistry:
                     f"adapter: {busy} requests still in flight after {wait:.1f}s; nothing was unloaded",
                 ) from None
             for e in found:
-                await self._drop(e)
+                await self._drop(e, "unload")
         keys = [e.key for e in found]
         log.info("unloaded adapters %s", ", ".join(keys))
         return keys

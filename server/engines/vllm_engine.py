@@ -116,7 +116,7 @@ class VllmEngine:
             seed=c.seed,
             enforce_eager=c.enforce_eager,
             enable_lora=c.enable_lora,
-            max_lora_rank=cast(Any, _vllm_rank(c.max_lora_rank)),  # vLLM accepts only a few ranks
+            max_lora_rank=_vllm_rank(c.max_lora_rank),
             max_loras=c.max_loras + self._null_slots,
             max_cpu_loras=max(c.max_cpu_loras, c.max_loras) + self._null_slots,
             disable_log_stats=True,
@@ -143,7 +143,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         if request.adapter and request.resolved_adapter is None:
-            raise EngineError("failed_precondition", "adapter: this server has no adapters loaded")
+            raise EngineError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
         lora = self._lora_request(request.resolved_adapter) if request.resolved_adapter else self._null_lora
         if self._llm is None or self._llm.errored:
             raise EngineError("unavailable", "engine is not running")
@@ -230,12 +230,22 @@ class VllmEngine:
         module, (out_dim, in_dim) = _first_module(self.model.path, "q_proj")
         self._null_dir = tempfile.TemporaryDirectory(prefix="effllm-null-lora-")
         folder = Path(self._null_dir.name)
-        config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"], "bias": "none",
-                  "task_type": "CAUSAL_LM", "base_model_name_or_path": str(self.model.path)}
+        config = {
+            "peft_type": "LORA",
+            "r": 1,
+            "lora_alpha": 1,
+            "target_modules": ["q_proj"],
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(self.model.path),
+        }
         (folder / "adapter_config.json").write_text(json.dumps(config))
         prefix = f"base_model.model.{module}"
-        save_file({f"{prefix}.lora_A.weight": zeros(1, in_dim), f"{prefix}.lora_B.weight": zeros(out_dim, 1)},
-                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {f"{prefix}.lora_A.weight": zeros(1, in_dim), f"{prefix}.lora_B.weight": zeros(out_dim, 1)},
+            str(folder / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
         self._null_lora = LoRARequest(lora_name="__base__", lora_int_id=1, lora_path=str(folder))
         await self._llm.add_lora(self._null_lora)
         await self._llm.pin_lora(1)

@@ -18,6 +18,9 @@ from effllm.client import AsyncEffllmClient, EffllmClient
 
 from ..serverproc import ServerProcess, start_server
 
+# Generous: on a 2-core machine shared with other jobs one 8-token request has taken over a minute.
+pytestmark = pytest.mark.timeout(1800)
+
 PROMPT = "The capital of France is"
 NEW = 8
 SWAP_NEW = 16

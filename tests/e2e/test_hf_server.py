@@ -72,7 +72,7 @@ def test_cancel_and_unknown_adapter(hf_server: ServerProcess) -> None:
         chunks.close()  # cancels the call: the engine drops the row
         with pytest.raises(grpc.RpcError) as err:
             client.generate("hi", adapter="nosuch", max_new_tokens=4)
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert "nosuch" in (err.value.details() or "")
         reply = client.generate(messages=CHAT, max_new_tokens=4, temperature=0.0)
         assert reply.usage.output_tokens == 4
