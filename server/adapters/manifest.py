@@ -149,7 +149,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 5) -> str:
+def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 64) -> str:
     """Copy `src_dir` into ROOT/NAME/<next version> atomically and return that version.
 
     The copy's manifest (written if absent) gets this name and version. Two publishers racing for one
