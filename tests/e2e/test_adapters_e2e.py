@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+
 from effllm.client import AsyncEffllmClient, EffllmClient
 
 from ..serverproc import ServerProcess, start_server

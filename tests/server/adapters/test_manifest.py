@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from effllm.server.adapters.manifest import Manifest, next_version, publish, read_manifest, write_manifest
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from effllm.server.adapters.paths import (
     file_inside,
     parse_ref,

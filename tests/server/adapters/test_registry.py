@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from effllm.server.adapters.registry import AdapterRegistry, RegistryConfig
 from effllm.server.engines.base import AdapterSpec, EngineError, EngineInfo
 

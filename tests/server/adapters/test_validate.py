@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from effllm.server.adapters.validate import BaseModules, read_safetensors_header, validate
 from effllm.server.engines.base import EngineError
 
