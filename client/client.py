@@ -1,4 +1,5 @@
-"""EffllmClient (blocking) and AsyncEffllmClient (asyncio): generate, stream, model info, stats, health.
+"""EffllmClient (blocking) and AsyncEffllmClient (asyncio): generate, stream, model info, stats, health,
+and adapters (load, unload, list, pin).
 
 Both build the same GenerateRequest (`build_request`) and take a per-call `timeout` (a gRPC deadline;
 the server aborts the request when it passes). Errors surface as grpc.RpcError with the server's status.
@@ -12,6 +13,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .v1 import adapters_pb2 as apb
+from .v1 import adapters_pb2_grpc as apb_grpc
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc as pb_grpc
 
@@ -61,6 +64,7 @@ class EffllmClient:
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._adapters = apb_grpc.AdapterServiceStub(self.channel)
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any) -> pb.GenerateResponse:
         return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
@@ -79,6 +83,24 @@ class EffllmClient:
 
     def stats(self) -> pb.ServerStats:
         return self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+
+    def load_adapter(self, name: str, version: str = "", *, path: str = "",
+                     timeout: float | None = None) -> apb.AdapterInfo:
+        """Load ROOT/NAME/VERSION (empty: the highest on disk) or a folder `path` relative to the root."""
+        req = apb.LoadAdapterRequest(name=name, version=version, path=path)
+        return self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
+
+    def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
+                       timeout: float | None = None) -> list[str]:
+        req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
+        return list(self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout).unloaded)
+
+    def list_adapters(self) -> list[apb.AdapterInfo]:
+        return list(self._adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=self.timeout).adapters)
+
+    def pin_adapter(self, name: str, version: str = "", *, pinned: bool = True) -> apb.AdapterInfo:
+        req = apb.PinAdapterRequest(name=name, version=version, pinned=pinned)
+        return self._adapters.PinAdapter(req, timeout=self.timeout)
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... as a name."""
@@ -113,6 +135,7 @@ class AsyncEffllmClient:
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._adapters = apb_grpc.AdapterServiceStub(self.channel)
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
                        **kw: Any) -> pb.GenerateResponse:
@@ -132,6 +155,24 @@ class AsyncEffllmClient:
 
     async def stats(self) -> pb.ServerStats:
         return await self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+
+    async def load_adapter(self, name: str, version: str = "", *, path: str = "",
+                           timeout: float | None = None) -> apb.AdapterInfo:
+        req = apb.LoadAdapterRequest(name=name, version=version, path=path)
+        return await self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
+
+    async def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
+                             timeout: float | None = None) -> list[str]:
+        req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
+        return list((await self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout)).unloaded)
+
+    async def list_adapters(self) -> list[apb.AdapterInfo]:
+        reply = await self._adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=self.timeout)
+        return list(reply.adapters)
+
+    async def pin_adapter(self, name: str, version: str = "", *, pinned: bool = True) -> apb.AdapterInfo:
+        req = apb.PinAdapterRequest(name=name, version=version, pinned=pinned)
+        return await self._adapters.PinAdapter(req, timeout=self.timeout)
 
     async def health(self, service: str = "") -> str:
         reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)

@@ -19,15 +19,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from ..client.v1 import adapters_pb2_grpc as apb_grpc
 from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
-from .engines.base import Engine
+from .adapters.paths import parse_ref
+from .adapters.registry import AdapterRegistry, RegistryConfig
+from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
+from .adapters.service import AdapterService
+from .engines.base import Engine, EngineError
 from .runner import Runner
 from .service import GenerationService, Limits
 
 log = logging.getLogger("effllm.server")
 
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name,)
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name, ADAPTER_SERVICE_NAME)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class ServerConfig:
     max_message_bytes: int = 16 << 20
     grace_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
+    preload: tuple[str, ...] = ()  # NAME or NAME@VERSION, loaded before health turns SERVING
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -50,11 +56,13 @@ class ServerConfig:
 class EffllmServer:
     """One gRPC server around one engine. `start()` returns once the port is bound."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> None:
         self.engine = engine
         self.config = config
-        self.runner = Runner(engine, config.max_concurrency, config.queue_size)
+        self.adapters = adapters or AdapterRegistry(engine, None, RegistryConfig())
+        self.runner = Runner(engine, config.max_concurrency, config.queue_size, self.adapters)
         self.generation = GenerationService(self.runner, config.limits)
+        self.adapter_service = AdapterService(self.adapters)
         self.health = HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -67,6 +75,7 @@ class EffllmServer:
         ]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
+        apb_grpc.add_AdapterServiceServicer_to_server(self.adapter_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)
@@ -82,6 +91,12 @@ class EffllmServer:
 
     async def load(self) -> None:
         await self.engine.start()
+        for ref in self.config.preload:
+            try:
+                await self.adapters.load(*parse_ref(ref))
+            except EngineError as err:
+                raise RuntimeError(f"--preload {ref}: {err.message}") from err
+        self.adapter_service.ready = True
         self.generation.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         info = self.engine.info
@@ -115,9 +130,9 @@ class EffllmServer:
         await self._stopped.wait()
 
 
-async def serve(engine: Engine, config: ServerConfig) -> None:
+async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> None:
     """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
-    server = EffllmServer(engine, config)
+    server = EffllmServer(engine, config, adapters)
     loop = asyncio.get_running_loop()
     signals = 0
 

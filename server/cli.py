@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from pathlib import Path
 
+from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .engines.base import PRECISIONS, Engine
 from .service import Limits
@@ -29,6 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
+    a = p.add_argument_group("adapters")
+    a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
+    a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
+    a.add_argument("--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction")
+    a.add_argument("--max-adapter-rank", type=int, default=64)
+    a.add_argument("--adapter-unload-wait", type=float, default=30.0,
+                   help="seconds an unload waits for in-flight requests by default")
+    a.add_argument("--preload", action="append", default=[], metavar="NAME[@VERSION]",
+                   help="adapter to load before serving (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -57,8 +68,34 @@ def build_engine(args: argparse.Namespace) -> Engine:
         kv_cache_gib=args.kv_cache_gib,
         device=device,
         seed=args.seed,
+        **_vllm_lora_options(args),
     )
     return VllmEngine(model, config)
+
+
+def _vllm_lora_options(args: argparse.Namespace) -> dict[str, object]:
+    if args.adapter_root is None:
+        return {}
+    return dict(
+        enable_lora=True,
+        max_lora_rank=args.max_adapter_rank,
+        max_loras=args.max_adapters_per_batch,
+        max_cpu_loras=max(args.max_adapters_resident, args.max_adapters_per_batch),
+    )
+
+
+def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
+    root = args.adapter_root
+    if root is not None:
+        root = root.expanduser().resolve()
+        if not root.is_dir():
+            raise SystemExit(f"--adapter-root {args.adapter_root}: not a folder")
+    model = getattr(engine, "model", None)  # ResolvedModel on both engines
+    config = RegistryConfig(
+        root=root, max_resident=args.max_adapters_resident, max_rank=args.max_adapter_rank,
+        unload_wait_s=args.adapter_unload_wait,
+    )
+    return AdapterRegistry(engine, model.path if model is not None else None, config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         queue_size=args.queue_size,
         grace_s=args.grace,
         limits=Limits(default_max_new_tokens=args.default_max_new_tokens, max_new_tokens=args.max_new_tokens),
+        preload=tuple(args.preload),
     )
     engine = build_engine(args)
-    asyncio.run(serve(engine, config))
+    asyncio.run(serve(engine, config, build_registry(args, engine)))
     return 0

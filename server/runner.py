@@ -11,8 +11,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from .engines.base import Engine, EngineError, GenerationRequest, TokenEvent, Timings
+
+if TYPE_CHECKING:
+    from .adapters.registry import AdapterRegistry
 
 
 @dataclass
@@ -24,8 +28,10 @@ class Counters:
 
 
 class Runner:
-    def __init__(self, engine: Engine, max_concurrency: int, queue_size: int) -> None:
+    def __init__(self, engine: Engine, max_concurrency: int, queue_size: int,
+                 adapters: AdapterRegistry | None = None) -> None:
         self.engine = engine
+        self.adapters = adapters
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -46,6 +52,23 @@ class Runner:
             )
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Resolve the adapter (a lease on one version, held until the request ends), then admit and run."""
+        if not request.adapter:
+            async for event in self._run(request):
+                yield event
+            return
+        if self.adapters is None:
+            raise EngineError("failed_precondition", "adapter: this server runs without adapters")
+        lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
+        inner = self._run(replace(request, resolved_adapter=lease.spec))
+        try:
+            async for event in inner:
+                yield replace(event, adapter=lease.spec.key) if event.finish_reason is not None else event
+        finally:
+            await inner.aclose()  # the engine lets go of the adapter before the lease does
+            lease.release()
+
+    async def _run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         arrival = time.perf_counter()
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)

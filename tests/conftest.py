@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from .adapterroot import AdapterRoot, build_adapter_root
 from .serverproc import ServerProcess, start_server
 
 
@@ -22,3 +23,12 @@ def vllm_server(logs_dir: Path) -> Iterator[ServerProcess]:
                           "--max-context", "1024", "--kv-cache-gib", "0.5", log_dir=logs_dir)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> AdapterRoot:
+    """Real PEFT adapters on the default base (see tests/adapterroot.py); built once per session."""
+    from effllm.server.model import resolve_model
+
+    model = resolve_model(None)
+    return build_adapter_root(tmp_path_factory.mktemp("adapters"), model.path, model.fingerprint)

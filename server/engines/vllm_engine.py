@@ -15,13 +15,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model import ResolvedModel, count_parameters, max_position_embeddings
-from .base import BYTES_PER_PARAM, EngineError, EngineInfo, GenerationRequest, Precision, TokenEvent, Usage
+from .base import (
+    BYTES_PER_PARAM,
+    AdapterSpec,
+    EngineError,
+    EngineInfo,
+    GenerationRequest,
+    Precision,
+    TokenEvent,
+    Usage,
+)
 from .prompting import PromptRenderer
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+# vLLM sizes its LoRA buffers for one of these ranks; we take the smallest that holds the configured max.
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,10 @@ class VllmEngine:
         )
         self._llm: Any = None
         self._renderer: PromptRenderer | None = None
+        # LoRARequest ids: unique per NAME@VERSION for the life of the engine (never reused, so vLLM's
+        # caches can never confuse a new version with an old one).
+        self._lora_ids: dict[str, int] = {}
+        self._next_lora_id = 1
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -84,7 +99,7 @@ class VllmEngine:
             seed=c.seed,
             enforce_eager=c.enforce_eager,
             enable_lora=c.enable_lora,
-            max_lora_rank=c.max_lora_rank,
+            max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= c.max_lora_rank), c.max_lora_rank),
             max_loras=c.max_loras,
             max_cpu_loras=max(c.max_cpu_loras, c.max_loras),
             disable_log_stats=True,
@@ -108,8 +123,9 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        if request.adapter:
+        if request.adapter and request.resolved_adapter is None:
             raise EngineError("failed_precondition", "adapter: this server has no adapters loaded")
+        lora = self._lora_request(request.resolved_adapter) if request.resolved_adapter else None
         if self._llm is None or self._llm.errored:
             raise EngineError("unavailable", "engine is not running")
         prompt_ids = self.renderer.render(request)
@@ -127,7 +143,9 @@ class VllmEngine:
         finished = False
         produced = 0
         try:
-            stream = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request.request_id)
+            stream = self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request.request_id, lora_request=lora
+            )
             async for out in stream:
                 completion = out.outputs[0]
                 produced += len(completion.token_ids)
@@ -145,6 +163,48 @@ class VllmEngine:
         finally:
             if not finished:
                 await self._llm.abort(request.request_id)
+
+    def _lora_request(self, spec: AdapterSpec) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.get(spec.key)
+        if lora_id is None:
+            raise EngineError("not_found", f"adapter: {spec.key} is not loaded in the engine")
+        return LoRARequest(lora_name=spec.key, lora_int_id=lora_id, lora_path=str(spec.path))
+
+    async def add_adapter(self, spec: AdapterSpec) -> None:
+        """Check the adapter with vLLM's own PEFT rules in this process first: an adapter vLLM refuses
+        (DoRA, LoRA bias, modules_to_save...) must never reach the engine core, where it can kill it."""
+        from vllm.lora.peft_helper import PEFTHelper
+
+        if not self.config.enable_lora:
+            raise EngineError("failed_precondition", "adapters: this engine was started without LoRA support")
+        if spec.method not in self.info.adapter_methods:
+            raise EngineError("failed_precondition", f"method: vLLM does not serve {spec.method} adapters")
+        try:
+            helper = PEFTHelper.from_local_dir(str(spec.path), max_position_embeddings=self.info.max_context)
+            errors = helper._validate_features()
+            if helper.bias != "none":
+                errors.append(f"LoRA bias {helper.bias!r} is not supported.")
+        except Exception as exc:
+            raise EngineError("failed_precondition", f"adapter_config.json: vLLM cannot read it ({exc})") from exc
+        if errors:
+            raise EngineError("failed_precondition", f"adapter: {' '.join(errors)}")
+        if spec.key in self._lora_ids:
+            return
+        lora_id = self._next_lora_id
+        self._next_lora_id += 1
+        self._lora_ids[spec.key] = lora_id
+        try:
+            await self._llm.add_lora(self._lora_request(spec))
+        except BaseException:
+            del self._lora_ids[spec.key]
+            raise
+
+    async def remove_adapter(self, key: str) -> None:
+        lora_id = self._lora_ids.pop(key, None)
+        if lora_id is not None and self._llm is not None:
+            await self._llm.remove_lora(lora_id)
 
     async def shutdown(self) -> None:
         if self._llm is not None:

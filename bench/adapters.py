@@ -1,0 +1,311 @@
+"""Adapter serving benchmark: output tokens/s with 1, 8 and 32 distinct adapters in the traffic (uniform and
+Zipf alpha=1) against base-only, per precision; and LoadAdapter latency p50/p95 per rank.
+
+Engine-agnostic: it only starts `effllm serve --engine X` and talks gRPC through the project's client.
+Adapters are real PEFT adapters on the served base: one made with PEFT per rank, then copies whose weights
+get fresh random values (so every adapter is distinct). Prints a table and writes JSON.
+
+    python bench/adapters.py --engine vllm --requests 32            # quick
+    python bench/adapters.py --engine hf --precisions fp32,bf16,int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PROMPTS = (
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is.",
+    "List three uses of copper:",
+    "Once upon a time, in a small village,",
+    "The best way to learn a language is",
+    "def fibonacci(n):",
+    "Summer in the mountains means",
+)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    engine: str
+    precision: str
+    scenario: str  # base | k adapters, uniform or zipf
+    distinct: int
+    requests: int
+    failed: int
+    output_tokens: int
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass(frozen=True)
+class LoadLatency:
+    engine: str
+    precision: str
+    rank: int
+    trials: int
+    p50_s: float
+    p95_s: float
+    mean_s: float
+
+
+# -- adapters ----------------------------------------------------------------------------------------------
+def make_root(where: Path, base: Path, ranks: list[int], copies: dict[int, int]) -> Path:
+    """ROOT/r{rank}-{i}/1 for i < copies[rank]: PEFT LoRA on q,v projections, all different weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    root = where / "root"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for rank in ranks:
+        torch.manual_seed(rank)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                         init_lora_weights=False, task_type="CAUSAL_LM")
+        peft = get_peft_model(model, cfg, adapter_name=f"r{rank}")
+        first = root / f"r{rank}-0" / "1"
+        peft.save_pretrained(first.parent / "tmp", selected_adapters=[f"r{rank}"])
+        src = first.parent / "tmp" / f"r{rank}" if (first.parent / "tmp" / f"r{rank}").is_dir() else first.parent / "tmp"
+        shutil.move(str(src), first)
+        shutil.rmtree(first.parent / "tmp", ignore_errors=True)
+        model = peft.unload()  # back to the plain base for the next rank
+        weights = load_file(first / "adapter_model.safetensors")
+        for i in range(1, copies[rank]):
+            dst = root / f"r{rank}-{i}" / "1"
+            dst.mkdir(parents=True)
+            shutil.copy(first / "adapter_config.json", dst / "adapter_config.json")
+            g = torch.Generator().manual_seed(1000 * rank + i)
+            fresh = {k: torch.randn(v.shape, generator=g) * v.std() for k, v in weights.items()}
+            save_file(fresh, dst / "adapter_model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+# -- server ------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--port", str(self.port), *args]
+        self.log = log
+        with log.open("wb") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 600.0) -> None:
+        from effllm.client import EffllmClient
+
+        deadline = time.monotonic() + timeout
+        with EffllmClient(self.target, timeout=5.0) as c:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+                try:
+                    if c.health() == "SERVING":
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.5)
+        raise TimeoutError("server did not become SERVING")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- traffic -----------------------------------------------------------------------------------------------
+def choose(names: list[str], n: int, dist: str, rng: random.Random) -> list[str]:
+    if not names:
+        return [""] * n
+    weights = [1.0 / (i + 1) for i in range(len(names))] if dist == "zipf" else [1.0] * len(names)
+    return rng.choices(names, weights=weights, k=n)
+
+
+async def drive(target: str, adapters: list[str], concurrency: int, max_new: int) -> tuple[int, int, float]:
+    """Closed loop: `concurrency` workers pull requests until the list is empty. (failed, tokens, wall)."""
+    from effllm.client import AsyncEffllmClient
+
+    queue = list(enumerate(adapters))
+    failed = tokens = 0
+    async with AsyncEffllmClient(target, timeout=600.0) as ac:
+
+        async def worker() -> None:
+            nonlocal failed, tokens
+            while queue:
+                i, adapter = queue.pop()
+                try:
+                    reply = await ac.generate(PROMPTS[i % len(PROMPTS)], adapter=adapter, max_new_tokens=max_new,
+                                              temperature=0.0)
+                    tokens += reply.usage.output_tokens
+                except Exception as exc:  # counted, reported; the benchmark keeps going
+                    failed += 1
+                    print(f"  request failed: {exc}", file=sys.stderr)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return failed, tokens, time.perf_counter() - t0
+
+
+def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Path) -> list[Throughput]:
+    from effllm.client import EffllmClient
+
+    n_max = max(a.distinct)
+    server = Server([
+        "--engine", a.engine, "--precision", precision, "--adapter-root", str(root),
+        "--max-adapter-rank", "16", "--max-adapters-per-batch", str(a.per_batch),
+        "--max-adapters-resident", str(n_max + 4), "--max-concurrency", str(a.concurrency),
+        "--kv-cache-gib", str(a.kv_cache_gib), "--max-context", "512", *a.server_arg,
+    ], logs / f"serve-{a.engine}-{precision}.log")
+    out = []
+    try:
+        server.wait()
+        with EffllmClient(server.target, timeout=300.0) as c:
+            names = [f"r8-{i}" for i in range(n_max)]
+            for name in names:
+                c.load_adapter(name, "1")
+        rng = random.Random(0)
+        asyncio.run(drive(server.target, choose(names[:1], a.concurrency, "uniform", rng), a.concurrency,
+                          a.max_new_tokens))  # warm-up
+        scenarios = [("base", 0, "uniform")] + [
+            (f"{k} {dist}", k, dist) for k in a.distinct for dist in (("uniform",) if k == 1 else ("uniform", "zipf"))
+        ]
+        for label, k, dist in scenarios:
+            traffic = choose(names[:k], a.requests, dist, rng)
+            failed, tokens, wall = asyncio.run(drive(server.target, traffic, a.concurrency, a.max_new_tokens))
+            row = Throughput(a.engine, precision, label, k, a.requests, failed, tokens, wall)
+            print(f"  {precision} {label:>12}: {row.tokens_per_s:8.1f} tok/s ({tokens} tokens, {wall:.1f}s, "
+                  f"{failed} failed)", flush=True)
+            out.append(row)
+    finally:
+        server.stop()
+    return out
+
+
+def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatency]:
+    from effllm.client import EffllmClient
+
+    precision = a.precisions[0]
+    server = Server([
+        "--engine", a.engine, "--precision", precision, "--adapter-root", str(root), "--max-adapter-rank",
+        str(max(a.ranks)), "--max-adapters-per-batch", "2", "--max-adapters-resident", "4",
+        "--kv-cache-gib", str(a.kv_cache_gib), "--max-context", "512", *a.server_arg,
+    ], logs / f"serve-{a.engine}-load.log")
+    out = []
+    try:
+        server.wait()
+        with EffllmClient(server.target, timeout=300.0) as c:
+            for rank in a.ranks:
+                times = []
+                for i in range(a.load_trials):
+                    t0 = time.perf_counter()
+                    c.load_adapter(f"r{rank}-{i}", "1")
+                    times.append(time.perf_counter() - t0)
+                    c.unload_adapter(f"r{rank}-{i}", "1")
+                times.sort()
+                p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+                row = LoadLatency(a.engine, precision, rank, len(times), statistics.median(times), p95,
+                                  statistics.fmean(times))
+                print(f"  load r={rank}: p50 {row.p50_s * 1e3:.1f} ms, p95 {row.p95_s * 1e3:.1f} ms", flush=True)
+                out.append(row)
+    finally:
+        server.stop()
+    return out
+
+
+def table(tput: list[Throughput], loads: list[LoadLatency]) -> str:
+    lines = ["| engine | precision | traffic | distinct | requests | failed | tokens/s | vs base |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in tput:
+        base = next(b for b in tput if b.precision == r.precision and b.distinct == 0)
+        lines.append(f"| {r.engine} | {r.precision} | {r.scenario} | {r.distinct} | {r.requests} | {r.failed} | "
+                     f"{r.tokens_per_s:.1f} | {r.tokens_per_s / base.tokens_per_s:.2f} |")
+    lines += ["", "| engine | precision | rank | trials | load p50 ms | load p95 ms |", "|---|---|---:|---:|---:|---:|"]
+    for r in loads:
+        lines.append(f"| {r.engine} | {r.precision} | {r.rank} | {r.trials} | {r.p50_s * 1e3:.1f} | "
+                     f"{r.p95_s * 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", default="vllm", help="passed to `effllm serve --engine` (vllm, hf, ...)")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--distinct", default="1,8,32", help="distinct adapters in the traffic")
+    p.add_argument("--requests", type=int, default=128, help="requests per scenario")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--per-batch", type=int, default=8, help="--max-adapters-per-batch of the server")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ranks", default="8,16,64")
+    p.add_argument("--load-trials", type=int, default=20)
+    p.add_argument("--kv-cache-gib", type=float, default=0.25)
+    p.add_argument("--server-arg", action="append", default=[], help="extra `effllm serve` flag (repeatable)")
+    p.add_argument("--model", default=None, help="base checkpoint dir (default: the embedded default model)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default runs/bench-adapters-ENGINE.json)")
+    a = p.parse_args()
+    a.precisions = a.precisions.split(",")
+    a.distinct = [int(x) for x in a.distinct.split(",")]
+    a.ranks = [int(x) for x in a.ranks.split(",")]
+    out = a.out or Path("runs") / f"bench-adapters-{a.engine}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    from effllm.server.model import resolve_model
+
+    model = resolve_model(a.model)
+    if a.model:
+        a.server_arg += ["--model", str(model.path)]
+    work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
+    try:
+        copies = {r: a.load_trials for r in a.ranks}
+        copies[8] = max(copies.get(8, 0), max(a.distinct))
+        t0 = time.perf_counter()
+        root = make_root(work, model.path, sorted(set(a.ranks) | {8}), copies)
+        print(f"made {sum(copies.values())} adapters in {time.perf_counter() - t0:.1f}s under {root}", flush=True)
+        tput: list[Throughput] = []
+        for precision in a.precisions:
+            tput += bench_throughput(a, root, precision, work)
+        loads = bench_load(a, root, work)
+    finally:
+        for log in work.glob("*.log"):
+            shutil.copy(log, out.parent / f"{out.stem}-{log.name}")
+        shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "engine": a.engine, "model": model.name, "cpu_count": os.cpu_count(), "config": {
+            k: v for k, v in vars(a).items() if k != "out"},
+        "throughput": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in tput],
+        "load_latency": [asdict(r) for r in loads],
+    }
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(table(tput, loads))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""manifest.json: what an adapter version is, where it came from; plus versioning and atomic publish.
+
+The schema is shared with the tuner (which writes manifests) and the registry (which reads them).
+Every field is optional so that hand-made manifests load; unknown keys survive a read/write round trip.
+Invariant of `publish`: ROOT/NAME/VERSION either does not exist or is complete (copy into a hidden
+temp folder beside it, fsync, then one rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .paths import check_name, numeric_versions
+
+MANIFEST = "manifest.json"
+SERVE_METHODS = ("lora", "rslora", "dora")
+TUNING_METHODS = ("lora", "lora_plus", "rslora", "dora", "freeze", "full")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str = ""
+    version: str = ""
+    method: str = ""  # how it is served: lora | rslora | dora
+    tuning_method: str = ""  # how it was trained: lora | lora_plus | rslora | dora | freeze | full
+    rank: int = 0
+    alpha: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    base_model: str = ""
+    base_fingerprint: str = ""  # sha256 from server/model.py fingerprint()
+    created_at: str = ""  # ISO 8601
+    dataset: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept as they were
+
+    def __post_init__(self) -> None:
+        if self.method and self.method not in SERVE_METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(SERVE_METHODS)}")
+        if self.tuning_method and self.tuning_method not in TUNING_METHODS:
+            raise ValueError(f"tuning_method: {self.tuning_method!r} is not one of {', '.join(TUNING_METHODS)}")
+        if self.rank < 0 or self.alpha < 0:
+            raise ValueError(f"rank ({self.rank}) and alpha ({self.alpha}) must be >= 0")
+        if self.created_at:
+            try:
+                datetime.fromisoformat(self.created_at.replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise ValueError(f"created_at: {self.created_at!r} is not ISO 8601") from exc
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict):
+            raise ValueError("manifest must be a JSON object")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw: dict[str, Any] = {}
+        for key in known & data.keys():
+            value = data[key]
+            if value is None:
+                continue
+            if key in ("rank",):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise ValueError(f"{key}: {value!r} is not an integer")
+            elif key == "alpha":
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise ValueError(f"alpha: {value!r} is not a number")
+                value = float(value)
+            elif key == "target_modules":
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError("target_modules: must be a list of strings")
+                value = tuple(value)
+            elif key in ("dataset", "hyperparameters", "metrics"):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{key}: must be an object")
+            elif not isinstance(value, str):
+                raise ValueError(f"{key}: {value!r} is not a string")
+            kw[key] = value
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**kw, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data["target_modules"] = list(self.target_modules)
+        return {**extra, **data}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The folder's manifest, None when it has none; ValueError when it is there but malformed."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{MANIFEST}: unreadable ({exc})") from exc
+    return Manifest.from_dict(data)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    path = folder / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp")
+    with tmp.open("w") as fh:
+        json.dump(manifest.to_dict(), fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def next_version(root: Path, name: str) -> str:
+    """One above the highest integer version of NAME on disk ("1" for a new name)."""
+    check_name(name)
+    versions = numeric_versions(root, name)
+    return str(versions[-1] + 1 if versions else 1)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _dirs, files in os.walk(folder):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 5) -> str:
+    """Copy `src_dir` into ROOT/NAME/<next version> atomically and return that version.
+
+    The copy's manifest (written if absent) gets this name and version. Two publishers racing for one
+    version: the loser's rename fails and it takes the next number.
+    """
+    check_name(name)
+    src_dir = Path(src_dir)
+    if not src_dir.is_dir():
+        raise FileNotFoundError(f"publish: {src_dir} is not a folder")
+    parent = Path(root) / name
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    try:
+        staged = tmp / "adapter"
+        shutil.copytree(src_dir, staged, symlinks=False)
+        base = read_manifest(staged) or Manifest(created_at=now_iso())
+        for _ in range(attempts):
+            version = next_version(Path(root), name)
+            write_manifest(staged, replace(base, name=name, version=version, created_at=base.created_at or now_iso()))
+            _fsync_tree(staged)
+            target = parent / version
+            if target.exists():
+                continue
+            try:
+                os.rename(staged, target)  # atomic on one filesystem
+            except OSError:
+                continue  # someone else took this version between our check and the rename
+            _fsync_dir(parent)
+            return version
+        raise RuntimeError(f"publish: could not claim a version of {name!r} after {attempts} attempts")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,263 @@
+"""Which adapter versions are resident, which one a request gets, and when one may leave. No torch.
+
+Invariants:
+- A request resolves its adapter once (`acquire`) and holds a `Lease` until it ends; the version it got
+  stays loaded in the engine until every lease on it is released (unload waits, eviction skips it).
+- `NAME` means the highest loaded version of NAME; loading NAME@2 makes it the answer for new requests in
+  one event-loop step (atomic swap) while requests running on NAME@1 keep NAME@1.
+- Mutations (load, unload, pin, evict) hold one asyncio.Lock; validation reads files in a worker thread.
+- Pinned versions are never evicted nor unloaded; eviction takes the least recently used idle version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engines.base import AdapterSpec, Engine, EngineError
+from .paths import check_name, check_version, parse_ref, resolve_relative, resolve_version_dir
+from .validate import BaseModules, Validated, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    root: Path | None = None  # None: the server runs without adapters
+    max_resident: int = 16
+    max_rank: int = 64
+    unload_wait_s: float = 30.0  # default bound on waiting for in-flight requests
+
+    def __post_init__(self) -> None:
+        if self.max_resident < 1 or self.max_rank < 1 or self.unload_wait_s < 0:
+            raise ValueError("max_resident >= 1, max_rank >= 1 and unload_wait_s >= 0 are required")
+
+
+@dataclass(eq=False)
+class Entry:
+    """One resident version and its statistics."""
+
+    spec: AdapterSpec
+    validated: Validated
+    load_s: float
+    seq: int  # load order: ties between non-numeric versions go to the newest
+    pinned: bool = False
+    in_flight: int = 0
+    requests_served: int = 0
+    last_used_unix: float = 0.0
+    last_touch: float = 0.0  # monotonic, for LRU
+    routable: bool = True  # False while unloading or evicting: new requests no longer get it
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def residency(self) -> str:
+        # A version with requests in flight sits in the engine's batch slots; otherwise in its host cache.
+        return "slot" if self.in_flight else "host"
+
+    def order(self) -> tuple[int, int, int]:
+        v = self.spec.version
+        return (1, int(v), self.seq) if v.isdigit() else (0, 0, self.seq)
+
+
+class Lease:
+    """A request's hold on one adapter version; `release` is idempotent."""
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self._released = False
+        entry.in_flight += 1
+        entry.idle.clear()
+        entry.last_used_unix = time.time()
+        entry.last_touch = time.monotonic()
+
+    @property
+    def spec(self) -> AdapterSpec:
+        return self.entry.spec
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        e = self.entry
+        e.in_flight -= 1
+        e.requests_served += 1
+        e.last_touch = time.monotonic()
+        if e.in_flight == 0:
+            e.idle.set()
+
+
+class AdapterRegistry:
+    def __init__(self, engine: Engine, base_path: Path | None, config: RegistryConfig) -> None:
+        """`base_path`: the served base checkpoint (target modules and shapes are checked against it)."""
+        self.engine = engine
+        self.base_path = base_path
+        self.config = config
+        self._entries: dict[str, Entry] = {}  # key NAME@VERSION -> entry (routable or leaving)
+        self._lock = asyncio.Lock()
+        self._seq = itertools.count(1)
+        self._base: BaseModules | None = None
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def acquire(self, ref: str) -> Lease:
+        """The version a request naming `ref` runs on; NOT_FOUND when none is loaded. Synchronous on purpose:
+        choosing the entry and counting the lease happen in one step, so no swap or unload slips between."""
+        name, version = parse_ref(ref)
+        entry = self.latest(name) if version in ("", "latest") else self._routable(f"{name}@{version}")
+        if entry is None:
+            loaded = sorted(e.key for e in self._entries.values() if e.routable and e.spec.name == name)
+            hint = f" (loaded: {', '.join(loaded)})" if loaded else " (LoadAdapter it first)"
+            raise EngineError("not_found", f"adapter: {ref!r} is not loaded{hint}")
+        return Lease(entry)
+
+    def _routable(self, key: str) -> Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry.routable else None
+
+    def latest(self, name: str) -> Entry | None:
+        candidates = [e for e in self._entries.values() if e.routable and e.spec.name == name]
+        return max(candidates, key=Entry.order, default=None)
+
+    def entries(self) -> list[Entry]:
+        return sorted((e for e in self._entries.values() if e.routable), key=lambda e: (e.spec.name, e.order()))
+
+    def is_latest(self, entry: Entry) -> bool:
+        return self.latest(entry.spec.name) is entry
+
+    # -- load -------------------------------------------------------------------------------------------
+    def _root(self) -> Path:
+        if self.config.root is None:
+            raise EngineError("failed_precondition", "this server was started without --adapter-root")
+        return self.config.root
+
+    def locate(self, name: str, version: str = "", path: str = "") -> tuple[str, str, Path]:
+        """(name, version, folder) for a LoadAdapter request; raises invalid_argument / not_found."""
+        root = self._root()
+        check_name(name)
+        if path:
+            folder = resolve_relative(root, path)
+            label = version or folder.name
+            check_version(label, "version" if version else "path")
+            return name, label, folder
+        version, folder = resolve_version_dir(root, name, version)
+        return name, version, folder
+
+    def _validate(self, folder: Path) -> Validated:
+        if self._base is None:
+            if self.base_path is None:
+                raise EngineError("failed_precondition", "the base checkpoint is unknown; cannot validate adapters")
+            self._base = BaseModules(self.base_path)
+        info = self.engine.info
+        max_rank = min(self.config.max_rank, info.max_adapter_rank or self.config.max_rank)
+        return validate(
+            folder, self._root(), self._base,
+            base_fingerprint=info.fingerprint, max_rank=max_rank, methods=tuple(info.adapter_methods),
+        )
+
+    async def load(self, name: str, version: str = "", path: str = "") -> Entry:
+        """Validate, then make NAME@VERSION servable (idempotent). On any failure nothing has changed."""
+        name, version, folder = self.locate(name, version, path)
+        key = f"{name}@{version}"
+        if (existing := self._routable(key)) is not None:
+            return existing
+        t0 = time.perf_counter()
+        validated = await asyncio.to_thread(self._validate, folder)
+        async with self._lock:
+            if (existing := self._routable(key)) is not None:
+                return existing
+            if key in self._entries:
+                raise EngineError("failed_precondition", f"name: {key} is being unloaded; retry when it is gone")
+            await self._make_room()
+            spec = AdapterSpec(
+                name=name, version=version, path=folder, method=validated.method, rank=validated.rank,
+                alpha=validated.alpha, target_modules=validated.target_modules,
+            )
+            try:
+                await self.engine.add_adapter(spec)
+            except EngineError:
+                raise
+            except Exception as exc:  # the engine refused it; keep the server and the other adapters going
+                log.exception("engine could not load %s", key)
+                raise EngineError("failed_precondition", f"engine could not load {key}: {exc}") from exc
+            entry = Entry(spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq))
+            entry.last_touch = time.monotonic()
+            self._entries[key] = entry  # from here on `NAME` resolves to the highest loaded version
+        log.info("loaded adapter %s (%s, r=%d) in %.3fs", key, spec.method, spec.rank, entry.load_s)
+        return entry
+
+    async def _make_room(self) -> None:
+        """Evict least recently used idle, unpinned versions until one more fits. Caller holds the lock."""
+        while len(self._entries) >= self.config.max_resident:
+            idle = [e for e in self._entries.values() if e.routable and not e.pinned and e.in_flight == 0]
+            if not idle:
+                raise EngineError(
+                    "resource_exhausted",
+                    f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are pinned or "
+                    "serving requests; unload or unpin one first",
+                )
+            victim = min(idle, key=lambda e: e.last_touch)
+            victim.routable = False  # same step as the choice: no new lease can reach it
+            await self._drop(victim)
+            log.info("evicted adapter %s (least recently used)", victim.key)
+
+    async def _drop(self, entry: Entry) -> None:
+        try:
+            await self.engine.remove_adapter(entry.key)
+        finally:
+            self._entries.pop(entry.key, None)
+
+    # -- unload / pin -----------------------------------------------------------------------------------
+    def _find(self, name: str, version: str) -> list[Entry]:
+        check_name(name)
+        if version in ("", "*"):
+            found = [e for e in self._entries.values() if e.routable and e.spec.name == name]
+        elif version == "latest":
+            found = [e] if (e := self.latest(name)) else []
+        else:
+            found = [e] if (e := self._routable(f"{name}@{check_version(version)}")) else []
+        if not found:
+            raise EngineError("not_found", f"adapter: {name}{'@' + version if version else ''} is not loaded")
+        return found
+
+    async def unload(self, name: str, version: str = "", wait_s: float = 0.0) -> list[str]:
+        """Stop routing new requests to the version(s), wait (bounded) for their in-flight requests, then
+        drop them. If the wait runs out they are routable again and nothing was unloaded."""
+        wait = wait_s if wait_s > 0 else self.config.unload_wait_s
+        async with self._lock:
+            found = self._find(name, version)
+            pinned = [e.key for e in found if e.pinned]
+            if pinned:
+                raise EngineError("failed_precondition", f"adapter: {', '.join(pinned)} is pinned; unpin it first")
+            for e in found:
+                e.routable = False
+            try:
+                await asyncio.wait_for(asyncio.gather(*(e.idle.wait() for e in found)), timeout=wait)
+            except asyncio.TimeoutError:
+                for e in found:
+                    e.routable = True
+                busy = sum(e.in_flight for e in found)
+                raise EngineError(
+                    "failed_precondition",
+                    f"adapter: {busy} requests still in flight after {wait:.1f}s; nothing was unloaded",
+                ) from None
+            for e in found:
+                await self._drop(e)
+        keys = [e.key for e in found]
+        log.info("unloaded adapters %s", ", ".join(keys))
+        return keys
+
+    async def pin(self, name: str, version: str = "", pinned: bool = True) -> Entry:
+        async with self._lock:
+            (entry,) = self._find(name, version or "latest")
+            entry.pinned = pinned
+            return entry

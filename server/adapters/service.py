@@ -1,0 +1,93 @@
+"""AdapterService: gRPC <-> AdapterRegistry. Maps requests onto registry calls and EngineErrors onto status
+codes; no torch, no file access of its own (the registry validates and resolves paths)."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+
+from ...client.v1 import adapters_pb2 as apb
+from ...client.v1 import adapters_pb2_grpc as apb_grpc
+from ..engines.base import EngineError
+from .registry import AdapterRegistry, Entry
+
+SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdapterService"].full_name
+_STATUS = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+def adapter_info(entry: Entry, latest: bool) -> apb.AdapterInfo:
+    spec, manifest = entry.spec, entry.validated.manifest
+    return apb.AdapterInfo(
+        name=spec.name,
+        version=spec.version,
+        method=spec.method,
+        rank=spec.rank,
+        alpha=spec.alpha,
+        target_modules=list(spec.target_modules),
+        base_fingerprint=manifest.base_fingerprint if manifest else "",
+        residency=entry.residency,
+        pinned=entry.pinned,
+        load_s=entry.load_s,
+        requests_served=entry.requests_served,
+        last_used_unix=entry.last_used_unix,
+        in_flight=entry.in_flight,
+        latest=latest,
+    )
+
+
+class AdapterService(apb_grpc.AdapterServiceServicer):
+    def __init__(self, registry: AdapterRegistry) -> None:
+        self.registry = registry
+        self.ready = False  # set once the engine has started
+
+    async def _abort(self, context: grpc.aio.ServicerContext, err: EngineError) -> NoReturn:
+        await context.abort(_STATUS[err.code], err.message)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def _check_ready(self, context: grpc.aio.ServicerContext) -> None:
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
+
+    async def LoadAdapter(self, request: apb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> apb.AdapterInfo:
+        await self._check_ready(context)
+        if request.version and request.path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version, path: give one of them, not both")
+        try:
+            entry = await self.registry.load(request.name, request.version, request.path)
+        except EngineError as err:
+            await self._abort(context, err)
+        return adapter_info(entry, self.registry.is_latest(entry))
+
+    async def UnloadAdapter(
+        self, request: apb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> apb.UnloadAdapterResponse:
+        await self._check_ready(context)
+        if request.wait_s < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wait_s: {request.wait_s} must be >= 0")
+        try:
+            keys = await self.registry.unload(request.name, request.version, request.wait_s)
+        except EngineError as err:
+            await self._abort(context, err)
+        return apb.UnloadAdapterResponse(unloaded=keys)
+
+    async def ListAdapters(
+        self, request: apb.ListAdaptersRequest, context: grpc.aio.ServicerContext
+    ) -> apb.ListAdaptersResponse:
+        entries = self.registry.entries()
+        return apb.ListAdaptersResponse(adapters=[adapter_info(e, self.registry.is_latest(e)) for e in entries])
+
+    async def PinAdapter(self, request: apb.PinAdapterRequest, context: grpc.aio.ServicerContext) -> apb.AdapterInfo:
+        await self._check_ready(context)
+        try:
+            entry = await self.registry.pin(request.name, request.version, request.pinned)
+        except EngineError as err:
+            await self._abort(context, err)
+        return adapter_info(entry, self.registry.is_latest(entry))

@@ -1,0 +1,265 @@
+"""Adapters end to end: a real `effllm serve --engine vllm --adapter-root ...` and real PEFT adapters.
+
+One module-scoped server (resident limit 4, max rank 16, demo@1 preloaded). Every test leaves the server
+with only demo@1 loaded, so the tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from effllm.client import AsyncEffllmClient, EffllmClient
+
+from ..serverproc import ServerProcess, start_server
+
+PROMPT = "The capital of France is"
+NEW = 16
+SWAP_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def server(adapter_root, logs_dir) -> Iterator[ServerProcess]:
+    proc = start_server(
+        "--engine", "vllm", "--adapter-root", str(adapter_root.root), "--max-adapter-rank", "16",
+        "--max-adapters-resident", "4", "--max-adapters-per-batch", "4", "--max-concurrency", "32",
+        "--queue-size", "64", "--max-context", "512", "--kv-cache-gib", "0.25", "--preload", "demo@1",
+        log_dir=logs_dir,
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> Iterator[EffllmClient]:
+    with server.client(timeout=120.0) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def only_demo_left(client: EffllmClient) -> Iterator[None]:
+    yield
+    for a in client.list_adapters():
+        if a.pinned:
+            client.pin_adapter(a.name, a.version, pinned=False)
+        if (a.name, a.version) != ("demo", "1"):
+            client.unload_adapter(a.name, a.version)
+    if not any(a.name == "demo" for a in client.list_adapters()):
+        client.load_adapter("demo", "1")
+
+
+def greedy(client: EffllmClient, adapter: str = "", n: int = NEW) -> tuple[list[int], str]:
+    reply = client.generate(PROMPT, adapter=adapter, max_new_tokens=n, temperature=0.0)
+    return list(reply.token_ids), reply.adapter
+
+
+@pytest.fixture(scope="module")
+def reference(client: EffllmClient) -> dict[str, list[int]]:
+    """Greedy tokens per adapter, each asked alone, before any test changes the server."""
+    out = {"": greedy(client)[0], "demo@1": greedy(client, "demo@1")[0]}
+    for name in ("demo@2", "rs@1", "wide@1"):
+        n, v = name.split("@")
+        client.load_adapter(n, v)
+        out[name] = greedy(client, name)[0]
+        client.unload_adapter(n, v)
+    return out
+
+
+def _code(fn, *args, **kw) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as exc:
+        fn(*args, **kw)
+    return exc.value.code(), exc.value.details()
+
+
+def test_preloaded_adapter_is_listed(client: EffllmClient, adapter_root) -> None:
+    (a,) = client.list_adapters()
+    assert (a.name, a.version, a.method, a.rank, a.alpha) == ("demo", "1", "lora", 8, 16.0)
+    assert sorted(a.target_modules) == ["q_proj", "v_proj"]
+    assert a.base_fingerprint == ""  # a plain PEFT folder: no manifest
+    assert a.residency == "host" and a.latest and not a.pinned and a.load_s > 0 and a.in_flight == 0
+    info = client.model_info()
+    assert list(info.capabilities.adapter_methods) == ["lora", "rslora"]
+    assert info.capabilities.max_adapters_per_batch == 4
+
+
+def test_adapter_changes_output_and_name_equals_explicit_version(client, reference, adapter_root) -> None:
+    base = reference[""]
+    assert all(reference[k] != base for k in ("demo@1", "demo@2", "rs@1", "wide@1"))
+    assert len({tuple(v) for v in reference.values()}) == 5  # every adapter gives its own output
+    tokens, used = greedy(client, "demo")
+    assert tokens == reference["demo@1"] and used == "demo@1"
+    info = client.load_adapter("rs", "1")
+    assert (info.method, info.base_fingerprint) == ("rslora", adapter_root.fingerprint)
+    assert greedy(client, "rs") == (reference["rs@1"], "rs@1")
+    assert greedy(client) == (base, "")
+    served = {f"{a.name}@{a.version}": a for a in client.list_adapters()}
+    assert served["demo@1"].requests_served >= 1 and served["demo@1"].last_used_unix > time.time() - 120
+    assert served["rs@1"].requests_served == 1
+
+
+def test_mixed_batch_matches_peft_reference(client, server, reference, adapter_root) -> None:
+    """Base + 4 different adapters (LoRA, rsLoRA) in flight together; each row equals PEFT run alone."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for key in ("demo@2", "rs@1", "wide@1"):
+        client.load_adapter(*key.split("@"))
+    keys = ["", "demo@1", "demo@2", "rs@1", "wide@1"]
+
+    async def batch() -> list[list[int]]:
+        async with AsyncEffllmClient(server.target) as ac:
+            replies = await asyncio.gather(
+                *(ac.generate(PROMPT, adapter=k, max_new_tokens=NEW, temperature=0.0) for k in keys * 2)
+            )
+        return [list(r.token_ids) for r in replies]
+
+    rows = asyncio.run(batch())
+    tok = AutoTokenizer.from_pretrained(adapter_root.base)
+    ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=True)])
+    for i, key in enumerate(keys):
+        assert rows[i] == rows[i + len(keys)] == reference[key], key
+        model = AutoModelForCausalLM.from_pretrained(adapter_root.base, dtype=torch.float32)
+        if key:
+            name, version = key.split("@")
+            model = PeftModel.from_pretrained(model, adapter_root.root / name / version)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW, do_sample=False)
+        assert out[0, ids.shape[1]:].tolist() == rows[i], f"{key or 'base'}: vLLM differs from PEFT"
+
+
+BAD = [
+    (("missing", "1"), {}, grpc.StatusCode.FAILED_PRECONDITION, "adapter_model.safetensors: missing"),
+    (("trunc", "1"), {}, grpc.StatusCode.FAILED_PRECONDITION, "truncated"),
+    (("wrongbase", "1"), {}, grpc.StatusCode.FAILED_PRECONDITION, "base_fingerprint"),
+    (("big", "1"), {}, grpc.StatusCode.FAILED_PRECONDITION, "rank: 32 is over this server's max adapter rank 16"),
+    (("dora", "1"), {}, grpc.StatusCode.FAILED_PRECONDITION, "dora adapters are not supported by this engine"),
+    (("x",), {"path": "../outside/lora"}, grpc.StatusCode.INVALID_ARGUMENT, "may not leave the root"),
+    (("x",), {"path": "/etc"}, grpc.StatusCode.INVALID_ARGUMENT, "absolute"),
+    (("esc", "1"), {}, grpc.StatusCode.INVALID_ARGUMENT, "outside the adapter root"),
+    (("x",), {"path": "esc/1"}, grpc.StatusCode.INVALID_ARGUMENT, "outside the adapter root"),
+    (("fsym", "1"), {}, grpc.StatusCode.INVALID_ARGUMENT, "outside the adapter root"),
+    (("../x", "1"), {}, grpc.StatusCode.INVALID_ARGUMENT, "not a valid adapter name"),
+    (("nobody", "1"), {}, grpc.StatusCode.NOT_FOUND, "does not exist"),
+]
+
+
+def test_bad_adapters_get_their_status_and_the_server_keeps_serving(client, reference) -> None:
+    for args, kw, code, needle in BAD:
+        got, message = _code(client.load_adapter, *args, **kw)
+        assert (got, needle in message) == (code, True), (args, kw, got, message)
+    assert _code(client.generate, PROMPT, adapter="nobody", max_new_tokens=4) == (
+        grpc.StatusCode.NOT_FOUND, "adapter: 'nobody' is not loaded (LoadAdapter it first)")
+    # nothing changed: demo@1 alone is resident and both it and the base still give their outputs
+    assert [(a.name, a.version) for a in client.list_adapters()] == [("demo", "1")]
+    assert greedy(client, "demo")[0] == reference["demo@1"]
+    assert greedy(client)[0] == reference[""]
+    assert client.health() == "SERVING"
+
+
+async def _stream(ac: AsyncEffllmClient, adapter: str, started: asyncio.Event | None = None) -> dict:
+    tokens: list[int] = []
+    final = None
+    async for chunk in ac.stream(PROMPT, adapter=adapter, max_new_tokens=SWAP_NEW, temperature=0.0):
+        tokens.extend(chunk.token_ids)
+        if started is not None and tokens:
+            started.set()
+        if chunk.HasField("final"):
+            final = chunk.final
+    assert final is not None
+    return {"tokens": tokens, "adapter": final.adapter, "end": time.monotonic(),
+            "n": final.usage.output_tokens}
+
+
+def test_hot_swap_under_16_streams(client, server) -> None:
+    client.load_adapter("swap", "1")
+    v1 = greedy(client, "swap@1", SWAP_NEW)[0]
+
+    async def run() -> tuple[list, list, float]:
+        async with AsyncEffllmClient(server.target) as ac:
+            started = [asyncio.Event() for _ in range(16)]
+            early = [asyncio.create_task(_stream(ac, "swap", s)) for s in started]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
+            info = await ac.load_adapter("swap", "2")  # mid-flight
+            swapped = time.monotonic()
+            assert info.latest and info.version == "2"
+            still_running = sum(not t.done() for t in early)
+            late = [asyncio.create_task(_stream(ac, "swap")) for _ in range(8)]
+            done = await asyncio.gather(*early, *late, return_exceptions=True)
+            return done[:16], done[16:], still_running
+
+    early, late, still_running = asyncio.run(run())
+    failures = [r for r in early + late if isinstance(r, BaseException)]
+    assert failures == []
+    assert still_running > 0, "the swap happened after the streams ended: not a mid-flight test"
+    v2 = greedy(client, "swap@2", SWAP_NEW)[0]
+    assert v1 != v2
+    for r in early:
+        assert (r["adapter"], r["tokens"]) == ("swap@1", v1)
+    for r in late:
+        assert (r["adapter"], r["tokens"]) == ("swap@2", v2)
+    listed = {f"{a.name}@{a.version}": a for a in client.list_adapters()}
+    assert listed["swap@2"].latest and not listed["swap@1"].latest
+    assert listed["swap@1"].requests_served == 17 and listed["swap@2"].requests_served == 9
+
+
+def test_unload_waits_for_in_flight_requests(client, server) -> None:
+    client.load_adapter("swap", "1")
+
+    async def run() -> tuple[list, float, list[str]]:
+        async with AsyncEffllmClient(server.target) as ac:
+            started = [asyncio.Event() for _ in range(4)]
+            streams = [asyncio.create_task(_stream(ac, "swap@1", s)) for s in started]
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 120)
+            unloaded = await ac.unload_adapter("swap", "1", wait_s=60)
+            return await asyncio.gather(*streams), time.monotonic(), unloaded
+
+    results, unloaded_at, keys = asyncio.run(run())
+    assert keys == ["swap@1"]
+    assert all(r["adapter"] == "swap@1" and r["n"] == SWAP_NEW for r in results)
+    assert max(r["end"] for r in results) <= unloaded_at
+    assert _code(client.generate, PROMPT, adapter="swap@1", max_new_tokens=2)[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_pin_blocks_unload_and_eviction_then_lru(client) -> None:
+    assert client.pin_adapter("demo").pinned
+    code, message = _code(client.unload_adapter, "demo")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "pinned" in message
+    for name in ("f1", "f2", "f3"):
+        client.load_adapter(name, "1")
+    greedy(client, "f1", 2)  # f1 used: f2 is now the least recently used unpinned one
+    client.load_adapter("f4", "1")  # 5th: evicts f2
+    resident = sorted(f"{a.name}@{a.version}" for a in client.list_adapters())
+    assert resident == ["demo@1", "f1@1", "f3@1", "f4@1"]
+    assert _code(client.generate, PROMPT, adapter="f2", max_new_tokens=2)[0] == grpc.StatusCode.NOT_FOUND
+    for name in ("f1", "f3", "f4"):
+        client.pin_adapter(name)
+    code, message = _code(client.load_adapter, "f2", "1")
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "pinned" in message
+    assert _code(client.pin_adapter, "nobody")[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_adapters_cli(server) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "effllm.cli.main", "adapters", "--target", server.target, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    out = cli("load", "rs@1")
+    assert out.returncode == 0 and "rs@1" in out.stdout and "rslora" in out.stdout
+    out = cli("pin", "rs")
+    assert out.returncode == 0 and "yes" in out.stdout
+    out = cli("list")
+    assert out.returncode == 0 and "demo@1" in out.stdout and "rs@1" in out.stdout
+    out = cli("unload", "rs")
+    assert out.returncode == 1 and "FAILED_PRECONDITION" in out.stderr
+    assert cli("pin", "rs", "--off").returncode == 0
+    out = cli("unload", "rs@1")
+    assert out.returncode == 0 and "unloaded rs@1" in out.stdout
+    out = cli("load", "trunc@1")
+    assert out.returncode == 1 and "truncated" in out.stderr
