@@ -12,6 +12,8 @@ import sys
 from dataclasses import MISSING, fields
 from typing import Any
 
+import grpc
+
 from .config import METHODS, ConfigError, TuneConfig
 
 _HELP = {
@@ -98,6 +100,9 @@ def run_tune(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError, FileExistsError) as exc:
         print(f"effllm tune: {exc}", file=sys.stderr)
         return 2
+    except grpc.RpcError as exc:  # the adapter is on disk; the server refused or could not be reached
+        print(f"effllm tune: LoadAdapter failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
     m = done["metrics"]
     before, after = m.get("eval_before") or {}, m.get("eval_after") or {}
     print(f"saved {done['output_dir']}" + (f"; published {done['published']}" if "published" in done else ""))

@@ -73,7 +73,13 @@ def save(result: RunResult, output_dir: Path, on_staging: Callable[[Path], None]
         result.model.save_pretrained(staging, safe_serialization=True)
         if not result.config.is_lora_family:
             result.tokenizer.save_pretrained(staging)  # a checkpoint must load on its own
-        (staging / "manifest.json").write_text(json.dumps(manifest(result), indent=2) + "\n")
+        record = manifest(result)
+        if result.config.is_lora_family:
+            # The server's own schema check: what it would refuse must fail here, before anything is visible.
+            from effllm.server.adapters.manifest import Manifest
+
+            Manifest.from_dict(record)
+        (staging / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")
         (staging / "metrics.json").write_text(json.dumps(result.metrics, indent=2) + "\n")
         staging.chmod(0o755)
         os.rename(staging, output_dir)  # atomic on one filesystem; fails if output_dir appeared meanwhile
