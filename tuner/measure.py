@@ -1,7 +1,8 @@
 """What a training run costs: memory, utilisation and energy over the run, from a background sampler.
 
-Stand-in for effllm.telemetry's sampler and energy meters until that package lands; the tuner only uses the
-small `RunMeter` interface below, so switching is local to this file.
+`start_meter()` uses effllm.telemetry's `Measurement` (NVML / RAPL / CPU-time estimate, 10 Hz sampler, the
+EfficientLLM formulas) when that package is present, else the minimal stand-in `RunMeter` below; the tuner
+sees only `start_meter().stop() -> Usage` either way.
 Invariant: energy carries its source; with no hardware counter readable it is `estimated` (process CPU time
 x watts per core) and is never reported as measured.
 """
@@ -97,3 +98,36 @@ class RunMeter:
             energy_source="estimated",
             samples=len(self._mem),
         )
+
+
+class TelemetryMeter:
+    """effllm.telemetry.sampler.Measurement behind the same start/stop -> Usage interface."""
+
+    def __init__(self, measurement_cls: Any) -> None:
+        self._m = measurement_cls(hz=2.0)
+
+    def start(self) -> TelemetryMeter:
+        self._m.__enter__()
+        return self
+
+    def stop(self) -> Usage:
+        self._m.__exit__(None, None, None)
+        s = self._m.summary
+        return Usage(
+            duration_s=s.duration_s,
+            peak_memory_gb=s.peak_memory_bytes / 1e9,
+            amu_gb=s.amu_bytes / 1e9,
+            pcu=s.pcu,
+            energy_j=s.energy_j,
+            mean_power_w=s.aec_w,
+            energy_source=str(s.energy_source),
+            samples=s.samples,
+        )
+
+
+def start_meter() -> RunMeter | TelemetryMeter:
+    try:
+        from effllm.telemetry.sampler import Measurement
+    except ImportError:  # telemetry/ not in this checkout: the stand-in
+        return RunMeter().start()
+    return TelemetryMeter(Measurement).start()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import data, methods
 from .config import TuneConfig
-from .measure import RunMeter
+from .measure import start_meter
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -209,7 +209,7 @@ def run(
     losses: list[float] = []
     step_times: list[float] = []
     samples = tokens = 0
-    meter = RunMeter().start()
+    meter = start_meter()
     bar = tqdm(total=total_steps, desc=f"tune {config.method}", unit="step", disable=not progress_bar)
     try:
         for step in range(1, total_steps + 1):
