@@ -222,7 +222,7 @@ def run(
                     raise Cancelled()
                 loss_sum, _ = token_loss_sum(model, collate(micro, pad, device))
                 (loss_sum / n_target).backward()
-                step_loss += float(loss_sum) / n_target
+                step_loss += float(loss_sum.detach()) / n_target
                 samples += len(micro)
                 tokens += sum(len(e.input_ids) for e in micro)
             if config.max_grad_norm > 0:

@@ -11,12 +11,12 @@ import torch
 from effllm.tuner import export, methods, train
 from effllm.tuner.config import TuneConfig
 
-# 8 examples and batch 8: every step sees the same batch, so the loss must fall as the weights move.
+# 4 examples and batch 4: every step sees the same batch, so the loss must fall as the weights move.
 FEW = dict(
     data="task:json_extract",
-    n_train=8,
+    n_train=4,
     n_eval=0,
-    batch_size=8,
+    batch_size=4,
     max_steps=4,
     max_length=80,
     seed=0,
@@ -46,7 +46,7 @@ def test_each_method_lowers_training_loss(method: str, tmp_path: Path) -> None:
     # The saved output: adapter files for the LoRA family, a loadable checkpoint for freeze/full.
     out = export.save(result, tmp_path / "out")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tuning_method"] == method and manifest["dataset"]["n_train"] == 8
+    assert manifest["tuning_method"] == method and manifest["dataset"]["n_train"] == 4
     assert json.loads((out / "metrics.json").read_text())["train_loss"] == losses
     weights = "adapter_model.safetensors" if config.is_lora_family else "model.safetensors"
     assert (out / weights).is_file() and not list(tmp_path.glob(".*"))
@@ -78,7 +78,8 @@ def test_lora_plus_optimizer_gives_b_the_ratio(tmp_path: Path) -> None:
             for kind in lrs:
                 if kind in ids[id(p)]:
                     lrs[kind].add(group["lr"])
-    assert lrs == {"lora_A": {1e-4}, "lora_B": {pytest.approx(1.6e-3)}}
+    assert lrs["lora_A"] == {1e-4} and len(lrs["lora_B"]) == 1
+    assert lrs["lora_B"].pop() == pytest.approx(16 * 1e-4)
     assert (
         sum(p.numel() for g in opt.param_groups for p in g["params"]) == methods.count_params(model).trainable
     )
