@@ -43,7 +43,7 @@ def tuner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TuningClie
         stderr=subprocess.STDOUT,
         env={**os.environ},
     )
-    client = TuningClient(f"127.0.0.1:{port}", timeout=60)
+    client = TuningClient(f"127.0.0.1:{port}", timeout=120)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -110,7 +110,7 @@ def test_cancel_stops_training_and_leaves_no_output(tuner: tuple[TuningClient, P
     t0 = time.monotonic()
     info = client.cancel(job.job_id)
     assert info.state == pb.JOB_STATE_CANCELLED and info.step < 1000
-    assert time.monotonic() - t0 < 30  # stopped at the next micro-batch, not at the end of 1000 steps
+    assert time.monotonic() - t0 < 60  # stopped at the next micro-batch, not after 1000 steps
     events = list(client.watch(job.job_id, timeout=30))  # replay ends with the terminal event
     assert events[-1].state == pb.JOB_STATE_CANCELLED and events[-1].phase == "cancelled"
     assert not out.exists() and not list(tmp_path.iterdir())
