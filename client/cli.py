@@ -13,8 +13,12 @@ from .client import EffllmClient
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a running server")
     p.add_argument("prompt", nargs="?", help="raw prompt (or use --chat, or stdin with -)")
-    p.add_argument("--chat", action="append", metavar="[ROLE:]TEXT",
-                   help="a chat turn, rendered with the model's chat template; repeat for several (role: user)")
+    p.add_argument(
+        "--chat",
+        action="append",
+        metavar="[ROLE:]TEXT",
+        help="a chat turn, rendered with the model's chat template; repeat for several (role: user)",
+    )
     p.add_argument("--target", default="127.0.0.1:50051")
     p.add_argument("--adapter", default="")
     p.add_argument("--max-new-tokens", type=int, default=0)
@@ -33,7 +37,9 @@ def _turns(chat: list[str]) -> list[tuple[str, str]]:
     turns = []
     for item in chat:
         role, sep, text = item.partition(":")
-        turns.append((role, text.lstrip()) if sep and role in ("system", "user", "assistant") else ("user", item))
+        turns.append(
+            (role, text.lstrip()) if sep and role in ("system", "user", "assistant") else ("user", item)
+        )
     return turns
 
 
@@ -43,9 +49,14 @@ def run(args: argparse.Namespace) -> int:
         print("give a prompt or --chat (not both)", file=sys.stderr)
         return 2
     kw = dict(
-        messages=_turns(args.chat) if args.chat else None, adapter=args.adapter,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, seed=args.seed, stop=args.stop,
+        messages=_turns(args.chat) if args.chat else None,
+        adapter=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
     )
     with EffllmClient(args.target, timeout=args.timeout) as client:
         try:
@@ -65,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
     u, t = final.usage, final.timings
-    print(f"[{u.input_tokens} prompt + {u.output_tokens} new tokens; ttft {t.time_to_first_token_s * 1e3:.0f} ms, "
-          f"total {t.total_s:.2f} s]", file=sys.stderr)
+    print(
+        f"[{u.input_tokens} prompt + {u.output_tokens} new tokens; "
+        f"ttft {t.time_to_first_token_s * 1e3:.0f} ms, total {t.total_s:.2f} s]",
+        file=sys.stderr,
+    )
     return 0

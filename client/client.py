@@ -58,19 +58,27 @@ def build_request(
 
 
 class EffllmClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
 
-    def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any) -> pb.GenerateResponse:
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
         return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
 
-    def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-               **kw: Any) -> Iterator[pb.GenerateStreamResponse]:
+    def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> Iterator[pb.GenerateStreamResponse]:
         """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
         call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
@@ -129,20 +137,27 @@ class EffllmClient:
 
 
 class AsyncEffllmClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, timeout: float | None = 120.0,
-                 channel: grpc.aio.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 120.0,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.timeout = timeout
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
 
-    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
-                       **kw: Any) -> pb.GenerateResponse:
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> pb.GenerateResponse:
         return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
 
-    async def stream(self, prompt: str | None = None, *, timeout: float | None = None,
-                     **kw: Any) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
         try:
             async for chunk in call:

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# Quiet pip, but keep its errors (this machine's pip config names some local indexes it then ignores).
+pip() { command pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 # The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
 pip install -q torch==2.13.0
 pip install -q -e ".[cpu,loadtest,dev]" torch==2.13.0

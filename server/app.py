@@ -77,8 +77,11 @@ class EffllmServer:
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
         apb_grpc.add_AdapterServiceServicer_to_server(self.adapter_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
+        names = (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self.port == 0:
@@ -101,8 +104,13 @@ class EffllmServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         info = self.engine.info
         log.info(
-            "ready: %s (%s, %s, %s) on %s:%d", info.model, info.engine, info.precision, info.device,
-            self.config.host, self.port,
+            "ready: %s (%s, %s, %s) on %s:%d",
+            info.model,
+            info.engine,
+            info.precision,
+            info.device,
+            self.config.host,
+            self.port,
         )
 
     async def _set_health(self, status: int) -> None:
@@ -116,7 +124,9 @@ class EffllmServer:
         grace = self.config.grace_s if grace_s is None else grace_s
         self.generation.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace)
+        log.info(
+            "draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         while self.runner.running + self.runner.queued > 0 and loop.time() < deadline:
@@ -135,13 +145,14 @@ async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry 
     server = EffllmServer(engine, config, adapters)
     loop = asyncio.get_running_loop()
     signals = 0
+    tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
         if signals == 1:
             log.info("signal received: draining (send again to stop now)")
-            loop.create_task(server.drain())
+            tasks.add(loop.create_task(server.drain()))
         else:
             log.warning("second signal: stopping now")
             os._exit(1)

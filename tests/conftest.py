@@ -19,8 +19,19 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def vllm_server(logs_dir: Path) -> Iterator[ServerProcess]:
     """The default model on the vLLM engine, fp32, 8 batch slots and a queue of 32."""
-    server = start_server("--engine", "vllm", "--max-concurrency", "8", "--queue-size", "32",
-                          "--max-context", "1024", "--kv-cache-gib", "0.5", log_dir=logs_dir)
+    server = start_server(
+        "--engine",
+        "vllm",
+        "--max-concurrency",
+        "8",
+        "--queue-size",
+        "32",
+        "--max-context",
+        "1024",
+        "--kv-cache-gib",
+        "0.5",
+        log_dir=logs_dir,
+    )
     yield server
     server.stop()
 

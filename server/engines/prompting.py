@@ -19,7 +19,9 @@ class PromptRenderer:
     def render(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
-                raise EngineError("failed_precondition", "messages: this model has no chat template; send a prompt")
+                raise EngineError(
+                    "failed_precondition", "messages: this model has no chat template; send a prompt"
+                )
             turns = [{"role": t.role, "content": t.content} for t in request.messages]
             ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding

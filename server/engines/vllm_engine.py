@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..model import ResolvedModel, count_parameters, max_position_embeddings
 from .base import (
@@ -51,7 +51,9 @@ class VllmConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in _DTYPES:
-            raise ValueError(f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)")
+            raise ValueError(
+                f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)"
+            )
         if self.max_context < 16 or self.max_concurrency < 1 or self.kv_cache_gib <= 0:
             raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
 
@@ -92,14 +94,15 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,
-            dtype=_DTYPES[c.precision],
+            dtype=cast(Any, _DTYPES[c.precision]),
             max_model_len=self.info.max_context,
             max_num_seqs=c.max_concurrency,
             kv_cache_memory_bytes=int(c.kv_cache_gib * (1 << 30)),
             seed=c.seed,
             enforce_eager=c.enforce_eager,
             enable_lora=c.enable_lora,
-            max_lora_rank=next((r for r in _VLLM_LORA_RANKS if r >= c.max_lora_rank), c.max_lora_rank),
+            # vLLM accepts 1, 8, 16, 32, 64, 128, ...: round up to the next size it knows.
+            max_lora_rank=cast(Any, next((r for r in _VLLM_LORA_RANKS if r >= c.max_lora_rank), c.max_lora_rank)),
             max_loras=c.max_loras,
             max_cpu_loras=max(c.max_cpu_loras, c.max_loras),
             disable_log_stats=True,
