@@ -102,7 +102,9 @@ class VllmEngine:
             enforce_eager=c.enforce_eager,
             enable_lora=c.enable_lora,
             # vLLM accepts 1, 8, 16, 32, 64, 128, ...: round up to the next size it knows.
-            max_lora_rank=cast(Any, next((r for r in _VLLM_LORA_RANKS if r >= c.max_lora_rank), c.max_lora_rank)),
+            max_lora_rank=cast(
+                Any, next((r for r in _VLLM_LORA_RANKS if r >= c.max_lora_rank), c.max_lora_rank)
+            ),
             max_loras=c.max_loras,
             max_cpu_loras=max(c.max_cpu_loras, c.max_loras),
             disable_log_stats=True,
