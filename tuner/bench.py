@@ -142,35 +142,29 @@ def table(rows: list[dict[str, Any]], trainer: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def main(
-    *, steps: int, task: str, methods: list[str], hf_trainer: bool, out: str, overrides: list[str]
-) -> int:
+def main(*, steps: int, task: str, methods: list[str], hf_trainer: bool, out: str, overrides: list[str]) -> int:
+    """Runs one method at a time and rewrites the JSON after each, so a long run leaves what it measured."""
     rows: list[dict[str, Any]] = []
+    trainer: dict[str, Any] | None = None
     configs = [bench_config(m, task, steps, overrides) for m in methods]
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write() -> str:
+        text = table(rows, trainer)
+        path.write_text(json.dumps({"task": task, "steps": steps, "configs": [c.to_dict() for c in configs],
+                                    "runs": rows, "hf_trainer": trainer, "table": text}, indent=2) + "\n")
+        return text
+
     for config in configs:
         print(f"== {config.method}: {steps} steps on task:{task}", flush=True)
         rows.append(run_method(config))
-    trainer = None
-    if hf_trainer and "lora" in methods:
-        print("== lora through PEFT + HF Trainer", flush=True)
-        trainer = run_hf_trainer(next(c for c in configs if c.method == "lora"))
-    text = table(rows, trainer)
-    print(text)
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {
-                "task": task,
-                "steps": steps,
-                "configs": [c.to_dict() for c in configs],
-                "runs": rows,
-                "hf_trainer": trainer,
-                "table": text,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+        write()
+        if config.method == "lora" and hf_trainer:
+            # Right after our LoRA row, on the same config, so the ratio compares like with like.
+            print("== lora through PEFT + HF Trainer", flush=True)
+            trainer = run_hf_trainer(config)
+            write()
+    print(write())
     print(f"wrote {path}")
     return 0
