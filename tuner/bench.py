@@ -142,7 +142,9 @@ def table(rows: list[dict[str, Any]], trainer: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def main(*, steps: int, task: str, methods: list[str], hf_trainer: bool, out: str, overrides: list[str]) -> int:
+def main(
+    *, steps: int, task: str, methods: list[str], hf_trainer: bool, out: str, overrides: list[str]
+) -> int:
     """Runs one method at a time and rewrites the JSON after each, so a long run leaves what it measured."""
     rows: list[dict[str, Any]] = []
     trainer: dict[str, Any] | None = None
@@ -152,8 +154,20 @@ def main(*, steps: int, task: str, methods: list[str], hf_trainer: bool, out: st
 
     def write() -> str:
         text = table(rows, trainer)
-        path.write_text(json.dumps({"task": task, "steps": steps, "configs": [c.to_dict() for c in configs],
-                                    "runs": rows, "hf_trainer": trainer, "table": text}, indent=2) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "task": task,
+                    "steps": steps,
+                    "configs": [c.to_dict() for c in configs],
+                    "runs": rows,
+                    "hf_trainer": trainer,
+                    "table": text,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return text
 
     for config in configs:
