@@ -23,7 +23,7 @@ FEW = dict(
     schedule="constant",
     target_modules=("q_proj", "v_proj"),
 )
-LR = {"lora": 2e-3, "lora_plus": 5e-4, "rslora": 1e-3, "dora": 2e-3, "freeze": 2e-4, "full": 3e-5}
+LR = {"lora": 2e-3, "lora_plus": 2e-4, "rslora": 1e-3, "dora": 2e-3, "freeze": 2e-4, "full": 3e-5}
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_plus", "rslora", "dora", "freeze", "full"])
