@@ -51,7 +51,8 @@ def config_from_proto(msg: pb.TuneConfig) -> TuneConfig:
     """Set fields only: proto3 `optional` scalars by presence, strings and lists when non-empty."""
     raw: dict[str, Any] = {}
     for fd, value in msg.ListFields():
-        raw[fd.name] = list(value) if fd.label == fd.LABEL_REPEATED else value
+        # Repeated fields come as containers (FieldDescriptor.label is gone in protobuf 7's upb).
+        raw[fd.name] = value if isinstance(value, (str, bytes, int, float, bool)) else list(value)
     return TuneConfig.from_dict(raw)
 
 

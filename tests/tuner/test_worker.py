@@ -36,13 +36,13 @@ def test_sigkill_mid_training_leaves_nothing_visible(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600
         for line in proc.stdout:
             event = json.loads(line)
             if event["type"] == "progress" and event["step"] >= 2:
                 break
             assert event["type"] not in ("done", "error"), event
-            assert time.monotonic() < deadline, "no training progress within 120 s"
+            assert time.monotonic() < deadline, "no training progress within 600 s"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
