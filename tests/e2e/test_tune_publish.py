@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from effllm.tuner import tasks
 
 from ..serverproc import ServerProcess, start_server, wait_serving

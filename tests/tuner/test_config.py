@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from effllm.cli.main import build_parser
 from effllm.tuner.cli import config_from_args
 from effllm.tuner.config import ConfigError, TuneConfig

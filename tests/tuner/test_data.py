@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from effllm.tuner import data, tasks
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from effllm.server.model import resolve_model
     from transformers import AutoTokenizer
+
+    from effllm.server.model import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(None).path)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from effllm.client.tuning import TuningClient
 from effllm.client.v1 import tuning_pb2 as pb
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from effllm.tuner import export, methods, train
 from effllm.tuner.config import TuneConfig
 
@@ -65,8 +66,9 @@ def test_peft_flags_reach_the_saved_adapter(tmp_path: Path) -> None:
 
 
 def test_lora_plus_optimizer_gives_b_the_ratio(tmp_path: Path) -> None:
-    from effllm.server.model import resolve_model
     from transformers import AutoModelForCausalLM
+
+    from effllm.server.model import resolve_model
 
     config = TuneConfig(method="lora_plus", lr=1e-4, loraplus_lr_ratio=16.0)
     model = methods.prepare(AutoModelForCausalLM.from_pretrained(resolve_model(None).path), config)
@@ -113,8 +115,9 @@ def test_lora_raises_held_out_exact_match() -> None:
 
 
 def test_freeze_trains_only_chosen_layers() -> None:
-    from effllm.server.model import resolve_model
     from transformers import AutoModelForCausalLM
+
+    from effllm.server.model import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(None).path)
     methods.prepare(model, TuneConfig(method="freeze", layers=(0, -1)))

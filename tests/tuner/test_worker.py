@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from effllm.tuner.publish import next_version, publish
 
 
