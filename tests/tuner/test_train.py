@@ -94,16 +94,16 @@ def test_lora_raises_held_out_exact_match() -> None:
         method="lora",
         data="task:json_extract",
         n_train=256,
-        n_eval=16,
-        batch_size=8,
-        max_steps=30,
-        lr=2e-3,
+        n_eval=8,
+        batch_size=4,
+        max_steps=10,  # the bench reached 4/4 exact match after 4 steps at lr 1e-3; 10 leaves a margin
+        lr=1e-3,
         rank=8,
         alpha=16,
         max_length=80,
         schedule="linear",
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-        eval_max_new_tokens=32,
+        eval_max_new_tokens=28,
     )
     m = train.run(config, progress_bar=False).metrics
     before, after = m["eval_before"], m["eval_after"]
