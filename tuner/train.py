@@ -139,9 +139,7 @@ def evaluate(
     }
 
 
-def greedy(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, pad: int
-) -> list[str]:
+def greedy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, pad: int) -> list[str]:
     """Batched greedy decoding from token ids; left padding so every row's next token is at the end."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
