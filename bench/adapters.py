@@ -78,15 +78,25 @@ def make_root(where: Path, base: Path, ranks: list[int], copies: dict[int, int])
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     for rank in ranks:
         torch.manual_seed(rank)
-        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                         init_lora_weights=False, task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=["q_proj", "v_proj"],
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
         peft = get_peft_model(model, cfg, adapter_name=f"r{rank}")
         first = root / f"r{rank}-0" / "1"
-        peft.save_pretrained(first.parent / "tmp", selected_adapters=[f"r{rank}"])
-        src = first.parent / "tmp" / f"r{rank}" if (first.parent / "tmp" / f"r{rank}").is_dir() else first.parent / "tmp"
+        peft.save_pretrained(str(first.parent / "tmp"), selected_adapters=[f"r{rank}"])
+        src = (
+            first.parent / "tmp" / f"r{rank}"
+            if (first.parent / "tmp" / f"r{rank}").is_dir()
+            else first.parent / "tmp"
+        )
         shutil.move(str(src), first)
         shutil.rmtree(first.parent / "tmp", ignore_errors=True)
-        model = peft.unload()  # back to the plain base for the next rank
+        model = peft.unload()  # type: ignore[assignment]  # back to the plain base for the next rank
         weights = load_file(first / "adapter_model.safetensors")
         for i in range(1, copies[rank]):
             dst = root / f"r{rank}-{i}" / "1"
@@ -161,8 +171,9 @@ async def drive(target: str, adapters: list[str], concurrency: int, max_new: int
             while queue:
                 i, adapter = queue.pop()
                 try:
-                    reply = await ac.generate(PROMPTS[i % len(PROMPTS)], adapter=adapter, max_new_tokens=max_new,
-                                              temperature=0.0)
+                    reply = await ac.generate(
+                        PROMPTS[i % len(PROMPTS)], adapter=adapter, max_new_tokens=max_new, temperature=0.0
+                    )
                     tokens += reply.usage.output_tokens
                 except Exception as exc:  # counted, reported; the benchmark keeps going
                     failed += 1
@@ -177,12 +188,30 @@ def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Pa
     from effllm.client import EffllmClient
 
     n_max = max(a.distinct)
-    server = Server([
-        "--engine", a.engine, "--precision", precision, "--adapter-root", str(root),
-        "--max-adapter-rank", "16", "--max-adapters-per-batch", str(a.per_batch),
-        "--max-adapters-resident", str(n_max + 4), "--max-concurrency", str(a.concurrency),
-        "--kv-cache-gib", str(a.kv_cache_gib), "--max-context", "512", *a.server_arg,
-    ], logs / f"serve-{a.engine}-{precision}.log")
+    server = Server(
+        [
+            "--engine",
+            a.engine,
+            "--precision",
+            precision,
+            "--adapter-root",
+            str(root),
+            "--max-adapter-rank",
+            "16",
+            "--max-adapters-per-batch",
+            str(a.per_batch),
+            "--max-adapters-resident",
+            str(n_max + 4),
+            "--max-concurrency",
+            str(a.concurrency),
+            "--kv-cache-gib",
+            str(a.kv_cache_gib),
+            "--max-context",
+            "512",
+            *a.server_arg,
+        ],
+        logs / f"serve-{a.engine}-{precision}.log",
+    )
     out = []
     try:
         server.wait()
@@ -191,17 +220,28 @@ def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Pa
             for name in names:
                 c.load_adapter(name, "1")
         rng = random.Random(0)
-        asyncio.run(drive(server.target, choose(names[:1], a.concurrency, "uniform", rng), a.concurrency,
-                          a.max_new_tokens))  # warm-up
+        asyncio.run(
+            drive(
+                server.target,
+                choose(names[:1], a.concurrency, "uniform", rng),
+                a.concurrency,
+                a.max_new_tokens,
+            )
+        )  # warm-up
         scenarios = [("base", 0, "uniform")] + [
-            (f"{k} {dist}", k, dist) for k in a.distinct for dist in (("uniform",) if k == 1 else ("uniform", "zipf"))
+            (f"{k} {dist}", k, dist)
+            for k in a.distinct
+            for dist in (("uniform",) if k == 1 else ("uniform", "zipf"))
         ]
         for label, k, dist in scenarios:
             traffic = choose(names[:k], a.requests, dist, rng)
             failed, tokens, wall = asyncio.run(drive(server.target, traffic, a.concurrency, a.max_new_tokens))
             row = Throughput(a.engine, precision, label, k, a.requests, failed, tokens, wall)
-            print(f"  {precision} {label:>12}: {row.tokens_per_s:8.1f} tok/s ({tokens} tokens, {wall:.1f}s, "
-                  f"{failed} failed)", flush=True)
+            print(
+                f"  {precision} {label:>12}: {row.tokens_per_s:8.1f} tok/s ({tokens} tokens, {wall:.1f}s, "
+                f"{failed} failed)",
+                flush=True,
+            )
             out.append(row)
     finally:
         server.stop()
@@ -212,11 +252,28 @@ def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatenc
     from effllm.client import EffllmClient
 
     precision = a.precisions[0]
-    server = Server([
-        "--engine", a.engine, "--precision", precision, "--adapter-root", str(root), "--max-adapter-rank",
-        str(max(a.ranks)), "--max-adapters-per-batch", "2", "--max-adapters-resident", "4",
-        "--kv-cache-gib", str(a.kv_cache_gib), "--max-context", "512", *a.server_arg,
-    ], logs / f"serve-{a.engine}-load.log")
+    server = Server(
+        [
+            "--engine",
+            a.engine,
+            "--precision",
+            precision,
+            "--adapter-root",
+            str(root),
+            "--max-adapter-rank",
+            str(max(a.ranks)),
+            "--max-adapters-per-batch",
+            "2",
+            "--max-adapters-resident",
+            "4",
+            "--kv-cache-gib",
+            str(a.kv_cache_gib),
+            "--max-context",
+            "512",
+            *a.server_arg,
+        ],
+        logs / f"serve-{a.engine}-load.log",
+    )
     out = []
     try:
         server.wait()
@@ -230,9 +287,18 @@ def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatenc
                     c.unload_adapter(f"r{rank}-{i}", "1")
                 times.sort()
                 p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
-                row = LoadLatency(a.engine, precision, rank, len(times), statistics.median(times), p95,
-                                  statistics.fmean(times))
-                print(f"  load r={rank}: p50 {row.p50_s * 1e3:.1f} ms, p95 {row.p95_s * 1e3:.1f} ms", flush=True)
+                row = LoadLatency(
+                    a.engine,
+                    precision,
+                    rank,
+                    len(times),
+                    statistics.median(times),
+                    p95,
+                    statistics.fmean(times),
+                )
+                print(
+                    f"  load r={rank}: p50 {row.p50_s * 1e3:.1f} ms, p95 {row.p95_s * 1e3:.1f} ms", flush=True
+                )
                 out.append(row)
     finally:
         server.stop()
@@ -240,16 +306,26 @@ def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatenc
 
 
 def table(tput: list[Throughput], loads: list[LoadLatency]) -> str:
-    lines = ["| engine | precision | traffic | distinct | requests | failed | tokens/s | vs base |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| engine | precision | traffic | distinct | requests | failed | tokens/s | vs base |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in tput:
         base = next(b for b in tput if b.precision == r.precision and b.distinct == 0)
-        lines.append(f"| {r.engine} | {r.precision} | {r.scenario} | {r.distinct} | {r.requests} | {r.failed} | "
-                     f"{r.tokens_per_s:.1f} | {r.tokens_per_s / base.tokens_per_s:.2f} |")
-    lines += ["", "| engine | precision | rank | trials | load p50 ms | load p95 ms |", "|---|---|---:|---:|---:|---:|"]
-    for r in loads:
-        lines.append(f"| {r.engine} | {r.precision} | {r.rank} | {r.trials} | {r.p50_s * 1e3:.1f} | "
-                     f"{r.p95_s * 1e3:.1f} |")
+        lines.append(
+            f"| {r.engine} | {r.precision} | {r.scenario} | {r.distinct} | {r.requests} | {r.failed} | "
+            f"{r.tokens_per_s:.1f} | {r.tokens_per_s / base.tokens_per_s:.2f} |"
+        )
+    lines += [
+        "",
+        "| engine | precision | rank | trials | load p50 ms | load p95 ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for q in loads:
+        lines.append(
+            f"| {q.engine} | {q.precision} | {q.rank} | {q.trials} | {q.p50_s * 1e3:.1f} | "
+            f"{q.p95_s * 1e3:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -263,11 +339,13 @@ def main() -> int:
     p.add_argument("--per-batch", type=int, default=8, help="--max-adapters-per-batch of the server")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ranks", default="8,16,64")
-    p.add_argument("--load-trials", type=int, default=20)
+    p.add_argument("--load-trials", type=int, default=20, help="0 skips the load-latency part")
     p.add_argument("--kv-cache-gib", type=float, default=0.25)
     p.add_argument("--server-arg", action="append", default=[], help="extra `effllm serve` flag (repeatable)")
     p.add_argument("--model", default=None, help="base checkpoint dir (default: the embedded default model)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default runs/bench-adapters-ENGINE.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default runs/bench-adapters-ENGINE.json)"
+    )
     a = p.parse_args()
     a.precisions = a.precisions.split(",")
     a.distinct = [int(x) for x in a.distinct.split(",")]
@@ -282,22 +360,27 @@ def main() -> int:
         a.server_arg += ["--model", str(model.path)]
     work = Path(tempfile.mkdtemp(prefix="bench-adapters-"))
     try:
-        copies = {r: a.load_trials for r in a.ranks}
+        copies = {r: max(a.load_trials, 1) for r in a.ranks}
         copies[8] = max(copies.get(8, 0), max(a.distinct))
         t0 = time.perf_counter()
         root = make_root(work, model.path, sorted(set(a.ranks) | {8}), copies)
-        print(f"made {sum(copies.values())} adapters in {time.perf_counter() - t0:.1f}s under {root}", flush=True)
+        print(
+            f"made {sum(copies.values())} adapters in {time.perf_counter() - t0:.1f}s under {root}",
+            flush=True,
+        )
         tput: list[Throughput] = []
         for precision in a.precisions:
             tput += bench_throughput(a, root, precision, work)
-        loads = bench_load(a, root, work)
+        loads = bench_load(a, root, work) if a.load_trials > 0 else []
     finally:
         for log in work.glob("*.log"):
             shutil.copy(log, out.parent / f"{out.stem}-{log.name}")
         shutil.rmtree(work, ignore_errors=True)
     report = {
-        "engine": a.engine, "model": model.name, "cpu_count": os.cpu_count(), "config": {
-            k: v for k, v in vars(a).items() if k != "out"},
+        "engine": a.engine,
+        "model": model.name,
+        "cpu_count": os.cpu_count(),
+        "config": {k: v for k, v in vars(a).items() if k != "out"},
         "throughput": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in tput],
         "load_latency": [asdict(r) for r in loads],
     }

@@ -7,7 +7,14 @@ import importlib
 import sys
 
 # (module, needs the model stack) — imported lazily so `effllm generate` never imports torch.
-_COMMANDS = ("effllm.server.cli", "effllm.client.cli", "effllm.client.adapters_cli", "effllm.tuner.cli")
+_COMMANDS = (
+    "effllm.server.cli",
+    "effllm.client.cli",
+    "effllm.client.adapters_cli",
+    "effllm.telemetry.cli",
+    "effllm.loadtest.cli",
+    "effllm.tuner.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     verbs.add_parser("list", help="resident adapters and their statistics")
     load = verbs.add_parser("load", help="load ROOT/NAME/VERSION (or --path) into the server")
     load.add_argument("ref", metavar="NAME[@VERSION]")
-    load.add_argument("--path", default="", help="a folder relative to the adapter root instead of NAME/VERSION")
+    load.add_argument(
+        "--path", default="", help="a folder relative to the adapter root instead of NAME/VERSION"
+    )
     unload = verbs.add_parser("unload", help="unload NAME (every version) or NAME@VERSION")
     unload.add_argument("ref", metavar="NAME[@VERSION]")
     unload.add_argument("--wait", type=float, default=0.0, help="seconds to wait for in-flight requests")
@@ -39,14 +41,37 @@ def _split(ref: str) -> tuple[str, str]:
 
 
 def format_table(adapters: list[apb.AdapterInfo]) -> str:
-    head = ("adapter", "method", "rank", "alpha", "where", "pinned", "latest", "load_s", "served", "in_flight",
-            "last_used")
+    head = (
+        "adapter",
+        "method",
+        "rank",
+        "alpha",
+        "where",
+        "pinned",
+        "latest",
+        "load_s",
+        "served",
+        "in_flight",
+        "last_used",
+    )
     rows = [head]
     for a in adapters:
         last = dt.datetime.fromtimestamp(a.last_used_unix).strftime("%H:%M:%S") if a.last_used_unix else "-"
-        rows.append((f"{a.name}@{a.version}", a.method, str(a.rank), f"{a.alpha:g}", a.residency,
-                     "yes" if a.pinned else "", "yes" if a.latest else "", f"{a.load_s:.3f}",
-                     str(a.requests_served), str(a.in_flight), last))
+        rows.append(
+            (
+                f"{a.name}@{a.version}",
+                a.method,
+                str(a.rank),
+                f"{a.alpha:g}",
+                a.residency,
+                "yes" if a.pinned else "",
+                "yes" if a.latest else "",
+                f"{a.load_s:.3f}",
+                str(a.requests_served),
+                str(a.in_flight),
+                last,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 

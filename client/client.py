@@ -12,13 +12,17 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import TracerProvider
 
+from .tracing import call_span, configured_tracer
 from .v1 import adapters_pb2 as apb
 from .v1 import adapters_pb2_grpc as apb_grpc
 from .v1 import generation_pb2 as pb
 from .v1 import generation_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
+_GENERATE = "effllm.v1.GenerationService/Generate"
+_STREAM = "effllm.v1.GenerationService/GenerateStream"
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)]
 
 
@@ -58,15 +62,21 @@ def build_request(
 
 
 class EffllmClient:
+    """`tracer_provider`: CLIENT spans for generate/stream, their W3C context sent to the server
+    (default: the process's global provider, if one is installed; none otherwise)."""
+
     def __init__(
         self,
         target: str = "127.0.0.1:50051",
         *,
         timeout: float | None = 120.0,
         channel: grpc.Channel | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.channel = channel or grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.target = target
         self.timeout = timeout
+        self._tracer = configured_tracer(tracer_provider)
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
@@ -74,17 +84,23 @@ class EffllmClient:
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> pb.GenerateResponse:
-        return self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        with call_span(self._tracer, _GENERATE, self.target) as md:
+            return self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
     def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> Iterator[pb.GenerateStreamResponse]:
         """Yields chunks as they are produced; the last has `final`. Closing the iterator cancels the call."""
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
-        try:
-            yield from call
-        finally:
-            call.cancel()
+        with call_span(self._tracer, _STREAM, self.target) as md:
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
+            try:
+                yield from call
+            finally:
+                call.cancel()
 
     def model_info(self) -> pb.ModelInfo:
         return self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
@@ -92,14 +108,16 @@ class EffllmClient:
     def stats(self) -> pb.ServerStats:
         return self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
-    def load_adapter(self, name: str, version: str = "", *, path: str = "",
-                     timeout: float | None = None) -> apb.AdapterInfo:
+    def load_adapter(
+        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+    ) -> apb.AdapterInfo:
         """Load ROOT/NAME/VERSION (empty: the highest on disk) or a folder `path` relative to the root."""
         req = apb.LoadAdapterRequest(name=name, version=version, path=path)
         return self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
-    def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
-                       timeout: float | None = None) -> list[str]:
+    def unload_adapter(
+        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+    ) -> list[str]:
         req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
         return list(self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout).unloaded)
 
@@ -143,9 +161,12 @@ class AsyncEffllmClient:
         *,
         timeout: float | None = 120.0,
         channel: grpc.aio.Channel | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.channel = channel or grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.target = target
         self.timeout = timeout
+        self._tracer = configured_tracer(tracer_provider)
         self._gen = pb_grpc.GenerationServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._adapters = apb_grpc.AdapterServiceStub(self.channel)
@@ -153,17 +174,23 @@ class AsyncEffllmClient:
     async def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> pb.GenerateResponse:
-        return await self._gen.Generate(build_request(prompt, **kw), timeout=timeout or self.timeout)
+        with call_span(self._tracer, _GENERATE, self.target) as md:
+            return await self._gen.Generate(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
 
     async def stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kw: Any
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        call = self._gen.GenerateStream(build_request(prompt, **kw), timeout=timeout or self.timeout)
-        try:
-            async for chunk in call:
-                yield chunk
-        finally:
-            call.cancel()
+        with call_span(self._tracer, _STREAM, self.target) as md:
+            call = self._gen.GenerateStream(
+                build_request(prompt, **kw), timeout=timeout or self.timeout, metadata=md
+            )
+            try:
+                async for chunk in call:
+                    yield chunk
+            finally:
+                call.cancel()
 
     async def model_info(self) -> pb.ModelInfo:
         return await self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
@@ -171,13 +198,15 @@ class AsyncEffllmClient:
     async def stats(self) -> pb.ServerStats:
         return await self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
-    async def load_adapter(self, name: str, version: str = "", *, path: str = "",
-                           timeout: float | None = None) -> apb.AdapterInfo:
+    async def load_adapter(
+        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+    ) -> apb.AdapterInfo:
         req = apb.LoadAdapterRequest(name=name, version=version, path=path)
         return await self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
-    async def unload_adapter(self, name: str, version: str = "", *, wait_s: float = 0.0,
-                             timeout: float | None = None) -> list[str]:
+    async def unload_adapter(
+        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+    ) -> list[str]:
         req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
         return list((await self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout)).unloaded)
 

@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +31,10 @@ from .adapters.service import AdapterService
 from .engines.base import Engine, EngineError
 from .runner import Runner
 from .service import GenerationService, Limits
+
+if TYPE_CHECKING:
+    from ..telemetry.serving import ServerTelemetry
+    from ..telemetry.tracing import TelemetryConfig
 
 log = logging.getLogger("effllm.server")
 
@@ -56,11 +62,24 @@ class ServerConfig:
 class EffllmServer:
     """One gRPC server around one engine. `start()` returns once the port is bound."""
 
-    def __init__(self, engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        config: ServerConfig,
+        adapters: AdapterRegistry | None = None,
+        telemetry: ServerTelemetry | None = None,
+    ) -> None:
         self.engine = engine
         self.config = config
+        self.telemetry = telemetry
         self.adapters = adapters or AdapterRegistry(engine, None, RegistryConfig())
-        self.runner = Runner(engine, config.max_concurrency, config.queue_size, self.adapters)
+        self.runner = Runner(
+            engine,
+            config.max_concurrency,
+            config.queue_size,
+            self.adapters,
+            observer=telemetry.observer if telemetry else None,
+        )
         self.generation = GenerationService(self.runner, config.limits)
         self.adapter_service = AdapterService(self.adapters)
         self.health = HealthServicer()
@@ -73,7 +92,8 @@ class EffllmServer:
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
         ]
-        server = grpc.aio.server(options=opts)
+        interceptors = self.telemetry.interceptors() if self.telemetry else []
+        server = grpc.aio.server(options=opts, interceptors=interceptors)
         pb_grpc.add_GenerationServiceServicer_to_server(self.generation, server)
         apb_grpc.add_AdapterServiceServicer_to_server(self.adapter_service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -133,6 +153,8 @@ class EffllmServer:
             await asyncio.sleep(0.05)
         await self._server.stop(grace=0.5)
         await self.engine.shutdown()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()  # flush spans and metrics before the process exits
         self._server = None
         self._stopped.set()
 
@@ -140,9 +162,18 @@ class EffllmServer:
         await self._stopped.wait()
 
 
-async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry | None = None) -> None:
+async def serve(
+    engine: Engine,
+    config: ServerConfig,
+    adapters: AdapterRegistry | None = None,
+    telemetry_config: TelemetryConfig | None = None,
+) -> None:
     """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once."""
-    server = EffllmServer(engine, config, adapters)
+    # The gauges read the runner lazily, so they may be registered before the server exists.
+    telemetry = start_telemetry(
+        engine, telemetry_config, lambda: (server.runner.queued, server.runner.running)
+    )
+    server = EffllmServer(engine, config, adapters, telemetry)
     loop = asyncio.get_running_loop()
     signals = 0
     tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly
@@ -163,3 +194,18 @@ async def serve(engine: Engine, config: ServerConfig, adapters: AdapterRegistry 
     await server.load()
     await server.wait()
     log.info("stopped")
+
+
+def start_telemetry(
+    engine: Engine, config: TelemetryConfig | None, load: Callable[[], tuple[int, int]]
+) -> ServerTelemetry | None:
+    """Traces, metrics, sampler and energy for this server; None when telemetry is off."""
+    if config is None or not config.enabled:
+        log.info("telemetry off")
+        return None
+    from ..telemetry.genai import ServedModel
+    from ..telemetry.serving import ServerTelemetry
+
+    info = engine.info
+    served = ServedModel(info.model, info.precision, info.engine, info.parameters)
+    return ServerTelemetry.start(config, served, load)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from ..telemetry.tracing import add_flags as add_telemetry_flags
+from ..telemetry.tracing import config_from_args as telemetry_config
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .engines.base import PRECISIONS, Engine, Precision
@@ -22,7 +26,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct"
     )
-    p.add_argument("--engine", choices=("auto", "vllm"), default="auto")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "vllm", "hf"),
+        default="auto",
+        help="auto: vllm, unless the precision or an adapter method needs hf "
+        "(int4 on CPU, or dora in --adapter-methods)",
+    )
+    p.add_argument(
+        "--adapter-methods",
+        default="lora,rslora",
+        help="adapter methods this server must serve (comma list of lora, rslora, dora); "
+        "dora is served by the hf engine only",
+    )
     p.add_argument(
         "--precision",
         choices=("auto", *PRECISIONS),
@@ -46,12 +62,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
     a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
-    a.add_argument("--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction")
+    a.add_argument(
+        "--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction"
+    )
     a.add_argument("--max-adapter-rank", type=int, default=64)
-    a.add_argument("--adapter-unload-wait", type=float, default=30.0,
-                   help="seconds an unload waits for in-flight requests by default")
-    a.add_argument("--preload", action="append", default=[], metavar="NAME[@VERSION]",
-                   help="adapter to load before serving (repeatable)")
+    a.add_argument(
+        "--adapter-unload-wait",
+        type=float,
+        default=30.0,
+        help="seconds an unload waits for in-flight requests by default",
+    )
+    a.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="NAME[@VERSION]",
+        help="adapter to load before serving (repeatable)",
+    )
+    add_telemetry_flags(p)
     p.set_defaults(func=run)
 
 
@@ -66,6 +94,14 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
+def choose_engine(engine: str, precision: str, device: str, adapter_methods: str) -> str:
+    """`auto` -> vllm, unless hf is needed: int4 on CPU (vLLM's CPU backend has no int4) or DoRA."""
+    if engine != "auto":
+        return engine
+    methods = {m.strip() for m in adapter_methods.split(",") if m.strip()}
+    return "hf" if (precision == "int4" and device == "cpu") or "dora" in methods else "vllm"
+
+
 def build_engine(args: argparse.Namespace) -> Engine:
     from .engines.vllm_engine import VllmConfig, VllmEngine
     from .model import resolve_model
@@ -75,6 +111,20 @@ def build_engine(args: argparse.Namespace) -> Engine:
         args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
     )
     model = resolve_model(args.model)
+    if choose_engine(args.engine, precision, device, args.adapter_methods) == "hf":
+        from .engines.hf_engine import HfConfig, HfEngine
+
+        hf = HfConfig(
+            precision=precision,
+            max_context=args.max_context,
+            max_concurrency=args.max_concurrency,
+            device=device,
+            seed=args.seed,
+        )
+        # adapter limits come from the adapter flags where this server has them
+        names = ("max_adapter_rank", "max_adapters_per_batch")
+        limits = {k: getattr(args, k) for k in names if getattr(args, k, None)}
+        return HfEngine(model, replace(hf, **limits))
     config = VllmConfig(
         precision=precision,
         max_context=args.max_context,
@@ -87,7 +137,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
     return VllmEngine(model, config)
 
 
-def _vllm_lora_options(args: argparse.Namespace) -> dict[str, object]:
+def _vllm_lora_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.adapter_root is None:
         return {}
     return dict(
@@ -106,7 +156,9 @@ def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
             raise SystemExit(f"--adapter-root {args.adapter_root}: not a folder")
     model = getattr(engine, "model", None)  # ResolvedModel on both engines
     config = RegistryConfig(
-        root=root, max_resident=args.max_adapters_resident, max_rank=args.max_adapter_rank,
+        root=root,
+        max_resident=args.max_adapters_resident,
+        max_rank=args.max_adapter_rank,
         unload_wait_s=args.adapter_unload_wait,
     )
     return AdapterRegistry(engine, model.path if model is not None else None, config)
@@ -126,5 +178,9 @@ def run(args: argparse.Namespace) -> int:
         preload=tuple(args.preload),
     )
     engine = build_engine(args)
-    asyncio.run(serve(engine, config, build_registry(args, engine)))
+    asyncio.run(
+        serve(
+            engine, config, build_registry(args, engine), telemetry_config(args, service_name="effllm-server")
+        )
+    )
     return 0

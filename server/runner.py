@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from ..telemetry.genai import RequestEnd, RequestObserver, RequestStart, RequestTrace
 from .engines.base import Engine, EngineError, GenerationRequest, Timings, TokenEvent
 
 if TYPE_CHECKING:
@@ -28,10 +30,17 @@ class Counters:
 
 
 class Runner:
-    def __init__(self, engine: Engine, max_concurrency: int, queue_size: int,
-                 adapters: AdapterRegistry | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_concurrency: int,
+        queue_size: int,
+        adapters: AdapterRegistry | None = None,
+        observer: RequestObserver | None = None,
+    ) -> None:
         self.engine = engine
         self.adapters = adapters
+        self.observer = observer  # telemetry: span, metrics and energy per request (None: off)
         self.max_concurrency = max_concurrency
         self.queue_size = queue_size
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -53,22 +62,40 @@ class Runner:
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Resolve the adapter (a lease on one version, held until the request ends), then admit and run."""
-        if not request.adapter:
-            async for event in self._run(request):
-                yield event
-            return
-        if self.adapters is None:
-            raise EngineError("failed_precondition", "adapter: this server runs without adapters")
-        lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
-        inner = self._run(replace(request, resolved_adapter=lease.spec))
+        trace = self.observer.begin(_start(request)) if self.observer is not None else None
+        lease = None
         try:
-            async for event in inner:
-                yield replace(event, adapter=lease.spec.key) if event.finish_reason is not None else event
+            if request.adapter:
+                if self.adapters is None:
+                    raise EngineError(
+                        "not_found", f"adapter: {request.adapter!r} (this server has no adapters)"
+                    )
+                lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
+                request = replace(request, resolved_adapter=lease.spec)
+            # aclosing: a consumer that stops early frees the slot (and lets go of the adapter) now,
+            # not when the GC finalises _run; only then is the lease released.
+            async with aclosing(self._run(request, trace)) as events:
+                async for event in events:
+                    yield event
+        except EngineError as err:
+            if trace is not None:
+                trace.fail(err.code, err.message)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            if trace is not None:
+                trace.cancelled()
+            raise
+        except Exception as err:
+            if trace is not None:
+                trace.fail("internal", f"{type(err).__name__}: {err}")
+            raise
         finally:
-            await inner.aclose()  # the engine lets go of the adapter before the lease does
-            lease.release()
+            if lease is not None:
+                lease.release()
 
-    async def _run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def _run(
+        self, request: GenerationRequest, trace: RequestTrace | None
+    ) -> AsyncGenerator[TokenEvent, None]:
         arrival = time.perf_counter()
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)
@@ -82,6 +109,8 @@ class Runner:
             self.queued -= 1
         self.running += 1
         scheduled = time.perf_counter()
+        if trace is not None:
+            trace.scheduled()
         first: float | None = None
         try:
             async for event in self.engine.generate(request):
@@ -95,6 +124,7 @@ class Runner:
                     first_at = first if first is not None else now
                     event = replace(
                         event,
+                        adapter=request.resolved_adapter.key if request.resolved_adapter else "",
                         timings=Timings(
                             queue_s=scheduled - arrival,
                             time_to_first_token_s=first_at - arrival,
@@ -102,6 +132,8 @@ class Runner:
                             total_s=now - arrival,
                         ),
                     )
+                    if trace is not None:
+                        trace.finish(_end(event))
                 yield event
         except (asyncio.CancelledError, GeneratorExit):
             self.counters.requests_cancelled += 1
@@ -111,3 +143,30 @@ class Runner:
             self.counters.requests_total += 1
             self._in_flight.discard(request.request_id)
             self._slots.release()
+
+
+def _start(request: GenerationRequest) -> RequestStart:
+    s = request.sampling
+    return RequestStart(
+        request.request_id,
+        request.messages is not None,
+        s.max_new_tokens,
+        s.temperature,
+        s.top_p,
+        request.adapter,
+    )
+
+
+def _end(event: TokenEvent) -> RequestEnd:
+    usage, t = event.usage, event.timings
+    assert t is not None and event.finish_reason is not None
+    return RequestEnd(
+        input_tokens=usage.input_tokens if usage else 0,
+        output_tokens=usage.output_tokens if usage else 0,
+        finish_reason=event.finish_reason,
+        adapter=event.adapter,
+        queue_s=t.queue_s,
+        time_to_first_token_s=t.time_to_first_token_s,
+        decode_s=t.decode_s,
+        total_s=t.total_s,
+    )

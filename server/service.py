@@ -16,6 +16,7 @@ import grpc
 
 from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
+from ..telemetry.genai import mark_error
 from .engines.base import ChatTurn, EngineError, EngineInfo, GenerationRequest, Sampling, TokenEvent
 from .runner import Runner
 
@@ -154,6 +155,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             async for event in self.runner.run(request):
                 yield request, event
         except EngineError as err:
+            mark_error(err.code, err.message)  # the request's span (if traced) says why it failed
             await context.abort(STATUS[err.code], err.message)
 
     async def Generate(

@@ -38,17 +38,46 @@ def build_adapter_root(where: Path, base: Path, fingerprint: str) -> AdapterRoot
     root, outside = where / "root", where / "outside"
     root.mkdir(parents=True)
     outside.mkdir()
-    manifest = {"name": "", "version": "", "base_model": base.name, "base_fingerprint": fingerprint,
-                "created_at": "2026-01-01T00:00:00+00:00", "dataset": {"kind": "random"}, "note": "kept"}
-    make_adapter(base, root / "demo" / "1", method="lora", rank=8, seed=1)
-    make_adapter(base, root / "demo" / "2", method="lora", rank=8, seed=2,
-                 manifest={**manifest, "name": "demo", "version": "2", "method": "lora", "tuning_method": "lora"})
-    make_adapter(base, root / "rs" / "1", method="rslora", rank=8, seed=3,
-                 manifest={**manifest, "name": "rs", "version": "1", "method": "rslora", "tuning_method": "rslora"})
+    manifest = {
+        "name": "",
+        "version": "",
+        "base_model": base.name,
+        "base_fingerprint": fingerprint,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "dataset": {"kind": "random"},
+        "note": "kept",
+    }
+    # scale 1.0: strong enough that greedy output leaves the base's within a few tokens
+    make_adapter(base, root / "demo" / "1", method="lora", rank=8, seed=1, scale=1.0)
+    make_adapter(
+        base,
+        root / "demo" / "2",
+        method="lora",
+        rank=8,
+        seed=2,
+        scale=1.0,
+        manifest={**manifest, "name": "demo", "version": "2", "method": "lora", "tuning_method": "lora"},
+    )
+    make_adapter(
+        base,
+        root / "rs" / "1",
+        method="rslora",
+        rank=8,
+        seed=3,
+        scale=1.0,
+        manifest={**manifest, "name": "rs", "version": "1", "method": "rslora", "tuning_method": "rslora"},
+    )
     make_adapter(base, root / "dora" / "1", method="dora", rank=8, seed=4)
     make_adapter(base, root / "big" / "1", method="lora", rank=32, seed=5)
-    make_adapter(base, root / "wide" / "1", method="lora", rank=8, seed=6, scale=0.3,
-                 targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    make_adapter(
+        base,
+        root / "wide" / "1",
+        method="lora",
+        rank=8,
+        seed=6,
+        scale=0.5,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
 
     demo = root / "demo" / "1"
     (_copy(demo, root / "missing" / "1") / "adapter_model.safetensors").unlink()

@@ -45,7 +45,9 @@ class Manifest:
         if self.method and self.method not in SERVE_METHODS:
             raise ValueError(f"method: {self.method!r} is not one of {', '.join(SERVE_METHODS)}")
         if self.tuning_method and self.tuning_method not in TUNING_METHODS:
-            raise ValueError(f"tuning_method: {self.tuning_method!r} is not one of {', '.join(TUNING_METHODS)}")
+            raise ValueError(
+                f"tuning_method: {self.tuning_method!r} is not one of {', '.join(TUNING_METHODS)}"
+            )
         if self.rank < 0 or self.alpha < 0:
             raise ValueError(f"rank ({self.rank}) and alpha ({self.alpha}) must be >= 0")
         if self.created_at:
@@ -147,11 +149,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 5) -> str:
+def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 100) -> str:
     """Copy `src_dir` into ROOT/NAME/<next version> atomically and return that version.
 
     The copy's manifest (written if absent) gets this name and version. Two publishers racing for one
-    version: the loser's rename fails and it takes the next number.
+    version: the loser's rename fails and it takes the next number (each loss means another publisher won,
+    so `attempts` bounds the racers, not the retries of one).
     """
     check_name(name)
     src_dir = Path(src_dir)
@@ -166,7 +169,9 @@ def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 5) -> str:
         base = read_manifest(staged) or Manifest(created_at=now_iso())
         for _ in range(attempts):
             version = next_version(Path(root), name)
-            write_manifest(staged, replace(base, name=name, version=version, created_at=base.created_at or now_iso()))
+            write_manifest(
+                staged, replace(base, name=name, version=version, created_at=base.created_at or now_iso())
+            )
             _fsync_tree(staged)
             target = parent / version
             if target.exists():

@@ -37,7 +37,7 @@ def check_version(version: str, field: str = "version") -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
-    """"NAME" -> (NAME, ""); "NAME@VERSION" -> (NAME, VERSION); raises invalid_argument otherwise."""
+    """ "NAME" -> (NAME, ""); "NAME@VERSION" -> (NAME, VERSION); raises invalid_argument otherwise."""
     name, sep, version = ref.partition("@")
     check_name(name, "adapter")
     if sep:
@@ -87,10 +87,14 @@ def resolve_relative(root: Path, rel: str) -> Path:
         raise EngineError("invalid_argument", "path: must be a non-empty relative path with / separators")
     pure = PurePosixPath(rel)
     if pure.is_absolute():
-        raise EngineError("invalid_argument", f"path: {rel[:80]!r} is absolute; give it relative to the adapter root")
+        raise EngineError(
+            "invalid_argument", f"path: {rel[:80]!r} is absolute; give it relative to the adapter root"
+        )
     for part in pure.parts:
         if part in (".", ".."):
-            raise EngineError("invalid_argument", f"path: {rel[:80]!r} contains {part!r}; it may not leave the root")
+            raise EngineError(
+                "invalid_argument", f"path: {rel[:80]!r} contains {part!r}; it may not leave the root"
+            )
         if not _NAME.match(part):
             raise EngineError("invalid_argument", f"path: component {part[:80]!r} is not a valid folder name")
     folder = root.joinpath(*pure.parts)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...telemetry.genai import set_resident_adapters_source
+from ...telemetry.tracing import adapter_span
 from ..engines.base import AdapterSpec, Engine, EngineError
 from .paths import check_name, check_version, parse_ref, resolve_relative, resolve_version_dir
 from .validate import BaseModules, Validated, validate
@@ -107,6 +109,7 @@ class AdapterRegistry:
         self._lock = asyncio.Lock()
         self._seq = itertools.count(1)
         self._base: BaseModules | None = None
+        set_resident_adapters_source(lambda: list(self._entries))
 
     # -- requests ---------------------------------------------------------------------------------------
     def acquire(self, ref: str) -> Lease:
@@ -129,7 +132,9 @@ class AdapterRegistry:
         return max(candidates, key=Entry.order, default=None)
 
     def entries(self) -> list[Entry]:
-        return sorted((e for e in self._entries.values() if e.routable), key=lambda e: (e.spec.name, e.order()))
+        return sorted(
+            (e for e in self._entries.values() if e.routable), key=lambda e: (e.spec.name, e.order())
+        )
 
     def is_latest(self, entry: Entry) -> bool:
         return self.latest(entry.spec.name) is entry
@@ -155,32 +160,49 @@ class AdapterRegistry:
     def _validate(self, folder: Path) -> Validated:
         if self._base is None:
             if self.base_path is None:
-                raise EngineError("failed_precondition", "the base checkpoint is unknown; cannot validate adapters")
+                raise EngineError(
+                    "failed_precondition", "the base checkpoint is unknown; cannot validate adapters"
+                )
             self._base = BaseModules(self.base_path)
         info = self.engine.info
         max_rank = min(self.config.max_rank, info.max_adapter_rank or self.config.max_rank)
         return validate(
-            folder, self._root(), self._base,
-            base_fingerprint=info.fingerprint, max_rank=max_rank, methods=tuple(info.adapter_methods),
+            folder,
+            self._root(),
+            self._base,
+            base_fingerprint=info.fingerprint,
+            max_rank=max_rank,
+            methods=tuple(info.adapter_methods),
         )
 
     async def load(self, name: str, version: str = "", path: str = "") -> Entry:
         """Validate, then make NAME@VERSION servable (idempotent). On any failure nothing has changed."""
         name, version, folder = self.locate(name, version, path)
-        key = f"{name}@{version}"
-        if (existing := self._routable(key)) is not None:
+        if (existing := self._routable(f"{name}@{version}")) is not None:
             return existing
+        with adapter_span("load", name, version):
+            return await self._load(name, version, folder)
+
+    async def _load(self, name: str, version: str, folder: Path) -> Entry:
+        key = f"{name}@{version}"
         t0 = time.perf_counter()
         validated = await asyncio.to_thread(self._validate, folder)
         async with self._lock:
             if (existing := self._routable(key)) is not None:
                 return existing
             if key in self._entries:
-                raise EngineError("failed_precondition", f"name: {key} is being unloaded; retry when it is gone")
+                raise EngineError(
+                    "failed_precondition", f"name: {key} is being unloaded; retry when it is gone"
+                )
             await self._make_room()
             spec = AdapterSpec(
-                name=name, version=version, path=folder, method=validated.method, rank=validated.rank,
-                alpha=validated.alpha, target_modules=validated.target_modules,
+                name=name,
+                version=version,
+                path=folder,
+                method=validated.method,
+                rank=validated.rank,
+                alpha=validated.alpha,
+                target_modules=validated.target_modules,
             )
             try:
                 await self.engine.add_adapter(spec)
@@ -202,17 +224,18 @@ class AdapterRegistry:
             if not idle:
                 raise EngineError(
                     "resource_exhausted",
-                    f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are pinned or "
-                    "serving requests; unload or unpin one first",
+                    f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are "
+                    "pinned or serving requests; unload or unpin one first",
                 )
             victim = min(idle, key=lambda e: e.last_touch)
             victim.routable = False  # same step as the choice: no new lease can reach it
-            await self._drop(victim)
+            await self._drop(victim, "evict")
             log.info("evicted adapter %s (least recently used)", victim.key)
 
-    async def _drop(self, entry: Entry) -> None:
+    async def _drop(self, entry: Entry, action: str) -> None:
         try:
-            await self.engine.remove_adapter(entry.key)
+            with adapter_span(action, entry.spec.name, entry.spec.version):
+                await self.engine.remove_adapter(entry.key)
         finally:
             self._entries.pop(entry.key, None)
 
@@ -237,7 +260,9 @@ class AdapterRegistry:
             found = self._find(name, version)
             pinned = [e.key for e in found if e.pinned]
             if pinned:
-                raise EngineError("failed_precondition", f"adapter: {', '.join(pinned)} is pinned; unpin it first")
+                raise EngineError(
+                    "failed_precondition", f"adapter: {', '.join(pinned)} is pinned; unpin it first"
+                )
             for e in found:
                 e.routable = False
             try:
@@ -251,7 +276,7 @@ class AdapterRegistry:
                     f"adapter: {busy} requests still in flight after {wait:.1f}s; nothing was unloaded",
                 ) from None
             for e in found:
-                await self._drop(e)
+                await self._drop(e, "unload")
         keys = [e.key for e in found]
         log.info("unloaded adapters %s", ", ".join(keys))
         return keys

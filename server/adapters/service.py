@@ -56,7 +56,9 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
 
-    async def LoadAdapter(self, request: apb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> apb.AdapterInfo:
+    async def LoadAdapter(
+        self, request: apb.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> apb.AdapterInfo:
         await self._check_ready(context)
         if request.version and request.path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version, path: give one of them, not both")
@@ -82,9 +84,13 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
         self, request: apb.ListAdaptersRequest, context: grpc.aio.ServicerContext
     ) -> apb.ListAdaptersResponse:
         entries = self.registry.entries()
-        return apb.ListAdaptersResponse(adapters=[adapter_info(e, self.registry.is_latest(e)) for e in entries])
+        return apb.ListAdaptersResponse(
+            adapters=[adapter_info(e, self.registry.is_latest(e)) for e in entries]
+        )
 
-    async def PinAdapter(self, request: apb.PinAdapterRequest, context: grpc.aio.ServicerContext) -> apb.AdapterInfo:
+    async def PinAdapter(
+        self, request: apb.PinAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> apb.AdapterInfo:
         await self._check_ready(context)
         try:
             entry = await self.registry.pin(request.name, request.version, request.pinned)

@@ -23,12 +23,27 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 _MAX_HEADER = 100 << 20
 # module.lora_A.weight -> (module, kind); DoRA's magnitude vector has no ".weight" suffix.
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$"
+)
 _DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(\.weight)?$")
 
 
@@ -45,7 +60,9 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             raise _fail(f"{path.name}: {size} bytes, too short for a safetensors header")
         (n,) = struct.unpack("<Q", raw)
         if n > min(size - 8, _MAX_HEADER):
-            raise _fail(f"{path.name}: header claims {n} bytes but the file has {size} (truncated or not safetensors)")
+            raise _fail(
+                f"{path.name}: header claims {n} bytes but the file has {size} (truncated or not safetensors)"
+            )
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -140,7 +157,11 @@ def validate(
     config = _read_config(folder, root)
     weights = file_inside(root, folder, WEIGHTS)
     if not weights.is_file():
-        alt = " (only adapter_model.bin: convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        alt = (
+            " (only adapter_model.bin: convert it to safetensors)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise _fail(f"{WEIGHTS}: missing in {folder.name}/{alt}")
     try:
         manifest = read_manifest(folder)
@@ -149,10 +170,15 @@ def validate(
 
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise _fail(f"{CONFIG}: peft_type {config.get('peft_type')!r} is not LORA (only LoRA-family adapters are served)")
+        raise _fail(
+            f"{CONFIG}: peft_type {config.get('peft_type')!r} is not LORA "
+            "(only LoRA-family adapters are served)"
+        )
     method = _method(config)
     if manifest and manifest.method and manifest.method != method:
-        raise _fail(f"manifest.json: method {manifest.method!r} disagrees with {CONFIG}, which describes {method!r}")
+        raise _fail(
+            f"manifest.json: method {manifest.method!r} disagrees with {CONFIG}, which describes {method!r}"
+        )
     if method not in methods:
         offered = ", ".join(methods) or "none (the server runs without adapters)"
         raise _fail(f"method: {method} adapters are not supported by this engine (it serves: {offered})")
@@ -168,8 +194,11 @@ def validate(
         raise _fail(f"{CONFIG}: r / lora_alpha missing or not numbers ({exc})") from exc
     ranks = [rank, *(int(r) for r in (config.get("rank_pattern") or {}).values())]
     if rank < 1 or max(ranks) > max_rank:
-        raise _fail(f"rank: {max(ranks)} is over this server's max adapter rank {max_rank}" if rank >= 1
-                    else f"rank: r={rank} must be >= 1")
+        raise _fail(
+            f"rank: {max(ranks)} is over this server's max adapter rank {max_rank}"
+            if rank >= 1
+            else f"rank: r={rank} must be >= 1"
+        )
 
     targets_raw = config.get("target_modules") or []
     if isinstance(targets_raw, str):  # PEFT allows one regex over full module names
@@ -181,7 +210,9 @@ def validate(
         targets = tuple(str(t) for t in targets_raw)
         missing = [t for t in targets if not base.matches(t)]
         if missing:
-            raise _fail(f"target_modules: {missing} do not exist in the base model {base.architectures or ''}")
+            raise _fail(
+                f"target_modules: {missing} do not exist in the base model {base.architectures or ''}"
+            )
 
     header = read_safetensors_header(weights)
     _check_shapes(header, base, max_rank)
@@ -193,31 +224,39 @@ def _check_shapes(header: dict[str, Any], base: BaseModules, max_rank: int) -> N
     if not header:
         raise _fail(f"{WEIGHTS}: holds no tensors")
     for key, meta in header.items():
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
         shape = tuple(meta["shape"])
         if m := _DORA_KEY.match(name):
             module = m["module"]
             if module not in base.shapes:
                 raise _fail(f"{WEIGHTS}: {key!r} adapts {module!r}, which the base model does not have")
             if shape[-1:] != base.shapes[module][:1]:
-                raise _fail(f"{WEIGHTS}: {key!r} has shape {list(shape)}, base {module} is {list(base.shapes[module])}")
+                raise _fail(
+                    f"{WEIGHTS}: {key!r} has shape {list(shape)}, "
+                    f"base {module} is {list(base.shapes[module])}"
+                )
             continue
         m = _LORA_KEY.match(name)
         if m is None:
-            raise _fail(f"{WEIGHTS}: tensor {key!r} is not a LoRA A/B weight (modules_to_save or biases are not served)")
+            raise _fail(
+                f"{WEIGHTS}: tensor {key!r} is not a LoRA A/B weight "
+                "(modules_to_save or biases are not served)"
+            )
         module, kind = m["module"], m["kind"]
         if module not in base.shapes:
             raise _fail(f"{WEIGHTS}: {key!r} adapts {module!r}, which the base model does not have")
         bshape = base.shapes[module]
         if len(shape) != 2 or len(bshape) != 2:
             raise _fail(f"{WEIGHTS}: {key!r} has shape {list(shape)}; LoRA weights are matrices")
-        # Linear weight is [out, in]: A [r, in], B [out, r]. Embedding weight is [num, dim]: A [r, num], B [dim, r].
+        # Linear weight is [out, in]: A [r, in], B [out, r].
+        # Embedding weight is [num, dim]: A [r, num], B [dim, r].
         out_dim, in_dim = (bshape[1], bshape[0]) if kind.startswith("lora_embedding") else bshape
         r = shape[0] if kind.endswith("A") else shape[1]
         want = (r, in_dim) if kind.endswith("A") else (out_dim, r)
         if shape != want:
             raise _fail(
-                f"{WEIGHTS}: {key!r} has shape {list(shape)} but base {module} {list(bshape)} needs {list(want)}"
+                f"{WEIGHTS}: {key!r} has shape {list(shape)} "
+                f"but base {module} {list(bshape)} needs {list(want)}"
             )
         if r > max_rank:
             raise _fail(f"rank: {key!r} has rank {r}, over this server's max adapter rank {max_rank}")

@@ -8,10 +8,14 @@ so a cancelled gRPC call frees its batch slot even if vLLM's own cleanup is skip
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import struct
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from ..model import ResolvedModel, count_parameters, max_position_embeddings
@@ -31,7 +35,6 @@ log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
-# vLLM sizes its LoRA buffers for one of these ranks; we take the smallest that holds the configured max.
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -56,6 +59,11 @@ class VllmConfig:
             )
         if self.max_context < 16 or self.max_concurrency < 1 or self.kv_cache_gib <= 0:
             raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
+
+
+def _vllm_rank(rank: int) -> Any:
+    """vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds `rank`."""
+    return next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
 
 
 class VllmEngine:
@@ -83,7 +91,14 @@ class VllmEngine:
         # LoRARequest ids: unique per NAME@VERSION for the life of the engine (never reused, so vLLM's
         # caches can never confuse a new version with an old one).
         self._lora_ids: dict[str, int] = {}
-        self._next_lora_id = 1
+        self._next_lora_id = 2  # 1 is the null adapter (see _add_null_adapter)
+        # NOTE: vLLM's CPU LoRA ops (vllm/lora/ops/torch_ops: bgmv_*) index the stacked adapter weights with
+        # the row's slot, and a base row's slot is -1, i.e. the LAST slot: once every slot holds an adapter,
+        # base rows decode with that adapter's weights. On CPU we therefore run base rows on an all-zero
+        # adapter with a slot of its own (one extra slot), so no row ever has slot -1.
+        self._null_slots = 1 if config.enable_lora and config.device == "cpu" else 0
+        self._null_lora: Any = None
+        self._null_dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -101,16 +116,15 @@ class VllmEngine:
             seed=c.seed,
             enforce_eager=c.enforce_eager,
             enable_lora=c.enable_lora,
-            # vLLM accepts 1, 8, 16, 32, 64, 128, ...: round up to the next size it knows.
-            max_lora_rank=cast(
-                Any, next((r for r in _VLLM_LORA_RANKS if r >= c.max_lora_rank), c.max_lora_rank)
-            ),
-            max_loras=c.max_loras,
-            max_cpu_loras=max(c.max_cpu_loras, c.max_loras),
+            max_lora_rank=_vllm_rank(c.max_lora_rank),
+            max_loras=c.max_loras + self._null_slots,
+            max_cpu_loras=max(c.max_cpu_loras, c.max_loras) + self._null_slots,
             disable_log_stats=True,
         )
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        if self._null_slots:
+            await self._add_null_adapter()
         tokenizer = AutoTokenizer.from_pretrained(self.model.path)
         self._renderer = PromptRenderer(tokenizer, self.info.max_context)
 
@@ -129,8 +143,8 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         if request.adapter and request.resolved_adapter is None:
-            raise EngineError("failed_precondition", "adapter: this server has no adapters loaded")
-        lora = self._lora_request(request.resolved_adapter) if request.resolved_adapter else None
+            raise EngineError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
+        lora = self._lora_request(request.resolved_adapter) if request.resolved_adapter else self._null_lora
         if self._llm is None or self._llm.errored:
             raise EngineError("unavailable", "engine is not running")
         prompt_ids = self.renderer.render(request)
@@ -192,7 +206,8 @@ class VllmEngine:
             if helper.bias != "none":
                 errors.append(f"LoRA bias {helper.bias!r} is not supported.")
         except Exception as exc:
-            raise EngineError("failed_precondition", f"adapter_config.json: vLLM cannot read it ({exc})") from exc
+            message = f"adapter_config.json: vLLM cannot read it ({exc})"
+            raise EngineError("failed_precondition", message) from exc
         if errors:
             raise EngineError("failed_precondition", f"adapter: {' '.join(errors)}")
         if spec.key in self._lora_ids:
@@ -206,6 +221,35 @@ class VllmEngine:
             del self._lora_ids[spec.key]
             raise
 
+    async def _add_null_adapter(self) -> None:
+        """A rank-1 LoRA of zeros on one q_proj: it changes nothing, but it gives base rows a slot."""
+        from safetensors.torch import save_file
+        from torch import zeros
+        from vllm.lora.request import LoRARequest
+
+        module, (out_dim, in_dim) = _first_module(self.model.path, "q_proj")
+        self._null_dir = tempfile.TemporaryDirectory(prefix="effllm-null-lora-")
+        folder = Path(self._null_dir.name)
+        config = {
+            "peft_type": "LORA",
+            "r": 1,
+            "lora_alpha": 1,
+            "target_modules": ["q_proj"],
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(self.model.path),
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        prefix = f"base_model.model.{module}"
+        save_file(
+            {f"{prefix}.lora_A.weight": zeros(1, in_dim), f"{prefix}.lora_B.weight": zeros(out_dim, 1)},
+            str(folder / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        self._null_lora = LoRARequest(lora_name="__base__", lora_int_id=1, lora_path=str(folder))
+        await self._llm.add_lora(self._null_lora)
+        await self._llm.pin_lora(1)
+
     async def remove_adapter(self, key: str) -> None:
         lora_id = self._lora_ids.pop(key, None)
         if lora_id is not None and self._llm is not None:
@@ -215,3 +259,18 @@ class VllmEngine:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
+        if self._null_dir is not None:
+            self._null_dir.cleanup()
+            self._null_dir = None
+
+
+def _first_module(path: Path, suffix: str) -> tuple[str, tuple[int, int]]:
+    """Name and [out, in] shape of the first `*.{suffix}` linear weight in the checkpoint's headers."""
+    for file in sorted(path.glob("*.safetensors")):
+        with file.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for key, meta in header.items():
+            if key.endswith(f".{suffix}.weight") and len(meta["shape"]) == 2:
+                return key[: -len(".weight")], (int(meta["shape"][0]), int(meta["shape"][1]))
+    raise EngineError("failed_precondition", f"base model has no {suffix} weight to attach a null adapter to")

@@ -12,15 +12,27 @@ from effllm.server.adapters.manifest import Manifest, next_version, publish, rea
 
 def test_round_trip_keeps_unknown_keys(tmp_path: Path) -> None:
     data = {
-        "name": "demo", "version": "3", "method": "rslora", "tuning_method": "lora_plus", "rank": 16,
-        "alpha": 32, "target_modules": ["q_proj", "v_proj"], "base_model": "SmolLM2", "base_fingerprint": "ab" * 32,
-        "created_at": "2026-11-28T05:00:00Z", "dataset": {"name": "synthetic"},
-        "hyperparameters": {"lr": 1e-4}, "metrics": {"loss": 1.5}, "future_key": [1, 2],
+        "name": "demo",
+        "version": "3",
+        "method": "rslora",
+        "tuning_method": "lora_plus",
+        "rank": 16,
+        "alpha": 32,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model": "SmolLM2",
+        "base_fingerprint": "ab" * 32,
+        "created_at": "2026-11-28T05:00:00Z",
+        "dataset": {"name": "synthetic"},
+        "hyperparameters": {"lr": 1e-4},
+        "metrics": {"loss": 1.5},
+        "future_key": [1, 2],
     }
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     m = read_manifest(tmp_path)
     assert m is not None
-    assert m.method == "rslora" and m.rank == 16 and m.alpha == 32.0 and m.target_modules == ("q_proj", "v_proj")
+    assert (
+        m.method == "rslora" and m.rank == 16 and m.alpha == 32.0 and m.target_modules == ("q_proj", "v_proj")
+    )
     assert m.extra == {"future_key": [1, 2]}
     write_manifest(tmp_path, m)
     assert json.loads((tmp_path / "manifest.json").read_text()) == {**data, "alpha": 32.0}
@@ -32,8 +44,18 @@ def test_missing_optional_keys_and_no_manifest(tmp_path: Path) -> None:
     assert read_manifest(tmp_path) == Manifest()
 
 
-@pytest.mark.parametrize("bad", [{"method": "ia3"}, {"tuning_method": "magic"}, {"rank": "8"}, {"rank": -1},
-                                 {"created_at": "yesterday"}, {"dataset": []}, {"target_modules": [1]}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"method": "ia3"},
+        {"tuning_method": "magic"},
+        {"rank": "8"},
+        {"rank": -1},
+        {"created_at": "yesterday"},
+        {"dataset": []},
+        {"target_modules": [1]},
+    ],
+)
 def test_bad_values_are_rejected(tmp_path: Path, bad: dict) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError):
@@ -42,7 +64,7 @@ def test_bad_values_are_rejected(tmp_path: Path, bad: dict) -> None:
 
 def test_unparseable_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="manifest.json"):
+    with pytest.raises(ValueError, match=r"manifest\.json"):
         read_manifest(tmp_path)
 
 
@@ -63,7 +85,9 @@ def test_next_version_and_publish(tmp_path: Path) -> None:
     (root / "demo" / "notaversion").mkdir()
     assert next_version(root, "demo") == "3"
     published = root / "demo" / "2"
-    assert (published / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+    assert (published / "adapter_model.safetensors").read_bytes() == (
+        src / "adapter_model.safetensors"
+    ).read_bytes()
     m = read_manifest(published)
     assert m is not None and (m.name, m.version, m.rank, m.metrics) == ("demo", "2", 4, {"loss": 1.0})
     assert m.created_at

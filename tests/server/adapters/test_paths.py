@@ -40,7 +40,9 @@ def test_missing_version_is_not_found(adapter_root) -> None:
     assert _code(exc) == "not_found"
 
 
-@pytest.mark.parametrize("rel", ["../outside/lora", "demo/../../outside/lora", "/etc", "demo\\1", ".hidden/1"])
+@pytest.mark.parametrize(
+    "rel", ["../outside/lora", "demo/../../outside/lora", "/etc", "demo\\1", ".hidden/1"]
+)
 def test_relative_paths_may_not_leave_root(adapter_root, rel: str) -> None:
     with pytest.raises(EngineError) as exc:
         resolve_relative(adapter_root.root, rel)

@@ -15,8 +15,16 @@ from effllm.server.engines.base import AdapterSpec, EngineError, EngineInfo
 class RecordingEngine:
     def __init__(self, fingerprint: str, methods: tuple[str, ...] = ("lora", "rslora")) -> None:
         self.info = EngineInfo(
-            model="m", fingerprint=fingerprint, engine="recording", precision="fp32", max_context=1024,
-            device="cpu", parameters=1, weight_bytes=4, precisions=("fp32",), adapter_methods=methods,
+            model="m",
+            fingerprint=fingerprint,
+            engine="recording",
+            precision="fp32",
+            max_context=1024,
+            device="cpu",
+            parameters=1,
+            weight_bytes=4,
+            precisions=("fp32",),
+            adapter_methods=methods,
             max_adapter_rank=64,
         )
         self.loaded: dict[str, AdapterSpec] = {}
@@ -33,8 +41,9 @@ class RecordingEngine:
 
 def _registry(adapter_root, *, max_resident: int = 8, max_rank: int = 16, wait: float = 5.0):
     engine = RecordingEngine(adapter_root.fingerprint)
-    config = RegistryConfig(root=adapter_root.root, max_resident=max_resident, max_rank=max_rank,
-                            unload_wait_s=wait)
+    config = RegistryConfig(
+        root=adapter_root.root, max_resident=max_resident, max_rank=max_rank, unload_wait_s=wait
+    )
     return engine, AdapterRegistry(engine, adapter_root.base, config)  # type: ignore[arg-type]
 
 
@@ -67,8 +76,13 @@ async def test_failed_validation_changes_nothing(adapter_root) -> None:
     engine, reg = _registry(adapter_root, max_resident=2)
     await reg.load("demo", "1")
     await reg.load("rs", "1")
-    for name, code in (("trunc", "failed_precondition"), ("big", "failed_precondition"),
-                       ("dora", "failed_precondition"), ("esc", "invalid_argument"), ("nope", "not_found")):
+    for name, code in (
+        ("trunc", "failed_precondition"),
+        ("big", "failed_precondition"),
+        ("dora", "failed_precondition"),
+        ("esc", "invalid_argument"),
+        ("nope", "not_found"),
+    ):
         with pytest.raises(EngineError) as exc:
             await reg.load(name, "1")
         assert exc.value.code == code, (name, exc.value.message)
@@ -103,7 +117,7 @@ async def test_unload_waits_for_leases_and_never_breaks_them(adapter_root) -> No
 
 
 async def test_unload_gives_up_after_its_bound_and_restores(adapter_root) -> None:
-    engine, reg = _registry(adapter_root)
+    _, reg = _registry(adapter_root)
     await reg.load("demo", "1")
     lease = reg.acquire("demo@1")
     with pytest.raises(EngineError) as exc:

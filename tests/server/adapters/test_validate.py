@@ -17,10 +17,13 @@ def base(adapter_root) -> BaseModules:
     return BaseModules(adapter_root.base)
 
 
-def _check(adapter_root, base: BaseModules, rel: str, *, max_rank: int = 64, methods=VLLM, root: Path | None = None):
+def _check(
+    adapter_root, base: BaseModules, rel: str, *, max_rank: int = 64, methods=VLLM, root: Path | None = None
+):
     root = root or adapter_root.root
-    return validate(root / rel, root, base, base_fingerprint=adapter_root.fingerprint, max_rank=max_rank,
-                    methods=methods)
+    return validate(
+        root / rel, root, base, base_fingerprint=adapter_root.fingerprint, max_rank=max_rank, methods=methods
+    )
 
 
 def _refused(adapter_root, base, rel: str, **kw) -> EngineError:
@@ -41,7 +44,11 @@ def test_plain_peft_lora_and_rslora(adapter_root, base) -> None:
     assert (v.method, v.rank, v.alpha, v.manifest) == ("lora", 8, 16.0, None)
     assert set(v.target_modules) == {"q_proj", "v_proj"} and v.weight_bytes > 0
     v = _check(adapter_root, base, "rs/1")
-    assert v.method == "rslora" and v.manifest is not None and v.manifest.base_fingerprint == adapter_root.fingerprint
+    assert (
+        v.method == "rslora"
+        and v.manifest is not None
+        and v.manifest.base_fingerprint == adapter_root.fingerprint
+    )
     assert v.manifest.extra == {"note": "kept"}
 
 
@@ -86,7 +93,9 @@ def test_shape_and_target_mismatch(adapter_root, base, tmp_path: Path) -> None:
     raw = st.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     text = raw[8 : 8 + n].decode()
-    bad = text.replace(f'"{key}":{{"dtype":"F32","shape":[576,8]', f'"{key}":{{"dtype":"F32","shape":[288,16]')
+    bad = text.replace(
+        f'"{key}":{{"dtype":"F32","shape":[576,8]', f'"{key}":{{"dtype":"F32","shape":[288,16]'
+    )
     assert bad != text
     st.write_bytes(len(bad).to_bytes(8, "little") + bad.encode() + raw[8 + n :])
     err = _refused(adapter_root, base, "x/1", root=root)
@@ -97,8 +106,11 @@ def test_garbage_and_tiny_files(adapter_root, base, tmp_path: Path) -> None:
     root = tmp_path / "root"
     folder = shutil.copytree(adapter_root.root / "demo" / "1", root / "x" / "1")
     st = folder / "adapter_model.safetensors"
-    for blob, needle in [(b"\x01\x02", "too short"), (b"\xff" * 64, "header claims"),
-                         ((10).to_bytes(8, "little") + b"not json!!", "not valid JSON")]:
+    for blob, needle in [
+        (b"\x01\x02", "too short"),
+        (b"\xff" * 64, "header claims"),
+        ((10).to_bytes(8, "little") + b"not json!!", "not valid JSON"),
+    ]:
         st.write_bytes(blob)
         assert needle in _refused(adapter_root, base, "x/1", root=root).message
     (folder / "adapter_config.json").write_text("[")

@@ -1,0 +1,271 @@
+"""Telemetry on vs off: the same server flags, the same streamed requests, throughput side by side.
+
+Two `effllm serve` processes run at once, one with the default telemetry (file traces, sampler at
+10 Hz, energy attribution, Prometheus) and one with --no-telemetry. Rounds alternate between them
+(on, off, off, on, ...) and the server not being measured is paused with SIGSTOP (its whole process
+tree), so neither pays for the other's idle threads. Each round streams `--requests` requests through
+`--concurrency` concurrent streams (greedy, fixed prompts: both servers produce the same tokens) and
+counts output tokens / wall-clock seconds, and the CPU seconds the measured server's process tree used
+per output token (telemetry's cost shows there even when other tenants make wall-clock numbers noisy).
+
+    python bench/telemetry_overhead.py --rounds 3 --requests 24 --concurrency 8 --max-new-tokens 64
+
+Prints a table and writes JSON (default runs/bench-telemetry-overhead-<UTC>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+from effllm.client import AsyncEffllmClient, EffllmClient
+
+PROMPTS = [
+    "Write a long story about a robot who learns to paint.",
+    "Explain in detail how a steam engine works.",
+    "List the planets of the solar system and describe each one.",
+    "Describe a walk through a busy market in the morning.",
+]
+
+
+@dataclass
+class Round:
+    config: str  # "on" | "off"
+    index: int
+    requests: int
+    output_tokens: int
+    wall_s: float
+    server_cpu_s: float  # CPU seconds the measured server's process tree used during the round
+    main_cpu_s: float  # ... of which its main process (gRPC, asyncio, telemetry; not vLLM's engine core)
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        return 1000.0 * self.server_cpu_s / self.output_tokens
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(
+    name: str, extra: list[str], args: argparse.Namespace, work: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "effllm.cli.main",
+        "serve",
+        "--port",
+        str(port),
+        "--max-concurrency",
+        str(args.concurrency),
+        "--max-context",
+        "1024",
+        "--kv-cache-gib",
+        str(args.kv_cache_gib),
+        *extra,
+    ]
+    log = (work / f"server-{name}.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with EffllmClient(f"127.0.0.1:{port}", timeout=10) as c:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} server exited; see {work / f'server-{name}.log'}")
+            try:
+                if c.health() == "SERVING":
+                    return proc, port
+            except Exception:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"{name} server not ready")
+
+
+def _tree(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def tree_cpu_s(proc: subprocess.Popen[bytes]) -> tuple[float, float]:
+    """(CPU seconds of the whole tree, of the main process alone)."""
+    total = main = 0.0
+    for p in _tree(proc):
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+            if p.pid == proc.pid:
+                main = t.user + t.system
+    return total, main
+
+
+def pause(proc: subprocess.Popen[bytes], on: bool) -> None:
+    for p in _tree(proc):
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGSTOP if on else signal.SIGCONT)
+
+
+async def load(port: int, n: int, concurrency: int, max_new_tokens: int) -> tuple[int, float]:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    tokens = 0
+
+    async def worker(client: AsyncEffllmClient) -> None:
+        nonlocal tokens
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            async for chunk in client.stream(
+                PROMPTS[i % len(PROMPTS)], max_new_tokens=max_new_tokens, temperature=0.0, timeout=600
+            ):
+                if chunk.HasField("final"):
+                    tokens += chunk.final.usage.output_tokens
+
+    async with AsyncEffllmClient(f"127.0.0.1:{port}", timeout=600) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        return tokens, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per configuration")
+    ap.add_argument("--requests", type=int, default=24, help="requests per round")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--kv-cache-gib", type=float, default=0.25)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or Path("runs") / f"bench-telemetry-overhead-{stamp}.json"
+    work = Path(tempfile.mkdtemp(prefix="effllm-bench-tel-"))
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    rounds: list[Round] = []
+    try:
+        servers["on"] = start("on", ["--run-dir", str(work / "run-on")], args, work)
+        pause(servers["on"][0], True)
+        servers["off"] = start("off", ["--no-telemetry"], args, work)
+        pause(servers["off"][0], True)
+        for name in ("on", "off"):  # warm-up (not measured)
+            pause(servers[name][0], False)
+            asyncio.run(load(servers[name][1], args.concurrency, args.concurrency, 8))
+            pause(servers[name][0], True)
+        order = []
+        for r in range(args.rounds):
+            order += [("on", r), ("off", r)] if r % 2 == 0 else [("off", r), ("on", r)]
+        for name, r in order:
+            proc, port = servers[name]
+            pause(proc, False)
+            cpu0, main0 = tree_cpu_s(proc)
+            try:
+                tokens, wall = asyncio.run(load(port, args.requests, args.concurrency, args.max_new_tokens))
+                cpu1, main1 = tree_cpu_s(proc)
+            finally:
+                pause(proc, True)
+            cpu, main_cpu = cpu1 - cpu0, main1 - main0
+            rounds.append(Round(name, r, args.requests, tokens, wall, cpu, main_cpu))
+            print(
+                f"round {r} {name:>3}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s, "
+                f"server CPU {cpu:.2f} s = {1000 * cpu / max(tokens, 1):.1f} ms/token "
+                f"(main process {1000 * main_cpu / max(tokens, 1):.2f} ms/token)",
+                flush=True,
+            )
+    finally:
+        for proc, _ in servers.values():
+            pause(proc, False)
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def summary(name: str) -> dict[str, float]:
+        rs = [r for r in rounds if r.config == name]
+        tokens = sum(r.output_tokens for r in rs)
+        return {
+            "median_tokens_per_s": statistics.median(r.tokens_per_s for r in rs),
+            "pooled_tokens_per_s": tokens / sum(r.wall_s for r in rs),
+            "output_tokens": tokens,
+            "server_cpu_ms_per_token": 1000.0 * sum(r.server_cpu_s for r in rs) / tokens,
+            "main_cpu_ms_per_token": 1000.0 * sum(r.main_cpu_s for r in rs) / tokens,
+        }
+
+    def pct(key: str) -> float:
+        return 100.0 * (on[key] - off[key]) / off[key]
+
+    on, off = summary("on"), summary("off")
+    change, change_median = pct("pooled_tokens_per_s"), pct("median_tokens_per_s")
+    cpu_change, main_change = pct("server_cpu_ms_per_token"), pct("main_cpu_ms_per_token")
+    print()
+    print(
+        f"telemetry overhead: {args.rounds} rounds x {args.requests} requests, {args.concurrency} streams, "
+        f"max_new_tokens {args.max_new_tokens}, {os.cpu_count()} CPU cores"
+    )
+    head = (
+        "telemetry",
+        "pooled tok/s",
+        "median tok/s",
+        "tokens",
+        "server CPU ms/tok",
+        "main proc CPU ms/tok",
+    )
+    print(f"{head[0]:<10} {head[1]:>13} {head[2]:>13} {head[3]:>8} {head[4]:>18} {head[5]:>21}")
+    for name, x in (("off", off), ("on", on)):
+        print(
+            f"{name:<10} {x['pooled_tokens_per_s']:>13.2f} {x['median_tokens_per_s']:>13.2f} "
+            f"{int(x['output_tokens']):>8} {x['server_cpu_ms_per_token']:>18.2f} "
+            f"{x['main_cpu_ms_per_token']:>21.2f}"
+        )
+    print(
+        f"{'change':<10} {change:>+12.2f}% {change_median:>+12.2f}% {'':>8} {cpu_change:>+17.2f}% "
+        f"{main_change:>+20.2f}%"
+    )
+    print("target: throughput within 3 %; CPU per token is less sensitive to other tenants than wall clock")
+    result = {
+        "config": vars(args) | {"out": str(out)},
+        "cpu_cores": os.cpu_count(),
+        "rounds": [
+            asdict(r) | {"tokens_per_s": r.tokens_per_s, "cpu_ms_per_token": r.cpu_ms_per_token}
+            for r in rounds
+        ],
+        "on": on,
+        "off": off,
+        "change_pct_pooled": change,
+        "server_cpu_per_token_change_pct": cpu_change,
+        "main_process_cpu_per_token_change_pct": main_change,
+        "change_pct_median": change_median,
+        "telemetry_run_dir": str(work / "run-on"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Run one headless campaign: (optionally) start a server, run Locust in subprocesses, collect, report.
+
+Locust never runs in this process (it would monkey-patch the stdlib): it runs as `python -m locust -f
+loadtest/user.py` — one local process, or a master plus N workers on loopback (distributed mode, the same
+locustfile) — configured through a LoadConfig JSON file. Around it this process takes GetStats/GetModelInfo
+before and after, watches the server's process tree when it knows its pid, and then joins everything into
+one report (JSON, Markdown, HTML) in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+from ..client import EffllmClient
+from ..telemetry.sampler import read_samples, summarize
+from ..telemetry.tracing import SAMPLES_FILE, TRACES_FILE
+from . import render
+from .config import ENV, LoadConfig
+from .report import Slo, build, read_locust_stats, read_rows
+from .resources import ResourceWatch
+from .traces import ServerSpan, join, load_spans
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def locustfile() -> str:
+    spec = find_spec("effllm.loadtest.user")  # located, not imported: importing it would load locust
+    assert spec is not None and spec.origin
+    return spec.origin
+
+
+@dataclass
+class ServerHandle:
+    """An `effllm serve` subprocess started for the campaign (`--serve "ARGS"`)."""
+
+    proc: subprocess.Popen[bytes]
+    target: str
+    log: Path
+    run_dir: Path | None = None  # the server's telemetry run dir (traces.jsonl, resource-samples.jsonl)
+
+    @classmethod
+    def start(
+        cls, args: str, log_dir: Path, ready_timeout: float = 900.0, env: dict[str, str] | None = None
+    ) -> ServerHandle:
+        port = free_port()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = log_dir / f"server-{port}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "effllm.cli.main",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *shlex.split(args),
+        ]
+        server_run_dir = None
+        if "--run-dir" not in shlex.split(args) and "--no-telemetry" not in shlex.split(args):
+            # the server's traces and resource samples land beside the campaign's results
+            server_run_dir = log_dir / "server"
+            cmd += ["--run-dir", str(server_run_dir)]
+        with log.open("wb") as fh:
+            proc = subprocess.Popen(
+                cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+        handle = cls(proc, f"127.0.0.1:{port}", log, server_run_dir)
+        handle.wait(ready_timeout)
+        return handle
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with EffllmClient(self.target, timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    tail = self.log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
+                try:
+                    if client.health() == "SERVING":
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"server not SERVING after {timeout:.0f}s (log: {self.log})")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return int(self.proc.returncode)
+
+
+@dataclass(frozen=True)
+class Campaign:
+    config: LoadConfig
+    slo: Slo = field(default_factory=Slo)
+    workers: int = 0  # 0: one local Locust process; N: a master and N workers on loopback
+    traces: tuple[Path, ...] = ()  # server trace files/dirs (OTLP/JSON lines)
+    server_pid: int | None = None  # watch this process tree (set automatically with --serve)
+    server_run_dir: Path | None = None  # the server's telemetry run dir: its traces and resource samples
+    label: str = "campaign"
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError("workers must be >= 0")
+
+
+def _server_snapshot(target: str) -> dict[str, Any]:
+    with EffllmClient(target, timeout=10.0) as c:
+        s, info = c.stats(), c.model_info()
+    return {
+        "requests_total": s.requests_total,
+        "output_tokens_total": s.output_tokens_total,
+        "model_info": {
+            "model": info.model,
+            "engine": info.engine,
+            "precision": info.precision,
+            "weight_bytes": info.weight_bytes,
+            "device": info.device,
+            "parameters": info.parameters,
+        },
+    }
+
+
+def _locust_cmds(c: Campaign, run_dir: Path) -> list[list[str]]:
+    cfg, w = c.config, c.config.workload
+    n_proc = max(1, c.workers)
+    user_class = "OpenLoopUser" if w.mode == "open" else "ClosedLoopUser"
+    users = n_proc if w.mode == "open" else w.users
+    # Past the campaign's own end: requests in flight at duration_s may take up to timeout_s to finish.
+    run_time = int(cfg.duration_s + cfg.timeout_s + 10)
+    base = [sys.executable, "-m", "locust", "-f", locustfile(), "--loglevel", "WARNING", "--skip-log-setup"]
+    head = [
+        "--headless",
+        "--run-time",
+        f"{run_time}s",
+        "--stop-timeout",
+        str(int(cfg.timeout_s)),
+        "--csv",
+        str(run_dir / "locust"),
+        "--csv-full-history",
+        "--json-file",
+        str(run_dir / "locust_stats"),  # Locust adds .json
+        "--only-summary",
+    ]
+    if w.shape is None or w.mode == "open":
+        head += ["-u", str(users), "-r", str(max(users, 1))]
+    if c.workers == 0:
+        return [base + head + [user_class]]
+    port = free_port()
+    master = (
+        base
+        + head
+        + [
+            "--master",
+            "--master-bind-host",
+            "127.0.0.1",
+            "--master-bind-port",
+            str(port),
+            "--expect-workers",
+            str(c.workers),
+            "--expect-workers-max-wait",
+            "60",
+            user_class,
+        ]
+    )
+    worker = [*base, "--worker", "--master-host", "127.0.0.1", "--master-port", str(port), user_class]
+    return [master] + [worker] * c.workers
+
+
+def run(c: Campaign) -> dict[str, Any]:
+    """Run the campaign, write report.json/.md/.html into its run dir, return the report."""
+    run_dir = Path(c.config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in run_dir.glob("requests-*.jsonl"):
+        old.unlink()  # rows from an earlier run in the same directory would join this report
+    cfg = replace(c.config, processes=max(1, c.workers))
+    cfg_path = cfg.write(run_dir / "load_config.json")
+    before = {t: _server_snapshot(t) for t in cfg.targets}
+    watch = ResourceWatch(c.server_pid).start() if c.server_pid else None
+    env = {**os.environ, ENV: str(cfg_path)}
+    procs = []
+    with (run_dir / "locust.log").open("wb") as log:
+        for cmd in _locust_cmds(c, run_dir):
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+            time.sleep(0.3 if c.workers else 0)  # the master binds before workers connect
+        codes = [p.wait() for p in procs]
+    if watch:
+        watch.stop()
+    after = {t: _server_snapshot(t) for t in cfg.targets}
+    rows = read_rows(run_dir)
+    if not rows:
+        raise RuntimeError(f"Locust recorded no request (exit codes {codes}); see {run_dir / 'locust.log'}")
+    server = {
+        "requests_total_delta": sum(
+            after[t]["requests_total"] - before[t]["requests_total"] for t in cfg.targets
+        ),
+        "output_tokens_total_delta": sum(
+            after[t]["output_tokens_total"] - before[t]["output_tokens_total"] for t in cfg.targets
+        ),
+        "model_info": before[cfg.targets[0]]["model_info"],
+        "targets": {t: before[t]["model_info"] for t in cfg.targets},
+    }
+    t0 = min(r["t_start"] for r in rows)
+    t1 = max(r.get("t_end", r["t_start"]) for r in rows)
+    trace_paths = list(c.traces)
+    if c.server_run_dir is not None:
+        trace_paths.append(c.server_run_dir / TRACES_FILE)
+    spans = _wait_for_spans(trace_paths, rows)
+    resources = _server_samples(c.server_run_dir, t0, t1) or (watch.summary(t0, t1) if watch else None)
+    report = build(
+        rows,
+        locust=read_locust_stats(run_dir / "locust"),
+        spans=spans,
+        server=server,
+        resources=resources,
+        slo=c.slo,
+        meta={
+            "label": c.label,
+            "locust_exit_codes": codes,
+            "workers": c.workers,
+            "config": json.loads(cfg.to_json()),
+        },
+    )
+    write(run_dir, {c.label: report})
+    return report
+
+
+def _wait_for_spans(
+    paths: list[Path], rows: list[dict[str, Any]], timeout_s: float = 20.0
+) -> list[ServerSpan]:
+    """The server exports spans in batches (every few seconds): wait until every request's span is in
+    (a shared trace file also holds earlier runs' spans, so count joins, not spans)."""
+    deadline = time.monotonic() + timeout_s
+    spans = load_spans(paths)
+    while paths and len(join(rows, spans)) < len(rows) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        spans = load_spans(paths)
+    return spans
+
+
+def _server_samples(run_dir: Path | None, t0: float, t1: float) -> dict[str, Any] | None:
+    """AMU, PCU, AEC and energy over [t0, t1] from the server's own resource sampler (its energy source)."""
+    if run_dir is None or not (run_dir / SAMPLES_FILE).exists():
+        return None
+    try:
+        w = summarize(read_samples(run_dir / SAMPLES_FILE), t0, t1)
+    except ValueError:  # no samples in the window
+        return None
+    return {
+        "source": "server resource sampler",
+        "samples": w.samples,
+        "window_s": w.duration_s,
+        "amu": w.amu,
+        "amu_gb": w.amu_bytes / 1e9,
+        "peak_rss_gb": w.peak_memory_bytes / 1e9,
+        "pcu": w.pcu,
+        "energy_j": w.energy_j,
+        "aec_w": w.aec_w,
+        "energy_source": w.energy_source,
+    }
+
+
+def write(run_dir: Path, reports: dict[str, dict[str, Any]], precision: dict[str, Any] | None = None) -> Path:
+    """report.json, report.md and report.html in run_dir; returns the HTML path."""
+    doc: dict[str, Any] = {"reports": reports, "precision": precision}
+    (run_dir / "report.json").write_text(json.dumps(doc, indent=1, default=str))
+    (run_dir / "report.md").write_text(render.markdown(reports, precision))
+    page = run_dir / "report.html"
+    page.write_text(render.html_page(reports, precision))
+    return page

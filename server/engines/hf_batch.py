@@ -1,0 +1,258 @@
+"""The hf engine's batch: rows, their KV caches, one decode step, sampling. Runs on ONE worker thread.
+
+Rows are grouped so that each group is one model forward per step: one group for the base and every
+LoRA/rsLoRA adapter together (PEFT's `adapter_names=`, one name per row, "__base__" for base rows), and
+one group per DoRA adapter, because PEFT refuses DoRA in `adapter_names` batches (it runs on
+`set_adapter` instead). Each group owns a left-padded KV cache: a joining row is prefilled alone and its
+cache is padded into the group's; a leaving row is dropped from it. Positions are per row (real tokens
+so far), so padding never changes what a row computes.
+
+Invariant: only the worker thread touches the model, the adapters and the caches; the event loop hands
+in joiners and cancelled rows and gets (row, TokenEvent) pairs back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .base import AdapterSpec, EngineError, FinishReason, Sampling, TokenEvent, Usage
+from .hf_text import TextStream
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+@dataclass(eq=False)
+class Row:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    adapter: AdapterSpec | None
+    text: TextStream
+    generator: torch.Generator
+    sink: Any = None  # the engine's per-request queue (event-loop side)
+    generated: list[int] = field(default_factory=list)
+    length: int = 0  # real (unpadded) tokens in this row's KV cache
+    cancelled: bool = False
+    finished: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.adapter.key if self.adapter else ""
+
+    @property
+    def group(self) -> str:
+        """ "" for the shared LoRA/base group; the adapter key for a DoRA adapter's own group."""
+        return self.key if self.adapter is not None and self.adapter.method == "dora" else ""
+
+
+@dataclass(eq=False)
+class Group:
+    key: str
+    rows: list[Row] = field(default_factory=list)
+    cache: Any = None  # DynamicCache, keys/values [B, heads, T, head_dim]
+    mask: torch.Tensor | None = None  # [B, T] 1 = real token, 0 = left padding
+
+
+class Batch:
+    def __init__(self, model: Any, eos_ids: set[int], device: str) -> None:
+        self.base = model  # PEFT injects adapter layers into it in place
+        self.peft: Any = None  # PeftModel, created by the first add_adapter
+        self.adapters: dict[str, AdapterSpec] = {}
+        self.eos_ids = eos_ids
+        self.device = torch.device(device)
+        self.groups: dict[str, Group] = {}
+
+    # --- adapters -------------------------------------------------------------------------------------
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        from peft import PeftModel
+
+        if spec.key in self.adapters:
+            return
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(spec.path), adapter_name=spec.key)
+            else:
+                self.peft.load_adapter(str(spec.path), adapter_name=spec.key)
+        except Exception as exc:  # the registry validated it; a failure here is still the adapter's fault
+            raise EngineError(
+                "failed_precondition", f"adapter {spec.key}: PEFT cannot load it: {exc}"
+            ) from exc
+        self.peft.eval()
+        self.adapters[spec.key] = spec
+
+    def remove_adapter(self, key: str) -> None:
+        if key in self.adapters:
+            self.peft.delete_adapter(key)
+            del self.adapters[key]
+
+    # --- one step ---------------------------------------------------------------------------------------
+    def rows(self) -> list[Row]:
+        return [r for g in self.groups.values() for r in g.rows]
+
+    @torch.inference_mode()
+    def step(self, joiners: list[Row], cancelled: list[Row]) -> list[tuple[Row, TokenEvent]]:
+        """Drop cancelled rows, decode one token for every running row, then prefill the joiners."""
+        for row in cancelled:
+            self._drop(row)
+        out: list[tuple[Row, TokenEvent]] = []
+        for group in list(self.groups.values()):
+            logits = self._decode(group)
+            for row, row_logits in zip(list(group.rows), logits, strict=True):
+                out.append((row, self._advance(row, row_logits)))
+                if row.finished:
+                    self._drop(row)
+        for row in joiners:
+            logits, cache = self._prefill(row)
+            out.append((row, self._advance(row, logits)))
+            if not row.finished:
+                self._join(row, cache)
+        return out
+
+    def reset(self) -> None:
+        self.groups.clear()
+
+    def _forward(self, group_key: str, rows: list[Row], **inputs: Any) -> torch.Tensor:
+        """Last-position logits [B, vocab] in fp32 for `rows`, all on the same adapter group."""
+        inputs.update(use_cache=True, logits_to_keep=1)
+        if not self.adapters:
+            out = self.base(**inputs)
+        elif group_key:  # a DoRA adapter: the whole group runs on it
+            self.peft.base_model.set_adapter(group_key)
+            out = self.peft(**inputs)
+        else:
+            out = self.peft(**inputs, adapter_names=[r.key or BASE for r in rows])
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, row: Row) -> tuple[torch.Tensor, Any]:
+        from transformers import DynamicCache
+
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        cache = DynamicCache(config=self.base.config)
+        logits = self._forward(
+            row.group, [row], input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache
+        )
+        row.length = len(row.prompt_ids)
+        return logits[0], cache
+
+    def _decode(self, group: Group) -> torch.Tensor:
+        assert group.mask is not None
+        ids = torch.tensor([[r.generated[-1]] for r in group.rows], device=self.device)
+        positions = torch.tensor([[r.length] for r in group.rows], device=self.device)  # [B, 1]
+        group.mask = torch.cat([group.mask, torch.ones_like(ids)], dim=1)
+        logits = self._forward(
+            group.key,
+            group.rows,
+            input_ids=ids,
+            attention_mask=group.mask,
+            position_ids=positions,
+            past_key_values=group.cache,
+        )
+        for r in group.rows:
+            r.length += 1
+        return logits
+
+    def _join(self, row: Row, cache: Any) -> None:
+        """Pad the row's [1, H, P, D] cache and the group's [B, H, T, D] on the left to one length."""
+        group = self.groups.get(row.group)
+        mask = torch.ones((1, row.length), dtype=torch.long, device=self.device)
+        if group is None:
+            self.groups[row.group] = Group(row.group, [row], cache, mask)
+            return
+        assert group.mask is not None
+        t, p = group.mask.shape[1], row.length
+        length = max(t, p)
+        for old, new in zip(_layers(group.cache), _layers(cache), strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)], dim=0)
+            old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)], dim=0)
+        group.mask = torch.cat([_pad_left(group.mask, length), _pad_left(mask, length)], dim=0)
+        group.rows.append(row)
+
+    def _drop(self, row: Row) -> None:
+        group = self.groups.get(row.group)
+        if group is None or row not in group.rows:
+            return
+        keep = [i for i, r in enumerate(group.rows) if r is not row]
+        group.rows = [group.rows[i] for i in keep]
+        if not keep:
+            del self.groups[group.key]
+            return
+        assert group.mask is not None
+        index = torch.tensor(keep, device=self.device)
+        mask = group.mask[index]
+        first = int(mask.any(dim=0).nonzero()[0])  # columns that are padding in every row left go
+        group.mask = mask[:, first:]
+        for layer in _layers(group.cache):
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+
+    # --- sampling and text -------------------------------------------------------------------------------
+    def _advance(self, row: Row, logits: torch.Tensor) -> TokenEvent:
+        token = sample(logits, row.sampling, row.generator, row.prompt_ids + row.generated)
+        row.generated.append(token)
+        finish: FinishReason | None = None
+        if token in self.eos_ids:
+            finish, text = "stop", row.text.flush()
+        else:
+            text = row.text.add(token)
+            if row.text.stopped:
+                finish = "stop"
+            elif len(row.generated) >= row.sampling.max_new_tokens:
+                finish, text = "length", text + row.text.flush()
+        row.finished = finish is not None
+        return TokenEvent(
+            text=text,
+            token_ids=(token,),
+            finish_reason=finish,
+            usage=Usage(len(row.prompt_ids), len(row.generated)) if finish else None,
+            adapter=row.key,
+        )
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator, history: list[int]) -> int:
+    """One token from fp32 logits [vocab]: repetition penalty, then greedy or temperature/top-k/top-p."""
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(history)), device=logits.device)
+        picked = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+    if s.temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits / s.temperature
+    if 0 < s.top_k < logits.numel():
+        kth = torch.topk(logits, s.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token once the tokens before it already cover top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= s.top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _layers(cache: Any) -> list[Any]:
+    layers = list(cache.layers)
+    if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        raise EngineError(
+            "internal", "hf engine: only full-attention KV caches (DynamicLayer) can be batched"
+        )
+    return layers
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad dim 2 (KV: [B, H, T, D]) or dim 1 (mask: [B, T]) on the left up to `length`."""
+    dim = 2 if t.dim() == 4 else 1
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -1,0 +1,273 @@
+"""The hf engine: transformers + PEFT, for what vLLM cannot do (DoRA unmerged, int4 on CPU, fp16 on CPU).
+
+One asyncio task drives iteration-level batching: between two decode steps it admits waiting requests
+(up to `max_concurrency` rows and `max_adapters_per_batch` distinct adapters) and drops cancelled ones;
+each step (model forwards, sampling, detokenizing) runs on a single worker thread (see hf_batch), so the
+event loop stays free and the model is never touched by two threads. Adapter loads and unloads go
+through the same thread, so they happen between steps, never inside one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..model import ResolvedModel, count_parameters, max_position_embeddings
+from .base import (
+    BYTES_PER_PARAM,
+    PRECISIONS,
+    AdapterSpec,
+    EngineError,
+    EngineInfo,
+    GenerationRequest,
+    Precision,
+    TokenEvent,
+)
+from .prompting import PromptRenderer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "int4": "bfloat16",
+}  # int4: bf16 activations
+
+
+@dataclass(frozen=True)
+class HfConfig:
+    precision: Precision = "fp32"
+    max_context: int = 2048
+    max_concurrency: int = 32  # rows decoded together (batch slots)
+    device: str = "cpu"
+    seed: int = 0
+    max_adapter_rank: int = 64
+    max_adapters_per_batch: int = 8  # distinct adapters among the running rows
+    int4_group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"hf engine serves {list(PRECISIONS)}, not {self.precision!r}")
+        if self.precision == "int4" and self.device != "cpu":
+            raise ValueError("hf engine: int4 is the CPU path (torchao tinygemm); on CUDA use --engine vllm")
+        if self.max_context < 16 or self.max_concurrency < 1:
+            raise ValueError("max_context >= 16 and max_concurrency >= 1 are required")
+        if self.max_adapter_rank < 1 or self.max_adapters_per_batch < 1:
+            raise ValueError("max_adapter_rank and max_adapters_per_batch must be >= 1")
+
+
+class HfEngine:
+    def __init__(self, model: ResolvedModel, config: HfConfig) -> None:
+        self.model = model
+        self.config = config
+        params = count_parameters(model.path)
+        self.info = EngineInfo(
+            model=model.name,
+            fingerprint=model.fingerprint,
+            engine="hf",
+            precision=config.precision,
+            max_context=min(config.max_context, max_position_embeddings(model.path)),
+            device=config.device,
+            parameters=params,
+            weight_bytes=int(params * BYTES_PER_PARAM[config.precision]),  # replaced by the measured bytes
+            precisions=PRECISIONS,
+            # DoRA needs the dequantized base weight, which torchao's int4 tensor cannot give (hf_int4).
+            adapter_methods=("lora", "rslora") if config.precision == "int4" else ("lora", "rslora", "dora"),
+            max_adapter_rank=config.max_adapter_rank,
+            max_adapters_per_batch=config.max_adapters_per_batch,
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self._batch: Any = None  # hf_batch.Batch, created in start()
+        self._renderer: PromptRenderer | None = None
+        self._tokenizer: Any = None
+        self._waiting: list[Any] = []  # Rows not yet admitted, in arrival order
+        self._active: list[Any] = []  # Rows in the batch (owned by the worker while a step runs)
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._batch = await loop.run_in_executor(self._executor, self._load)
+        self._renderer = PromptRenderer(self._tokenizer, self.info.max_context)
+        self._loop_task = asyncio.create_task(self._run(), name="hf-engine-loop")
+
+    def _load(self) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .hf_batch import Batch
+        from .hf_int4 import quantize_int4, weight_bytes
+
+        c = self.config
+        torch.manual_seed(c.seed)
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model.path)
+        model: Any = AutoModelForCausalLM.from_pretrained(  # type: ignore[call-arg]
+            self.model.path, dtype=getattr(torch, _DTYPES[c.precision])
+        )
+        if c.precision == "int4":
+            quantize_int4(model, c.int4_group_size)
+        model.to(c.device).eval()
+        measured = weight_bytes(model)
+        self.info = replace(
+            self.info, weight_bytes=measured, extra={**self.info.extra, "weight_bytes": "measured"}
+        )
+        log.info(
+            "hf engine: %s at %s, %d weight bytes (%.3f of bf16)",
+            self.model.name,
+            c.precision,
+            measured,
+            self.info.weight_ratio_to_bf16,
+        )
+        eos = model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        if self._tokenizer.eos_token_id is not None:
+            eos_ids.add(self._tokenizer.eos_token_id)
+        return Batch(model, eos_ids, c.device)
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        # requests still held would otherwise wait forever on their queues
+        for row in [*self._active, *self._waiting]:
+            if not row.finished:
+                row.finished = True
+                row.sink.put_nowait(EngineError("unavailable", "engine shut down"))
+        self._active, self._waiting = [], []
+        self._executor.shutdown(wait=True)
+
+    def running(self) -> int:
+        return len(self._waiting) + len(self._active)
+
+    # --- adapters ---------------------------------------------------------------------------------------
+    async def add_adapter(self, spec: AdapterSpec) -> None:
+        if spec.method not in self.info.adapter_methods:
+            raise EngineError(
+                "failed_precondition",
+                f"adapter {spec.key}: method {spec.method!r} is not served "
+                f"by the hf engine at {self.config.precision} (it serves "
+                f"{', '.join(self.info.adapter_methods)})",
+            )
+        if spec.rank > self.config.max_adapter_rank:
+            raise EngineError(
+                "failed_precondition",
+                f"adapter {spec.key}: rank {spec.rank} is over the "
+                f"engine's max_adapter_rank {self.config.max_adapter_rank}",
+            )
+        await self._on_worker(self._started_batch().add_adapter, spec)
+
+    async def remove_adapter(self, key: str) -> None:
+        await self._on_worker(self._started_batch().remove_adapter, key)
+
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(self._batch.adapters) if self._batch else ()
+
+    # --- requests ---------------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        import torch
+
+        from .hf_batch import Row
+        from .hf_text import TextStream
+
+        batch = self._started_batch()
+        spec = request.resolved_adapter
+        if request.adapter and spec is None:
+            raise EngineError("failed_precondition", f"adapter: {request.adapter!r} is not loaded")
+        if spec is not None and spec.key not in batch.adapters:
+            raise EngineError("failed_precondition", f"adapter: {spec.key} is not loaded in the engine")
+        assert self._renderer is not None
+        prompt_ids = self._renderer.render(request)
+        s = request.sampling
+        generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
+        queue: asyncio.Queue[TokenEvent | EngineError] = asyncio.Queue()
+        row = Row(
+            request.request_id,
+            prompt_ids,
+            s,
+            spec,
+            TextStream(self._tokenizer, prompt_ids, s.stop),
+            generator,
+            sink=queue,
+        )
+        self._waiting.append(row)
+        self._wake.set()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not row.finished:  # closed early: the loop drops the row before the next step
+                row.cancelled = True
+                if row in self._waiting:
+                    self._waiting.remove(row)
+                self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            self._active = [r for r in self._active if not r.finished]
+            cancelled = [r for r in self._active if r.cancelled]
+            joiners = self._admit()
+            if not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._batch.step, joiners, cancelled)
+            except Exception as exc:  # a failed forward: every running request ends with the error
+                log.exception("hf engine step failed")
+                error = (
+                    exc if isinstance(exc, EngineError) else EngineError("internal", f"engine step: {exc}")
+                )
+                for row in self._active:
+                    row.finished = True
+                    row.sink.put_nowait(error)
+                self._active = []
+                await loop.run_in_executor(self._executor, self._batch.reset)
+                continue
+            for row, event in outputs:
+                if not row.cancelled:
+                    row.sink.put_nowait(event)
+            for row in cancelled:
+                row.finished = True
+            await asyncio.sleep(0)  # let streams consume and new requests arrive between steps
+
+    def _admit(self) -> list[Any]:
+        """Move waiting rows into the batch while there are free slots and adapter room."""
+        free = self.config.max_concurrency - len(self._active)
+        adapters = {r.key for r in self._active if r.key}
+        joiners: list[Any] = []
+        for row in list(self._waiting):
+            if free <= 0:
+                break
+            if row.key and row.key not in adapters and len(adapters) >= self.config.max_adapters_per_batch:
+                continue  # waits until an adapter leaves the batch
+            self._waiting.remove(row)
+            if row.key:
+                adapters.add(row.key)
+            joiners.append(row)
+            free -= 1
+        self._active.extend(joiners)
+        return joiners
+
+    def _started_batch(self) -> Any:
+        if self._batch is None or self._closing:
+            raise EngineError("unavailable", "engine is not running")
+        return self._batch
+
+    async def _on_worker(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

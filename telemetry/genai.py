@@ -1,0 +1,287 @@
+"""GenAI semantic conventions for the server: the per-request span, the histograms and the gauges.
+
+The runner calls `RequestObserver.begin()` when a request arrives and then, on the returned trace,
+`scheduled()` once it holds a batch slot, and exactly one of `finish()`, `fail()` or `cancelled()`.
+The span is the gRPC SERVER span the OpenTelemetry interceptor made (so the client's W3C context
+parents it); we rename it `generate {model}` and give it the gen_ai.* and effllm.* attributes. Without
+an interceptor (or a recording span) the observer starts its own SERVER span.
+Invariant: plain values in, no server types imported (telemetry sits below the server). Metric
+attributes are low-cardinality: model, adapter NAME (not version), precision, operation, error type;
+a request that failed for a reason that may stem from a bad adapter name (not_found,
+invalid_argument, failed_precondition) is labelled `(invalid)` so clients cannot mint label values
+(its span still names the adapter it asked for).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from .attribution import EnergyAttributor
+
+PROVIDER = "effllm"
+BASE_ADAPTER = "(base)"  # the adapter label of base-model requests; not a valid adapter name
+INVALID_ADAPTER = "(invalid)"  # the label of requests that failed for a possibly bad adapter name
+_NAME_ERRORS = frozenset({"not_found", "invalid_argument", "failed_precondition"})
+SPAN_PREFIX = "generate "
+
+# Explicit bucket boundaries the GenAI semantic conventions advise for each histogram.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What this server serves: constant labels of every span and metric."""
+
+    model: str
+    precision: str
+    engine: str
+    parameters: int = 0  # lets reports compute the per-parameter throughput
+
+
+@dataclass(frozen=True)
+class RequestStart:
+    request_id: str
+    chat: bool  # messages (chat) or a raw prompt (text_completion)
+    max_tokens: int
+    temperature: float
+    top_p: float
+    adapter: str  # as the client named it: "", NAME or NAME@VERSION
+
+
+@dataclass(frozen=True)
+class RequestEnd:
+    input_tokens: int
+    output_tokens: int
+    finish_reason: str
+    adapter: str  # NAME@VERSION actually used; "" for the base model
+    queue_s: float
+    time_to_first_token_s: float
+    decode_s: float
+    total_s: float
+
+
+def split_adapter(adapter: str) -> tuple[str, str]:
+    """ "NAME@VERSION" -> (NAME, VERSION); "NAME" -> (NAME, ""); "" -> ("(base)", "")."""
+    if not adapter:
+        return BASE_ADAPTER, ""
+    name, _, version = adapter.partition("@")
+    return name, version
+
+
+class Instruments:
+    """The histograms and gauges, made once per meter."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.ttft = meter.create_histogram(
+            "gen_ai.server.time_to_first_token",
+            unit="s",
+            description="Time to generate the first token",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self.tpot = meter.create_histogram(
+            "gen_ai.server.time_per_output_token",
+            unit="s",
+            description="Time per output token after the first (decode phase)",
+            explicit_bucket_boundaries_advisory=TPOT_BUCKETS,
+        )
+        self.duration = meter.create_histogram(
+            "gen_ai.server.request.duration",
+            unit="s",
+            description="Generation request duration on the server",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.tokens = meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Input and output tokens per request",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+        )
+        self.energy = meter.create_counter(
+            "effllm.energy", unit="J", description="Energy attributed to requests (see effllm.energy.source)"
+        )
+
+
+Gauge = Callable[[], float]
+
+
+def register_gauges(
+    meter: metrics.Meter, values: dict[str, tuple[Gauge, str, str]], attributes: dict[str, str] | None = None
+) -> None:
+    """One observable gauge per entry: name -> (callback, unit, description). A callback that raises
+    or returns None is skipped for that collection rather than breaking the scrape."""
+    attrs = attributes or {}
+    for name, (fn, unit, description) in values.items():
+
+        def observe(_options: metrics.CallbackOptions, fn: Gauge = fn) -> Iterable[metrics.Observation]:
+            try:
+                value = fn()
+            except Exception:
+                return []
+            return [] if value is None else [metrics.Observation(value, attrs)]
+
+        meter.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
+
+
+_resident_source: Callable[[], Sequence[str]] | None = None
+
+
+def set_resident_adapters_source(source: Callable[[], Sequence[str]] | None) -> None:
+    """The adapter registry calls this once with a function returning the resident NAME@VERSION keys;
+    the `effllm.adapters.resident` gauge reports how many there are."""
+    global _resident_source
+    _resident_source = source
+
+
+def resident_adapters() -> float:
+    return float(len(_resident_source())) if _resident_source is not None else 0.0
+
+
+class RequestTrace:
+    """One request's span, metrics and energy share. Not thread-safe: one request, one task."""
+
+    def __init__(self, observer: RequestObserver, start: RequestStart) -> None:
+        self.o = observer
+        self.start = start
+        self.started = time.perf_counter()
+        name, version = split_adapter(start.adapter)
+        self.labels = {
+            **observer.labels,
+            "gen_ai.operation.name": _operation(start.chat),
+            "effllm.adapter": name,
+        }
+        span = trace.get_current_span()
+        self._own = not (span.is_recording() and getattr(span, "kind", None) == SpanKind.SERVER)
+        if self._own:
+            span = observer.tracer.start_span(SPAN_PREFIX + observer.served.model, kind=SpanKind.SERVER)
+        else:
+            span.update_name(SPAN_PREFIX + observer.served.model)
+        self.span = span
+        self._running = False
+        self._done = False
+        if span.is_recording():
+            s = observer.served
+            span.set_attributes(
+                {
+                    "gen_ai.operation.name": _operation(start.chat),
+                    "gen_ai.provider.name": PROVIDER,
+                    "gen_ai.request.model": s.model,
+                    "gen_ai.request.max_tokens": start.max_tokens,
+                    "gen_ai.request.temperature": start.temperature,
+                    "gen_ai.request.top_p": start.top_p,
+                    "gen_ai.response.id": start.request_id,
+                    "effllm.adapter.name": name,
+                    "effllm.adapter.version": version,
+                    "effllm.precision": s.precision,
+                    "effllm.engine": s.engine,
+                    "effllm.model.parameters": s.parameters,
+                }
+            )
+
+    def scheduled(self) -> None:
+        """The request holds a batch slot: from now on it shares the energy."""
+        if self.o.attributor is not None:
+            self.o.attributor.start(self.start.request_id)
+        self._running = True
+
+    def _energy(self) -> None:
+        if self._running and self.o.attributor is not None:
+            share = self.o.attributor.finish(self.start.request_id)
+            self.span.set_attribute("effllm.energy_j", share.joules)
+            self.span.set_attribute("effllm.energy.source", share.source)
+            self.o.instruments.energy.add(share.joules, {**self.labels, "effllm.energy.source": share.source})
+        self._running = False
+
+    def finish(self, end: RequestEnd) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._energy()
+        name, version = split_adapter(end.adapter or self.start.adapter)
+        labels = {**self.labels, "effllm.adapter": name}
+        self.span.set_attributes(
+            {
+                "gen_ai.response.model": self.o.served.model,
+                "gen_ai.usage.input_tokens": end.input_tokens,
+                "gen_ai.usage.output_tokens": end.output_tokens,
+                "gen_ai.response.finish_reasons": [end.finish_reason],
+                "effllm.adapter.name": name,
+                "effllm.adapter.version": version,
+                "effllm.queue_s": end.queue_s,
+                "effllm.time_to_first_token_s": end.time_to_first_token_s,
+                "effllm.decode_s": end.decode_s,
+            }
+        )
+        i = self.o.instruments
+        i.duration.record(end.total_s, labels)
+        if end.output_tokens > 0:
+            i.ttft.record(end.time_to_first_token_s, labels)
+        if end.output_tokens > 1:
+            i.tpot.record(end.decode_s / (end.output_tokens - 1), labels)
+        i.tokens.record(end.input_tokens, {**labels, "gen_ai.token.type": "input"})
+        i.tokens.record(end.output_tokens, {**labels, "gen_ai.token.type": "output"})
+        self._end()
+
+    def fail(self, code: str, message: str) -> None:
+        """`code` is the gRPC status name in any case (e.g. "resource_exhausted")."""
+        if self._done:
+            return
+        self._done = True
+        self._energy()
+        mark_error(code, message, self.span)
+        labels = {**self.labels, "error.type": code.upper()}
+        if code.lower() in _NAME_ERRORS and self.start.adapter:
+            labels["effllm.adapter"] = INVALID_ADAPTER
+        self.o.instruments.duration.record(time.perf_counter() - self.started, labels)
+        self._end()
+
+    def cancelled(self) -> None:
+        self.fail("cancelled", "the client went away, a deadline passed or the server drained")
+
+    def _end(self) -> None:
+        if self._own:
+            self.span.end()
+
+
+class RequestObserver:
+    """Made once per server; `begin()` per request. `attributor` None: no energy attribution."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        tracer: trace.Tracer,
+        instruments: Instruments,
+        attributor: EnergyAttributor | None = None,
+    ) -> None:
+        self.served = served
+        self.tracer = tracer
+        self.instruments = instruments
+        self.attributor = attributor
+        self.labels = {
+            "gen_ai.provider.name": PROVIDER,
+            "gen_ai.request.model": served.model,
+            "effllm.precision": served.precision,
+        }
+
+    def begin(self, start: RequestStart) -> RequestTrace:
+        return RequestTrace(self, start)
+
+
+def mark_error(code: str, message: str, span: trace.Span | None = None) -> None:
+    """Set ERROR status "CODE: message" and error.type on `span` (default: the current span)."""
+    span = span if span is not None else trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("error.type", code.upper())
+        span.set_status(Status(StatusCode.ERROR, f"{code.upper()}: {message}"))
+
+
+def _operation(chat: bool) -> str:
+    # Well-known gen_ai.operation.name values, so GenAI-aware backends recognise the span.
+    return "chat" if chat else "text_completion"

@@ -1,0 +1,85 @@
+"""The sampler thread and the Measurement window on this machine (CPU path), plus summarize by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from effllm.telemetry.sampler import Measurement, ResourceSampler, Sample, read_samples, summarize
+
+
+def _sample(t: float, mem: float, util: float, power: float, energy: float) -> Sample:
+    return Sample(
+        t=t,
+        memory_utilisation=mem,
+        utilisation=util,
+        power_w=power,
+        energy_j=energy,
+        energy_source="estimated",
+        rss_bytes=int(mem * 1000),
+        system_memory_used_bytes=0,
+        system_memory_total_bytes=1000,
+        cpu_utilisation=util,
+    )
+
+
+def test_summarize_by_hand() -> None:
+    samples = [
+        _sample(0, 0.2, 0.0, 10, 0),
+        _sample(1, 0.4, 1.0, 30, 20),
+        _sample(2, 0.4, 1.0, 30, 50),
+        _sample(9, 0.9, 0.0, 0, 60),
+    ]
+    w = summarize(samples, start=0, end=2)
+    assert w.samples == 3
+    assert w.amu == pytest.approx((0.3 + 0.4) / 2)
+    assert w.pcu == pytest.approx((0.5 + 1.0) / 2)
+    assert w.aec_w == pytest.approx((20 + 30) / 2)
+    assert w.energy_j == 50
+    assert w.peak_memory_bytes == 400
+    assert w.energy_source == "estimated" and w.device == "cpu"
+    with pytest.raises(ValueError):
+        summarize(samples, start=3, end=4)
+
+
+def test_sampler_records_at_its_rate_and_writes_what_it_keeps(tmp_path: Path) -> None:
+    path = tmp_path / "samples.jsonl"
+    sampler = ResourceSampler(20.0, path=path).start()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    end = wall0 + 0.6
+    while time.monotonic() < end:  # keep a core busy so utilisation and power are > 0
+        pass
+    sampler.stop()
+    # What the process really got (a loaded machine may give the spinning loop far less than a core).
+    expected_pcu = (time.process_time() - cpu0) / (time.monotonic() - wall0) / (os.cpu_count() or 1)
+    n = len(sampler.samples)
+    assert 8 <= n <= 16  # 0.6 s at 20 Hz + the first and last sample, with slack for a loaded machine
+    on_disk = read_samples(path)
+    assert on_disk == sampler.samples
+    assert all(json.loads(line)["energy_source"] == "estimated" for line in path.read_text().splitlines())
+    ts = [s.t for s in on_disk]
+    assert ts == sorted(ts)
+    busy = summarize(on_disk)
+    assert busy.pcu > 0.5 * expected_pcu > 0  # the sampler saw the spinning core's share
+    assert busy.aec_w > 0 and busy.energy_j > 0
+    assert 0 < busy.amu < 1 and busy.peak_memory_bytes > 10 << 20
+
+
+def test_measurement_window_api() -> None:
+    with Measurement(hz=20.0) as m:
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.3:
+            pass
+        inside = m.summary
+    s = m.summary
+    assert inside.samples <= s.samples
+    assert s.energy_source == "estimated"
+    assert s.duration_s >= 0.3
+    assert s.energy_j > 0
+    # the estimate is CPU seconds x watts per core (default 10 W): at least the 0.3 s we spun
+    assert s.energy_j >= 0.3 * 10 * 0.8
+    assert m.joules_per_token(100) == pytest.approx(s.energy_j / 100)
