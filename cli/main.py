@@ -13,6 +13,7 @@ _COMMANDS = (
     "effllm.client.adapters_cli",
     "effllm.telemetry.cli",
     "effllm.loadtest.cli",
+    "effllm.tuner.cli",
 )
 
 

@@ -1,0 +1,151 @@
+"""`effllm tune` (a YAML config and/or flags -> TuneConfig -> one run) and `effllm tuner serve|bench|tasks`.
+
+Every TuneConfig field is a flag (--rank 16, --target-modules q_proj,v_proj); flags override the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import MISSING, fields
+from typing import Any
+
+import grpc
+
+from .config import METHODS, ConfigError, TuneConfig
+
+_HELP = {
+    "method": f"one of {', '.join(METHODS)}",
+    "data": "JSONL path, task:NAME (built-in: see `effllm tuner tasks`) or hf:NAME[:SPLIT]",
+    "model": "local HF dir or hub id; default: the embedded SmolLM2-135M-Instruct",
+    "layers": "freeze: decoder layers that train, e.g. -2,-1",
+    "max_steps": "optimizer steps; 0: run `epochs` over the data",
+    "output_dir": "where the adapter/checkpoint goes (must not exist); default runs/tune/METHOD-TIME",
+}
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(TuneConfig):
+        default = f.default if f.default is not MISSING else None
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{_HELP.get(f.name, '')} (default: {shown})".strip(),
+        )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="fine-tune with LoRA, LoRA+, rsLoRA, DoRA, freezing or full tuning")
+    p.add_argument("config", nargs="?", help="YAML file with TuneConfig keys; flags override it")
+    _add_config_flags(p)
+    p.add_argument("--publish", metavar="SERVER", help="host:port of a running server: publish + LoadAdapter")
+    p.add_argument("--name", help="adapter name to publish under")
+    p.add_argument("--adapter-root", help="the server's adapter root (default: $EFFLLM_ADAPTER_ROOT)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_tune)
+
+    t = sub.add_parser("tuner", help="the tuning service and benchmarks")
+    tsub = t.add_subparsers(dest="tuner_command", required=True)
+    s = tsub.add_parser("serve", help="serve TuningService over gRPC (jobs run in child processes)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50061)
+    s.add_argument("--max-running", type=int, default=1, help="jobs training at once; the rest wait")
+    s.add_argument("--log-dir", default="runs/tuner", help="one log file per job")
+    s.set_defaults(func=run_serve)
+    b = tsub.add_parser("bench", help="every method on the same task, steps and seed; table + JSON")
+    b.add_argument("--steps", type=int, default=30)
+    b.add_argument("--task", default="json_extract")
+    b.add_argument("--methods", default=",".join(METHODS))
+    b.add_argument(
+        "--hf-trainer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run plain PEFT + HF Trainer on the LoRA config",
+    )
+    b.add_argument("--out", default="runs/bench/peft.json")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TuneConfig override")
+    b.set_defaults(func=run_bench)
+    k = tsub.add_parser("tasks", help="list the built-in synthetic tasks")
+    k.set_defaults(func=run_tasks)
+
+
+def config_from_args(args: argparse.Namespace) -> TuneConfig:
+    overrides: dict[str, Any] = {
+        f.name: getattr(args, f.name) for f in fields(TuneConfig) if getattr(args, f.name, None) is not None
+    }
+    if args.config:
+        return TuneConfig.from_yaml(args.config, overrides)
+    return TuneConfig.from_dict(overrides)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from .publish import default_adapter_root
+    from .worker import PublishTarget, execute
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        config = config_from_args(args)
+        target = None
+        if args.publish or args.name:
+            if not (args.publish and args.name):
+                raise ConfigError("publish: --publish SERVER and --name NAME go together")
+            root = args.adapter_root or default_adapter_root()
+            target = PublishTarget(args.publish, args.name, str(root or ""))
+        done = execute(config, publish=target, progress_bar=not args.no_progress)
+    except (ConfigError, ValueError, FileExistsError) as exc:
+        print(f"effllm tune: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:  # the adapter is on disk; the server refused or could not be reached
+        print(f"effllm tune: LoadAdapter failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    m = done["metrics"]
+    before, after = m.get("eval_before") or {}, m.get("eval_after") or {}
+    print(f"saved {done['output_dir']}" + (f"; published {done['published']}" if "published" in done else ""))
+    print(
+        f"trainable {m['params']['trainable']:,} ({m['params']['trainable_percent']:.3f} %)  "
+        f"loss {m['train_loss_first']:.4f} -> {m['train_loss_last']:.4f}  "
+        f"held-out exact match {_fmt(before.get('exact_match'))} -> {_fmt(after.get('exact_match'))}  "
+        f"{m['samples_per_s']:.2f} samples/s  energy {m['energy']['joules']:.0f} J ({m['energy']['source']})"
+    )
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .service import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args.host, args.port, max_running=args.max_running, log_dir=args.log_dir))
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(
+        steps=args.steps,
+        task=args.task,
+        methods=args.methods.split(","),
+        hf_trainer=args.hf_trainer,
+        out=args.out,
+        overrides=args.set,
+    )
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS, generate
+
+    for task in TASKS.values():
+        train, _ = generate(task.name, 1, 0)
+        print(f"task:{task.name:16s} {task.description}\n    e.g. {json.dumps(train[0]['messages'])}")
+    return 0

@@ -1,0 +1,214 @@
+"""TuningService over gRPC (grpc.aio) in the tuner's own process; the jobs themselves run in child processes.
+
+Validation happens here, before a job exists: the config (TuneConfig, INVALID_ARGUMENT naming the field),
+the output dir (ALREADY_EXISTS), the publish spec, and JSONL data files line by line. No torch is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from effllm.client.v1 import tuning_pb2 as pb
+from effllm.client.v1 import tuning_pb2_grpc as pb_grpc
+
+from . import data
+from .config import ConfigError, TuneConfig
+from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, JobManager
+
+log = logging.getLogger("effllm.tuner.service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TuningService"].full_name
+_STATES = {
+    QUEUED: pb.JOB_STATE_QUEUED,
+    RUNNING: pb.JOB_STATE_RUNNING,
+    SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    FAILED: pb.JOB_STATE_FAILED,
+    CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+_PROGRESS_FIELDS = (
+    "step",
+    "total_steps",
+    "loss",
+    "lr",
+    "tokens_per_s",
+    "samples_per_s",
+    "elapsed_s",
+    "eta_s",
+)
+
+
+def config_from_proto(msg: pb.TuneConfig) -> TuneConfig:
+    """Set fields only: proto3 `optional` scalars by presence, strings and lists when non-empty."""
+    raw: dict[str, Any] = {}
+    for fd, value in msg.ListFields():
+        # Repeated fields come as containers (FieldDescriptor.label is gone in protobuf 7's upb).
+        raw[fd.name] = value if isinstance(value, (str, bytes, int, float, bool)) else list(value)
+    return TuneConfig.from_dict(raw)
+
+
+class TuningService(pb_grpc.TuningServiceServicer):
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    def _job(self, job_id: str) -> Job:
+        job = self.manager.jobs.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
+
+    async def _find(self, job_id: str, context: grpc.aio.ServicerContext) -> Job:
+        if not job_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id: required")
+        job = self.manager.jobs.get(job_id)
+        if job is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {job_id!r}")
+        assert job is not None
+        return job
+
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
+        try:
+            config = config_from_proto(request.config)
+            publish = None
+            if request.HasField("publish"):
+                from .worker import PublishTarget
+
+                target = PublishTarget(
+                    request.publish.server, request.publish.name, request.publish.adapter_root
+                )
+                if not config.is_lora_family:
+                    raise ConfigError(
+                        f"publish: method {config.method} makes a full checkpoint, not an adapter"
+                    )
+                publish = {"server": target.server, "name": target.name, "adapter_root": target.adapter_root}
+            await asyncio.to_thread(_check_data, config)
+        except (ConfigError, data.DataError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if config.output_dir and Path(config.output_dir).exists():
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"output_dir: {config.output_dir} already exists"
+            )
+        job = self.manager.submit(config, publish)
+        log.info("job %s: %s on %s", job.id, config.method, config.data)
+        return job_info(job)
+
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.JobEvent]:
+        job = await self._find(request.job_id, context)
+        async for event in self.manager.watch(job):
+            yield job_event(job.id, event)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
+        job = await self._find(request.job_id, context)
+        if job.state in TERMINAL:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"job_id: job {job.id} already {job.state}; nothing to cancel",
+            )
+        await self.manager.cancel(job)
+        await self.manager.wait_terminal(job)
+        return job_info(job)
+
+    async def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[job_info(j) for j in self.manager.jobs.values()])
+
+
+def _check_data(config: TuneConfig) -> None:
+    """JSONL files are read and validated now, so a malformed line is the submitter's error, not a job's."""
+    for spec in (config.data, config.eval_data):
+        if spec and not spec.startswith(("task:", "hf:")):
+            data.read_jsonl(Path(spec))
+    if config.data.startswith("task:"):
+        from .tasks import TASKS
+
+        if config.data[5:] not in TASKS:
+            raise ConfigError(
+                f"data: unknown task {config.data[5:]!r} (built-in: {', '.join(sorted(TASKS))})"
+            )
+
+
+def job_info(job: Job) -> pb.JobInfo:
+    return pb.JobInfo(
+        job_id=job.id,
+        state=_STATES[job.state],
+        method=job.config.method,
+        data=job.config.data,
+        step=job.step,
+        total_steps=job.total_steps,
+        loss=job.loss,
+        output_dir=job.output_dir,
+        published=job.published,
+        error=job.error,
+        created_unix=job.created,
+        finished_unix=job.finished,
+    )
+
+
+def job_event(job_id: str, event: dict[str, Any]) -> pb.JobEvent:
+    msg = pb.JobEvent(job_id=job_id, state=_STATES[event["state"]], time_unix=event["time"])
+    kind = event.get("type")
+    if kind == "progress":
+        msg.progress.CopyFrom(pb.Progress(**{k: event[k] for k in _PROGRESS_FIELDS}))
+    elif kind == "phase":
+        msg.phase = event["phase"]
+    elif kind == "done":
+        msg.metrics_json = json.dumps(event)
+    elif kind == "error":
+        msg.error = event["error"]
+    elif kind == "cancelled":
+        msg.phase = "cancelled"
+    elif kind == "staging":
+        msg.phase = "saving"
+    return msg
+
+
+async def serve(
+    host: str,
+    port: int,
+    *,
+    max_running: int = 1,
+    log_dir: str = "runs/tuner",
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT; running jobs are cancelled (and leave nothing) on the way out."""
+    manager = JobManager(Path(log_dir), max_running=max_running)
+    server = grpc.aio.server()
+    pb_grpc.add_TuningServiceServicer_to_server(TuningService(manager), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("TuningService on %s:%d", host, bound)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info(
+        "stopping: cancelling %d unfinished jobs", sum(j.state not in TERMINAL for j in manager.jobs.values())
+    )
+    await manager.shutdown()
+    await server.stop(grace=1.0)

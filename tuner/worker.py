@@ -1,0 +1,129 @@
+"""One tuning job end to end: train, save atomically, optionally publish + LoadAdapter. Also a process entry.
+
+`execute` is what `effllm tune` runs in-process. `python -m effllm.tuner.worker SPEC_JSON` runs the same in a
+child process for the TuningService: it prints one JSON event per line on stdout (progress, phases, the
+staging dir while saving, the final result or the error) and stops at the next micro-batch on SIGTERM,
+removing anything it had started to write.
+Invariant: the last stdout line of a worker is an event of type "done", "cancelled" or "error".
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TuneConfig, default_output_dir
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PublishTarget:
+    server: str  # host:port of a running `effllm serve`
+    name: str
+    adapter_root: str
+
+    def __post_init__(self) -> None:
+        from .publish import check_name
+
+        check_name(self.name)
+        if not self.server:
+            raise ConfigError("publish: needs the server address host:port")
+        if not self.adapter_root:
+            raise ConfigError("adapter_root: needed to publish (flag --adapter-root or EFFLLM_ADAPTER_ROOT)")
+
+
+def execute(
+    config: TuneConfig,
+    *,
+    publish: PublishTarget | None = None,
+    emit: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress_bar: bool = True,
+) -> Event:
+    """Returns the "done" event: output dir, published version, metrics."""
+    from . import export, train
+
+    sink = emit or (lambda e: None)
+    if publish is not None and not config.is_lora_family:
+        raise ConfigError(
+            f"publish: the server serves LoRA-family adapters; method {config.method} makes a full checkpoint"
+        )
+    output = Path(config.output_dir or default_output_dir(config))
+    export.check_output_dir(output)
+    result = train.run(
+        config.replace(output_dir=str(output)),
+        on_event=sink,
+        should_stop=should_stop,
+        progress_bar=progress_bar,
+    )
+    if should_stop is not None and should_stop():
+        raise train.Cancelled()
+    sink({"type": "phase", "phase": "saving"})
+    saved = export.save(result, output, on_staging=lambda p: sink({"type": "staging", "path": str(p)}))
+    done: Event = {"type": "done", "output_dir": str(saved), "metrics": _brief(result.metrics)}
+    if publish is not None:
+        from .publish import load_on_server
+        from .publish import publish as publish_dir
+
+        sink({"type": "phase", "phase": "publishing"})
+        version = publish_dir(saved, Path(publish.adapter_root), publish.name)
+        info = load_on_server(publish.server, publish.name, version)
+        done.update(
+            published=f"{publish.name}@{version}", adapter_root=publish.adapter_root, residency=info.residency
+        )
+    return done
+
+
+def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
+    keep = (
+        "method",
+        "params",
+        "step_latency_s",
+        "samples_per_s",
+        "tokens_per_s",
+        "samples_per_param_s",
+        "memory",
+        "pcu",
+        "energy",
+        "eval_before",
+        "eval_after",
+        "train_time_s",
+    )
+    out = {k: metrics[k] for k in keep if k in metrics}
+    out["train_loss_first"] = metrics["train_loss"][0] if metrics["train_loss"] else None
+    out["train_loss_last"] = metrics["train_loss"][-1] if metrics["train_loss"] else None
+    return out
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def emit(event: Event) -> None:
+        print(json.dumps(event), flush=True)
+
+    try:
+        config = TuneConfig.from_dict(spec["config"])
+        target = PublishTarget(**spec["publish"]) if spec.get("publish") else None
+        emit(execute(config, publish=target, emit=emit, should_stop=stop.is_set, progress_bar=False))
+        return 0
+    except Exception as exc:
+        from .train import Cancelled
+
+        if isinstance(exc, Cancelled) or stop.is_set():
+            emit({"type": "cancelled"})
+            return 3
+        emit({"type": "error", "error": f"{type(exc).__name__}: {exc}"})
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
