@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--server-arg", action="append", default=[], help="extra `effllm serve` flag (repeat)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads, both sides")
     ap.add_argument("--out", default="runs/bench-serving.json")
     ap.add_argument("--_offline", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,6 +153,8 @@ def main() -> None:
         print("RESULT " + json.dumps(res))
         return
 
+    # Both sides get the same OpenMP thread count (the launcher alone would default the server to 1).
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -14,6 +14,7 @@ _COMMANDS = (
     "effllm.telemetry.cli",
     "effllm.loadtest.cli",
     "effllm.tuner.cli",
+    "effllm.cli.bench",
 )
 
 
