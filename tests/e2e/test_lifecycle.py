@@ -15,8 +15,17 @@ from ..serverproc import start_server, wait_serving
 
 
 def test_health_goes_not_serving_to_serving_then_drains(logs_dir: Path) -> None:
+    # slow-* requests stall 3 s inside the engine (holding their slot): a request surely in flight at SIGTERM.
     server = start_server(
-        "--kv-cache-gib", "0.25", "--max-context", "512", "--grace", "20", log_dir=logs_dir, wait=False
+        "--kv-cache-gib",
+        "0.25",
+        "--max-context",
+        "512",
+        "--grace",
+        "20",
+        log_dir=logs_dir,
+        wait=False,
+        env={"EFFLLM_FAILPOINTS": "engine_delay_prefix=slow-,engine_delay_s=3"},
     )
     try:
         seen: list[str] = []
@@ -45,7 +54,9 @@ def test_health_goes_not_serving_to_serving_then_drains(logs_dir: Path) -> None:
             finals: list[pb.StreamFinal] = []
 
             def consume() -> None:
-                for ch in c.stream("Tell me a long story.", max_new_tokens=64, temperature=0.0):
+                for ch in c.stream(
+                    "Tell me a story.", max_new_tokens=16, temperature=0.0, request_id="slow-1"
+                ):
                     if ch.HasField("final"):
                         finals.append(ch.final)
 
@@ -54,7 +65,7 @@ def test_health_goes_not_serving_to_serving_then_drains(logs_dir: Path) -> None:
             while c.stats().running == 0:
                 time.sleep(0.02)
             server.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            time.sleep(0.2)
             assert c.health() == "NOT_SERVING"
             try:
                 c.generate("hi", max_new_tokens=1)

@@ -57,7 +57,7 @@ def server(root: Path, logs_dir: Path) -> Iterator[ServerProcess]:
     proc.stop()
 
 
-def tune(task: str, out: Path, server: ServerProcess, root: Path) -> dict[str, object]:
+def tune(task: str, out: Path, server: ServerProcess, root: Path, *extra: str) -> dict[str, object]:
     cmd = [
         sys.executable,
         "-m",
@@ -74,6 +74,7 @@ def tune(task: str, out: Path, server: ServerProcess, root: Path) -> dict[str, o
         "--adapter-root",
         str(root),
         *TRAIN,
+        *extra,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -109,9 +110,12 @@ def test_published_adapter_is_served_and_hot_swapped(
     assert used == {"tuned@1"}
     assert sum(v1_hits) >= 5, (v1_hits, m1["eval_after"])
 
-    # A second version under the same name: the next request naming "tuned" gets it.
-    tune("uppercase_json", tmp_path / "v2", server, root)
-    v2_hits, used = answers(server, "uppercase_json", "tuned")
+    # A second version under the same name (another seed: other weights): the next request naming "tuned"
+    # gets it. (In-flight requests staying on v1 during a swap is tested in test_adapters_e2e.)
+    tune("json_extract", tmp_path / "v2", server, root, "--seed", "1")
+    v1_bytes = (root / "tuned" / "1" / "adapter_model.safetensors").read_bytes()
+    assert (root / "tuned" / "2" / "adapter_model.safetensors").read_bytes() != v1_bytes
+    v2_hits, used = answers(server, "json_extract", "tuned")
     assert used == {"tuned@2"} and sum(v2_hits) >= 5, v2_hits
     still_v1, used = answers(server, "json_extract", "tuned@1")
     assert used == {"tuned@1"} and still_v1 == v1_hits

@@ -57,7 +57,7 @@ def test_sampler_records_at_its_rate_and_writes_what_it_keeps(tmp_path: Path) ->
     # What the process really got (a loaded machine may give the spinning loop far less than a core).
     expected_pcu = (time.process_time() - cpu0) / (time.monotonic() - wall0) / (os.cpu_count() or 1)
     n = len(sampler.samples)
-    assert 8 <= n <= 16  # 0.6 s at 20 Hz + the first and last sample, with slack for a loaded machine
+    assert 6 <= n <= 16  # 0.6 s at 20 Hz + the first and last sample, with slack for a loaded machine
     on_disk = read_samples(path)
     assert on_disk == sampler.samples
     assert all(json.loads(line)["energy_source"] == "estimated" for line in path.read_text().splitlines())
@@ -78,7 +78,7 @@ def test_measurement_window_api() -> None:
     s = m.summary
     assert inside.samples <= s.samples
     assert s.energy_source == "estimated"
-    assert s.duration_s >= 0.3
+    assert s.duration_s >= 0.25  # 0.3 s of work, seen between samples 50 ms apart
     assert s.energy_j > 0
     # the estimate is CPU seconds x watts per core (default 10 W): at least the 0.3 s we spun
     assert s.energy_j >= 0.3 * 10 * 0.8
