@@ -10,17 +10,11 @@ import grpc
 from ...client.v1 import adapters_pb2 as apb
 from ...client.v1 import adapters_pb2_grpc as apb_grpc
 from ..engines.base import EngineError
+from ..service import STATUS
 from .registry import AdapterRegistry, Entry
 
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdapterService"].full_name
-_STATUS = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "internal": grpc.StatusCode.INTERNAL,
-}
+_STATUS = STATUS  # one EngineError code -> gRPC status map for every service
 
 
 def adapter_info(entry: Entry, latest: bool) -> apb.AdapterInfo:
