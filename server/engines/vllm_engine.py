@@ -147,6 +147,7 @@ class VllmEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -157,16 +158,19 @@ class VllmEngine:
             raise EngineError("unavailable", "engine is not running")
         prompt_ids = self.renderer.render(request)
         s = request.sampling
-        params = SamplingParams(
-            max_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k if s.top_k > 0 else -1,
-            seed=s.seed,
-            stop=list(s.stop) or None,
-            repetition_penalty=s.repetition_penalty,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = SamplingParams(
+                max_tokens=s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k if s.top_k > 0 else -1,
+                seed=s.seed,
+                stop=list(s.stop) or None,
+                repetition_penalty=s.repetition_penalty,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except VLLMValidationError as exc:  # vLLM's own bounds (e.g. temperature <= 2) beyond ours
+            raise EngineError("invalid_argument", f"sampling: {exc}") from exc
         finished = False
         produced = 0
         try:

@@ -140,6 +140,11 @@ def test_deadline_aborts_the_engine_request(vllm_server: ServerProcess) -> None:
         ({"prompt": "x", "max_new_tokens": -5}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         ({"prompt": "x", "max_new_tokens": 5000}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
         ({"prompt": "x", "temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (
+            {"prompt": "x", "temperature": 3.0},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+        ),  # vLLM's bound
         ({"prompt": "x", "top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         ({"prompt": "x", "top_p": 1.01}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         ({"prompt": "x", "adapter": "nosuch"}, grpc.StatusCode.NOT_FOUND, "nosuch"),
