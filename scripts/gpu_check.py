@@ -1,14 +1,14 @@
-"""The GPU check behind scripts/gpu_check.sh: hf engine on CUDA at bf16, fp16 and int4, with a LoRA adapter.
+"""The GPU check behind scripts/gpu_check.sh: hf engine on CUDA at bf16, fp16 and int4 (bitsandbytes NF4),
+with a LoRA and a DoRA adapter.
 
 For each precision: start `effllm serve --engine hf --device cuda --precision P --adapter-root R --preload
-gpucheck`; stream a short load (half of it on the adapter); read tokens/s from the streams, J/token from
-NVML's total-energy counter (`nvmlDeviceGetTotalEnergyConsumption`, mJ, read before and after the load),
-GPU memory from NVML (the server's processes, peak while loaded) and the weight bytes the server reports.
+gpucheck --preload gpucheck-dora`; stream a short load (a third base, a third LoRA, a third DoRA); read
+tokens/s from the streams, J/token from NVML's total-energy counter (`nvmlDeviceGetTotalEnergyConsumption`,
+mJ, read before and after the load), GPU memory from NVML (the server's processes, peak while loaded) and
+the weight bytes the server reports. Then `effllm report` reads the server's own traces and samples, so the
+table also shows what the server measured itself: its energy source (must be measured-nvml), AMU and PCU.
 A precision the engine refuses is reported as refused, with the server's own message, and the run goes on.
-
-NOTE: written without a GPU (none was lent to the task that wrote it) against the CLI flags of the
-branches hf-engine (`--engine hf`), adapters (`--adapter-root`, `--preload`) as they stood when it was
-written; `smoke` runs the same flow on CPU (no NVML figures) to check the plumbing.
+`smoke` runs the same flow on CPU (no NVML figures) to check the plumbing.
 
     python scripts/gpu_check.py prepare --out .gpucheck      # here: model files + wheels to carry
     python scripts/gpu_check.py run [--device cuda]          # there: < 8 minutes
@@ -51,9 +51,15 @@ WHEELS = (
     "opentelemetry-exporter-http-transport",
     "opentelemetry-instrumentation",
     "opentelemetry-instrumentation-grpc",
+    "opentelemetry-exporter-prometheus",
+    "prometheus-client",
     "googleapis-common-protos",
     "gguf",
 )
+# bitsandbytes (int4 NF4 on CUDA) is 41 MiB as a wheel, mostly kernels for other CUDA versions: only its
+# Python code and the libraries for the image's CUDA 13 travel (the carry limit is 64 MiB in all).
+BNB = "bitsandbytes==0.50.2"
+BNB_KEEP = ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so")
 MODEL_FILES = (
     "config.json",
     "generation_config.json",
@@ -110,8 +116,28 @@ def prepare(out: Path) -> None:
         ],
         check=True,
     )
+    _prepare_bitsandbytes(out / "site", [*platforms, "--platform=manylinux_2_24_x86_64"])
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"prepared {out}: {size / 2**20:.1f} MiB (carry it: run(carry=['{out.name}']))")
+
+
+def _prepare_bitsandbytes(site: Path, platforms: list[str]) -> None:
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+             "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", tmp, BNB],
+            check=True,
+        )  # fmt: skip
+        (wheel,) = Path(tmp).glob("bitsandbytes-*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            for name in zf.namelist():
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith("libbitsandbytes_") and base not in BNB_KEEP:
+                    continue
+                zf.extract(name, site)
 
 
 def ensure_model(prepared: Path) -> tuple[str, str]:
@@ -139,8 +165,9 @@ def make_adapter_root(model: str) -> Path:
     from tests.adaptertools import make_adapter
 
     root = Path("/tmp/gpucheck-adapters")
-    if not (root / "gpucheck" / "1" / "adapter_config.json").is_file():
-        make_adapter(Path(model), root / "gpucheck" / "1", method="lora", rank=8, seed=1)
+    for name, method in (("gpucheck", "lora"), ("gpucheck-dora", "dora")):
+        if not (root / name / "1" / "adapter_config.json").is_file():
+            make_adapter(Path(model), root / name / "1", method=method, rank=8, seed=1)
     return root
 
 
@@ -155,7 +182,7 @@ class Nvml:
         self.handle = pynvml.nvmlDeviceGetHandleByIndex(
             int(os.environ.get("CUDA_VISIBLE_DEVICES", "0")[:1] or 0)
         )
-        self.samples: list[tuple[float, float, float]] = []  # (process MiB, power W, util %)
+        self.samples: list[tuple[float, float, float, float]] = []  # (process MiB, W, util %, device MiB)
         self._stop = threading.Event()
         self._pids: set[int] = set()
 
@@ -176,7 +203,8 @@ class Nvml:
         while not self._stop.is_set():
             power = self.nv.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
             util = self.nv.nvmlDeviceGetUtilizationRates(self.handle).gpu
-            self.samples.append((self.process_mib(), power, float(util)))
+            used = self.nv.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20
+            self.samples.append((self.process_mib(), power, float(util), used))
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -202,7 +230,7 @@ async def load(target: str, requests: int, concurrency: int, max_new: int) -> di
                     f"Request {i}: write a short story about the sea.",
                     max_new_tokens=max_new,
                     temperature=0,
-                    adapter="gpucheck" if i % 2 else "",
+                    adapter=("", "gpucheck", "gpucheck-dora")[i % 3],
                 ):
                     if first is None and chunk.token_ids:
                         first = time.perf_counter() - t0
@@ -236,6 +264,7 @@ def check_precision(
     row: dict[str, Any] = {"precision": precision}
     logs = Path("/tmp/gpucheck-logs")
     logs.mkdir(exist_ok=True)
+    run_dir = logs / f"run-{precision}"
     args = (
         "--engine",
         "hf",
@@ -249,6 +278,12 @@ def check_precision(
         str(adapters),
         "--preload",
         "gpucheck",
+        "--preload",
+        "gpucheck-dora",
+        "--adapter-methods",
+        "lora,rslora,dora",
+        "--run-dir",
+        str(run_dir),
         "--max-concurrency",
         "8",
         "--max-context",
@@ -284,13 +319,42 @@ def check_precision(
             row["joules"] = e1 - e0
             row["j_per_token"] = (e1 - e0) / result["tokens"] if result["tokens"] else None
             if nvml.samples:
+                # per-process memory can read 0 in a sandbox (no process accounting): device-wide as well
                 row["gpu_mem_peak_mib"] = max(s[0] for s in nvml.samples)
+                row["gpu_device_used_peak_mib"] = max(s[3] for s in nvml.samples)
                 row["power_mean_w"] = statistics.fmean(s[1] for s in nvml.samples)
                 row["util_mean_pct"] = statistics.fmean(s[2] for s in nvml.samples)
         row["status"] = "ok" if not result["errors"] else f"errors {result['errors']}"
     finally:
         server.stop(signal.SIGTERM, timeout=30)
+    row.update(server_report(run_dir, precision))
     return row
+
+
+def server_report(run_dir: Path, precision: str) -> dict[str, Any]:
+    """What the server measured itself (its traces and 10 Hz samples), through `effllm report`."""
+    traces = run_dir / "traces.jsonl"
+    if not traces.is_file():
+        return {"server_report": f"no {traces}"}
+    out = Path(os.environ.get("OUT") or run_dir) / f"report-{precision}.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "effllm.cli.main", "report", str(traces), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    print(proc.stdout + proc.stderr, flush=True)
+    if proc.returncode != 0 or not out.is_file():
+        return {"server_report": f"effllm report exited {proc.returncode}"}
+    groups = json.loads(out.read_text()).get("groups") or []
+    overall = next((g for g in groups if g.get("adapter") == "ALL"), {})
+    return {
+        "server_energy_source": overall.get("energy_source"),
+        "server_j_per_token": overall.get("j_per_token"),
+        "server_amu": overall.get("amu"),
+        "server_pcu": overall.get("pcu"),
+        "server_adapters": sorted(g["adapter"] for g in groups if g.get("adapter") != "ALL"),
+    }
 
 
 def fmt(v: Any, spec: str) -> str:
@@ -315,19 +379,23 @@ def run(device: str, precisions: list[str], prepared: Path, out: Path) -> int:
         print(json.dumps(rows[-1]), flush=True)
     print(
         f"\nmodel: {weights}; device {device}; load: 48 streamed requests, 8 at a time, 64 new tokens, "
-        "half on a LoRA r=8 adapter"
+        "a third each on the base, a LoRA r=8 and a DoRA r=8 adapter"
     )
     print(
-        f"{'precision':<10}{'status':<12}{'weights MiB':>12}{'GPU MiB':>10}{'tok/s':>9}{'TTFT p50 ms':>13}"
-        f"{'J/token':>10}{'mean W':>9}{'util %':>8}"
+        f"{'precision':<10}{'status':<12}{'weights MiB':>12}{'GPU MiB':>10}{'dev MiB':>9}"
+        f"{'tok/s':>9}{'TTFT p50 ms':>13}"
+        f"{'J/token':>10}{'mean W':>9}{'util %':>8}  server: {'source':<14}{'J/token':>8}{'AMU':>7}{'PCU':>7}"
     )
     for r in rows:
         status = r["status"] if r["status"] == "ok" else r["status"].split(":")[0]
         print(
             f"{r['precision']:<10}{status:<12}{fmt(r.get('weight_mib'), '12.1f')}"
-            f"{fmt(r.get('gpu_mem_peak_mib'), '10.0f')}{fmt(r.get('tok_s'), '9.1f')}"
+            f"{fmt(r.get('gpu_mem_peak_mib'), '10.0f')}{fmt(r.get('gpu_device_used_peak_mib'), '9.0f')}"
+            f"{fmt(r.get('tok_s'), '9.1f')}"
             f"{fmt(r.get('ttft_p50_ms'), '13.1f')}{fmt(r.get('j_per_token'), '10.4f')}"
             f"{fmt(r.get('power_mean_w'), '9.1f')}{fmt(r.get('util_mean_pct'), '8.1f')}"
+            f"          {r.get('server_energy_source')!s:<14}{fmt(r.get('server_j_per_token'), '8.4f')}"
+            f"{fmt(r.get('server_amu'), '7.3f')}{fmt(r.get('server_pcu'), '7.3f')}"
         )
     for r in rows:
         if r["status"] != "ok":

@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "vllm", "hf"),
         default="auto",
         help="auto: vllm, unless the precision or an adapter method needs hf "
-        "(int4 on CPU, or dora in --adapter-methods)",
+        "(int4 on CPU, or dora in --adapter-methods); int4 on CUDA: vllm runs the checkpoint's AWQ/GPTQ "
+        "weights or bitsandbytes in-flight, hf runs bitsandbytes NF4",
     )
     p.add_argument(
         "--adapter-methods",
@@ -261,9 +262,9 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             preload=tuple(args.preload),
         )
+        engine = maybe_inject(build_engine(args))
     except (ValueError, OSError) as err:
         logging.getLogger("effllm.server").error("bad configuration: %s", err)
         return 2
-    engine = maybe_inject(build_engine(args))
     telemetry = telemetry_config(args, service_name="effllm-server")
     return asyncio.run(serve(engine, config, build_registry(args, engine), telemetry))

@@ -103,13 +103,14 @@ class Batch:
         out: list[tuple[Row, TokenEvent]] = []
         for group in list(self.groups.values()):
             logits = self._decode(group)
-            for row, row_logits in zip(list(group.rows), logits, strict=True):
-                out.append((row, self._advance(row, row_logits)))
+            tokens = pick_tokens(logits, group.rows)
+            for row, token in zip(list(group.rows), tokens, strict=True):
+                out.append((row, self._advance(row, token)))
                 if row.finished:
                     self._drop(row)
         for row in joiners:
             logits, cache = self._prefill(row)
-            out.append((row, self._advance(row, logits)))
+            out.append((row, self._advance(row, pick_tokens(logits[None], [row])[0])))
             if not row.finished:
                 self._join(row, cache)
         return out
@@ -192,8 +193,7 @@ class Batch:
             layer.values = layer.values[index, :, first:]
 
     # --- sampling and text -------------------------------------------------------------------------------
-    def _advance(self, row: Row, logits: torch.Tensor) -> TokenEvent:
-        token = sample(logits, row.sampling, row.generator, row.prompt_ids + row.generated)
+    def _advance(self, row: Row, token: int) -> TokenEvent:
         row.generated.append(token)
         finish: FinishReason | None = None
         if token in self.eos_ids:
@@ -212,6 +212,17 @@ class Batch:
             usage=Usage(len(row.prompt_ids), len(row.generated)) if finish else None,
             adapter=row.key,
         )
+
+
+def pick_tokens(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """One token per row from fp32 logits [B, vocab]. Plain greedy rows share one argmax and one device to
+    host copy: on a GPU each `int(tensor)` is a sync, and a sync per row per step was host-bound there."""
+    greedy = [r.sampling.temperature == 0.0 and r.sampling.repetition_penalty == 1.0 for r in rows]
+    argmax: list[int] = logits.argmax(-1).tolist() if any(greedy) else []
+    return [
+        argmax[i] if greedy[i] else sample(logits[i], r.sampling, r.generator, r.prompt_ids + r.generated)
+        for i, r in enumerate(rows)
+    ]
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator, history: list[int]) -> int:

@@ -54,12 +54,36 @@ class HfConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"hf engine serves {list(PRECISIONS)}, not {self.precision!r}")
-        if self.precision == "int4" and self.device != "cpu":
-            raise ValueError("hf engine: int4 is the CPU path (torchao tinygemm); on CUDA use --engine vllm")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"hf engine runs on cpu or cuda, not {self.device!r}")
         if self.max_context < 16 or self.max_concurrency < 1:
             raise ValueError("max_context >= 16 and max_concurrency >= 1 are required")
         if self.max_adapter_rank < 1 or self.max_adapters_per_batch < 1:
             raise ValueError("max_adapter_rank and max_adapters_per_batch must be >= 1")
+
+
+def avoid_cudnn_attention(device: str) -> None:
+    """On CUDA, SDPA picks cuDNN attention on Hopper, and cuDNN builds a new graph for every new KV length,
+    i.e. at every decode step. Measured on an H200 (bench/hf_step.py, 8 rows): 1.5-1.8 ms of host time per
+    attention call, 47 % of a step's host time, GPU busy 4 % of it. Flash/efficient SDPA have no plan to
+    build. Process-wide, which is right for a server process that hosts one engine."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def int4_backend(config: HfConfig) -> str:
+    """CPU: torchao's int4 tinygemm (as fast as bf16 here); CUDA: bitsandbytes NF4, which PEFT wraps with
+    every adapter method, DoRA included."""
+    return "torchao" if config.device == "cpu" else "bitsandbytes-nf4"
+
+
+def adapter_methods(config: HfConfig) -> tuple[str, ...]:
+    # DoRA needs the dequantized base weight, which torchao's int4 tensor cannot give (hf_int4).
+    if config.precision == "int4" and int4_backend(config) == "torchao":
+        return ("lora", "rslora")
+    return ("lora", "rslora", "dora")
 
 
 class HfEngine:
@@ -77,8 +101,7 @@ class HfEngine:
             parameters=params,
             weight_bytes=int(params * BYTES_PER_PARAM[config.precision]),  # replaced by the measured bytes
             precisions=PRECISIONS,
-            # DoRA needs the dequantized base weight, which torchao's int4 tensor cannot give (hf_int4).
-            adapter_methods=("lora", "rslora") if config.precision == "int4" else ("lora", "rslora", "dora"),
+            adapter_methods=adapter_methods(config),
             max_adapter_rank=config.max_adapter_rank,
             max_adapters_per_batch=config.max_adapters_per_batch,
         )
@@ -108,16 +131,33 @@ class HfEngine:
 
         c = self.config
         torch.manual_seed(c.seed)
+        avoid_cudnn_attention(c.device)
         self._tokenizer = AutoTokenizer.from_pretrained(self.model.path)
-        model: Any = AutoModelForCausalLM.from_pretrained(  # type: ignore[call-arg]
-            self.model.path, dtype=getattr(torch, _DTYPES[c.precision])
-        )
-        if c.precision == "int4":
-            quantize_int4(model, c.int4_group_size)
-        model.to(c.device).eval()
+        dtype = getattr(torch, _DTYPES[c.precision])
+        if c.precision == "int4" and int4_backend(c) == "bitsandbytes-nf4":
+            from transformers import BitsAndBytesConfig
+
+            nf4 = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            )
+            model: Any = AutoModelForCausalLM.from_pretrained(  # type: ignore[call-arg]
+                self.model.path, dtype=dtype, quantization_config=nf4, device_map={"": c.device}
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(self.model.path, dtype=dtype)  # type: ignore[call-arg]
+            if c.precision == "int4":
+                quantize_int4(model, c.int4_group_size)
+            model.to(c.device)
+        model.eval()
         measured = weight_bytes(model)
         self.info = replace(
-            self.info, weight_bytes=measured, extra={**self.info.extra, "weight_bytes": "measured"}
+            self.info,
+            weight_bytes=measured,
+            extra={
+                **self.info.extra,
+                "weight_bytes": "measured",
+                **({"int4": int4_backend(c)} if c.precision == "int4" else {}),
+            },
         )
         log.info(
             "hf engine: %s at %s, %d weight bytes (%.3f of bf16)",

@@ -32,12 +32,22 @@ _PERIOD = 128
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds; for a tensor subclass (torchao), the sum over its inner tensors."""
+    """Bytes a tensor holds; for a tensor subclass (torchao), the sum over its inner tensors; for a
+    bitsandbytes 4-bit parameter, its packed bytes plus the quantization state (absmax, nested too)."""
     flatten = getattr(type(t), "__tensor_flatten__", None)
     if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
         names, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
         return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return int(t.numel() * t.element_size())
+    return int(t.numel() * t.element_size()) + _quant_state_bytes(getattr(t, "quant_state", None))
+
+
+def _quant_state_bytes(state: Any) -> int:
+    if state is None:
+        return 0
+    own = [getattr(state, n, None) for n in ("absmax", "code", "offset")]
+    return sum(int(x.numel() * x.element_size()) for x in own if isinstance(x, torch.Tensor)) + (
+        _quant_state_bytes(getattr(state, "state2", None))
+    )
 
 
 def weight_bytes(model: nn.Module) -> int:

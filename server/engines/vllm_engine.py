@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ..model import ResolvedModel, count_parameters, max_position_embeddings
 from .base import (
@@ -54,14 +54,45 @@ class VllmConfig:
     tensor_parallel_size: int = 1  # GPUs of one host the model is sharded over (vLLM's own TP)
 
     def __post_init__(self) -> None:
-        if self.precision not in _DTYPES:
+        if self.precision not in (*_DTYPES, "int4"):
+            raise ValueError(f"vllm engine serves {[*_DTYPES, 'int4']}, not {self.precision!r}")
+        if self.precision == "int4" and self.device == "cpu":
             raise ValueError(
-                f"vllm engine serves {sorted(_DTYPES)}, not {self.precision!r} (use --engine hf)"
+                "vllm engine: int4 needs CUDA (vLLM's CPU backend has no int4 here): use --engine hf"
             )
         if self.max_context < 16 or self.max_concurrency < 1 or self.kv_cache_gib <= 0:
             raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} must be >= 1")
+
+
+_PREQUANTIZED = ("awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors")
+
+
+def checkpoint_quantization(model_path: Path) -> str | None:
+    """The checkpoint's own quant_method (AWQ, GPTQ...) from config.json, or None for plain weights."""
+    config = json.loads((model_path / "config.json").read_text())
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    return str(method) if method else None
+
+
+def quantization_args(precision: Precision, model_path: Path) -> dict[str, Any]:
+    """vLLM's dtype and quantization for a precision. int4 is the checkpoint's own AWQ/GPTQ weights when it
+    has them (vLLM reads their config; activations stay in the checkpoint's dtype), else bitsandbytes
+    in-flight quantization of the plain checkpoint. A prequantized checkpoint serves only as int4: under
+    another precision vLLM would still run it quantized, and the reported precision would be false."""
+    method = checkpoint_quantization(model_path)
+    if method and method not in _PREQUANTIZED:
+        raise ValueError(
+            f"vllm engine: checkpoint quantization {method!r} is not one of {list(_PREQUANTIZED)}"
+        )
+    if precision != "int4":
+        if method:
+            raise ValueError(f"checkpoint is quantized ({method}): serve it with --precision int4")
+        return {"dtype": _DTYPES[precision], "quantization": None}
+    if method:
+        return {"dtype": "auto", "quantization": None}
+    return {"dtype": "bfloat16", "quantization": "bitsandbytes"}
 
 
 def _vllm_rank(rank: int) -> Any:
@@ -84,11 +115,12 @@ class VllmEngine:
             device=config.device,
             parameters=params,
             weight_bytes=int(params * BYTES_PER_PARAM[config.precision]),
-            precisions=tuple(_DTYPES),  # type: ignore[arg-type]
+            precisions=(*_DTYPES, *(("int4",) if config.device != "cpu" else ())),  # type: ignore[arg-type]
             adapter_methods=("lora", "rslora") if config.enable_lora else (),
             max_adapter_rank=config.max_lora_rank if config.enable_lora else 0,
             max_adapters_per_batch=config.max_loras if config.enable_lora else 0,
         )
+        self._quantization = quantization_args(config.precision, model.path)  # refuses before any start
         self._llm: Any = None
         self._renderer: PromptRenderer | None = None
         # LoRARequest ids: unique per NAME@VERSION for the life of the engine (never reused, so vLLM's
@@ -112,7 +144,7 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(self.model.path),
             served_model_name=self.model.name,
-            dtype=cast(Any, _DTYPES[c.precision]),
+            **self._quantization,
             max_model_len=self.info.max_context,
             max_num_seqs=c.max_concurrency,
             kv_cache_memory_bytes=int(c.kv_cache_gib * (1 << 30)),

@@ -1,4 +1,4 @@
-"""PEFT benchmark script: `python bench/peft.py --steps 30` == `effllm tuner bench --steps 30`."""
+"""Tuning-cost benchmark: `python bench/tuning.py --steps 30` == `effllm bench tuning`."""
 
 from __future__ import annotations
 
