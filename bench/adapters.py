@@ -353,7 +353,7 @@ def main() -> int:
     out = a.out or Path("runs") / f"bench-adapters-{a.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     model = resolve_model(a.model)
     if a.model:

@@ -22,16 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.adaptertools
 
-TOPICS = [
-    "a lighthouse keeper",
-    "the history of tea",
-    "a robot learning to paint",
-    "winter in Oslo",
-    "how bridges are built",
-    "a lost library",
-    "the life of a honeybee",
-    "an old sailing ship",
-]
+from serving import TOPICS  # bench/serving.py, beside this script: the same prompts
 
 
 def make_adapters(base: Path, root: Path) -> dict[str, Any]:
@@ -79,8 +70,8 @@ async def run_level(engine: Any, c: int, adapters: list[Any], n: int, max_new: i
 
 
 async def bench_precision(precision: str, specs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from effllm.common.model import resolve_model
     from effllm.server.engines.hf_engine import HfConfig, HfEngine
-    from effllm.server.model import resolve_model
 
     engine = HfEngine(
         resolve_model(None),
@@ -125,7 +116,7 @@ def main() -> int:
 
     import torch
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -29,7 +29,7 @@ def model_dir(tmp: Path, tiny: bool, source: Path | None) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if source is None:
-        from effllm.server.model import resolve_model
+        from effllm.common.model import resolve_model
 
         source = resolve_model(None).path
     if not tiny and any(source.glob("*.safetensors")):

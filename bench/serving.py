@@ -140,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args._offline:  # child mode: print the offline result as JSON
-        from effllm.server.model import resolve_model
+        from effllm.common.model import resolve_model
 
         res = offline(
             str(resolve_model(None).path),

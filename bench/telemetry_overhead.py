@@ -88,7 +88,8 @@ def start(
         *extra,
     ]
     log = (work / f"server-{name}.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     with EffllmClient(f"127.0.0.1:{port}", timeout=10) as c:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -158,6 +159,13 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--kv-cache-gib", type=float, default=0.25)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for both servers (default: inherited; vLLM's CPU worker then takes every core, "
+        "and on a 2-core box any other thread, telemetry's included, stalls its OpenMP barriers)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -224,7 +232,8 @@ def main() -> int:
     print()
     print(
         f"telemetry overhead: {args.rounds} rounds x {args.requests} requests, {args.concurrency} streams, "
-        f"max_new_tokens {args.max_new_tokens}, {os.cpu_count()} CPU cores"
+        f"max_new_tokens {args.max_new_tokens}, {os.cpu_count()} CPU cores, "
+        f"OMP_NUM_THREADS {args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}"
     )
     head = (
         "telemetry",

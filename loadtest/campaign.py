@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..client import EffllmClient
+from ..client.launch import ServerProcess, free_port, start_server
 from ..telemetry.sampler import read_samples, summarize
 from ..telemetry.tracing import SAMPLES_FILE, TRACES_FILE
 from . import render
@@ -30,12 +29,6 @@ from .config import ENV, LoadConfig
 from .report import Slo, build, read_locust_stats, read_rows
 from .resources import ResourceWatch
 from .traces import ServerSpan, join, load_spans
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def locustfile() -> str:
@@ -46,69 +39,35 @@ def locustfile() -> str:
 
 @dataclass
 class ServerHandle:
-    """An `effllm serve` subprocess started for the campaign (`--serve "ARGS"`)."""
+    """An `effllm serve` subprocess started for the campaign (`--serve "ARGS"`), through the launcher the
+    tests and benchmarks use; its traces and resource samples land beside the campaign's results."""
 
-    proc: subprocess.Popen[bytes]
-    target: str
-    log: Path
+    server: ServerProcess
     run_dir: Path | None = None  # the server's telemetry run dir (traces.jsonl, resource-samples.jsonl)
+
+    @property
+    def target(self) -> str:
+        return self.server.target
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.server.proc
 
     @classmethod
     def start(
         cls, args: str, log_dir: Path, ready_timeout: float = 900.0, env: dict[str, str] | None = None
     ) -> ServerHandle:
-        port = free_port()
         log_dir.mkdir(parents=True, exist_ok=True)
-        log = log_dir / f"server-{port}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "effllm.cli.main",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            *shlex.split(args),
-        ]
-        server_run_dir = None
-        if "--run-dir" not in shlex.split(args) and "--no-telemetry" not in shlex.split(args):
-            # the server's traces and resource samples land beside the campaign's results
-            server_run_dir = log_dir / "server"
-            cmd += ["--run-dir", str(server_run_dir)]
-        with log.open("wb") as fh:
-            proc = subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
-            )
-        handle = cls(proc, f"127.0.0.1:{port}", log, server_run_dir)
-        handle.wait(ready_timeout)
-        return handle
-
-    def wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with EffllmClient(self.target, timeout=5.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    tail = self.log.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except Exception:
-                    pass
-                time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"server not SERVING after {timeout:.0f}s (log: {self.log})")
+        argv = shlex.split(args)
+        run_dir = None
+        if "--run-dir" not in argv and "--no-telemetry" not in argv:
+            run_dir = log_dir / "server"
+            argv += ["--run-dir", str(run_dir)]
+        server = start_server(*argv, log_dir=log_dir, ready_timeout=ready_timeout, env=env)
+        return cls(server, run_dir)
 
     def stop(self, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+        return self.server.stop(timeout=timeout)
 
 
 @dataclass(frozen=True)

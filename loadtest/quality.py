@@ -18,7 +18,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 HELD_OUT = (
@@ -107,13 +106,10 @@ def perplexity(model_path: str, precision: str) -> dict[str, Any]:
 
 
 def default_model_path() -> str:
-    """Where `effllm serve` keeps its embedded default model (server/model.py's cache layout)."""
-    import os
+    """Where `effllm serve` keeps its embedded default model (the layout common/model.py owns)."""
+    from ..common.model import default_checkpoint_dir
 
-    root = os.environ.get("EFFLLM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "effllm"
-    )
-    return str(Path(root) / "models" / "SmolLM2-135M-Instruct")
+    return str(default_checkpoint_dir())
 
 
 def main(argv: list[str] | None = None) -> int:

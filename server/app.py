@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from ..client.v1 import adapters_pb2_grpc as apb_grpc
 from ..client.v1 import generation_pb2 as pb
 from ..client.v1 import generation_pb2_grpc as pb_grpc
-from .adapters.paths import parse_ref
+from ..common.adapter_paths import parse_ref
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService

@@ -160,8 +160,8 @@ def choose_engine(engine: str, precision: str, device: str, adapter_methods: str
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
+    from ..common.model import resolve_model
     from .engines.vllm_engine import VllmConfig, VllmEngine
-    from .model import resolve_model
 
     device = resolve_device(args.device)
     precision: Precision = (

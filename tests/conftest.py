@@ -39,7 +39,7 @@ def vllm_server(logs_dir: Path) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def adapter_root(tmp_path_factory: pytest.TempPathFactory) -> AdapterRoot:
     """Real PEFT adapters on the default base (see tests/adapterroot.py); built once per session."""
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     model = resolve_model(None)
     return build_adapter_root(tmp_path_factory.mktemp("adapters"), model.path, model.fingerprint)

@@ -76,7 +76,7 @@ def save(result: RunResult, output_dir: Path, on_staging: Callable[[Path], None]
         record = manifest(result)
         if result.config.is_lora_family:
             # The server's own schema check: what it would refuse must fail here, before anything is visible.
-            from effllm.server.adapters.manifest import Manifest
+            from effllm.common.manifest import Manifest
 
             Manifest.from_dict(record)
         (staging / "manifest.json").write_text(json.dumps(record, indent=2) + "\n")

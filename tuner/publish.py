@@ -1,8 +1,8 @@
 """Publish a finished adapter into a server's adapter root as NAME's next version, then load it there.
 
-The on-disk half is the server's own `server/adapters/manifest.publish` (one schema, one atomic rename:
-ROOT/NAME/VERSION appears whole or not at all, racing publishers take the next number); the tuner adds
-name checks that speak its own errors and the LoadAdapter call.
+The on-disk half is `common/manifest.publish`, the code the server's adapter root uses too (one schema,
+one atomic rename: ROOT/NAME/VERSION appears whole or not at all, racing publishers take the next number);
+the tuner adds name checks that speak its own errors and the LoadAdapter call.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 
 from effllm.client import EffllmClient
 from effllm.client.v1 import adapters_pb2 as apb
-from effllm.server.adapters import manifest as server_manifest
-from effllm.server.adapters.paths import check_name as _server_check_name
-from effllm.server.engines.base import EngineError
+from effllm.common import manifest
+from effllm.common.adapter_paths import check_name as _check_name
+from effllm.common.errors import EngineError
 
 
 def check_name(name: str) -> None:
     try:
-        _server_check_name(name)
+        _check_name(name)
     except EngineError as exc:
         raise ValueError(str(exc)) from exc
 
@@ -31,13 +31,13 @@ def default_adapter_root() -> Path | None:
 
 def next_version(root: Path, name: str) -> str:
     check_name(name)
-    return server_manifest.next_version(root, name)
+    return manifest.next_version(root, name)
 
 
 def publish(src_dir: Path, root: Path, name: str) -> str:
     """Copy `src_dir` (an adapter with manifest.json) to ROOT/NAME/<next version>; returns the version."""
     check_name(name)
-    return server_manifest.publish(src_dir, root, name)
+    return manifest.publish(src_dir, root, name)
 
 
 def load_on_server(target: str, name: str, version: str, timeout: float = 120.0) -> apb.AdapterInfo:

@@ -54,7 +54,7 @@ def load_base(config: TuneConfig) -> tuple[Any, Any, Any]:
     # The one place the tuner reads server/: model resolution and the fingerprint adapters must match.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     resolved = resolve_model(config.model or None)
     dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32

@@ -18,10 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...common.adapter_paths import (
+    check_name,
+    check_version,
+    parse_ref,
+    resolve_relative,
+    resolve_version_dir,
+)
 from ...telemetry.genai import set_resident_adapters_source
 from ...telemetry.tracing import adapter_span
 from ..engines.base import AdapterSpec, Engine, EngineError
-from .paths import check_name, check_version, parse_ref, resolve_relative, resolve_version_dir
 from .snapshot import Snapshots
 from .validate import BaseModules, Validated, validate
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...common.adapter_paths import file_inside
+from ...common.manifest import Manifest, read_manifest
 from ..engines.base import AdapterMethod, EngineError
-from .manifest import Manifest, read_manifest
-from .paths import file_inside
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

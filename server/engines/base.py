@@ -11,23 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from ...common.errors import EngineError as EngineError
+from ...common.errors import ErrorCode as ErrorCode
+
 Precision = Literal["fp32", "bf16", "fp16", "int4"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16", "int4")
 BYTES_PER_PARAM: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int4": 0.5}
 
 FinishReason = Literal["length", "stop", "cancelled", "error"]
-ErrorCode = Literal[
-    "invalid_argument", "not_found", "failed_precondition", "resource_exhausted", "unavailable", "internal"
-]
-
-
-class EngineError(Exception):
-    """A request-level failure with a status the service maps onto gRPC codes."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code: ErrorCode = code
-        self.message = message
 
 
 @dataclass(frozen=True)

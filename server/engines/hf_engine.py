@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..model import ResolvedModel, count_parameters, max_position_embeddings
+from ...common.model import ResolvedModel, count_parameters, max_position_embeddings
 from .base import (
     BYTES_PER_PARAM,
     PRECISIONS,

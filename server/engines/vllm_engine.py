@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..model import ResolvedModel, count_parameters, max_position_embeddings
+from ...common.model import ResolvedModel, count_parameters, max_position_embeddings
 from .base import (
     BYTES_PER_PARAM,
     AdapterSpec,

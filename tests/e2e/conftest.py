@@ -47,7 +47,7 @@ class Hardened:
 
 
 def _make_good_adapter(folder: Path) -> None:
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     from ..adaptertools import make_adapter
 

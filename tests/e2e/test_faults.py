@@ -163,7 +163,7 @@ from pathlib import Path
 try:  # the tuner's own publish step when the tuner is installed, else the server-side half it delegates to
     from effllm.tuner.publish import publish
 except ImportError:
-    from effllm.server.adapters.manifest import publish
+    from effllm.common.manifest import publish
 print("published", publish(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]), flush=True)
 """
 

@@ -46,7 +46,7 @@ def test_stream_equals_unary_for_greedy(vllm_server: ServerProcess) -> None:
 def test_chat_template_is_applied(vllm_server: ServerProcess) -> None:
     from transformers import AutoTokenizer
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     turns = [("system", "You answer in one word."), ("user", "What is the capital of France?")]
     with vllm_server.client() as c:

@@ -16,7 +16,7 @@ from effllm.tuner import data, tasks
 def tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model(None).path)
 

@@ -68,7 +68,7 @@ def test_peft_flags_reach_the_saved_adapter(tmp_path: Path) -> None:
 def test_lora_plus_optimizer_gives_b_the_ratio(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     config = TuneConfig(method="lora_plus", lr=1e-4, loraplus_lr_ratio=16.0)
     model = methods.prepare(AutoModelForCausalLM.from_pretrained(resolve_model(None).path), config)
@@ -117,7 +117,7 @@ def test_lora_raises_held_out_exact_match() -> None:
 def test_freeze_trains_only_chosen_layers() -> None:
     from transformers import AutoModelForCausalLM
 
-    from effllm.server.model import resolve_model
+    from effllm.common.model import resolve_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(None).path)
     methods.prepare(model, TuneConfig(method="freeze", layers=(0, -1)))

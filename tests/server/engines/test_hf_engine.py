@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from effllm.common.model import resolve_model
 from effllm.server.engines.base import (
     AdapterSpec,
     ChatTurn,
@@ -19,7 +20,6 @@ from effllm.server.engines.base import (
     TokenEvent,
 )
 from effllm.server.engines.hf_engine import HfConfig, HfEngine
-from effllm.server.model import resolve_model
 
 from ...adaptertools import make_adapter
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from effllm.common.model import resolve_model
 from effllm.server.engines.hf_text import TextStream
-from effllm.server.model import resolve_model
 
 TEXT = "Café ☕ costs 3€ — 日本語のテキスト 🚀🎉 done."
 

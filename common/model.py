@@ -40,6 +40,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def default_checkpoint_dir() -> Path:
+    """Where the embedded default lives once converted (resolve_model(None) makes it if it is missing)."""
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
 def resolve_model(spec: str | None) -> ResolvedModel:
     """`None`/"" -> the embedded default; an existing dir -> itself; anything else -> a hub id."""
     if not spec:
@@ -70,7 +75,7 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def _ensure_default_checkpoint() -> Path:
-    target = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    target = default_checkpoint_dir()
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)

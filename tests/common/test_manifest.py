@@ -3,11 +3,12 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from effllm.server.adapters.manifest import Manifest, next_version, publish, read_manifest, write_manifest
+from effllm.common.manifest import Manifest, next_version, publish, read_manifest, write_manifest
 
 
 def test_round_trip_keeps_unknown_keys(tmp_path: Path) -> None:
@@ -93,6 +94,20 @@ def test_next_version_and_publish(tmp_path: Path) -> None:
     assert m.created_at
     # nothing half-written is left beside the versions
     assert sorted(p.name for p in (root / "demo").iterdir()) == ["1", "2", "notaversion"]
+
+
+def test_publish_sweeps_what_a_killed_publisher_left(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    stale, live = root / "demo" / ".tmp-killed", root / "demo" / ".tmp-running"
+    for d in (stale, live):
+        (d / "adapter").mkdir(parents=True)
+        (d / "adapter" / "adapter_model.safetensors").write_bytes(b"partial")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assert publish(_adapter_dir(tmp_path / "out"), root, "demo") == "1"
+    assert not stale.exists()  # a publisher killed an hour or more ago
+    assert live.is_dir()  # a publisher that may still be copying: left alone
+    assert sorted(p.name for p in (root / "demo").iterdir()) == [".tmp-running", "1"]
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from effllm.server.adapters.paths import (
+from effllm.common.adapter_paths import (
     file_inside,
     parse_ref,
     resolve_relative,

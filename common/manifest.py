@@ -12,12 +12,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .paths import check_name, numeric_versions
+from .adapter_paths import check_name, numeric_versions
 
 MANIFEST = "manifest.json"
 SERVE_METHODS = ("lora", "rslora", "dora")
@@ -34,7 +35,7 @@ class Manifest:
     alpha: float = 0.0
     target_modules: tuple[str, ...] = ()
     base_model: str = ""
-    base_fingerprint: str = ""  # sha256 from server/model.py fingerprint()
+    base_fingerprint: str = ""  # sha256 from common/model.py fingerprint()
     created_at: str = ""  # ISO 8601
     dataset: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -149,6 +150,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+STALE_STAGING_S = 3600.0  # a live publisher's staging folder is minutes old at most
+
+
+def sweep_stale_staging(parent: Path, older_than_s: float = STALE_STAGING_S) -> list[Path]:
+    """Remove `.tmp-*` staging folders that a killed publisher left in ROOT/NAME; return what went."""
+    cutoff = time.time() - older_than_s
+    gone = []
+    for tmp in parent.glob(".tmp-*"):
+        try:
+            if tmp.is_dir() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
+                shutil.rmtree(tmp)
+                gone.append(tmp)
+        except OSError:  # another publisher swept it first
+            continue
+    return gone
+
+
 def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 100) -> str:
     """Copy `src_dir` into ROOT/NAME/<next version> atomically and return that version.
 
@@ -162,6 +180,7 @@ def publish(src_dir: Path, root: Path, name: str, *, attempts: int = 100) -> str
         raise FileNotFoundError(f"publish: {src_dir} is not a folder")
     parent = Path(root) / name
     parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_staging(parent)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
     try:
         staged = tmp / "adapter"

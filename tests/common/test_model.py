@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from effllm.server import model
+from effllm.common import model
 
 
 def test_default_converts_once_and_deterministically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,56 @@
+"""The dependency rule of shared/DESIGN.md, read from the source: server, tuner and loadtest never import
+each other; client, telemetry and common import none of them (client also never imports upward)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("server", "tuner", "loadtest", "client", "telemetry", "common", "cli")
+ALLOWED = {
+    "server": {"client", "telemetry", "common"},
+    "tuner": {"client", "telemetry", "common"},
+    "loadtest": {"client", "telemetry", "common"},
+    "telemetry": {"client"},  # the client's tracing helpers and stubs
+    "client": set(),
+    "common": set(),
+    "cli": set(PACKAGES),  # the thin dispatcher on top of all
+}
+
+
+def imported_packages(pkg: str, path: Path) -> set[str]:
+    """effllm packages a module imports, absolute (effllm.X) or relative (..X from inside a package)."""
+    here = path.relative_to(ROOT).with_suffix("").parts  # e.g. ("server", "engines", "base")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: climb from this module's package
+                base = list(here[: len(here) - node.level])
+                names = [".".join(["effllm", *base, *(node.module or "").split(".")]).rstrip(".")]
+            else:
+                names = [node.module or ""]
+        for name in names:
+            parts = name.split(".")
+            if len(parts) > 1 and parts[0] == "effllm" and parts[1] in PACKAGES and parts[1] != pkg:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("pkg", PACKAGES)
+def test_packages_import_only_what_the_design_allows(pkg: str) -> None:
+    offending = {
+        str(path.relative_to(ROOT)): sorted(imported_packages(pkg, path) - ALLOWED[pkg])
+        for path in (ROOT / pkg).rglob("*.py")
+    }
+    assert {k: v for k, v in offending.items() if v} == {}
+
+
+def test_the_check_sees_relative_imports() -> None:
+    module = ROOT / "server" / "adapters" / "registry.py"
+    assert {"common", "telemetry"} <= imported_packages("server", module)  # ...common.x and ..telemetry
