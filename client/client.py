@@ -40,12 +40,15 @@ def build_request(
     seed: int | None = None,
     stop: Sequence[str] = (),
     repetition_penalty: float | None = None,
+    ignore_eos: bool = False,
     request_id: str = "",
 ) -> pb.GenerateRequest:
     """`prompt` (raw text) or `messages` ([(role, content)] or [{"role", "content"}]), not both."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
-    sampling = pb.SamplingParams(max_new_tokens=max_new_tokens, top_k=top_k, stop=list(stop))
+    sampling = pb.SamplingParams(
+        max_new_tokens=max_new_tokens, top_k=top_k, stop=list(stop), ignore_eos=ignore_eos
+    )
     if temperature is not None:
         sampling.temperature = temperature
     if top_p is not None:

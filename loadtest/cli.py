@@ -84,6 +84,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompts", type=Path, default=None, help='JSONL of {"prompt"} or {"messages"} lines')
     g.add_argument("--chat-share", type=float, default=0.0, help="share of synthetic requests sent as chats")
     g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="decode exactly --output-len tokens per request (else it is a cap the model may stop under)",
+    )
     g.add_argument("--adapters", default="", help="comma-separated adapter names (rank order for zipf)")
     g.add_argument("--popularity", choices=("uniform", "zipf", "round_robin"), default="uniform")
     g.add_argument("--zipf-alpha", type=float, default=1.0)
@@ -144,6 +149,7 @@ def workload_from_args(a: argparse.Namespace) -> Workload:
         adapters=AdapterMix(a.popularity if names else "none", names, a.zipf_alpha, a.base_share),
         shape=shape,
         temperature=a.temperature,
+        ignore_eos=a.ignore_eos,
     )
 
 

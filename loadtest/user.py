@@ -141,6 +141,7 @@ class _EffllmUser(User):
             adapter=spec.adapter,
             max_new_tokens=spec.max_new_tokens,
             temperature=WORKLOAD.temperature,
+            ignore_eos=WORKLOAD.ignore_eos,
             request_id=rid,
         )
         row: dict[str, Any] = {

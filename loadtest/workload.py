@@ -390,9 +390,10 @@ class Workload:
     output: LengthDist = field(default_factory=lambda: LengthDist("fixed", 32, 0, 32, 32))
     adapters: AdapterMix = field(default_factory=AdapterMix)
     shape: Shape | None = None  # overrides rate (open) or users (closed) over time
-    # NOTE: the API has no ignore_eos, so the output length is a cap: the model may stop earlier (the
-    # report counts the tokens actually generated).
     temperature: float = 0.0
+    # True: every request decodes exactly its drawn output length (the API's ignore_eos); False: the length
+    # is a cap and the model may stop earlier (the report counts the tokens actually generated).
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("open", "closed"):

@@ -231,6 +231,7 @@ async def load(target: str, requests: int, concurrency: int, max_new: int) -> di
                     max_new_tokens=max_new,
                     temperature=0,
                     adapter=("", "gpucheck", "gpucheck-dora")[i % 3],
+                    ignore_eos=True,  # every request decodes max_new tokens: tokens/s is comparable
                 ):
                     if first is None and chunk.token_ids:
                         first = time.perf_counter() - t0

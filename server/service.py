@@ -146,6 +146,7 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
             seed=s.seed if s.HasField("seed") else None,
             stop=tuple(s.stop),
             repetition_penalty=penalty,
+            ignore_eos=s.ignore_eos,
         ),
         max_prompt_tokens=limits.max_prompt_tokens,
     )

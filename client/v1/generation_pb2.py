@@ -24,43 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x66\x66llm/v1/generation.proto\x12\teffllm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x08Messages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.effllm.v1.ChatMessage\"\xe1\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xa7\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x08messages\x18\x02 \x01(\x0b\x32\x13.effllm.v1.MessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.effllm.v1.SamplingParamsB\x07\n\x05input\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\"\\\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\xce\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.effllm.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.effllm.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.effllm.v1.Timings\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\x94\x01\n\x0bStreamFinal\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.effllm.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.effllm.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.effllm.v1.Timings\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"t\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12%\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x16.effllm.v1.StreamFinal\"\x15\n\x13GetModelInfoRequest\"u\n\x0c\x43\x61pabilities\x12\x12\n\nprecisions\x18\x01 \x03(\t\x12\x17\n\x0f\x61\x64\x61pter_methods\x18\x02 \x03(\t\x12\x18\n\x10max_adapter_rank\x18\x03 \x01(\x05\x12\x1e\n\x16max_adapters_per_batch\x18\x04 \x01(\x05\"\x9b\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12-\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x17.effllm.v1.Capabilities\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x1c\n\x14weight_ratio_to_bf16\x18\x08 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nparameters\x18\n \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x0b \x01(\x05\x12\x12\n\nqueue_size\x18\x0c \x01(\x05\"\x11\n\x0fGetStatsRequest\"\xb2\x01\n\x0bServerStats\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x16\n\x0e\x65ngine_running\x18\x03 \x01(\x05\x12\x16\n\x0erequests_total\x18\x04 \x01(\x03\x12\x1a\n\x12requests_cancelled\x18\x05 \x01(\x03\x12\x19\n\x11requests_rejected\x18\x06 \x01(\x03\x12\x1b\n\x13output_tokens_total\x18\x07 \x01(\x03*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xb1\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.effllm.v1.GenerateRequest\x1a\x1b.effllm.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.effllm.v1.GenerateRequest\x1a!.effllm.v1.GenerateStreamResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.effllm.v1.GetModelInfoRequest\x1a\x14.effllm.v1.ModelInfo\x12>\n\x08GetStats\x12\x1a.effllm.v1.GetStatsRequest\x1a\x16.effllm.v1.ServerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65\x66\x66llm/v1/generation.proto\x12\teffllm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"4\n\x08Messages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.effllm.v1.ChatMessage\"\xf5\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\x05\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xa7\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x08messages\x18\x02 \x01(\x0b\x32\x13.effllm.v1.MessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.effllm.v1.SamplingParamsB\x07\n\x05input\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\"\\\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\"\xce\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.effllm.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.effllm.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.effllm.v1.Timings\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\"\x94\x01\n\x0bStreamFinal\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.effllm.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.effllm.v1.Usage\x12#\n\x07timings\x18\x03 \x01(\x0b\x32\x12.effllm.v1.Timings\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"t\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12%\n\x05\x66inal\x18\x04 \x01(\x0b\x32\x16.effllm.v1.StreamFinal\"\x15\n\x13GetModelInfoRequest\"u\n\x0c\x43\x61pabilities\x12\x12\n\nprecisions\x18\x01 \x03(\t\x12\x17\n\x0f\x61\x64\x61pter_methods\x18\x02 \x03(\t\x12\x18\n\x10max_adapter_rank\x18\x03 \x01(\x05\x12\x1e\n\x16max_adapters_per_batch\x18\x04 \x01(\x05\"\x9b\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x13\n\x0bmax_context\x18\x05 \x01(\x05\x12-\n\x0c\x63\x61pabilities\x18\x06 \x01(\x0b\x32\x17.effllm.v1.Capabilities\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x1c\n\x14weight_ratio_to_bf16\x18\x08 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nparameters\x18\n \x01(\x03\x12\x17\n\x0fmax_concurrency\x18\x0b \x01(\x05\x12\x12\n\nqueue_size\x18\x0c \x01(\x05\"\x11\n\x0fGetStatsRequest\"\xb2\x01\n\x0bServerStats\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x16\n\x0e\x65ngine_running\x18\x03 \x01(\x05\x12\x16\n\x0erequests_total\x18\x04 \x01(\x03\x12\x1a\n\x12requests_cancelled\x18\x05 \x01(\x03\x12\x19\n\x11requests_rejected\x18\x06 \x01(\x03\x12\x1b\n\x13output_tokens_total\x18\x07 \x01(\x03*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xb1\x02\n\x11GenerationService\x12\x43\n\x08Generate\x12\x1a.effllm.v1.GenerateRequest\x1a\x1b.effllm.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.effllm.v1.GenerateRequest\x1a!.effllm.v1.GenerateStreamResponse0\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.effllm.v1.GetModelInfoRequest\x1a\x14.effllm.v1.ModelInfo\x12>\n\x08GetStats\x12\x1a.effllm.v1.GetStatsRequest\x1a\x16.effllm.v1.ServerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'effllm.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1794
-  _globals['_FINISHREASON']._serialized_end=1943
+  _globals['_FINISHREASON']._serialized_start=1814
+  _globals['_FINISHREASON']._serialized_end=1963
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_MESSAGES']._serialized_start=87
   _globals['_MESSAGES']._serialized_end=139
   _globals['_SAMPLINGPARAMS']._serialized_start=142
-  _globals['_SAMPLINGPARAMS']._serialized_end=367
-  _globals['_GENERATEREQUEST']._serialized_start=370
-  _globals['_GENERATEREQUEST']._serialized_end=537
-  _globals['_USAGE']._serialized_start=539
-  _globals['_USAGE']._serialized_end=591
-  _globals['_TIMINGS']._serialized_start=593
-  _globals['_TIMINGS']._serialized_end=685
-  _globals['_GENERATERESPONSE']._serialized_start=688
-  _globals['_GENERATERESPONSE']._serialized_end=894
-  _globals['_STREAMFINAL']._serialized_start=897
-  _globals['_STREAMFINAL']._serialized_end=1045
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1047
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1163
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1165
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1186
-  _globals['_CAPABILITIES']._serialized_start=1188
-  _globals['_CAPABILITIES']._serialized_end=1305
-  _globals['_MODELINFO']._serialized_start=1308
-  _globals['_MODELINFO']._serialized_end=1591
-  _globals['_GETSTATSREQUEST']._serialized_start=1593
-  _globals['_GETSTATSREQUEST']._serialized_end=1610
-  _globals['_SERVERSTATS']._serialized_start=1613
-  _globals['_SERVERSTATS']._serialized_end=1791
-  _globals['_GENERATIONSERVICE']._serialized_start=1946
-  _globals['_GENERATIONSERVICE']._serialized_end=2251
+  _globals['_SAMPLINGPARAMS']._serialized_end=387
+  _globals['_GENERATEREQUEST']._serialized_start=390
+  _globals['_GENERATEREQUEST']._serialized_end=557
+  _globals['_USAGE']._serialized_start=559
+  _globals['_USAGE']._serialized_end=611
+  _globals['_TIMINGS']._serialized_start=613
+  _globals['_TIMINGS']._serialized_end=705
+  _globals['_GENERATERESPONSE']._serialized_start=708
+  _globals['_GENERATERESPONSE']._serialized_end=914
+  _globals['_STREAMFINAL']._serialized_start=917
+  _globals['_STREAMFINAL']._serialized_end=1065
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1067
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1183
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1185
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1206
+  _globals['_CAPABILITIES']._serialized_start=1208
+  _globals['_CAPABILITIES']._serialized_end=1325
+  _globals['_MODELINFO']._serialized_start=1328
+  _globals['_MODELINFO']._serialized_end=1611
+  _globals['_GETSTATSREQUEST']._serialized_start=1613
+  _globals['_GETSTATSREQUEST']._serialized_end=1630
+  _globals['_SERVERSTATS']._serialized_start=1633
+  _globals['_SERVERSTATS']._serialized_end=1811
+  _globals['_GENERATIONSERVICE']._serialized_start=1966
+  _globals['_GENERATIONSERVICE']._serialized_end=2271
 # @@protoc_insertion_point(module_scope)

@@ -36,6 +36,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False  # decode to max_new_tokens (stop strings still apply)
 
 
 AdapterMethod = Literal["lora", "rslora", "dora"]

@@ -196,7 +196,7 @@ class Batch:
     def _advance(self, row: Row, token: int) -> TokenEvent:
         row.generated.append(token)
         finish: FinishReason | None = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.sampling.ignore_eos:
             finish, text = "stop", row.text.flush()
         else:
             text = row.text.add(token)

@@ -199,6 +199,7 @@ class VllmEngine:
                 seed=s.seed,
                 stop=list(s.stop) or None,
                 repetition_penalty=s.repetition_penalty,
+                ignore_eos=s.ignore_eos,
                 output_kind=RequestOutputKind.DELTA,
             )
         except VLLMValidationError as exc:  # vLLM's own bounds (e.g. temperature <= 2) beyond ours

@@ -72,6 +72,16 @@ def test_stop_string_cuts_the_text(vllm_server: ServerProcess) -> None:
     assert full.startswith(cut.text) and len(cut.text) < len(full)
 
 
+def test_ignore_eos_decodes_exactly_max_new_tokens(vllm_server: ServerProcess) -> None:
+    turns = [("user", "What is the capital of France? Answer in one word.")]
+    with vllm_server.client() as c:
+        short = c.generate(messages=turns, max_new_tokens=32, temperature=0.0)
+        full = c.generate(messages=turns, max_new_tokens=32, temperature=0.0, ignore_eos=True)
+    assert short.finish_reason == pb.FINISH_REASON_STOP and len(short.token_ids) < 32  # ended by itself
+    assert full.finish_reason == pb.FINISH_REASON_LENGTH and full.usage.output_tokens == 32
+    assert list(full.token_ids[: len(short.token_ids)]) == list(short.token_ids)
+
+
 def test_same_seed_same_text(vllm_server: ServerProcess) -> None:
     kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.95)
     with vllm_server.client() as c:

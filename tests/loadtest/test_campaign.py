@@ -91,8 +91,9 @@ def test_open_loop_campaign_is_self_consistent(vllm_server: ServerProcess, tmp_p
 
 
 def test_distributed_master_and_workers(vllm_server: ServerProcess, tmp_path: Path) -> None:
-    """The same locustfile as master + 2 workers on loopback, closed loop, 2 users."""
-    wl = Workload(seed=2, mode="closed", users=2, output=LengthDist.parse("8"))
+    """The same locustfile as master + 2 workers on loopback, closed loop, 2 users; ignore_eos makes every
+    request decode exactly its drawn output length."""
+    wl = Workload(seed=2, mode="closed", users=2, output=LengthDist.parse("uniform:6-12"), ignore_eos=True)
     cfg = LoadConfig(
         targets=(vllm_server.target,),
         workload=wl,
@@ -104,3 +105,5 @@ def test_distributed_master_and_workers(vllm_server: ServerProcess, tmp_path: Pa
     _check_consistent(rep)
     assert rep["meta"]["locust_exit_codes"] == [0, 0, 0]
     assert len(list((tmp_path / "dist").glob("requests-*.jsonl"))) == 2  # one rows file per worker
+    rows = [r for r in read_rows(tmp_path / "dist") if r["status"] == "OK"]
+    assert rows and all(r["output_tokens"] == r["max_new_tokens"] for r in rows)

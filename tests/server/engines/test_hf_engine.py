@@ -310,3 +310,16 @@ async def test_int4_serves_an_adapter_at_under_a_third_of_bf16(specs: dict[str, 
             await eng.add_adapter(specs["dora"])
     finally:
         await eng.shutdown()
+
+
+async def test_ignore_eos_decodes_past_the_end_of_sequence(engine: HfEngine) -> None:
+    chat = (ChatTurn("user", "What is the capital of France? Answer in one word."),)
+
+    def ask(**sampling: Any) -> GenerationRequest:
+        rid, params = f"eos{len(sampling)}", Sampling(32, temperature=0.0, **sampling)
+        return GenerationRequest(request_id=rid, messages=chat, sampling=params)
+
+    short, full = await asyncio.gather(collect(engine, ask()), collect(engine, ask(ignore_eos=True)))
+    assert short[-1].finish_reason == "stop" and len(tokens(short)) < 32  # the model did end by itself
+    assert full[-1].finish_reason == "length" and len(tokens(full)) == 32
+    assert tokens(full)[: len(tokens(short))] == tokens(short)  # same greedy path up to (and through) EOS
