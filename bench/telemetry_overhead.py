@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import statistics
@@ -166,6 +167,9 @@ def main() -> int:
         help="OMP_NUM_THREADS for both servers (default: inherited; vLLM's CPU worker then takes every core, "
         "and on a 2-core box any other thread, telemetry's included, stalls its OpenMP barriers)",
     )
+    ap.add_argument(
+        "--on-args", default="", help='more serve flags for the telemetry-on server ("--sample-hz 1")'
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -174,7 +178,8 @@ def main() -> int:
     servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     rounds: list[Round] = []
     try:
-        servers["on"] = start("on", ["--run-dir", str(work / "run-on")], args, work)
+        on_flags = ["--run-dir", str(work / "run-on"), *shlex.split(args.on_args)]
+        servers["on"] = start("on", on_flags, args, work)
         pause(servers["on"][0], True)
         servers["off"] = start("off", ["--no-telemetry"], args, work)
         pause(servers["off"][0], True)
