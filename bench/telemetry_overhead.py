@@ -1,12 +1,15 @@
 """Telemetry on vs off: the same server flags, the same streamed requests, throughput side by side.
 
-Two `effllm serve` processes run at once, one with the default telemetry (file traces, sampler at
-10 Hz, energy attribution, Prometheus) and one with --no-telemetry. Rounds alternate between them
-(on, off, off, on, ...) and the server not being measured is paused with SIGSTOP (its whole process
-tree), so neither pays for the other's idle threads. Each round streams `--requests` requests through
-`--concurrency` concurrent streams (greedy, fixed prompts: both servers produce the same tokens) and
-counts output tokens / wall-clock seconds, and the CPU seconds the measured server's process tree used
-per output token (telemetry's cost shows there even when other tenants make wall-clock numbers noisy).
+Servers run at once, some with the default telemetry (file traces, sampler at 10 Hz, energy
+attribution) and some with --no-telemetry. Rounds alternate between them (on, off, off, on, ...) and the
+servers not being measured are paused with SIGSTOP (their whole process trees), so none pays for the
+others' idle threads. An A/A run (`--on-args=--no-telemetry`) showed that the server started first was
+4-6 % slower for reasons of its own, so by default two pairs start in the order on, off, off, on
+(`--pairs 2`): what the start order does cancels out of the pooled figures.
+Each round streams `--requests` requests through `--concurrency` concurrent streams (greedy, fixed
+prompts: all servers produce the same tokens) and counts output tokens / wall-clock seconds, and the CPU
+seconds the measured server's process tree used per output token (telemetry's cost shows there even when
+other tenants make wall-clock numbers noisy).
 
     python bench/telemetry_overhead.py --rounds 3 --requests 24 --concurrency 8 --max-new-tokens 64
 
@@ -48,6 +51,7 @@ PROMPTS = [
 class Round:
     config: str  # "on" | "off"
     index: int
+    server: str  # which server of that config ("on", "on#2", ...)
     requests: int
     output_tokens: int
     wall_s: float
@@ -170,6 +174,7 @@ def main() -> int:
     ap.add_argument(
         "--on-args", default="", help='more serve flags for the telemetry-on server ("--sample-hz 1")'
     )
+    ap.add_argument("--pairs", type=int, default=2, choices=(1, 2), help="1: on, off; 2: on, off, off, on")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -178,18 +183,19 @@ def main() -> int:
     servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     rounds: list[Round] = []
     try:
-        on_flags = ["--run-dir", str(work / "run-on"), *shlex.split(args.on_args)]
-        servers["on"] = start("on", on_flags, args, work)
-        pause(servers["on"][0], True)
-        servers["off"] = start("off", ["--no-telemetry"], args, work)
-        pause(servers["off"][0], True)
-        for name in ("on", "off"):  # warm-up (not measured)
+        names = ["on", "off", "off#2", "on#2"][: 2 * args.pairs]
+        for name in names:  # started one after the other, each paused once it serves
+            tag = name.replace("#", "")
+            flags = ["--run-dir", str(work / f"run-{tag}"), *shlex.split(args.on_args)]
+            servers[name] = start(tag, flags if name.startswith("on") else ["--no-telemetry"], args, work)
+            pause(servers[name][0], True)
+        for name in names:  # warm-up (not measured)
             pause(servers[name][0], False)
             asyncio.run(load(servers[name][1], args.concurrency, args.concurrency, 8))
             pause(servers[name][0], True)
         order = []
         for r in range(args.rounds):
-            order += [("on", r), ("off", r)] if r % 2 == 0 else [("off", r), ("on", r)]
+            order += [(n, r) for n in (names if r % 2 == 0 else names[::-1])]
         for name, r in order:
             proc, port = servers[name]
             pause(proc, False)
@@ -200,9 +206,9 @@ def main() -> int:
             finally:
                 pause(proc, True)
             cpu, main_cpu = cpu1 - cpu0, main1 - main0
-            rounds.append(Round(name, r, args.requests, tokens, wall, cpu, main_cpu))
+            rounds.append(Round(name.split("#")[0], r, name, args.requests, tokens, wall, cpu, main_cpu))
             print(
-                f"round {r} {name:>3}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s, "
+                f"round {r} {name:>5}: {tokens} tokens in {wall:.2f} s = {tokens / wall:.1f} tok/s, "
                 f"server CPU {cpu:.2f} s = {1000 * cpu / max(tokens, 1):.1f} ms/token "
                 f"(main process {1000 * main_cpu / max(tokens, 1):.2f} ms/token)",
                 flush=True,
@@ -236,7 +242,8 @@ def main() -> int:
     cpu_change, main_change = pct("server_cpu_ms_per_token"), pct("main_cpu_ms_per_token")
     print()
     print(
-        f"telemetry overhead: {args.rounds} rounds x {args.requests} requests, {args.concurrency} streams, "
+        f"telemetry overhead: {args.pairs} pair(s) of servers, {args.rounds} rounds x "
+        f"{args.requests} requests, {args.concurrency} streams, "
         f"max_new_tokens {args.max_new_tokens}, {os.cpu_count()} CPU cores, "
         f"OMP_NUM_THREADS {args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}"
     )

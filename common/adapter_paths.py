@@ -16,24 +16,22 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-def check_name(name: str, field: str = "name") -> str:
-    if not _NAME.match(name or ""):
+def _check(pattern: re.Pattern[str], value: str, field: str, what: str, most: int) -> str:
+    if not pattern.match(value or ""):
         raise EngineError(
             "invalid_argument",
-            f"{field}: {name[:80]!r} is not a valid adapter name (1-128 of letters, digits, . _ -; "
+            f"{field}: {value[:80]!r} is not a valid {what} (1-{most} of letters, digits, . _ -; "
             "starting with a letter or digit)",
         )
-    return name
+    return value
+
+
+def check_name(name: str, field: str = "name") -> str:
+    return _check(_NAME, name, field, "adapter name", 128)
 
 
 def check_version(version: str, field: str = "version") -> str:
-    if not _VERSION.match(version or ""):
-        raise EngineError(
-            "invalid_argument",
-            f"{field}: {version[:80]!r} is not a valid version (1-64 of letters, digits, . _ -; "
-            "starting with a letter or digit)",
-        )
-    return version
+    return _check(_VERSION, version, field, "version", 64)
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
