@@ -67,9 +67,11 @@ def test_hf_on_cuda_serves_base_lora_and_dora_rows_together(hf_cuda: ServerProce
         with ThreadPoolExecutor(9) as pool:
             replies = list(pool.map(one, range(9)))
     assert {a for a, _ in replies} == {"", "demo@1", "dora@1"}
+    # Each row ran on its own adapter: no answer is shared between adapters. (Within one adapter, greedy
+    # answers may differ by batch composition on a GPU, whose kernels depend on the batch size.)
     by_adapter = {a: {tuple(t) for b, t in replies if b == a} for a, _ in replies}
-    assert all(len(v) == 1 for v in by_adapter.values())  # greedy: one answer per adapter, batch or not
-    assert len({next(iter(v)) for v in by_adapter.values()}) == 3  # each adapter changes the answer
+    answers = [t for v in by_adapter.values() for t in v]
+    assert len(answers) == len(set(answers))
 
 
 @pytest.mark.skipif(not _has("vllm"), reason="vLLM on CUDA: pip install effllm[gpu]")
