@@ -171,8 +171,12 @@ async def drive(target: str, adapters: list[str], concurrency: int, max_new: int
             while queue:
                 i, adapter = queue.pop()
                 try:
-                    reply = await ac.generate(
-                        PROMPTS[i % len(PROMPTS)], adapter=adapter, max_new_tokens=max_new, temperature=0.0
+                    reply = await ac.generate(  # ignore_eos: every scenario decodes the same tokens
+                        PROMPTS[i % len(PROMPTS)],
+                        adapter=adapter,
+                        max_new_tokens=max_new,
+                        temperature=0.0,
+                        ignore_eos=True,
                     )
                     tokens += reply.usage.output_tokens
                 except Exception as exc:  # counted, reported; the benchmark keeps going
