@@ -17,15 +17,16 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from effllm.client.launch import ServerProcess
 
 PROMPTS = (
     "The capital of France is",
@@ -109,45 +110,11 @@ def make_root(where: Path, base: Path, ranks: list[int], copies: dict[int, int])
 
 
 # -- server ------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def serve(args: list[str], logs: Path) -> ServerProcess:
+    """A real `effllm serve` on a free port, SERVING when this returns (effllm.client.launch)."""
+    from effllm.client.launch import start_server
 
-
-class Server:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--port", str(self.port), *args]
-        self.log = log
-        with log.open("wb") as fh:
-            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-
-    def wait(self, timeout: float = 600.0) -> None:
-        from effllm.client import EffllmClient
-
-        deadline = time.monotonic() + timeout
-        with EffllmClient(self.target, timeout=5.0) as c:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
-                try:
-                    if c.health() == "SERVING":
-                        return
-                except Exception:
-                    pass
-                time.sleep(0.5)
-        raise TimeoutError("server did not become SERVING")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    return start_server(*args, log_dir=logs, ready_timeout=600.0)
 
 
 # -- traffic -----------------------------------------------------------------------------------------------
@@ -192,7 +159,7 @@ def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Pa
     from effllm.client import EffllmClient
 
     n_max = max(a.distinct)
-    server = Server(
+    server = serve(
         [
             "--engine",
             a.engine,
@@ -214,11 +181,10 @@ def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Pa
             "512",
             *a.server_arg,
         ],
-        logs / f"serve-{a.engine}-{precision}.log",
+        logs,
     )
     out = []
     try:
-        server.wait()
         with EffllmClient(server.target, timeout=300.0) as c:
             names = [f"r8-{i}" for i in range(n_max)]
             for name in names:
@@ -256,7 +222,7 @@ def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatenc
     from effllm.client import EffllmClient
 
     precision = a.precisions[0]
-    server = Server(
+    server = serve(
         [
             "--engine",
             a.engine,
@@ -276,11 +242,10 @@ def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatenc
             "512",
             *a.server_arg,
         ],
-        logs / f"serve-{a.engine}-load.log",
+        logs,
     )
     out = []
     try:
-        server.wait()
         with EffllmClient(server.target, timeout=300.0) as c:
             for rank in a.ranks:
                 times = []
