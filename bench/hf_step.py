@@ -136,14 +136,16 @@ def main() -> int:
             out.append(Row(f"r{i}", prompt, s, a, TextStream(tok, prompt, ()), torch.Generator()))
         return out
 
-    def batch_case(label: str, adapters: list[AdapterSpec | None], load: list[str]) -> None:
+    def batch_case(
+        label: str, adapters: list[AdapterSpec | None], load: list[str], profile_it: bool = False
+    ) -> None:
         batch = Batch(model, set(), args.device)
         for name in load:
             batch.add_adapter(specs[name])
         batch.step([], [])
         batch.step(rows(adapters), [])
         results[label] = timed(args.device, lambda: batch.step([], []), args.steps)
-        if label.startswith("Batch.step base+lora+dora"):
+        if profile_it:
             from torch.profiler import ProfilerActivity, profile
 
             acts = [ProfilerActivity.CPU]
@@ -168,6 +170,7 @@ def main() -> int:
         "Batch.step base+lora+dora (2 groups)",
         [(None, specs["lora"], specs["dora"])[i % 3] for i in range(n)],
         ["lora", "dora"],
+        profile_it=True,
     )
     width = max(map(len, results))
     sdp = "cuDNN attention on" if args.cudnn_sdp else "cuDNN attention off (as the engine runs)"

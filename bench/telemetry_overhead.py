@@ -25,7 +25,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,8 @@ from pathlib import Path
 
 import psutil
 
-from effllm.client import AsyncEffllmClient, EffllmClient
+from effllm.client import AsyncEffllmClient
+from effllm.client.launch import ServerProcess, start_server
 
 PROMPTS = [
     "Write a long story about a robot who learns to paint.",
@@ -67,46 +67,14 @@ class Round:
         return self.output_tokens / self.wall_s
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(
-    name: str, extra: list[str], args: argparse.Namespace, work: Path
-) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "effllm.cli.main",
-        "serve",
-        "--port",
-        str(port),
-        "--max-concurrency",
-        str(args.concurrency),
-        "--max-context",
-        "1024",
-        "--kv-cache-gib",
-        str(args.kv_cache_gib),
-        *extra,
-    ]
-    log = (work / f"server-{name}.log").open("wb")
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    with EffllmClient(f"127.0.0.1:{port}", timeout=10) as c:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} server exited; see {work / f'server-{name}.log'}")
-            try:
-                if c.health() == "SERVING":
-                    return proc, port
-            except Exception:
-                pass
-            time.sleep(0.5)
-    raise TimeoutError(f"{name} server not ready")
+def start(name: str, extra: list[str], args: argparse.Namespace, work: Path) -> ServerProcess:
+    flags = ["--max-concurrency", str(args.concurrency), "--max-context", "1024"]
+    flags += ["--kv-cache-gib", str(args.kv_cache_gib), *extra]
+    # the launcher pins one OpenMP thread unless told otherwise: here every server gets --threads
+    (work / name).mkdir()
+    return start_server(
+        *flags, log_dir=work / name, ready_timeout=600, env={"OMP_NUM_THREADS": str(args.threads)}
+    )
 
 
 def _tree(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
@@ -167,9 +135,8 @@ def main() -> int:
     ap.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="OMP_NUM_THREADS for both servers (default: inherited; vLLM's CPU worker then takes every core, "
-        "and on a 2-core box any other thread, telemetry's included, stalls its OpenMP barriers)",
+        default=os.cpu_count() or 1,
+        help="OMP_NUM_THREADS for every server (default: all cores, as vLLM's CPU worker takes when unset)",
     )
     ap.add_argument(
         "--on-args", default="", help='more serve flags for the telemetry-on server ("--sample-hz 1")'
@@ -180,7 +147,7 @@ def main() -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("runs") / f"bench-telemetry-overhead-{stamp}.json"
     work = Path(tempfile.mkdtemp(prefix="effllm-bench-tel-"))
-    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    servers: dict[str, ServerProcess] = {}
     rounds: list[Round] = []
     try:
         names = ["on", "off", "off#2", "on#2"][: 2 * args.pairs]
@@ -188,16 +155,16 @@ def main() -> int:
             tag = name.replace("#", "")
             flags = ["--run-dir", str(work / f"run-{tag}"), *shlex.split(args.on_args)]
             servers[name] = start(tag, flags if name.startswith("on") else ["--no-telemetry"], args, work)
-            pause(servers[name][0], True)
+            pause(servers[name].proc, True)
         for name in names:  # warm-up (not measured)
-            pause(servers[name][0], False)
-            asyncio.run(load(servers[name][1], args.concurrency, args.concurrency, 8))
-            pause(servers[name][0], True)
+            pause(servers[name].proc, False)
+            asyncio.run(load(servers[name].port, args.concurrency, args.concurrency, 8))
+            pause(servers[name].proc, True)
         order = []
         for r in range(args.rounds):
             order += [(n, r) for n in (names if r % 2 == 0 else names[::-1])]
         for name, r in order:
-            proc, port = servers[name]
+            proc, port = servers[name].proc, servers[name].port
             pause(proc, False)
             cpu0, main0 = tree_cpu_s(proc)
             try:
@@ -214,14 +181,9 @@ def main() -> int:
                 flush=True,
             )
     finally:
-        for proc, _ in servers.values():
-            pause(proc, False)
-            proc.send_signal(signal.SIGTERM)
-        for proc, _ in servers.values():
-            try:
-                proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        for server in servers.values():
+            pause(server.proc, False)
+            server.stop(timeout=90)
 
     def summary(name: str) -> dict[str, float]:
         rs = [r for r in rounds if r.config == name]
@@ -245,7 +207,7 @@ def main() -> int:
         f"telemetry overhead: {args.pairs} pair(s) of servers, {args.rounds} rounds x "
         f"{args.requests} requests, {args.concurrency} streams, "
         f"max_new_tokens {args.max_new_tokens}, {os.cpu_count()} CPU cores, "
-        f"OMP_NUM_THREADS {args.threads or os.environ.get('OMP_NUM_THREADS', 'unset')}"
+        f"OMP_NUM_THREADS {args.threads}"
     )
     head = (
         "telemetry",
