@@ -10,8 +10,8 @@ import sys
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from ..api.v1 import adapters_pb2 as apb
 from .client import EffllmClient
-from .v1 import adapters_pb2 as apb
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -16,12 +16,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import TracerProvider
 
+from ..api.v1 import adapters_pb2 as apb
+from ..api.v1 import adapters_pb2_grpc as apb_grpc
+from ..api.v1 import generation_pb2 as pb
+from ..api.v1 import generation_pb2_grpc as pb_grpc
 from .channel import ClientSecurity, Targets, make_aio_channel, make_channel
 from .tracing import call_span, configured_tracer
-from .v1 import adapters_pb2 as apb
-from .v1 import adapters_pb2_grpc as apb_grpc
-from .v1 import generation_pb2 as pb
-from .v1 import generation_pb2_grpc as pb_grpc
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
 _GENERATE = "effllm.v1.GenerationService/Generate"

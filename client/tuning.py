@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from .v1 import tuning_pb2 as pb
-from .v1 import tuning_pb2_grpc as pb_grpc
+from ..api.v1 import tuning_pb2 as pb
+from ..api.v1 import tuning_pb2_grpc as pb_grpc
 
 
 def tune_config(**fields: Any) -> pb.TuneConfig:

@@ -1,7 +1,7 @@
 """Resolve adapter names, versions and relative paths to folders strictly inside the adapter root.
 
 Invariant: every path this module returns, and every file inside it that we read, resolves (symlinks
-followed) to a location under the adapter root; anything else is an `invalid_argument` EngineError.
+followed) to a location under the adapter root; anything else is an `invalid_argument` EffllmError.
 Names and versions are single path components from a small alphabet, never "." / ".." / hidden.
 """
 
@@ -10,15 +10,14 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from .errors import EngineError
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from ..api.errors import EffllmError
+from ..api.refs import NAME as _NAME
+from ..api.refs import VERSION as _VERSION
 
 
 def _check(pattern: re.Pattern[str], value: str, field: str, what: str, most: int) -> str:
     if not pattern.match(value or ""):
-        raise EngineError(
+        raise EffllmError(
             "invalid_argument",
             f"{field}: {value[:80]!r} is not a valid {what} (1-{most} of letters, digits, . _ -; "
             "starting with a letter or digit)",
@@ -60,7 +59,7 @@ def inside(root: Path, candidate: Path, field: str) -> Path:
     real_root = root.resolve()
     real = candidate.resolve()
     if real != real_root and real_root not in real.parents:
-        raise EngineError("invalid_argument", f"{field}: resolves outside the adapter root")
+        raise EffllmError("invalid_argument", f"{field}: resolves outside the adapter root")
     return real
 
 
@@ -70,35 +69,35 @@ def resolve_version_dir(root: Path, name: str, version: str) -> tuple[str, Path]
     if not version:
         versions = numeric_versions(root, name)
         if not versions:
-            raise EngineError("not_found", f"name: no versions of {name!r} under the adapter root")
+            raise EffllmError("not_found", f"name: no versions of {name!r} under the adapter root")
         version = str(versions[-1])
     check_version(version)
     folder = root / name / version
     if not folder.is_dir():
-        raise EngineError("not_found", f"version: {name}/{version} does not exist under the adapter root")
+        raise EffllmError("not_found", f"version: {name}/{version} does not exist under the adapter root")
     return version, inside(root, folder, "version")
 
 
 def resolve_relative(root: Path, rel: str) -> Path:
     """A folder given relative to the root: no absolute paths, no "..", no hidden or odd components."""
     if not rel or "\x00" in rel or "\\" in rel:
-        raise EngineError("invalid_argument", "path: must be a non-empty relative path with / separators")
+        raise EffllmError("invalid_argument", "path: must be a non-empty relative path with / separators")
     pure = PurePosixPath(rel)
     if pure.is_absolute():
-        raise EngineError(
+        raise EffllmError(
             "invalid_argument", f"path: {rel[:80]!r} is absolute; give it relative to the adapter root"
         )
     for part in pure.parts:
         if part in (".", ".."):
-            raise EngineError(
+            raise EffllmError(
                 "invalid_argument", f"path: {rel[:80]!r} contains {part!r}; it may not leave the root"
             )
         if not _NAME.match(part):
-            raise EngineError("invalid_argument", f"path: component {part[:80]!r} is not a valid folder name")
+            raise EffllmError("invalid_argument", f"path: component {part[:80]!r} is not a valid folder name")
     folder = root.joinpath(*pure.parts)
     real = inside(root, folder, "path")
     if not real.is_dir():
-        raise EngineError("not_found", f"path: {rel!r} is not a folder under the adapter root")
+        raise EffllmError("not_found", f"path: {rel!r} is not a folder under the adapter root")
     return real
 
 

@@ -22,15 +22,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from ..client.v1 import adapters_pb2_grpc as apb_grpc
-from ..client.v1 import generation_pb2 as pb
-from ..client.v1 import generation_pb2_grpc as pb_grpc
+from ..api.v1 import adapters_pb2_grpc as apb_grpc
+from ..api.v1 import generation_pb2 as pb
+from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..common.adapter_paths import parse_ref
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
 from .auth import AuthConfig, AuthInterceptor, TlsConfig
-from .engines.base import Engine, EngineError
+from .engines.base import EffllmError, Engine
 from .runner import Runner
 from .service import GenerationService, Limits
 
@@ -138,7 +138,7 @@ class EffllmServer:
         for ref in self.config.preload:
             try:
                 await self.adapters.load(*parse_ref(ref))
-            except EngineError as err:
+            except EffllmError as err:
                 raise RuntimeError(f"--preload {ref}: {err.message}") from err
         self.adapter_service.ready = True
         if self.generation.draining:  # a signal came while loading: never turn SERVING

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..telemetry.genai import RequestEnd, RequestObserver, RequestStart, RequestTrace
-from .engines.base import Engine, EngineError, GenerationRequest, Timings, TokenEvent
+from .engines.base import EffllmError, Engine, GenerationRequest, Timings, TokenEvent
 
 if TYPE_CHECKING:
     from .adapters.registry import AdapterRegistry
@@ -51,10 +51,10 @@ class Runner:
 
     def _admit(self, request_id: str) -> None:
         if request_id in self._in_flight:
-            raise EngineError("invalid_argument", f"request_id: {request_id!r} is already in flight")
+            raise EffllmError("invalid_argument", f"request_id: {request_id!r} is already in flight")
         if self.running + self.queued >= self.max_concurrency + self.queue_size:
             self.counters.requests_rejected += 1
-            raise EngineError(
+            raise EffllmError(
                 "resource_exhausted",
                 f"server busy: {self.running} running and {self.queued} queued "
                 f"(max_concurrency {self.max_concurrency}, queue_size {self.queue_size})",
@@ -67,7 +67,7 @@ class Runner:
         try:
             if request.adapter:
                 if self.adapters is None:
-                    raise EngineError(
+                    raise EffllmError(
                         "not_found", f"adapter: {request.adapter!r} (this server has no adapters)"
                     )
                 lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
@@ -77,7 +77,7 @@ class Runner:
             async with aclosing(self._run(request, trace)) as events:
                 async for event in events:
                     yield event
-        except EngineError as err:
+        except EffllmError as err:
             if trace is not None:
                 trace.fail(err.code, err.message)
             raise

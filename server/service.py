@@ -16,23 +16,17 @@ from typing import NoReturn
 
 import grpc
 
-from ..client.v1 import generation_pb2 as pb
-from ..client.v1 import generation_pb2_grpc as pb_grpc
+from ..api.refs import is_ref
+from ..api.status import STATUS
+from ..api.v1 import generation_pb2 as pb
+from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..telemetry.genai import mark_error
-from .engines.base import ChatTurn, EngineError, EngineInfo, GenerationRequest, Sampling, TokenEvent
+from .engines.base import ChatTurn, EffllmError, EngineInfo, GenerationRequest, Sampling, TokenEvent
 from .runner import Runner
 
 log = logging.getLogger("effllm.server")
 _timeout_at = getattr(asyncio, "timeout_at", None)  # Python >= 3.11
 
-STATUS = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "internal": grpc.StatusCode.INTERNAL,
-}
 FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
     "stop": pb.FINISH_REASON_STOP,
@@ -40,7 +34,6 @@ FINISH = {
     "error": pb.FINISH_REASON_ERROR,
 }
 ROLES = ("system", "user", "assistant")
-_ADAPTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9][A-Za-z0-9._-]{0,63})?$")
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -71,7 +64,7 @@ class Limits:
 
 
 def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> GenerationRequest:
-    """Raises EngineError("invalid_argument") naming the first bad field."""
+    """Raises EffllmError("invalid_argument") naming the first bad field."""
     which = msg.WhichOneof("input")
     prompt: str | None = None
     messages: tuple[ChatTurn, ...] | None = None
@@ -128,7 +121,7 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
         _bad("sampling.stop: empty stop string")
     if any(len(stop) > limits.max_stop_chars for stop in s.stop):
         _bad(f"sampling.stop: a stop string is over max_stop_chars={limits.max_stop_chars}")
-    if msg.adapter and not _ADAPTER.match(msg.adapter):
+    if msg.adapter and not is_ref(msg.adapter):
         _bad(f"adapter: {msg.adapter[:80]!r} is not NAME or NAME@VERSION (letters, digits, . _ -)")
     if msg.request_id and not _REQUEST_ID.match(msg.request_id):
         _bad("request_id: 1-128 printable ASCII characters without spaces")
@@ -153,7 +146,7 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
 
 
 def _bad(message: str) -> NoReturn:
-    raise EngineError("invalid_argument", message)
+    raise EffllmError("invalid_argument", message)
 
 
 def model_info(info: EngineInfo, runner: Runner) -> pb.ModelInfo:
@@ -197,7 +190,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             request = to_request(msg, self.limits, self.runner.engine.info.max_context)
             async for event in _bounded(self.runner.run(request), cap):
                 yield request, event
-        except EngineError as err:
+        except EffllmError as err:
             mark_error(err.code, err.message)  # the request's span (if traced) says why it failed
             await context.abort(STATUS[err.code], err.message)
         except asyncio.TimeoutError:

@@ -1,5 +1,6 @@
-"""The dependency rule of shared/DESIGN.md, read from the source: server, tuner and loadtest never import
-each other; client, telemetry and common import none of them (client also never imports upward)."""
+"""The dependency rule of docs/architecture.md, read from the source: api (the wire contract) imports nothing
+of ours; server, tuner and loadtest never import each other; client, telemetry and common import none of
+them; the server speaks its protocol through api/, never through the client."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("server", "tuner", "loadtest", "client", "telemetry", "common", "cli")
+PACKAGES = ("api", "server", "tuner", "loadtest", "client", "telemetry", "common", "cli")
 ALLOWED = {
-    "server": {"client", "telemetry", "common"},
-    "tuner": {"client", "telemetry", "common"},
-    "loadtest": {"client", "telemetry", "common"},
-    "telemetry": {"client"},  # the client's tracing helpers and stubs
-    "client": set(),
-    "common": set(),
+    "api": set(),  # the wire contract imports nothing of ours
+    "server": {"api", "telemetry", "common"},
+    "tuner": {"api", "client", "telemetry", "common"},  # client: publishing into a running server
+    "loadtest": {"api", "client", "telemetry", "common"},
+    "telemetry": {"api", "client"},  # the client's tracing helpers
+    "client": {"api"},
+    "common": {"api"},
     "cli": set(PACKAGES),  # the thin dispatcher on top of all
 }
 

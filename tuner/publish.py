@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from effllm.api.errors import EffllmError
+from effllm.api.v1 import adapters_pb2 as apb
 from effllm.client import EffllmClient
-from effllm.client.v1 import adapters_pb2 as apb
 from effllm.common import manifest
 from effllm.common.adapter_paths import check_name as _check_name
-from effllm.common.errors import EngineError
 
 
 def check_name(name: str) -> None:
     try:
         _check_name(name)
-    except EngineError as exc:
+    except EffllmError as exc:
         raise ValueError(str(exc)) from exc
 
 

@@ -19,8 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from effllm.client.v1 import tuning_pb2 as pb
-from effllm.client.v1 import tuning_pb2_grpc as pb_grpc
+from effllm.api.v1 import tuning_pb2 as pb
+from effllm.api.v1 import tuning_pb2_grpc as pb_grpc
 
 from . import data
 from .config import ConfigError, TuneConfig

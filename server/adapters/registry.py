@@ -27,7 +27,7 @@ from ...common.adapter_paths import (
 )
 from ...telemetry.genai import set_resident_adapters_source
 from ...telemetry.tracing import adapter_span
-from ..engines.base import AdapterSpec, Engine, EngineError
+from ..engines.base import AdapterSpec, EffllmError, Engine
 from .snapshot import Snapshots
 from .validate import BaseModules, Validated, validate
 
@@ -129,7 +129,7 @@ class AdapterRegistry:
         if entry is None:
             loaded = sorted(e.key for e in self._entries.values() if e.routable and e.spec.name == name)
             hint = f" (loaded: {', '.join(loaded)})" if loaded else " (LoadAdapter it first)"
-            raise EngineError("not_found", f"adapter: {ref!r} is not loaded{hint}")
+            raise EffllmError("not_found", f"adapter: {ref!r} is not loaded{hint}")
         return Lease(entry)
 
     def _routable(self, key: str) -> Entry | None:
@@ -151,7 +151,7 @@ class AdapterRegistry:
     # -- load -------------------------------------------------------------------------------------------
     def _root(self) -> Path:
         if self.config.root is None:
-            raise EngineError("failed_precondition", "this server was started without --adapter-root")
+            raise EffllmError("failed_precondition", "this server was started without --adapter-root")
         return self.config.root
 
     def locate(self, name: str, version: str = "", path: str = "") -> tuple[str, str, Path]:
@@ -169,7 +169,7 @@ class AdapterRegistry:
     def _validate(self, folder: Path, root: Path | None = None) -> Validated:
         if self._base is None:
             if self.base_path is None:
-                raise EngineError(
+                raise EffllmError(
                     "failed_precondition", "the base checkpoint is unknown; cannot validate adapters"
                 )
             self._base = BaseModules(self.base_path)
@@ -206,7 +206,7 @@ class AdapterRegistry:
                 if (existing := self._routable(key)) is not None:
                     return existing
                 if key in self._entries:
-                    raise EngineError(
+                    raise EffllmError(
                         "failed_precondition", f"name: {key} is being unloaded; retry when it is gone"
                     )
                 await self._make_room()
@@ -221,11 +221,11 @@ class AdapterRegistry:
                 )
                 try:
                     await self.engine.add_adapter(spec)
-                except EngineError:
+                except EffllmError:
                     raise
                 except Exception as exc:  # the engine refused it; keep the server and the others going
                     log.exception("engine could not load %s", key)
-                    raise EngineError("failed_precondition", f"engine could not load {key}: {exc}") from exc
+                    raise EffllmError("failed_precondition", f"engine could not load {key}: {exc}") from exc
                 entry = Entry(
                     spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq), source=folder
                 )
@@ -243,7 +243,7 @@ class AdapterRegistry:
         while len(self._entries) >= self.config.max_resident:
             idle = [e for e in self._entries.values() if e.routable and not e.pinned and e.in_flight == 0]
             if not idle:
-                raise EngineError(
+                raise EffllmError(
                     "resource_exhausted",
                     f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are "
                     "pinned or serving requests; unload or unpin one first",
@@ -271,7 +271,7 @@ class AdapterRegistry:
         else:
             found = [e] if (e := self._routable(f"{name}@{check_version(version)}")) else []
         if not found:
-            raise EngineError("not_found", f"adapter: {name}{'@' + version if version else ''} is not loaded")
+            raise EffllmError("not_found", f"adapter: {name}{'@' + version if version else ''} is not loaded")
         return found
 
     async def unload(self, name: str, version: str = "", wait_s: float = 0.0) -> list[str]:
@@ -282,7 +282,7 @@ class AdapterRegistry:
             found = self._find(name, version)
             pinned = [e.key for e in found if e.pinned]
             if pinned:
-                raise EngineError(
+                raise EffllmError(
                     "failed_precondition", f"adapter: {', '.join(pinned)} is pinned; unpin it first"
                 )
             for e in found:
@@ -293,7 +293,7 @@ class AdapterRegistry:
                 for e in found:
                     e.routable = True
                 busy = sum(e.in_flight for e in found)
-                raise EngineError(
+                raise EffllmError(
                     "failed_precondition",
                     f"adapter: {busy} requests still in flight after {wait:.1f}s; nothing was unloaded",
                 ) from None

@@ -1,4 +1,4 @@
-"""AdapterService: gRPC <-> AdapterRegistry. Maps requests onto registry calls and EngineErrors onto status
+"""AdapterService: gRPC <-> AdapterRegistry. Maps requests onto registry calls and EffllmErrors onto status
 codes; no torch, no file access of its own (the registry validates and resolves paths)."""
 
 from __future__ import annotations
@@ -7,14 +7,13 @@ from typing import NoReturn
 
 import grpc
 
-from ...client.v1 import adapters_pb2 as apb
-from ...client.v1 import adapters_pb2_grpc as apb_grpc
-from ..engines.base import EngineError
-from ..service import STATUS
+from ...api.status import STATUS
+from ...api.v1 import adapters_pb2 as apb
+from ...api.v1 import adapters_pb2_grpc as apb_grpc
+from ..engines.base import EffllmError
 from .registry import AdapterRegistry, Entry
 
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdapterService"].full_name
-_STATUS = STATUS  # one EngineError code -> gRPC status map for every service
 
 
 def adapter_info(entry: Entry, latest: bool) -> apb.AdapterInfo:
@@ -42,8 +41,8 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
         self.registry = registry
         self.ready = False  # set once the engine has started
 
-    async def _abort(self, context: grpc.aio.ServicerContext, err: EngineError) -> NoReturn:
-        await context.abort(_STATUS[err.code], err.message)
+    async def _abort(self, context: grpc.aio.ServicerContext, err: EffllmError) -> NoReturn:
+        await context.abort(STATUS[err.code], err.message)
         raise AssertionError("unreachable")  # context.abort raises
 
     async def _check_ready(self, context: grpc.aio.ServicerContext) -> None:
@@ -58,7 +57,7 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version, path: give one of them, not both")
         try:
             entry = await self.registry.load(request.name, request.version, request.path)
-        except EngineError as err:
+        except EffllmError as err:
             await self._abort(context, err)
         return adapter_info(entry, self.registry.is_latest(entry))
 
@@ -70,7 +69,7 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wait_s: {request.wait_s} must be >= 0")
         try:
             keys = await self.registry.unload(request.name, request.version, request.wait_s)
-        except EngineError as err:
+        except EffllmError as err:
             await self._abort(context, err)
         return apb.UnloadAdapterResponse(unloaded=keys)
 
@@ -88,6 +87,6 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
         await self._check_ready(context)
         try:
             entry = await self.registry.pin(request.name, request.version, request.pinned)
-        except EngineError as err:
+        except EffllmError as err:
             await self._abort(context, err)
         return adapter_info(entry, self.registry.is_latest(entry))

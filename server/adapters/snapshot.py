@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from ..engines.base import EngineError
+from ..engines.base import EffllmError
 
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 OPTIONAL = ("manifest.json",)
@@ -43,7 +43,7 @@ class Snapshots:
                 if name in OPTIONAL:
                     continue
                 shutil.rmtree(dest, ignore_errors=True)
-                raise EngineError(
+                raise EffllmError(
                     "failed_precondition", f"{name}: vanished from {folder.name}/ while it was being loaded"
                 ) from exc
         return dest

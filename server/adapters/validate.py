@@ -2,7 +2,7 @@
 
 Reads only adapter_config.json, manifest.json and safetensors headers (plus file sizes), so a check costs
 milliseconds. Invariant: `validate` either returns a `Validated` that an engine can load, or raises an
-EngineError — `failed_precondition` when the thing on disk does not fit this server, with the reason.
+EffllmError — `failed_precondition` when the thing on disk does not fit this server, with the reason.
 Base module names and shapes come from the base checkpoint's safetensors headers (`BaseModules`).
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from ...common.adapter_paths import file_inside
 from ...common.manifest import Manifest, read_manifest
-from ..engines.base import AdapterMethod, EngineError
+from ..engines.base import AdapterMethod, EffllmError
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -47,8 +47,8 @@ _LORA_KEY = re.compile(
 _DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(\.weight)?$")
 
 
-def _fail(message: str) -> EngineError:
-    return EngineError("failed_precondition", message)
+def _fail(message: str) -> EffllmError:
+    return EffllmError("failed_precondition", message)
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:

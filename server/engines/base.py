@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from ...common.errors import EngineError as EngineError
-from ...common.errors import ErrorCode as ErrorCode
+from ...api.errors import EffllmError as EffllmError
+from ...api.errors import ErrorCode as ErrorCode
 
 Precision = Literal["fp32", "bf16", "fp16", "int4"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16", "int4")
@@ -134,7 +134,7 @@ class Engine(Protocol):
         ...
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
-        """Make `spec.key` servable; raise EngineError("failed_precondition") if this engine cannot."""
+        """Make `spec.key` servable; raise EffllmError("failed_precondition") if this engine cannot."""
 
     async def remove_adapter(self, key: str) -> None:
         """Forget `key`; only called once no request runs on it."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .base import AdapterSpec, EngineError, FinishReason, Sampling, TokenEvent, Usage
+from .base import AdapterSpec, EffllmError, FinishReason, Sampling, TokenEvent, Usage
 from .hf_text import TextStream
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Batch:
             else:
                 self.peft.load_adapter(str(spec.path), adapter_name=spec.key)
         except Exception as exc:  # the registry validated it; a failure here is still the adapter's fault
-            raise EngineError(
+            raise EffllmError(
                 "failed_precondition", f"adapter {spec.key}: PEFT cannot load it: {exc}"
             ) from exc
         self.peft.eval()
@@ -252,7 +252,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator, histor
 def _layers(cache: Any) -> list[Any]:
     layers = list(cache.layers)
     if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        raise EngineError(
+        raise EffllmError(
             "internal", "hf engine: only full-attention KV caches (DynamicLayer) can be batched"
         )
     return layers

@@ -22,7 +22,7 @@ from .base import (
     BYTES_PER_PARAM,
     PRECISIONS,
     AdapterSpec,
-    EngineError,
+    EffllmError,
     EngineInfo,
     GenerationRequest,
     Precision,
@@ -182,7 +182,7 @@ class HfEngine:
         for row in [*self._active, *self._waiting]:
             if not row.finished:
                 row.finished = True
-                row.sink.put_nowait(EngineError("unavailable", "engine shut down"))
+                row.sink.put_nowait(EffllmError("unavailable", "engine shut down"))
         self._active, self._waiting = [], []
         self._executor.shutdown(wait=True)
 
@@ -192,14 +192,14 @@ class HfEngine:
     # --- adapters ---------------------------------------------------------------------------------------
     async def add_adapter(self, spec: AdapterSpec) -> None:
         if spec.method not in self.info.adapter_methods:
-            raise EngineError(
+            raise EffllmError(
                 "failed_precondition",
                 f"adapter {spec.key}: method {spec.method!r} is not served "
                 f"by the hf engine at {self.config.precision} (it serves "
                 f"{', '.join(self.info.adapter_methods)})",
             )
         if spec.rank > self.config.max_adapter_rank:
-            raise EngineError(
+            raise EffllmError(
                 "failed_precondition",
                 f"adapter {spec.key}: rank {spec.rank} is over the "
                 f"engine's max_adapter_rank {self.config.max_adapter_rank}",
@@ -222,14 +222,14 @@ class HfEngine:
         batch = self._started_batch()
         spec = request.resolved_adapter
         if request.adapter and spec is None:
-            raise EngineError("failed_precondition", f"adapter: {request.adapter!r} is not loaded")
+            raise EffllmError("failed_precondition", f"adapter: {request.adapter!r} is not loaded")
         if spec is not None and spec.key not in batch.adapters:
-            raise EngineError("failed_precondition", f"adapter: {spec.key} is not loaded in the engine")
+            raise EffllmError("failed_precondition", f"adapter: {spec.key} is not loaded in the engine")
         assert self._renderer is not None
         prompt_ids = self._renderer.render(request)
         s = request.sampling
         generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
-        queue: asyncio.Queue[TokenEvent | EngineError] = asyncio.Queue()
+        queue: asyncio.Queue[TokenEvent | EffllmError] = asyncio.Queue()
         row = Row(
             request.request_id,
             prompt_ids,
@@ -244,7 +244,7 @@ class HfEngine:
         try:
             while True:
                 item = await queue.get()
-                if isinstance(item, EngineError):
+                if isinstance(item, EffllmError):
                     raise item
                 yield item
                 if item.finish_reason is not None:
@@ -271,7 +271,7 @@ class HfEngine:
             except Exception as exc:  # a failed forward: every running request ends with the error
                 log.exception("hf engine step failed")
                 error = (
-                    exc if isinstance(exc, EngineError) else EngineError("internal", f"engine step: {exc}")
+                    exc if isinstance(exc, EffllmError) else EffllmError("internal", f"engine step: {exc}")
                 )
                 for row in self._active:
                     row.finished = True
@@ -306,7 +306,7 @@ class HfEngine:
 
     def _started_batch(self) -> Any:
         if self._batch is None or self._closing:
-            raise EngineError("unavailable", "engine is not running")
+            raise EffllmError("unavailable", "engine is not running")
         return self._batch
 
     async def _on_worker(self, fn: Any, *args: Any) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import EngineError, GenerationRequest
+from .base import EffllmError, GenerationRequest
 
 
 class PromptRenderer:
@@ -19,7 +19,7 @@ class PromptRenderer:
     def render(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
-                raise EngineError(
+                raise EffllmError(
                     "failed_precondition", "messages: this model has no chat template; send a prompt"
                 )
             turns = [{"role": t.role, "content": t.content} for t in request.messages]
@@ -30,16 +30,16 @@ class PromptRenderer:
         else:
             token_ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=True)
         if not token_ids:
-            raise EngineError("invalid_argument", "prompt: renders to zero tokens")
+            raise EffllmError("invalid_argument", "prompt: renders to zero tokens")
         if request.max_prompt_tokens and len(token_ids) > request.max_prompt_tokens:
-            raise EngineError(
+            raise EffllmError(
                 "invalid_argument",
                 f"prompt: {len(token_ids)} tokens is over this server's limit of "
                 f"max_prompt_tokens={request.max_prompt_tokens}",
             )
         budget = self.max_context - request.sampling.max_new_tokens
         if len(token_ids) > budget:
-            raise EngineError(
+            raise EffllmError(
                 "invalid_argument",
                 f"prompt: {len(token_ids)} tokens + max_new_tokens {request.sampling.max_new_tokens} "
                 f"exceed the context of {self.max_context} tokens",

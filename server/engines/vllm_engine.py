@@ -22,7 +22,7 @@ from ...common.model import ResolvedModel, count_parameters, max_position_embedd
 from .base import (
     BYTES_PER_PARAM,
     AdapterSpec,
-    EngineError,
+    EffllmError,
     EngineInfo,
     GenerationRequest,
     Precision,
@@ -167,7 +167,7 @@ class VllmEngine:
     @property
     def renderer(self) -> PromptRenderer:
         if self._renderer is None:
-            raise EngineError("unavailable", "engine is not started")
+            raise EffllmError("unavailable", "engine is not started")
         return self._renderer
 
     def alive(self) -> bool:
@@ -184,10 +184,10 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         if request.adapter and request.resolved_adapter is None:
-            raise EngineError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
+            raise EffllmError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
         lora = self._lora_request(request.resolved_adapter) if request.resolved_adapter else self._null_lora
         if self._llm is None or self._llm.errored:
-            raise EngineError("unavailable", "engine is not running")
+            raise EffllmError("unavailable", "engine is not running")
         prompt_ids = self.renderer.render(request)
         s = request.sampling
         try:
@@ -203,7 +203,7 @@ class VllmEngine:
                 output_kind=RequestOutputKind.DELTA,
             )
         except VLLMValidationError as exc:  # vLLM's own bounds (e.g. temperature <= 2) beyond ours
-            raise EngineError("invalid_argument", f"sampling: {exc}") from exc
+            raise EffllmError("invalid_argument", f"sampling: {exc}") from exc
         finished = False
         produced = 0
         try:
@@ -233,7 +233,7 @@ class VllmEngine:
 
         lora_id = self._lora_ids.get(spec.key)
         if lora_id is None:
-            raise EngineError("not_found", f"adapter: {spec.key} is not loaded in the engine")
+            raise EffllmError("not_found", f"adapter: {spec.key} is not loaded in the engine")
         return LoRARequest(lora_name=spec.key, lora_int_id=lora_id, lora_path=str(spec.path))
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
@@ -242,9 +242,9 @@ class VllmEngine:
         from vllm.lora.peft_helper import PEFTHelper
 
         if not self.config.enable_lora:
-            raise EngineError("failed_precondition", "adapters: this engine was started without LoRA support")
+            raise EffllmError("failed_precondition", "adapters: this engine was started without LoRA support")
         if spec.method not in self.info.adapter_methods:
-            raise EngineError("failed_precondition", f"method: vLLM does not serve {spec.method} adapters")
+            raise EffllmError("failed_precondition", f"method: vLLM does not serve {spec.method} adapters")
         try:
             helper = PEFTHelper.from_local_dir(str(spec.path), max_position_embeddings=self.info.max_context)
             errors = helper._validate_features()
@@ -252,9 +252,9 @@ class VllmEngine:
                 errors.append(f"LoRA bias {helper.bias!r} is not supported.")
         except Exception as exc:
             message = f"adapter_config.json: vLLM cannot read it ({exc})"
-            raise EngineError("failed_precondition", message) from exc
+            raise EffllmError("failed_precondition", message) from exc
         if errors:
-            raise EngineError("failed_precondition", f"adapter: {' '.join(errors)}")
+            raise EffllmError("failed_precondition", f"adapter: {' '.join(errors)}")
         if spec.key in self._lora_ids:
             return
         lora_id = self._next_lora_id
@@ -318,4 +318,4 @@ def _first_module(path: Path, suffix: str) -> tuple[str, tuple[int, int]]:
         for key, meta in header.items():
             if key.endswith(f".{suffix}.weight") and len(meta["shape"]) == 2:
                 return key[: -len(".weight")], (int(meta["shape"][0]), int(meta["shape"][1]))
-    raise EngineError("failed_precondition", f"base model has no {suffix} weight to attach a null adapter to")
+    raise EffllmError("failed_precondition", f"base model has no {suffix} weight to attach a null adapter to")

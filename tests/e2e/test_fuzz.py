@@ -17,9 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from effllm.api.v1 import generation_pb2 as pb
+from effllm.api.v1 import generation_pb2_grpc as pb_grpc
 from effllm.client import EffllmClient
-from effllm.client.v1 import generation_pb2 as pb
-from effllm.client.v1 import generation_pb2_grpc as pb_grpc
 
 from ..serverproc import ServerProcess
 from .conftest import Hardened
@@ -139,8 +139,8 @@ def test_fuzz_health_and_info(channel: grpc.Channel, service: str) -> None:
 def test_fuzz_adapter_service(hardened: Hardened) -> None:
     """AdapterService fields (names, versions, relative paths that try to escape the root, wait times) on
     the hardened server, which has an adapter root, with the admin token."""
-    from effllm.client.v1 import adapters_pb2 as apb
-    from effllm.client.v1 import adapters_pb2_grpc as apb_grpc
+    from effllm.api.v1 import adapters_pb2 as apb
+    from effllm.api.v1 import adapters_pb2_grpc as apb_grpc
 
     client = EffllmClient(hardened.server.target, security=hardened.security("admin"), timeout=30)
     stub = apb_grpc.AdapterServiceStub(client.channel)

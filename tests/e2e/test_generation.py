@@ -10,8 +10,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from effllm.api.v1 import generation_pb2 as pb
 from effllm.client import AsyncEffllmClient
-from effllm.client.v1 import generation_pb2 as pb
 
 from ..serverproc import ServerProcess
 
@@ -175,7 +175,7 @@ def test_bad_input_gets_a_status_and_the_server_keeps_serving(
 
 
 def test_empty_request_is_invalid(vllm_server: ServerProcess) -> None:
-    from effllm.client.v1 import generation_pb2_grpc as pb_grpc
+    from effllm.api.v1 import generation_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(vllm_server.target) as ch:
         with pytest.raises(grpc.RpcError) as err:

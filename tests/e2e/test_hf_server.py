@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from effllm.client.v1 import generation_pb2 as pb
+from effllm.api.v1 import generation_pb2 as pb
 
 from ..serverproc import ServerProcess, start_server
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from effllm.client.v1 import generation_pb2 as pb
+from effllm.api.v1 import generation_pb2 as pb
 
 from ..serverproc import start_server, wait_serving
 

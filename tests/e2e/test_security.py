@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from effllm.api.v1 import adapters_pb2, adapters_pb2_grpc
 from effllm.client import ClientSecurity, EffllmClient
-from effllm.client.v1 import adapters_pb2, adapters_pb2_grpc
 
 from .conftest import Hardened
 

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from effllm.client.v1 import adapters_pb2, adapters_pb2_grpc
+from effllm.api.v1 import adapters_pb2, adapters_pb2_grpc
 from effllm.server.auth import AuthConfig, AuthInterceptor, bearer_token
 
 ADMIN = "admin-token-0123456789abcdef"

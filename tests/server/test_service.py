@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from effllm.client import build_request
-from effllm.server.engines.base import EngineError
+from effllm.server.engines.base import EffllmError
 from effllm.server.service import Limits, to_request
 
 CTX = 1024
 
 
 def check(req, match: str) -> None:
-    with pytest.raises(EngineError) as info:
+    with pytest.raises(EffllmError) as info:
         to_request(req, Limits(), CTX)
     assert info.value.code == "invalid_argument"
     assert match in info.value.message
@@ -60,11 +60,11 @@ def test_bad_fields_are_named(kw: dict, field: str) -> None:
 
 
 def test_no_input_at_all() -> None:
-    from effllm.client.v1 import generation_pb2 as pb
+    from effllm.api.v1 import generation_pb2 as pb
 
     check(pb.GenerateRequest(), "input")
 
 
 def test_server_limit_on_new_tokens() -> None:
-    with pytest.raises(EngineError, match="limit of 64"):
+    with pytest.raises(EffllmError, match="limit of 64"):
         to_request(build_request("x", max_new_tokens=65), Limits(max_new_tokens=64), CTX)

@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from effllm.api.v1 import tuning_pb2 as pb
 from effllm.client.tuning import TuningClient
-from effllm.client.v1 import tuning_pb2 as pb
 
 from ..serverproc import free_port
 

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from effllm.server.adapters.registry import AdapterRegistry, RegistryConfig
-from effllm.server.engines.base import AdapterSpec, EngineError, EngineInfo
+from effllm.server.engines.base import AdapterSpec, EffllmError, EngineInfo
 
 
 class RecordingEngine:
@@ -66,7 +66,7 @@ async def test_unknown_refs_are_not_found(adapter_root) -> None:
     _, reg = _registry(adapter_root)
     await reg.load("demo", "1")
     for ref in ("nobody", "demo@7"):
-        with pytest.raises(EngineError) as exc:
+        with pytest.raises(EffllmError) as exc:
             reg.acquire(ref)
         assert exc.value.code == "not_found" and ref in exc.value.message
     assert "demo@1" in str(exc.value.message)  # the hint lists what is loaded
@@ -83,10 +83,10 @@ async def test_failed_validation_changes_nothing(adapter_root) -> None:
         ("esc", "invalid_argument"),
         ("nope", "not_found"),
     ):
-        with pytest.raises(EngineError) as exc:
+        with pytest.raises(EffllmError) as exc:
             await reg.load(name, "1")
         assert exc.value.code == code, (name, exc.value.message)
-    with pytest.raises(EngineError) as exc:
+    with pytest.raises(EffllmError) as exc:
         await reg.load("demo", path="../outside/lora")
     assert exc.value.code == "invalid_argument"
     # at the resident limit, yet no eviction happened for the refused loads
@@ -112,7 +112,7 @@ async def test_unload_waits_for_leases_and_never_breaks_them(adapter_root) -> No
     unload = asyncio.create_task(reg.unload("demo", "1"))
     await asyncio.sleep(0.1)
     assert not unload.done() and "demo@1" in engine.loaded
-    with pytest.raises(EngineError):  # no new request gets a version that is leaving
+    with pytest.raises(EffllmError):  # no new request gets a version that is leaving
         reg.acquire("demo")
     lease.release()
     lease.release()  # idempotent
@@ -124,7 +124,7 @@ async def test_unload_gives_up_after_its_bound_and_restores(adapter_root) -> Non
     _, reg = _registry(adapter_root)
     await reg.load("demo", "1")
     lease = reg.acquire("demo@1")
-    with pytest.raises(EngineError) as exc:
+    with pytest.raises(EffllmError) as exc:
         await reg.unload("demo", wait_s=0.2)
     assert exc.value.code == "failed_precondition" and "1 requests still in flight" in exc.value.message
     assert reg.acquire("demo").spec.key == "demo@1"  # routable again
@@ -136,7 +136,7 @@ async def test_pin_blocks_unload_and_eviction_lru_order(adapter_root) -> None:
     for name in ("f1", "f2", "f3"):
         await reg.load(name, "1")
     await reg.pin("f1")
-    with pytest.raises(EngineError) as exc:
+    with pytest.raises(EffllmError) as exc:
         await reg.unload("f1")
     assert exc.value.code == "failed_precondition" and "pinned" in exc.value.message
     reg.acquire("f2").release()  # f2 used recently: f3 is now the least recently used unpinned one
@@ -144,7 +144,7 @@ async def test_pin_blocks_unload_and_eviction_lru_order(adapter_root) -> None:
     assert sorted(e.key for e in reg.entries()) == ["f1@1", "f2@1", "f4@1"] and "-f3@1" in engine.log
     busy = reg.acquire("f2")
     await reg.pin("f4")
-    with pytest.raises(EngineError) as exc:  # f1, f4 pinned and f2 busy: nothing may go
+    with pytest.raises(EffllmError) as exc:  # f1, f4 pinned and f2 busy: nothing may go
         await reg.load("demo", "1")
     assert exc.value.code == "resource_exhausted"
     busy.release()
@@ -167,6 +167,6 @@ async def test_stats(adapter_root) -> None:
 async def test_without_root_loads_are_refused(adapter_root) -> None:
     engine = RecordingEngine(adapter_root.fingerprint)
     reg = AdapterRegistry(engine, None, RegistryConfig())  # type: ignore[arg-type]
-    with pytest.raises(EngineError) as exc:
+    with pytest.raises(EffllmError) as exc:
         await reg.load("demo", "1")
     assert exc.value.code == "failed_precondition" and "--adapter-root" in exc.value.message

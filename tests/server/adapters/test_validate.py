@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from effllm.server.adapters.validate import BaseModules, read_safetensors_header, validate
-from effllm.server.engines.base import EngineError
+from effllm.server.engines.base import EffllmError
 
 VLLM = ("lora", "rslora")
 
@@ -26,8 +26,8 @@ def _check(
     )
 
 
-def _refused(adapter_root, base, rel: str, **kw) -> EngineError:
-    with pytest.raises(EngineError) as exc:
+def _refused(adapter_root, base, rel: str, **kw) -> EffllmError:
+    with pytest.raises(EffllmError) as exc:
         _check(adapter_root, base, rel, **kw)
     return exc.value
 

@@ -14,7 +14,7 @@ from effllm.common.model import resolve_model
 from effllm.server.engines.base import (
     AdapterSpec,
     ChatTurn,
-    EngineError,
+    EffllmError,
     GenerationRequest,
     Sampling,
     TokenEvent,
@@ -217,7 +217,7 @@ async def test_cancel_frees_the_slot(specs: dict[str, AdapterSpec]) -> None:
         held = eng.generate(request(PROMPTS[0], n=200, rid="held"))
         await held.__anext__()
         await eng.shutdown()
-        with pytest.raises(EngineError, match="shut down"):
+        with pytest.raises(EffllmError, match="shut down"):
             await asyncio.wait_for(held.__anext__(), timeout=10)
     finally:
         await eng.shutdown()
@@ -225,11 +225,11 @@ async def test_cancel_frees_the_slot(specs: dict[str, AdapterSpec]) -> None:
 
 async def test_unknown_adapter_is_refused(engine: HfEngine, specs: dict[str, AdapterSpec]) -> None:
     ghost = AdapterSpec("ghost", "1", specs["lora1"].path, "lora", 8, 16.0, ("q_proj",))
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(EffllmError) as err:
         await collect(engine, request(PROMPTS[0], ghost))
     assert err.value.code == "failed_precondition" and "ghost@1" in err.value.message
     big = AdapterSpec("big", "1", specs["lora1"].path, "lora", 128, 16.0, ("q_proj",))
-    with pytest.raises(EngineError, match="rank 128"):
+    with pytest.raises(EffllmError, match="rank 128"):
         await engine.add_adapter(big)
 
 
@@ -237,7 +237,7 @@ async def test_remove_then_add_again(engine: HfEngine, specs: dict[str, AdapterS
     spec = specs["lora2"]
     await engine.remove_adapter(spec.key)
     assert spec.key not in engine.adapters()
-    with pytest.raises(EngineError, match="not loaded"):
+    with pytest.raises(EffllmError, match="not loaded"):
         await collect(engine, request(PROMPTS[0], spec))
     await engine.add_adapter(spec)
     again = await collect(engine, request(PROMPTS[0], spec, rid="readd"))
@@ -306,7 +306,7 @@ async def test_int4_serves_an_adapter_at_under_a_third_of_bf16(specs: dict[str, 
         assert "Paris" in "".join(e.text for e in base)
         assert tuned[-1].adapter == "lora1@1" and len(tokens(tuned)) == 8
         assert tokens(tuned) != tokens(base)
-        with pytest.raises(EngineError, match="dora"):
+        with pytest.raises(EffllmError, match="dora"):
             await eng.add_adapter(specs["dora"])
     finally:
         await eng.shutdown()

@@ -1,8 +1,8 @@
-"""Generate the Python stubs in client/v1/ from proto/effllm/v1/*.proto.
+"""Generate the Python stubs in api/v1/ from proto/effllm/v1/*.proto.
 
-`python -m effllm.client.codegen` rewrites them; tests/client/test_codegen.py checks they are in sync.
+`python -m effllm.api.codegen` rewrites them; tests/api/test_codegen.py checks they are in sync.
 grpc_tools writes absolute imports (`from effllm.v1 import x_pb2`); we make them relative so the stubs live
-inside effllm.client.v1 whatever the proto package is called.
+inside effllm.api.v1 whatever the proto package is called.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
-STUB_DIR = ROOT / "client" / "v1"
+STUB_DIR = ROOT / "api" / "v1"
 _ABS_IMPORT = re.compile(r"^from effllm\.v1 import (\w+_pb2)", re.M)
 
 
