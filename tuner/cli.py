@@ -103,9 +103,9 @@ def run_tune(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:  # the adapter is on disk; the server refused or could not be reached
         print(f"effllm tune: LoadAdapter failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    m = done["metrics"]
+    m = done.metrics
     before, after = m.get("eval_before") or {}, m.get("eval_after") or {}
-    print(f"saved {done['output_dir']}" + (f"; published {done['published']}" if "published" in done else ""))
+    print(f"saved {done.output_dir}" + (f"; published {done.published}" if done.published else ""))
     print(
         f"trainable {m['params']['trainable']:,} ({m['params']['trainable_percent']:.3f} %)  "
         f"loss {m['train_loss_first']:.4f} -> {m['train_loss_last']:.4f}  "

@@ -22,9 +22,19 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from . import events
 from .config import TuneConfig
+from .events import (
+    CancelledEvent,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    PhaseEvent,
+    ProgressEvent,
+    Record,
+    StagingEvent,
+)
 
 log = logging.getLogger("effllm.tuner.jobs")
 
@@ -39,7 +49,7 @@ class Job:
     publish: dict[str, str] | None
     workdir: Path
     state: str = QUEUED
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Record] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     finished: float = 0.0
     step: int = 0
@@ -74,20 +84,19 @@ class JobManager:
         task.add_done_callback(self._tasks.discard)
         return job
 
-    async def _record(self, job: Job, event: dict[str, Any], state: str | None = None) -> None:
+    async def _record(self, job: Job, event: Event, state: str | None = None) -> None:
         async with job.changed:
             if state is not None:
                 job.state = state
                 if state in TERMINAL:
                     job.finished = time.time()
-            event = {**event, "state": job.state, "time": time.time()}
-            job.events.append(event)
+            job.events.append(Record(event, job.state, time.time()))
             job.changed.notify_all()
 
     async def _run(self, job: Job) -> None:
         async with self._slots:
             if job.cancel_requested:
-                await self._record(job, {"type": "cancelled"}, CANCELLED)
+                await self._record(job, CancelledEvent(), CANCELLED)
                 return
             job.workdir.mkdir(parents=True, exist_ok=True)
             spec = json.dumps({"config": job.config.to_dict(), "publish": job.publish})
@@ -101,44 +110,43 @@ class JobManager:
                     stderr=errlog,
                     env={**os.environ, "TQDM_DISABLE": "1"},
                 )
-            await self._record(job, {"type": "phase", "phase": "started"}, RUNNING)
+            await self._record(job, PhaseEvent("started"), RUNNING)
             if job.cancel_requested:  # cancel arrived while the process was starting
                 job.proc.send_signal(signal.SIGTERM)
-            last: dict[str, Any] = {}
+            last: Event | None = None
             assert job.proc.stdout is not None
             async for raw in job.proc.stdout:
                 try:
-                    event = json.loads(raw)
+                    event = events.from_json(raw)
                 except ValueError:
                     continue  # a stray print from a library; events are JSON lines
                 last = event
                 self._apply(job, event)
-                if event.get("type") not in ("done", "cancelled", "error"):
+                if not isinstance(event, events.TERMINAL_EVENTS):
                     await self._record(job, event)
             rc = await job.proc.wait()
-            kind = last.get("type")
-            if kind == "done" and rc == 0:
+            if isinstance(last, DoneEvent) and rc == 0:
                 await self._record(job, last, SUCCEEDED)
                 return
             self._remove_partial(job)
-            if job.cancel_requested or kind == "cancelled":
-                await self._record(job, {"type": "cancelled"}, CANCELLED)
+            if job.cancel_requested or isinstance(last, CancelledEvent):
+                await self._record(job, CancelledEvent(), CANCELLED)
             else:
-                job.error = last.get("error") or f"worker exited with {rc}; see {job.workdir / 'worker.log'}"
-                await self._record(job, {"type": "error", "error": job.error}, FAILED)
+                reported = last.error if isinstance(last, ErrorEvent) else ""
+                job.error = reported or f"worker exited with {rc}; see {job.workdir / 'worker.log'}"
+                await self._record(job, ErrorEvent(job.error), FAILED)
 
     @staticmethod
-    def _apply(job: Job, event: dict[str, Any]) -> None:
-        kind = event.get("type")
-        if kind == "progress":
-            job.step, job.total_steps, job.loss = event["step"], event["total_steps"], event["loss"]
-        elif kind == "phase" and "total_steps" in event:
-            job.total_steps = event["total_steps"]
-        elif kind == "staging":
-            job.staging.append(event["path"])
-        elif kind == "done":
-            job.output_dir = event.get("output_dir", "")
-            job.published = event.get("published", "")
+    def _apply(job: Job, event: Event) -> None:
+        if isinstance(event, ProgressEvent):
+            job.step, job.total_steps, job.loss = event.step, event.total_steps, event.loss
+        elif isinstance(event, PhaseEvent) and event.total_steps:
+            job.total_steps = event.total_steps
+        elif isinstance(event, StagingEvent):
+            job.staging.append(event.path)
+        elif isinstance(event, DoneEvent):
+            job.output_dir = event.output_dir
+            job.published = event.published
 
     def _remove_partial(self, job: Job) -> None:
         """A worker killed while saving leaves its hidden staging dir: remove it."""
@@ -161,17 +169,17 @@ class JobManager:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
 
-    async def watch(self, job: Job) -> AsyncIterator[dict[str, Any]]:
+    async def watch(self, job: Job) -> AsyncIterator[Record]:
         """Every event of the job from the first, then live ones, until the terminal one."""
         index = 0
         while True:
             async with job.changed:
                 await job.changed.wait_for(lambda n=index: len(job.events) > n)  # type: ignore[misc]
                 batch = job.events[index:]
-            for event in batch:
+            for record in batch:
                 index += 1
-                yield event
-                if event["state"] in TERMINAL:
+                yield record
+                if record.state in TERMINAL:
                     return
 
     async def wait_terminal(self, job: Job) -> None:

@@ -7,6 +7,7 @@ the output dir (ALREADY_EXISTS), the publish spec, and JSONL data files line by 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -22,8 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from effllm.api.v1 import tuning_pb2 as pb
 from effllm.api.v1 import tuning_pb2_grpc as pb_grpc
 
-from . import data
+from . import data, events
 from .config import ConfigError, TuneConfig
+from .events import CancelledEvent, DoneEvent, ErrorEvent, PhaseEvent, ProgressEvent, Record, StagingEvent
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, JobManager
 
 log = logging.getLogger("effllm.tuner.service")
@@ -36,16 +38,6 @@ _STATES = {
     FAILED: pb.JOB_STATE_FAILED,
     CANCELLED: pb.JOB_STATE_CANCELLED,
 }
-_PROGRESS_FIELDS = (
-    "step",
-    "total_steps",
-    "loss",
-    "lr",
-    "tokens_per_s",
-    "samples_per_s",
-    "elapsed_s",
-    "eta_s",
-)
 
 
 def config_from_proto(msg: pb.TuneConfig) -> TuneConfig:
@@ -106,8 +98,8 @@ class TuningService(pb_grpc.TuningServiceServicer):
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.JobEvent]:
         job = await self._find(request.job_id, context)
-        async for event in self.manager.watch(job):
-            yield job_event(job.id, event)
+        async for record in self.manager.watch(job):
+            yield job_event(job.id, record)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
         job = await self._find(request.job_id, context)
@@ -157,20 +149,20 @@ def job_info(job: Job) -> pb.JobInfo:
     )
 
 
-def job_event(job_id: str, event: dict[str, Any]) -> pb.JobEvent:
-    msg = pb.JobEvent(job_id=job_id, state=_STATES[event["state"]], time_unix=event["time"])
-    kind = event.get("type")
-    if kind == "progress":
-        msg.progress.CopyFrom(pb.Progress(**{k: event[k] for k in _PROGRESS_FIELDS}))
-    elif kind == "phase":
-        msg.phase = event["phase"]
-    elif kind == "done":
-        msg.metrics_json = json.dumps(event)
-    elif kind == "error":
-        msg.error = event["error"]
-    elif kind == "cancelled":
+def job_event(job_id: str, record: Record) -> pb.JobEvent:
+    msg = pb.JobEvent(job_id=job_id, state=_STATES[record.state], time_unix=record.time)
+    event = record.event
+    if isinstance(event, ProgressEvent):
+        msg.progress.CopyFrom(pb.Progress(**dataclasses.asdict(event)))
+    elif isinstance(event, PhaseEvent):
+        msg.phase = event.phase
+    elif isinstance(event, DoneEvent):
+        msg.metrics_json = json.dumps({**events.to_dict(event), "state": record.state, "time": record.time})
+    elif isinstance(event, ErrorEvent):
+        msg.error = event.error
+    elif isinstance(event, CancelledEvent):
         msg.phase = "cancelled"
-    elif kind == "staging":
+    elif isinstance(event, StagingEvent):
         msg.phase = "saving"
     return msg
 

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from . import data, methods
 from .config import TuneConfig
+from .events import Event, PhaseEvent, ProgressEvent
 from .measure import start_meter
 
-Event = dict[str, Any]
 EventSink = Callable[[Event], None]
 
 
@@ -51,7 +51,7 @@ def _device() -> torch.device:
 
 
 def load_base(config: TuneConfig) -> tuple[Any, Any, Any]:
-    # The one place the tuner reads server/: model resolution and the fingerprint adapters must match.
+    # Model resolution and the fingerprint adapters must match come from common/, as the server's do.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from effllm.common.model import resolve_model
@@ -174,7 +174,7 @@ def run(
     torch.manual_seed(config.seed)
     t_start = time.perf_counter()
 
-    emit({"type": "phase", "phase": "loading"})
+    emit(PhaseEvent("loading"))
     dataset = data.load_dataset(
         config.data,
         eval_data=config.eval_data,
@@ -192,7 +192,7 @@ def run(
 
     before = None
     if config.eval_before and dataset.eval:
-        emit({"type": "phase", "phase": "eval_before"})
+        emit(PhaseEvent("eval_before"))
         before = evaluate(model, tokenizer, encoder, dataset.eval, config, stop)
 
     per_step = config.batch_size * config.grad_accum
@@ -203,7 +203,7 @@ def run(
     device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    emit({"type": "phase", "phase": "training", "total_steps": total_steps})
+    emit(PhaseEvent("training", total_steps))
     model.train()
     losses: list[float] = []
     step_times: list[float] = []
@@ -234,17 +234,16 @@ def run(
             losses.append(step_loss)
             step_tokens = sum(len(e.input_ids) for b in group for e in b)
             elapsed = sum(step_times)
-            event = {
-                "type": "progress",
-                "step": step,
-                "total_steps": total_steps,
-                "loss": step_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": step_tokens / dt,
-                "samples_per_s": per_step / dt,
-                "elapsed_s": elapsed,
-                "eta_s": elapsed / step * (total_steps - step),
-            }
+            event = ProgressEvent(
+                step=step,
+                total_steps=total_steps,
+                loss=step_loss,
+                lr=scheduler.get_last_lr()[0],
+                tokens_per_s=step_tokens / dt,
+                samples_per_s=per_step / dt,
+                elapsed_s=elapsed,
+                eta_s=elapsed / step * (total_steps - step),
+            )
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / dt:.0f}")
             bar.update(1)
             emit(event)
@@ -254,7 +253,7 @@ def run(
 
     after = None
     if dataset.eval:
-        emit({"type": "phase", "phase": "eval_after"})
+        emit(PhaseEvent("eval_after"))
         after = evaluate(model, tokenizer, encoder, dataset.eval, config, stop)
 
     train_time = sum(step_times)

@@ -1,14 +1,15 @@
 """One tuning job end to end: train, save atomically, optionally publish + LoadAdapter. Also a process entry.
 
 `execute` is what `effllm tune` runs in-process. `python -m effllm.tuner.worker SPEC_JSON` runs the same in a
-child process for the TuningService: it prints one JSON event per line on stdout (progress, phases, the
-staging dir while saving, the final result or the error) and stops at the next micro-batch on SIGTERM,
+child process for the TuningService: it prints one event per line on stdout (events.py: progress, phases,
+the staging dir while saving, the final result or the error) and stops at the next micro-batch on SIGTERM,
 removing anything it had started to write.
-Invariant: the last stdout line of a worker is an event of type "done", "cancelled" or "error".
+Invariant: the last stdout line of a worker is a DoneEvent, CancelledEvent or ErrorEvent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import events
 from .config import ConfigError, TuneConfig, default_output_dir
-
-Event = dict[str, Any]
+from .events import CancelledEvent, DoneEvent, ErrorEvent, Event, PhaseEvent, StagingEvent
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ def execute(
     emit: Callable[[Event], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress_bar: bool = True,
-) -> Event:
-    """Returns the "done" event: output dir, published version, metrics."""
+) -> DoneEvent:
+    """Returns the DoneEvent: output dir, published version, metrics."""
     from . import export, train
 
     sink = emit or (lambda e: None)
@@ -65,18 +66,21 @@ def execute(
     )
     if should_stop is not None and should_stop():
         raise train.Cancelled()
-    sink({"type": "phase", "phase": "saving"})
-    saved = export.save(result, output, on_staging=lambda p: sink({"type": "staging", "path": str(p)}))
-    done: Event = {"type": "done", "output_dir": str(saved), "metrics": _brief(result.metrics)}
+    sink(PhaseEvent("saving"))
+    saved = export.save(result, output, on_staging=lambda p: sink(StagingEvent(str(p))))
+    done = DoneEvent(output_dir=str(saved), metrics=_brief(result.metrics))
     if publish is not None:
         from .publish import load_on_server
         from .publish import publish as publish_dir
 
-        sink({"type": "phase", "phase": "publishing"})
+        sink(PhaseEvent("publishing"))
         version = publish_dir(saved, Path(publish.adapter_root), publish.name)
         info = load_on_server(publish.server, publish.name, version)
-        done.update(
-            published=f"{publish.name}@{version}", adapter_root=publish.adapter_root, residency=info.residency
+        done = dataclasses.replace(
+            done,
+            published=f"{publish.name}@{version}",
+            adapter_root=publish.adapter_root,
+            residency=info.residency,
         )
     return done
 
@@ -108,7 +112,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     def emit(event: Event) -> None:
-        print(json.dumps(event), flush=True)
+        print(events.to_json(event), flush=True)
 
     try:
         config = TuneConfig.from_dict(spec["config"])
@@ -119,9 +123,9 @@ def main(argv: list[str]) -> int:
         from .train import Cancelled
 
         if isinstance(exc, Cancelled) or stop.is_set():
-            emit({"type": "cancelled"})
+            emit(CancelledEvent())
             return 3
-        emit({"type": "error", "error": f"{type(exc).__name__}: {exc}"})
+        emit(ErrorEvent(f"{type(exc).__name__}: {exc}"))
         return 2
 
 

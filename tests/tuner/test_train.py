@@ -11,6 +11,7 @@ import torch
 
 from effllm.tuner import export, methods, train
 from effllm.tuner.config import TuneConfig
+from effllm.tuner.events import Event, PhaseEvent, ProgressEvent
 
 # 4 examples and batch 4: every step sees the same batch, so the loss must fall as the weights move.
 FEW = dict(
@@ -30,12 +31,13 @@ LR = {"lora": 2e-3, "lora_plus": 2e-4, "rslora": 1e-3, "dora": 2e-3, "freeze": 2
 @pytest.mark.parametrize("method", ["lora", "lora_plus", "rslora", "dora", "freeze", "full"])
 def test_each_method_lowers_training_loss(method: str, tmp_path: Path) -> None:
     config = TuneConfig(method=method, lr=LR[method], layers=(-1,), **FEW)  # type: ignore[arg-type]
-    events: list[dict[str, object]] = []
+    events: list[Event] = []
     result = train.run(config, on_event=events.append, progress_bar=False)
     losses = result.metrics["train_loss"]
     assert len(losses) == 4 and losses[-1] < 0.9 * losses[0], losses
-    progress = [e for e in events if e["type"] == "progress"]
-    assert [e["step"] for e in progress] == [1, 2, 3, 4] and all(e["tokens_per_s"] > 0 for e in progress)
+    progress = [e for e in events if isinstance(e, ProgressEvent)]
+    assert [e.step for e in progress] == [1, 2, 3, 4] and all(e.tokens_per_s > 0 for e in progress)
+    assert [e.phase for e in events if isinstance(e, PhaseEvent)] == ["loading", "training"]
     m = result.metrics
     p = m["params"]
     if method == "full":

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from effllm.tuner import events
+from effllm.tuner.events import DoneEvent, ErrorEvent, ProgressEvent
 from effllm.tuner.publish import next_version, publish
 
 
@@ -39,10 +41,10 @@ def test_sigkill_mid_training_leaves_nothing_visible(tmp_path: Path) -> None:
         assert proc.stdout is not None
         deadline = time.monotonic() + 600
         for line in proc.stdout:
-            event = json.loads(line)
-            if event["type"] == "progress" and event["step"] >= 2:
+            event = events.from_json(line)
+            if isinstance(event, ProgressEvent) and event.step >= 2:
                 break
-            assert event["type"] not in ("done", "error"), event
+            assert not isinstance(event, (DoneEvent, ErrorEvent)), event
             assert time.monotonic() < deadline, "no training progress within 600 s"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
