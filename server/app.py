@@ -95,6 +95,7 @@ class EffllmServer:
         self._stopped = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self.failure: str | None = None  # why the server stopped on its own (then exit ENGINE_DIED_EXIT)
+        self.watch_interval_s = 0.5  # how often the watchdog asks engine.alive()
 
     async def start(self) -> int:
         opts = [
@@ -160,12 +161,10 @@ class EffllmServer:
     async def _watch_engine(self) -> None:
         """An engine that died (vLLM's engine core can) serves nothing again: stop being SERVING at once so
         balancers and round_robin clients go elsewhere, then exit non-zero for the supervisor to restart."""
-        alive = getattr(self.engine, "alive", None)
-        if alive is None:
-            return
         while self._server is not None:
-            await asyncio.sleep(0.5)
-            if self._server is not None and not alive():
+            await asyncio.sleep(self.watch_interval_s)
+            # A draining server shuts its engine down on purpose: that is not a death.
+            if self._server is not None and not self.generation.draining and not self.engine.alive():
                 self.failure = "the engine died"
                 log.error("engine died: health NOT_SERVING, stopping (exit code %d)", ENGINE_DIED_EXIT)
                 await self.drain(grace_s=0.0)
@@ -220,13 +219,19 @@ async def serve(
     adapters: AdapterRegistry | None = None,
     telemetry_config: TelemetryConfig | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; the first signal drains, a second one exits at once. Returns the exit
-    code: 0 after a drain, ENGINE_DIED_EXIT when the engine died under it."""
+    """Build the server around `engine` and `run` it; returns the process's exit code."""
     # The gauges read the runner lazily, so they may be registered before the server exists.
     telemetry = start_telemetry(
         engine, telemetry_config, lambda: (server.runner.queued, server.runner.running)
     )
     server = EffllmServer(engine, config, adapters, telemetry)
+    return await run(server)
+
+
+async def run(server: EffllmServer) -> int:
+    """Start, load and serve until SIGTERM/SIGINT; the first signal drains, a second one exits at once.
+    Returns the exit code: 0 after a drain, ENGINE_DIED_EXIT when the engine died under it. The signal
+    handlers are this call's only: they are removed when it returns."""
     loop = asyncio.get_running_loop()
     signals = 0
     tasks: set[asyncio.Task[None]] = set()  # keep a reference: the loop holds tasks weakly
@@ -244,11 +249,15 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    await server.start()
-    await server.load()
-    await server.wait()
+    try:
+        await server.start()
+        await server.load()
+        await server.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
     if not server.generation.ready:  # drained while loading: the engine came up after drain's shutdown
-        await engine.shutdown()
+        await server.engine.shutdown()
     log.info("stopped")
     return ENGINE_DIED_EXIT if server.failure else 0
 

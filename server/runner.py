@@ -2,6 +2,8 @@
 
 Invariant: a request either gets a slot (running <= max_concurrency), waits in a bounded queue, or is
 refused at once with `resource_exhausted`; whatever ends it (finish, error, cancel) gives its slot back.
+Its prompt is rendered and length-checked (`Engine.prepare`) and its adapter resolved before admission, so
+a refused prompt or unknown adapter never holds a slot or a queue place.
 Timings are measured here, so they mean the same for every engine.
 """
 
@@ -61,10 +63,12 @@ class Runner:
             )
 
     async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Resolve the adapter (a lease on one version, held until the request ends), then admit and run."""
+        """Render the prompt, resolve the adapter (a lease on one version, held until the request ends), then
+        admit and run."""
         trace = self.observer.begin(_start(request)) if self.observer is not None else None
         lease = None
         try:
+            request = self.engine.prepare(request)  # INVALID_ARGUMENT before the request takes a slot
             if request.adapter:
                 if self.adapters is None:
                     raise EffllmError(
@@ -113,28 +117,31 @@ class Runner:
             trace.scheduled()
         first: float | None = None
         try:
-            async for event in self.engine.generate(request):
-                now = time.perf_counter()
-                if first is None and event.token_ids:
-                    first = now
-                if event.finish_reason is not None:
-                    self.counters.output_tokens_total += event.usage.output_tokens if event.usage else 0
-                    if event.finish_reason == "cancelled":
-                        self.counters.requests_cancelled += 1
-                    first_at = first if first is not None else now
-                    event = replace(
-                        event,
-                        adapter=request.resolved_adapter.key if request.resolved_adapter else "",
-                        timings=Timings(
-                            queue_s=scheduled - arrival,
-                            time_to_first_token_s=first_at - arrival,
-                            decode_s=now - first_at,
-                            total_s=now - arrival,
-                        ),
-                    )
-                    if trace is not None:
-                        trace.finish(_end(event))
-                yield event
+            # aclosing: a request that ends early (cancel, consumer gone) aborts in the engine now, not when
+            # the GC finalises the engine's stream, so the engine's batch slot is free by the time ours is.
+            async with aclosing(self.engine.generate(request)) as stream:  # type: ignore[type-var]
+                async for event in stream:
+                    now = time.perf_counter()
+                    if first is None and event.token_ids:
+                        first = now
+                    if event.finish_reason is not None:
+                        self.counters.output_tokens_total += event.usage.output_tokens if event.usage else 0
+                        if event.finish_reason == "cancelled":
+                            self.counters.requests_cancelled += 1
+                        first_at = first if first is not None else now
+                        event = replace(
+                            event,
+                            adapter=request.resolved_adapter.key if request.resolved_adapter else "",
+                            timings=Timings(
+                                queue_s=scheduled - arrival,
+                                time_to_first_token_s=first_at - arrival,
+                                decode_s=now - first_at,
+                                total_s=now - arrival,
+                            ),
+                        )
+                        if trace is not None:
+                            trace.finish(_end(event))
+                    yield event
         except (asyncio.CancelledError, GeneratorExit):
             self.counters.requests_cancelled += 1
             raise

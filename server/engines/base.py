@@ -2,6 +2,8 @@
 
 Everything above this module (service, admission) is free of torch; everything below it may use it.
 An engine reports what it can do in `EngineInfo`; the service refuses the rest before it reaches here.
+Invariant: the runner calls `prepare` (render + length check, tokenizer only) before a request takes a
+slot, and `generate` only with a prepared request; `Engine` lists everything the server calls on an engine.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class GenerationRequest:
     resolved_adapter: AdapterSpec | None = None
     # The server's --max-prompt-tokens (0: only the context bounds the prompt); checked after rendering.
     max_prompt_tokens: int = 0
+    # Set by Engine.prepare before admission: the rendered prompt, already checked against the limits.
+    prompt_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,17 @@ class Engine(Protocol):
 
     async def start(self) -> None:
         """Load the model; the server reports SERVING only after this returns."""
+
+    def alive(self) -> bool:
+        """False once the engine can serve nothing again (its loop or engine core died); polled by the
+        server's watchdog, which then turns health NOT_SERVING and exits non-zero."""
+        ...
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with `prompt_ids` set: rendered and length-checked with the tokenizer only (cheap, no
+        model), so a bad prompt is refused (EffllmError invalid_argument / failed_precondition) before the
+        request takes a slot."""
+        ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         """Stream the request's tokens. Closing the iterator early aborts the request and frees its slot."""

@@ -189,6 +189,15 @@ class HfEngine:
     def running(self) -> int:
         return len(self._waiting) + len(self._active)
 
+    def alive(self) -> bool:
+        """False once the batching loop has ended on its own (a bug, not a bad request): nothing decodes."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        if self._renderer is None:
+            raise EffllmError("unavailable", "engine is not started")
+        return self._renderer.prepare(request)
+
     # --- adapters ---------------------------------------------------------------------------------------
     async def add_adapter(self, spec: AdapterSpec) -> None:
         if spec.method not in self.info.adapter_methods:
@@ -226,7 +235,7 @@ class HfEngine:
         if spec is not None and spec.key not in batch.adapters:
             raise EffllmError("failed_precondition", f"adapter: {spec.key} is not loaded in the engine")
         assert self._renderer is not None
-        prompt_ids = self._renderer.render(request)
+        prompt_ids = self._renderer.ids(request)
         s = request.sampling
         generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
         queue: asyncio.Queue[TokenEvent | EffllmError] = asyncio.Queue()

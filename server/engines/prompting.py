@@ -1,11 +1,14 @@
 """Turn a request's prompt or chat turns into token ids, and check they fit the context.
 
-Both engines tokenize here, so a prompt means the same tokens whichever engine serves it, and the
-context check happens before a request takes a batch slot.
+Both engines tokenize here, so a prompt means the same tokens whichever engine serves it. The runner calls
+`Engine.prepare` (here: `prepare`) before admission, so an over-long or unrenderable prompt is refused before
+the request takes a slot; `generate` then reuses the prepared ids.
+Invariant: every id list an engine decodes from went through `render`'s checks.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from .base import EffllmError, GenerationRequest
@@ -15,6 +18,14 @@ class PromptRenderer:
     def __init__(self, tokenizer: Any, max_context: int) -> None:
         self.tokenizer = tokenizer
         self.max_context = max_context
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its checked prompt ids; raises EffllmError naming the field."""
+        return replace(request, prompt_ids=tuple(self.render(request)))
+
+    def ids(self, request: GenerationRequest) -> list[int]:
+        """The prompt ids to decode from: the prepared ones, or rendered now (engine used directly)."""
+        return list(request.prompt_ids) if request.prompt_ids is not None else self.render(request)
 
     def render(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:

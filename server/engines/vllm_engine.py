@@ -177,6 +177,9 @@ class VllmEngine:
     def running(self) -> int:
         return int(self._llm.output_processor.get_num_unfinished_requests()) if self._llm else 0
 
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        return self.renderer.prepare(request)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
@@ -188,7 +191,7 @@ class VllmEngine:
         lora = self._lora_request(request.resolved_adapter) if request.resolved_adapter else self._null_lora
         if self._llm is None or self._llm.errored:
             raise EffllmError("unavailable", "engine is not running")
-        prompt_ids = self.renderer.render(request)
+        prompt_ids = self.renderer.ids(request)
         s = request.sampling
         try:
             params = SamplingParams(

@@ -56,3 +56,24 @@ def test_anything_else_is_a_value_error(line: str) -> None:
 def test_only_done_cancelled_error_are_terminal() -> None:
     terminal = [e for e in ALL if isinstance(e, events.TERMINAL_EVENTS)]
     assert [type(e) for e in terminal] == [DoneEvent, CancelledEvent, ErrorEvent]
+
+
+def test_the_service_streams_each_record_as_its_job_event() -> None:
+    from effllm.api.v1 import tuning_pb2 as pb
+    from effllm.tuner.events import Record
+    from effllm.tuner.service import job_event
+
+    def msg(event: events.Event, state: str = "running") -> pb.JobEvent:
+        return job_event("j1", Record(event, state, 123.5))
+
+    progress = msg(ALL[2])
+    assert progress.job_id == "j1" and progress.time_unix == 123.5 and progress.state == pb.JOB_STATE_RUNNING
+    assert (progress.progress.step, progress.progress.total_steps, progress.progress.eta_s) == (3, 12, 4.5)
+    assert msg(PhaseEvent("training", 12)).phase == "training"
+    assert msg(StagingEvent("/x")).phase == "saving"
+    assert msg(CancelledEvent(), "cancelled").phase == "cancelled"
+    assert msg(ErrorEvent("boom"), "failed").error == "boom"
+    done = json.loads(msg(ALL[4], "succeeded").metrics_json)
+    assert done["output_dir"] == "/out" and done["metrics"]["method"] == "lora"
+    assert done["published"] == "demo@2"
+    assert (done["type"], done["state"], done["time"]) == ("done", "succeeded", 123.5)
