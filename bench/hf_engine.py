@@ -5,7 +5,7 @@ of each precision and their ratio to bf16. Prints a table; writes JSON.
     python bench/hf_engine.py --precisions fp32 bf16 int4 --concurrency 1 8 --max-new 32 \
         --out runs/bench-hf-engine.json
 
-The 4 adapters are real PEFT adapters on the base (tests/adaptertools): lora, rslora, lora, and dora where
+The 4 adapters are real PEFT adapters on the base (effllm.tuner.synthetic): lora, rslora, lora, and dora where
 the precision serves it (a DoRA adapter runs as its own batch group: one more forward per step), else rslora.
 """
 
@@ -20,14 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.adaptertools
-
 from serving import TOPICS  # bench/serving.py, beside this script: the same prompts
 
 
 def make_adapters(base: Path, root: Path) -> dict[str, Any]:
     from effllm.server.engines.base import AdapterSpec
-    from tests.adaptertools import make_adapter
+    from effllm.tuner.synthetic import make_adapter
 
     specs = {}
     for i, method in enumerate(("lora", "rslora", "lora", "dora", "rslora")):

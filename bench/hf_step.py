@@ -19,9 +19,6 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def model_dir(tmp: Path, tiny: bool, source: Path | None) -> Path:
     import shutil
@@ -97,7 +94,7 @@ def main() -> int:
     from effllm.server.engines.base import AdapterSpec, Sampling
     from effllm.server.engines.hf_batch import Batch, Row
     from effllm.server.engines.hf_text import TextStream
-    from tests.adaptertools import make_adapter
+    from effllm.tuner.synthetic import make_adapter
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     tmp = Path(tempfile.mkdtemp())

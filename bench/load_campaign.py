@@ -7,7 +7,7 @@
 3. the precision table: the same workload (no adapters), short, per precision (`--precisions`).
 
     python bench/load_campaign.py --out runs/bench-load [--adapters 8] [--duration 120]
-Adapters are made with tests/adaptertools.py (random LoRA r=8 on the real base) into OUT/adapters.
+Adapters are made with effllm.tuner.synthetic (random LoRA r=8 on the real base) into OUT/adapters.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def make_adapters(out: Path, n: int) -> Path:
     from effllm.loadtest.quality import default_model_path
-    from tests.adaptertools import make_adapter
+    from effllm.tuner.synthetic import make_adapter
 
     root = out / "adapters"
     for i in range(1, n + 1):

@@ -26,10 +26,9 @@ from pathlib import Path
 import grpc
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.serverproc: the same server start-up the tests use
+from effllm.client import AsyncEffllmClient
 
-from effllm.client import AsyncEffllmClient  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BAD = ("INTERNAL", "UNKNOWN", "DATA_LOSS")
 PROMPTS = (
