@@ -20,7 +20,7 @@ def make_adapter(
     *,
     method: str = "lora",
     rank: int = 8,
-    alpha: float | None = None,
+    alpha: int | None = None,  # PEFT's lora_alpha is an int; None: 2 * rank
     seed: int = 0,
     targets: tuple[str, ...] = DEFAULT_TARGETS,
     scale: float = 0.5,
@@ -36,7 +36,9 @@ def make_adapter(
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_alpha=int(alpha)
+        if alpha is not None
+        else 2 * rank,  # PEFT types it int; configs use whole numbers
         target_modules=list(targets),
         lora_dropout=0.0,
         use_rslora=method == "rslora",
@@ -50,7 +52,7 @@ def make_adapter(
             if "lora_" in name:
                 param.mul_(scale)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(str(out_dir))
     if manifest is not None:
         (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
