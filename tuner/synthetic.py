@@ -36,9 +36,7 @@ def make_adapter(
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     config = LoraConfig(
         r=rank,
-        lora_alpha=int(alpha)
-        if alpha is not None
-        else 2 * rank,  # PEFT types it int; configs use whole numbers
+        lora_alpha=alpha if alpha is not None else 2 * rank,
         target_modules=list(targets),
         lora_dropout=0.0,
         use_rslora=method == "rslora",
