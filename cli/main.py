@@ -1,4 +1,8 @@
-"""`effllm`: a thin dispatcher; each package owns its subcommands (see shared/DESIGN.md)."""
+"""`effllm`: a thin dispatcher; each package owns its subcommands (see docs/architecture.md).
+
+Invariant: a subcommand's module is imported here only to add its parser; each one imports its heavy
+dependencies (torch, vLLM, Locust) inside the function that runs it, so `effllm generate` never loads them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-# (module, needs the model stack) — imported lazily so `effllm generate` never imports torch.
+# Each module has `add_parser(subparsers)`; what it runs imports the model stack lazily.
 _COMMANDS = (
     "effllm.server.cli",
     "effllm.client.cli",

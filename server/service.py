@@ -1,6 +1,7 @@
 """GenerationService: validate, map proto -> GenerationRequest, map errors -> gRPC status. No torch here.
 
-Every refusal names the field and the reason, and happens before the request takes a slot.
+Every refusal names the field and the reason, and happens before the request takes a slot: the fields here
+(`to_request`), the rendered prompt's length and the adapter in the runner, before admission.
 """
 
 from __future__ import annotations

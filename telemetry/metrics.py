@@ -1,6 +1,6 @@
 """The EfficientLLM metrics (Yuan et al., 2025) as pure functions, plus what effllm adds (J, J/token).
 
-Definitions follow ../shared/EFFICIENTLLM.md exactly:
+Definitions follow the paper (arXiv 2505.13840) and its authors' measurement code exactly:
   AMU = (1/T) ∫ memory_used(t) dt      (ratio used/total for inference; bytes for training)
   PCU = (1/T) ∫ utilisation(t)/peak dt (a time average in 0..1, despite the word "peak")
   AL  = Σ latency_i / N

@@ -7,6 +7,8 @@ Where to look:
   train.py    the training loop, evaluation (held-out loss, exact match), measurement
   export.py   atomic output dir with manifest.json + metrics.json; publish.py into a server's adapter root
   worker.py   one job end to end (also a child-process entry); jobs.py + service.py: TuningService
+  events.py   the typed events a run sends (worker stdout -> JobManager -> WatchJob), one JSON line each
+  synthetic.py random PEFT adapters on a real base, for benchmarks and tests (no training)
   bench.py    every method side by side (`effllm tuner bench`)
 The tuner talks to the server only over gRPC and through the adapter directory.
 """
