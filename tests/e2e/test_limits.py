@@ -42,6 +42,12 @@ def test_limits_refuse_at_once_naming_the_limit(hardened: Hardened) -> None:
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (limit, details)
             assert limit in details, details
             assert seconds < 2.0, (limit, seconds)
+        # The rendered prompt is checked before admission: an over-long one never held a slot, so the
+        # runner (which counts every request that got one) never saw it.
+        served = c.stats().requests_total
+        code, details, _ = _refusal(lambda: c.generate(messages=[("user", "word " * 200)], max_new_tokens=2))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_prompt_tokens=64" in details, details
+        assert c.stats().requests_total == served
         # The message size limit is gRPC's own (raised from 4 MiB by --max-message-mib): RESOURCE_EXHAUSTED.
         code, details, _ = _refusal(lambda: c.generate("a" * (2 << 20), max_new_tokens=2))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
