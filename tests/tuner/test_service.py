@@ -159,7 +159,7 @@ def test_publish_goes_only_to_configured_servers_and_roots(tuner: tuple[TuningCl
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith(f"{field}: "), err.value.details()
     assert not Path("/tmp/pwnroot").exists()
-    # a configured name and an in-root folder pass the publish checks: the refusal is the data's (checked later)
+    # a configured name and an in-root folder pass the publish checks: the refusal is the data's
     (work / "data" / "empty.jsonl").write_text("")
     for root in ("", "team", str(work / "adapters" / "team")):
         with pytest.raises(grpc.RpcError) as err:
