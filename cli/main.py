@@ -6,6 +6,11 @@ import argparse
 import importlib
 import sys
 
+from effllm.server import lifeline as _lifeline
+
+if _lifeline.spawned_child():  # vLLM's engine core started with `spawn` (CUDA): die with the server
+    _lifeline.die_with_parent()
+
 # (module, needs the model stack) — imported lazily so `effllm generate` never imports torch.
 _COMMANDS = (
     "effllm.server.cli",

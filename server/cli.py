@@ -13,6 +13,7 @@ from ..common.auth import add_flags as add_security_flags
 from ..common.auth import security_config
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
+from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .engines.base import PRECISIONS, Engine, Precision
@@ -232,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             preload=tuple(args.preload),
         )
+        lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
         engine = maybe_inject(build_engine(args))
     except (ValueError, OSError) as err:
         logging.getLogger("effllm.server").error("bad configuration: %s", err)
