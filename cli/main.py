@@ -10,6 +10,11 @@ import argparse
 import importlib
 import sys
 
+from effllm.server import lifeline as _lifeline
+
+if _lifeline.spawned_child():  # vLLM's engine core started with `spawn` (CUDA): die with the server
+    _lifeline.die_with_parent()
+
 # Each module has `add_parser(subparsers)`; what it runs imports the model stack lazily.
 _COMMANDS = (
     "effllm.server.cli",

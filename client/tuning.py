@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
-
 from ..api.v1 import tuning_pb2 as pb
 from ..api.v1 import tuning_pb2_grpc as pb_grpc
+from .channel import ClientSecurity, make_channel
 
 
 def tune_config(**fields: Any) -> pb.TuneConfig:
@@ -18,8 +17,16 @@ def tune_config(**fields: Any) -> pb.TuneConfig:
 
 
 class TuningClient:
-    def __init__(self, target: str = "127.0.0.1:50061", *, timeout: float | None = 60.0) -> None:
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50061",
+        *,
+        timeout: float | None = 60.0,
+        security: ClientSecurity | None = None,
+    ) -> None:
+        """`security`: TLS and the admin token a tuner with auth needs (see docs/security.md)."""
+        self.target = target
+        self.channel, _ = make_channel(target, security)
         self.timeout = timeout
         self._stub = pb_grpc.TuningServiceStub(self.channel)
 

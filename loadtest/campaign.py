@@ -159,14 +159,19 @@ def run(c: Campaign) -> dict[str, Any]:
     before = {t: _server_snapshot(t) for t in cfg.targets}
     watch = ResourceWatch(c.server_pid).start() if c.server_pid else None
     env = {**os.environ, ENV: str(cfg_path)}
-    procs = []
-    with (run_dir / "locust.log").open("wb") as log:
-        for cmd in _locust_cmds(c, run_dir):
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-            time.sleep(0.3 if c.workers else 0)  # the master binds before workers connect
-        codes = [p.wait() for p in procs]
-    if watch:
-        watch.stop()
+    procs: list[subprocess.Popen[bytes]] = []
+    # Locust's own --run-time ends it; the margin covers start-up and waiting for workers (60 s).
+    deadline = time.monotonic() + cfg.duration_s + cfg.timeout_s + 10 + 90
+    try:
+        with (run_dir / "locust.log").open("wb") as log:
+            for cmd in _locust_cmds(c, run_dir):
+                procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+                time.sleep(0.3 if c.workers else 0)  # the master binds before workers connect
+            codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    finally:  # whatever raised (a timeout, Ctrl-C, a failed step), nothing of ours outlives the campaign
+        _stop_processes(procs)
+        if watch:
+            watch.stop()
     after = {t: _server_snapshot(t) for t in cfg.targets}
     rows = read_rows(run_dir)
     if not rows:
@@ -204,6 +209,19 @@ def run(c: Campaign) -> dict[str, Any]:
     )
     write(run_dir, {c.label: report})
     return report
+
+
+def _stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
+    """SIGTERM to those still running (Locust writes its stats on it), SIGKILL after `grace_s`."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _wait_for_spans(

@@ -26,10 +26,10 @@ from ..api.v1 import adapters_pb2_grpc as apb_grpc
 from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..common.adapter_paths import parse_ref
+from ..common.auth import AuthConfig, AuthInterceptor, TlsConfig
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
-from .auth import AuthConfig, AuthInterceptor, TlsConfig
 from .engines.base import EffllmError, Engine
 from .runner import Runner
 from .service import GenerationService, Limits

@@ -9,14 +9,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ..common.auth import add_flags as add_security_flags
+from ..common.auth import security_config
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
+from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
-from .auth import ENV_ADMIN, ENV_GENERATE, AuthConfig, TlsConfig, is_loopback
 from .engines.base import PRECISIONS, Engine, Precision
 from .faults import maybe_inject
 from .service import Limits
+
+# The flags' defaults are the Limits defaults: one source of truth (a request limit seen through the CLI
+# and through ServerConfig() is the same number).
+_LIMITS = Limits()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,9 +61,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens")
     p.add_argument(
-        "--max-new-tokens", type=int, default=2048, help="largest max_new_tokens a request may ask"
+        "--max-new-tokens",
+        type=int,
+        default=_LIMITS.max_new_tokens,
+        help="largest max_new_tokens a request may ask",
     )
-    p.add_argument("--default-max-new-tokens", type=int, default=128)
+    p.add_argument("--default-max-new-tokens", type=int, default=_LIMITS.default_max_new_tokens)
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache size")
     p.add_argument(
         "--tensor-parallel-size",
@@ -69,16 +78,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lim.add_argument(
         "--max-prompt-tokens",
         type=int,
-        default=0,
+        default=_LIMITS.max_prompt_tokens,
         help="rendered prompt tokens; 0: the context minus max_new_tokens",
     )
     lim.add_argument(
-        "--max-prompt-chars", type=int, default=200_000, help="prompt characters, before tokenizing"
+        "--max-prompt-chars",
+        type=int,
+        default=_LIMITS.max_prompt_chars,
+        help="prompt characters, before tokenizing",
     )
     lim.add_argument(
         "--max-request-seconds",
         type=float,
-        default=600.0,
+        default=_LIMITS.max_request_s,
         help="cap on any request's run time, whatever deadline the client sent",
     )
     lim.add_argument(
@@ -87,32 +99,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=16.0,
         help="largest gRPC message either way (gRPC's own default is 4 MiB)",
     )
-    sec = p.add_argument_group("security (see docs/security.md)")
-    sec.add_argument(
-        "--auth-token-file",
-        type=Path,
-        default=None,
-        help=f"lines `admin TOKEN` / `generate TOKEN` (or ${ENV_ADMIN} / ${ENV_GENERATE}); "
-        "with a token, AdapterService and TuningService need the admin role",
-    )
-    sec.add_argument(
-        "--require-auth-for-generate",
-        action="store_true",
-        help="GenerationService needs a token too (generate or admin role)",
-    )
-    sec.add_argument(
-        "--allow-unauthenticated-admin",
-        action="store_true",
-        help="serve admin RPCs without a token on a non-loopback host (not recommended)",
-    )
-    sec.add_argument("--tls-cert", type=Path, default=None, help="server certificate chain (PEM)")
-    sec.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
-    sec.add_argument(
-        "--tls-client-ca",
-        type=Path,
-        default=None,
-        help="CA bundle (PEM) that signs client certificates: mutual TLS",
-    )
+    add_security_flags(p)
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
@@ -195,22 +182,6 @@ def build_engine(args: argparse.Namespace) -> Engine:
     return VllmEngine(model, config)
 
 
-def security_config(args: argparse.Namespace) -> tuple[AuthConfig, TlsConfig | None]:
-    """Raises ValueError with a message for the user on an unsafe or incomplete combination."""
-    auth = AuthConfig.load(args.auth_token_file, require_for_generate=args.require_auth_for_generate)
-    if not auth.enabled and not is_loopback(args.host) and not args.allow_unauthenticated_admin:
-        raise ValueError(
-            f"--host {args.host} is not loopback and no admin token is set: give --auth-token-file or "
-            f"${ENV_ADMIN} (or --allow-unauthenticated-admin to accept that anyone may manage adapters)"
-        )
-    if (args.tls_cert is None) != (args.tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_client_ca is not None and args.tls_cert is None:
-        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    return auth, tls
-
-
 def _vllm_lora_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.adapter_root is None:
         return {}
@@ -262,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             tls=tls,
             preload=tuple(args.preload),
         )
+        lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
         engine = maybe_inject(build_engine(args))
     except (ValueError, OSError) as err:
         logging.getLogger("effllm.server").error("bad configuration: %s", err)

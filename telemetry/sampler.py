@@ -194,11 +194,21 @@ class ResourceSampler:
         return s
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period):
+        # NOTE: scheduled by deadline (t0 + k * period), not "sleep a period after each sample": a sample's
+        # own time and a late wake-up no longer stretch every period. A wake-up needs the GIL, so next to a
+        # thread that runs Python without pause (the switch interval is 5 ms; on a loaded machine the OS
+        # adds its own delay) a wake-up can be tens of ms late; the next wait is then shorter. Slots missed
+        # in a longer stall are skipped, never made up in a burst (samples are deltas over real time).
+        next_at = time.monotonic() + self.period
+        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
             try:
                 self.sample()
             except Exception:  # a sampler must never take the server down
                 log.exception("resource sample failed")
+            now = time.monotonic()
+            next_at += self.period
+            if next_at <= now:
+                next_at += (now - next_at) // self.period * self.period + self.period
 
     def start(self) -> ResourceSampler:
         if self.path is not None:

@@ -10,9 +10,13 @@ import json
 import logging
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 import grpc
+
+from effllm.common.auth import ENV_ADMIN, AuthConfig, security_config
+from effllm.common.auth import add_flags as add_security_flags
 
 from .config import METHODS, ConfigError, TuneConfig
 
@@ -52,10 +56,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("tuner", help="the tuning service and benchmarks")
     tsub = t.add_subparsers(dest="tuner_command", required=True)
     s = tsub.add_parser("serve", help="serve TuningService over gRPC (jobs run in child processes)")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="loopback unless told otherwise")
     s.add_argument("--port", type=int, default=50061)
     s.add_argument("--max-running", type=int, default=1, help="jobs training at once; the rest wait")
-    s.add_argument("--log-dir", default="runs/tuner", help="one log file per job")
+    s.add_argument("--log-dir", default="runs/tuner", help="one folder per job (log, default output)")
+    r = s.add_argument_group("roots: every path in a job must resolve inside its root (links followed)")
+    r.add_argument("--data-root", default=".", help="data, eval_data and model paths")
+    r.add_argument("--output-root", default="runs/tune", help="output_dir paths (created if missing)")
+    r.add_argument("--adapter-root", default=None, help="publish.adapter_root paths; none: no publishing")
+    pub = s.add_argument_group("publishing (with the tuner's own credentials)")
+    pub.add_argument(
+        "--publish-server",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="a server jobs may publish to, by NAME (repeatable); jobs cannot name an address",
+    )
+    pub.add_argument(
+        "--publish-token-file",
+        type=Path,
+        default=None,
+        help="admin token for those servers (its first line: `TOKEN` or `admin TOKEN`); "
+        "default: this tuner's own admin token",
+    )
+    pub.add_argument("--publish-ca", type=Path, default=None, help="CA (PEM) of those servers: TLS")
+    pub.add_argument("--publish-cert", type=Path, default=None, help="client certificate (PEM): mutual TLS")
+    pub.add_argument("--publish-key", type=Path, default=None, help="client key (PEM): mutual TLS")
+    add_security_flags(s, generate_role=False)
     s.set_defaults(func=run_serve)
     b = tsub.add_parser("bench", help="every method on the same task, steps and seed; table + JSON")
     b.add_argument("--steps", type=int, default=30)
@@ -122,11 +149,59 @@ def _fmt(x: float | None) -> str:
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .policy import TunerPolicy
     from .service import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.host, args.port, max_running=args.max_running, log_dir=args.log_dir))
+    try:
+        auth, tls = security_config(args)
+        Path(args.output_root).mkdir(parents=True, exist_ok=True)
+        policy = TunerPolicy.create(
+            args.data_root, args.output_root, args.adapter_root, tuple(args.publish_server)
+        )
+        publish_tls, worker_env = _publish_credentials(args, auth)
+    except (ValueError, OSError) as err:
+        logging.getLogger("effllm.tuner").error("bad configuration: %s", err)
+        return 2
+    asyncio.run(
+        serve(
+            args.host,
+            args.port,
+            policy,
+            max_running=args.max_running,
+            log_dir=args.log_dir,
+            auth=auth,
+            tls=tls,
+            publish_tls=publish_tls,
+            worker_env=worker_env,
+        )
+    )
     return 0
+
+
+def _publish_credentials(args: argparse.Namespace, auth: AuthConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(PEM paths for the job spec, the worker's environment): the token travels in the environment,
+    which only the tuner's user can read, never on a command line that `ps` shows everyone."""
+    if (args.publish_cert is None) != (args.publish_key is None):
+        raise ValueError("--publish-cert and --publish-key go together")
+    tls = {
+        key: str(path.resolve())
+        for key, path in (
+            ("tls_ca", args.publish_ca),
+            ("tls_cert", args.publish_cert),
+            ("tls_key", args.publish_key),
+        )
+        if path is not None
+    }
+    token = None
+    if args.publish_token_file is not None:
+        words = [ln.split("#", 1)[0].split() for ln in args.publish_token_file.read_text().splitlines()]
+        token = next((w[-1] for w in words if w), None)
+        if token is None:
+            raise ValueError(f"--publish-token-file {args.publish_token_file}: no token in it")
+    else:
+        token = next((t for role, t in auth.tokens if role == "admin"), None)
+    return tls, ({ENV_ADMIN: token} if token else {})
 
 
 def run_bench(args: argparse.Namespace) -> int:

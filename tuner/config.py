@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ class TuneConfig:
         for name in ("rank", "batch_size", "grad_accum", "epochs"):
             _check(getattr(self, name) >= 1, name, f"{getattr(self, name)} must be >= 1")
         _check(8 <= self.max_length <= 32768, "max_length", f"{self.max_length} is not in 8..32768")
+        for f in fields(self):  # inf passes every `> 0` below and trains to NaN; NaN fails them silently
+            value = getattr(self, f.name)
+            _check(not isinstance(value, float) or math.isfinite(value), f.name, f"{value} is not finite")
         _check(self.alpha > 0, "alpha", f"{self.alpha} must be > 0")
         _check(0.0 <= self.dropout < 1.0, "dropout", f"{self.dropout} is not in [0, 1)")
         _check(self.lr > 0, "lr", f"{self.lr} must be > 0")

@@ -59,14 +59,22 @@ class Job:
     published: str = ""
     error: str = ""
     cancel_requested: bool = False
+    started: bool = False  # holds a running slot (its worker is starting or running)
     staging: list[str] = field(default_factory=list)
     proc: asyncio.subprocess.Process | None = None
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
 class JobManager:
-    def __init__(self, work_root: Path, max_running: int = 1, kill_after_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        work_root: Path,
+        max_running: int = 1,
+        kill_after_s: float = 30.0,
+        worker_env: dict[str, str] | None = None,
+    ) -> None:
         self.work_root = work_root
+        self.worker_env = worker_env or {}  # e.g. the publish token: env, not argv (which `ps` shows)
         self.kill_after_s = kill_after_s
         self.jobs: dict[str, Job] = {}
         self._slots = asyncio.Semaphore(max_running)
@@ -95,8 +103,8 @@ class JobManager:
 
     async def _run(self, job: Job) -> None:
         async with self._slots:
-            if job.cancel_requested:
-                await self._record(job, CancelledEvent(), CANCELLED)
+            job.started = True  # no await since the slot was taken: cancel() sees this or a queued job
+            if job.cancel_requested:  # cancelled while queued: already recorded by cancel()
                 return
             job.workdir.mkdir(parents=True, exist_ok=True)
             spec = json.dumps({"config": job.config.to_dict(), "publish": job.publish})
@@ -108,7 +116,7 @@ class JobManager:
                     spec,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=errlog,
-                    env={**os.environ, "TQDM_DISABLE": "1"},
+                    env={**os.environ, **self.worker_env, "TQDM_DISABLE": "1"},
                 )
             await self._record(job, PhaseEvent("started"), RUNNING)
             if job.cancel_requested:  # cancel arrived while the process was starting
@@ -157,9 +165,12 @@ class JobManager:
         if job.state in TERMINAL:
             return
         job.cancel_requested = True
+        if not job.started:  # queued: it ends now, not when a running job frees a slot
+            await self._record(job, CancelledEvent(), CANCELLED)
+            return
         proc = job.proc
         if proc is None or proc.returncode is not None:
-            return  # still queued: _run sees the flag when it gets a slot
+            return  # starting: _run sends SIGTERM once the process exists
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:

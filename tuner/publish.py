@@ -13,6 +13,7 @@ from pathlib import Path
 from effllm.api.errors import EffllmError
 from effllm.api.v1 import adapters_pb2 as apb
 from effllm.client import EffllmClient
+from effllm.client.channel import ClientSecurity
 from effllm.common import manifest
 from effllm.common.adapter_paths import check_name as _check_name
 
@@ -40,7 +41,9 @@ def publish(src_dir: Path, root: Path, name: str) -> str:
     return manifest.publish(src_dir, root, name)
 
 
-def load_on_server(target: str, name: str, version: str, timeout: float = 120.0) -> apb.AdapterInfo:
+def load_on_server(
+    target: str, name: str, version: str, timeout: float = 120.0, *, security: ClientSecurity | None = None
+) -> apb.AdapterInfo:
     """AdapterService.LoadAdapter(NAME, VERSION) on the running server; grpc.RpcError carries its status."""
-    with EffllmClient(target, timeout=timeout) as client:
+    with EffllmClient(target, timeout=timeout, security=security) as client:
         return client.load_adapter(name, version)

@@ -1,7 +1,10 @@
 """TuningService over gRPC (grpc.aio) in the tuner's own process; the jobs themselves run in child processes.
 
 Validation happens here, before a job exists: the config (TuneConfig, INVALID_ARGUMENT naming the field),
-the output dir (ALREADY_EXISTS), the publish spec, and JSONL data files line by line. No torch is imported.
+every path confined to its root (policy.py), the output dir (ALREADY_EXISTS), the publish spec (a server
+named in the tuner's configuration), and JSONL data files line by line. No torch is imported.
+Invariant: with a token configured, no RPC but health and reflection runs without the admin role
+(common/auth.py's interceptor); no file outside the roots is read or written on a caller's behalf.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from grpc_reflection.v1alpha import reflection
 
 from effllm.api.v1 import tuning_pb2 as pb
 from effllm.api.v1 import tuning_pb2_grpc as pb_grpc
+from effllm.common.auth import AuthConfig, AuthInterceptor, TlsConfig
 
 from . import data, events
 from .config import ConfigError, TuneConfig
 from .events import CancelledEvent, DoneEvent, ErrorEvent, PhaseEvent, ProgressEvent, Record, StagingEvent
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, JobManager
+from .policy import TunerPolicy
 
 log = logging.getLogger("effllm.tuner.service")
 
@@ -50,8 +55,12 @@ def config_from_proto(msg: pb.TuneConfig) -> TuneConfig:
 
 
 class TuningService(pb_grpc.TuningServiceServicer):
-    def __init__(self, manager: JobManager) -> None:
+    def __init__(
+        self, manager: JobManager, policy: TunerPolicy, publish_tls: dict[str, str] | None = None
+    ) -> None:
         self.manager = manager
+        self.policy = policy
+        self.publish_tls = publish_tls or {}  # tls_ca/tls_cert/tls_key of the tuner's own client side
 
     def _job(self, job_id: str) -> Job:
         job = self.manager.jobs.get(job_id)
@@ -64,31 +73,34 @@ class TuningService(pb_grpc.TuningServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id: required")
         job = self.manager.jobs.get(job_id)
         if job is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {job_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, _capped(f"job_id: no job {job_id!r}"))
         assert job is not None
         return job
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
         try:
-            config = config_from_proto(request.config)
+            config = self.policy.confine_job(config_from_proto(request.config))
             publish = None
             if request.HasField("publish"):
                 from .worker import PublishTarget
 
-                target = PublishTarget(
-                    request.publish.server, request.publish.name, request.publish.adapter_root
-                )
                 if not config.is_lora_family:
                     raise ConfigError(
                         f"publish: method {config.method} makes a full checkpoint, not an adapter"
                     )
+                server = self.policy.server(request.publish.server)
+                root = self.policy.confine_adapter_root(request.publish.adapter_root)
+                target = PublishTarget(server.address, request.publish.name, str(root), **self.publish_tls)
                 publish = {"server": target.server, "name": target.name, "adapter_root": target.adapter_root}
+                publish.update(self.publish_tls)
             await asyncio.to_thread(_check_data, config)
-        except (ConfigError, data.DataError, ValueError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (ConfigError, data.DataError, ValueError, OSError, RecursionError) as exc:
+            # ValueError covers PathRefused and UnicodeDecodeError; OSError: a file inside the root that
+            # cannot be read. A caller's string can be megabytes: the status message is capped.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _capped(str(exc)))
         if config.output_dir and Path(config.output_dir).exists():
             await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS, f"output_dir: {config.output_dir} already exists"
+                grpc.StatusCode.ALREADY_EXISTS, _capped(f"output_dir: {config.output_dir} already exists")
             )
         job = self.manager.submit(config, publish)
         log.info("job %s: %s on %s", job.id, config.method, config.data)
@@ -116,6 +128,11 @@ class TuningService(pb_grpc.TuningServiceServicer):
         self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListJobsResponse:
         return pb.ListJobsResponse(jobs=[job_info(j) for j in self.manager.jobs.values()])
+
+
+def _capped(message: str, limit: int = 1024) -> str:
+    """gRPC carries the message in trailing metadata (8 KiB by default): a longer one fails the call."""
+    return message if len(message) <= limit else message[:limit] + " ..."
 
 
 def _check_data(config: TuneConfig) -> None:
@@ -167,31 +184,65 @@ def job_event(job_id: str, record: Record) -> pb.JobEvent:
     return msg
 
 
-async def serve(
+async def start_server(
     host: str,
     port: int,
+    manager: JobManager,
+    policy: TunerPolicy,
     *,
-    max_running: int = 1,
-    log_dir: str = "runs/tuner",
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Run until SIGTERM/SIGINT; running jobs are cancelled (and leave nothing) on the way out."""
-    manager = JobManager(Path(log_dir), max_running=max_running)
-    server = grpc.aio.server()
-    pb_grpc.add_TuningServiceServicer_to_server(TuningService(manager), server)
+    auth: AuthConfig | None = None,
+    tls: TlsConfig | None = None,
+    publish_tls: dict[str, str] | None = None,
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
+    """A started TuningService server (with health and reflection) and the port it bound."""
+    auth = auth or AuthConfig()
+    interceptors = [AuthInterceptor(auth)] if auth.enabled else []
+    server = grpc.aio.server(interceptors=interceptors)
+    pb_grpc.add_TuningServiceServicer_to_server(TuningService(manager, policy, publish_tls), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"could not bind {host}:{port}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("TuningService on %s:%d", host, bound)
+    log.info(
+        "TuningService on %s:%d (%s%s); data root %s, output root %s, adapter root %s",
+        host,
+        bound,
+        ("mutual TLS" if tls.client_ca else "TLS") if tls else "plaintext",
+        ", bearer-token auth" if auth.enabled else "",
+        policy.data_root,
+        policy.output_root,
+        policy.adapter_root or "none (publishing off)",
+    )
+    return server, bound, health
+
+
+async def serve(
+    host: str,
+    port: int,
+    policy: TunerPolicy,
+    *,
+    max_running: int = 1,
+    log_dir: str = "runs/tuner",
+    auth: AuthConfig | None = None,
+    tls: TlsConfig | None = None,
+    publish_tls: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT; running jobs are cancelled (and leave nothing) on the way out."""
+    manager = JobManager(Path(log_dir), max_running=max_running, worker_env=worker_env)
+    server, _, _ = await start_server(
+        host, port, manager, policy, auth=auth, tls=tls, publish_tls=publish_tls
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -17,11 +17,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import events
 from .config import ConfigError, TuneConfig, default_output_dir
 from .events import CancelledEvent, DoneEvent, ErrorEvent, Event, PhaseEvent, StagingEvent
+
+if TYPE_CHECKING:
+    from effllm.client.channel import ClientSecurity
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,10 @@ class PublishTarget:
     server: str  # host:port of a running `effllm serve`
     name: str
     adapter_root: str
+    # TLS to that server (PEM paths; a CA means TLS); the token comes from $EFFLLM_AUTH_TOKEN, never argv
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         from .publish import check_name
@@ -38,6 +45,15 @@ class PublishTarget:
             raise ConfigError("publish: needs the server address host:port")
         if not self.adapter_root:
             raise ConfigError("adapter_root: needed to publish (flag --adapter-root or EFFLLM_ADAPTER_ROOT)")
+
+    def security(self) -> ClientSecurity:
+        from effllm.client.channel import ClientSecurity
+
+        return ClientSecurity.from_files(
+            root_cert=Path(self.tls_ca) if self.tls_ca else None,
+            client_cert=Path(self.tls_cert) if self.tls_cert else None,
+            client_key=Path(self.tls_key) if self.tls_key else None,
+        )
 
 
 def execute(
@@ -75,7 +91,7 @@ def execute(
 
         sink(PhaseEvent("publishing"))
         version = publish_dir(saved, Path(publish.adapter_root), publish.name)
-        info = load_on_server(publish.server, publish.name, version)
+        info = load_on_server(publish.server, publish.name, version, security=publish.security())
         done = dataclasses.replace(
             done,
             published=f"{publish.name}@{version}",

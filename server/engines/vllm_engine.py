@@ -24,6 +24,7 @@ from .base import (
     AdapterSpec,
     EffllmError,
     EngineInfo,
+    FinishReason,
     GenerationRequest,
     Precision,
     TokenEvent,
@@ -34,8 +35,16 @@ from .prompting import PromptRenderer
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def finish_reason(vllm_reason: str | None, request_id: str) -> FinishReason:
+    """vLLM's finish reason as ours. `error` means vLLM failed that request (its docs: such a request must
+    fail, not look finished): INTERNAL for this request only — the engine itself goes on serving."""
+    if vllm_reason == "error":
+        raise EffllmError("internal", f"request {request_id}: the engine failed this request")
+    return _FINISH.get(vllm_reason or "", "stop")
 
 
 @dataclass(frozen=True)
@@ -221,7 +230,7 @@ class VllmEngine:
                     yield TokenEvent(
                         text=completion.text,
                         token_ids=tuple(completion.token_ids),
-                        finish_reason=_FINISH.get(completion.finish_reason or "", "stop"),  # type: ignore[arg-type]
+                        finish_reason=finish_reason(completion.finish_reason, request.request_id),
                         usage=Usage(input_tokens=len(prompt_ids), output_tokens=produced),
                     )
                     return

@@ -137,15 +137,18 @@ def test_sigkill_one_replica_fails_over(replicas: list[ServerProcess]) -> None:
             killed_at = time.monotonic()
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(10)
+            # its engine core and workers die with it (server/lifeline.py): within 5 s, not never
+            _, outlived = psutil.wait_procs(victim_children, timeout=5)
             _wait_for(
                 lambda: sum(o.started > killed_at for o in outcomes) >= 2 * workers,
                 240,
                 "requests started after the kill",
             )
             stop.set()
-    orphans = [c for c in victim_children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    for child in orphans:  # what a SIGKILL leaves behind of vLLM's engine core, if anything
+    orphans = [c for c in outlived if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    for child in orphans:  # what a SIGKILL left behind of vLLM's engine core 5 s later, if anything
         child.kill()
+    assert victim_children and orphans == [], [c.pid for c in orphans]
     failed = [o for o in outcomes if not o.ok]
     lost = [o for o in failed if o.started < killed_at]
     after = [o for o in outcomes if o.started > killed_at]

@@ -107,3 +107,43 @@ def test_distributed_master_and_workers(vllm_server: ServerProcess, tmp_path: Pa
     assert len(list((tmp_path / "dist").glob("requests-*.jsonl"))) == 2  # one rows file per worker
     rows = [r for r in read_rows(tmp_path / "dist") if r["status"] == "OK"]
     assert rows and all(r["output_tokens"] == r["max_new_tokens"] for r in rows)
+
+
+def test_a_failing_step_leaves_no_locust_process_or_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real Locust master is running when the step after it raises: the campaign must still stop it
+    and its resource watcher (the server snapshot is faked: no server is needed to reach that point)."""
+    import os
+    import threading
+
+    import psutil
+
+    from effllm.loadtest import campaign
+
+    snapshot = {"requests_total": 0, "output_tokens_total": 0, "model_info": {}}
+    monkeypatch.setattr(campaign, "_server_snapshot", lambda target: snapshot)
+    spawned: list[int] = []
+    real_popen = campaign.subprocess.Popen
+
+    def popen(*args: object, **kwargs: object) -> object:
+        if spawned:  # the master runs; starting its worker fails
+            raise RuntimeError("injected: a step failed mid-campaign")
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        spawned.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(campaign.subprocess, "Popen", popen)
+    cfg = LoadConfig(
+        targets=("127.0.0.1:1",),
+        workload=Workload(seed=1, mode="closed", users=1, output=LengthDist.parse("4")),
+        duration_s=60.0,
+        timeout_s=10.0,
+        run_dir=str(tmp_path / "fail"),
+    )
+    with pytest.raises(RuntimeError, match="injected"):
+        run(Campaign(cfg, workers=1, server_pid=os.getpid()))
+    assert spawned, "the Locust master never started: the test did not reach the failing step"
+    alive = [pid for pid in spawned if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert alive == []
+    assert not [t for t in threading.enumerate() if t.name == "effllm-resource-watch" and t.is_alive()]

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from effllm.api.v1 import adapters_pb2, adapters_pb2_grpc
-from effllm.server.auth import AuthConfig, AuthInterceptor, bearer_token
+from effllm.common.auth import AuthConfig, AuthInterceptor, bearer_token
 
 ADMIN = "admin-token-0123456789abcdef"
 GEN = "generate-token-0123456789abc"

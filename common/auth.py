@@ -1,5 +1,8 @@
 """Who may call what: bearer tokens with two roles, checked by a grpc.aio server interceptor, and TLS.
 
+Both servers use it (`effllm serve` and `effllm tuner serve`): the same flags (`add_flags`), the same
+checks of an unsafe combination (`security_config`), the same interceptor.
+
 Invariant: every RPC outside the public set (health, reflection, and GenerationService unless
 `require_for_generate`) needs the `admin` role — an unknown service is admin-only by default, so a service
 added later (AdapterService, TuningService, ...) is protected without touching this module. Tokens are
@@ -9,6 +12,7 @@ compared in constant time against every configured token, and never come from a 
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import logging
 import os
@@ -19,7 +23,7 @@ from typing import Any
 
 import grpc
 
-log = logging.getLogger("effllm.server.auth")
+log = logging.getLogger("effllm.common.auth")
 
 ROLES = ("admin", "generate")
 # Always open: orchestrators probe health without credentials; reflection only describes the public API.
@@ -200,3 +204,53 @@ class TlsConfig:
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def add_flags(p: argparse.ArgumentParser, *, generate_role: bool = True) -> None:
+    """--auth-token-file, --allow-unauthenticated-admin and the TLS flags; `generate_role`: the server has a
+    GenerationService, so --require-auth-for-generate too."""
+    sec = p.add_argument_group("security (see docs/security.md)")
+    sec.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"lines `admin TOKEN` / `generate TOKEN` (or ${ENV_ADMIN} / ${ENV_GENERATE}); "
+        "with a token, every service but health and generation needs the admin role",
+    )
+    if generate_role:
+        sec.add_argument(
+            "--require-auth-for-generate",
+            action="store_true",
+            help="GenerationService needs a token too (generate or admin role)",
+        )
+    sec.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        help="serve admin RPCs without a token on a non-loopback host (not recommended)",
+    )
+    sec.add_argument("--tls-cert", type=Path, default=None, help="server certificate chain (PEM)")
+    sec.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    sec.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        help="CA bundle (PEM) that signs client certificates: mutual TLS",
+    )
+
+
+def security_config(args: argparse.Namespace) -> tuple[AuthConfig, TlsConfig | None]:
+    """Raises ValueError with a message for the user on an unsafe or incomplete combination."""
+    auth = AuthConfig.load(
+        args.auth_token_file, require_for_generate=getattr(args, "require_auth_for_generate", False)
+    )
+    if not auth.enabled and not is_loopback(args.host) and not args.allow_unauthenticated_admin:
+        raise ValueError(
+            f"--host {args.host} is not loopback and no admin token is set: give --auth-token-file or "
+            f"${ENV_ADMIN} (or --allow-unauthenticated-admin to accept that anyone may call admin RPCs)"
+        )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    return auth, tls
