@@ -65,6 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="vLLM: shard the model over this many GPUs of this host",
     )
+    p.add_argument(
+        "--vllm-compile",
+        action="store_true",
+        help="vLLM: compiled mode (torch.compile; inductor on CPU) instead of enforce_eager; start-up "
+        "pays the compile. vLLM turns it off itself on CPU when adapters are enabled",
+    )
     lim = p.add_argument_group("limits (a request over one is refused at once, naming it)")
     lim.add_argument(
         "--max-prompt-tokens",
@@ -190,6 +196,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
         device=device,
         seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=not args.vllm_compile,
         **_vllm_lora_options(args),
     )
     return VllmEngine(model, config)

@@ -27,3 +27,15 @@ from effllm.server.cli import choose_engine
 )
 def test_choose_engine(engine: str, precision: str, device: str, methods: str, want: str) -> None:
     assert choose_engine(engine, precision, device, methods) == want
+
+
+@pytest.mark.parametrize(("flags", "eager"), [([], True), (["--vllm-compile"], False)])
+def test_vllm_compile_flag_reaches_the_engine(flags: list[str], eager: bool) -> None:
+    """`--vllm-compile` turns vLLM's enforce_eager off (the engine passes it to AsyncEngineArgs as is)."""
+    from effllm.cli.main import build_parser
+    from effllm.server.cli import build_engine
+    from effllm.server.engines.vllm_engine import VllmEngine
+
+    args = build_parser().parse_args(["serve", "--engine", "vllm", "--device", "cpu", *flags])
+    engine = build_engine(args)
+    assert isinstance(engine, VllmEngine) and engine.config.enforce_eager is eager
