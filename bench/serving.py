@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -363,10 +364,16 @@ def child(args: argparse.Namespace, side: str, precision: str, env: dict[str, st
     argv += ["--threads", str(args.threads), *(["--vllm-compile"] if args.vllm_compile else [])]
     argv += [f"--server-arg={a}" for a in args.server_arg]
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate()
+    except BaseException:  # Ctrl-C / SIGTERM: the child stops its server (see main) before we go
+        proc.terminate()
+        proc.wait(120)
+        raise
+    line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        sys.exit(f"{side} {precision} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        sys.exit(f"{side} {precision} failed (exit {proc.returncode}):\n{stderr[-4000:]}")
     return {"levels": json.loads(line[7:]), "wall_s": time.perf_counter() - t0}
 
 
@@ -393,6 +400,8 @@ def main() -> int:
     ap.add_argument("--_side", choices=SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    # SIGTERM unwinds (finally blocks run): a side's server and vLLM's processes are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args._side:  # child mode: one side, one precision; print the result as JSON
         args.precision = args.precisions[0]
         print("RESULT " + json.dumps(run_side(args)), flush=True)
