@@ -182,7 +182,7 @@ class VllmEngine:
         )
         log.info(
             "vllm engine: enforce_eager=%s, stream_interval=%d, VLLM_CPU_OMP_THREADS_BIND=%s, "
-            "OMP_NUM_THREADS=%s",
+            "OMP_NUM_THREADS=%s (under a binding, vLLM sets the worker's threads from the CPU list)",
             c.enforce_eager,
             c.stream_interval,
             apply_cpu_omp_bind(c.cpu_omp_bind),
