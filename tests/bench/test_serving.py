@@ -1,5 +1,5 @@
-"""bench/serving.py's refusal rule: a row whose sides did not all decode the fixed token count is never
-reported, and the rows it does report carry ratios to vLLM offline at the same precision."""
+"""bench/serving.py's refusal rule (in bench/_serving_report.py): a row whose sides did not all decode the
+fixed token count is never reported; the rows it does report carry ratios to vLLM offline."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "serving.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "_serving_report.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    # bench/ is scripts, not a package: load the file itself (its top level imports only the stdlib).
-    spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
+    # bench/ is scripts, not a package: load the file itself (it imports only the stdlib).
+    spec = importlib.util.spec_from_file_location("bench_serving_report", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
