@@ -252,6 +252,16 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- the parent -------------------------------------------------------------------------------------------
+def side_env(env: dict[str, str], side: str, omp_bind: str) -> dict[str, str]:
+    """Under a binding, vLLM sets its worker's OpenMP threads from the CPU list and drops its scheduler
+    process to one torch thread, unless OMP_NUM_THREADS is set from outside (then that process keeps
+    spinning threads of its own): so a vLLM side under a binding gets no OMP_NUM_THREADS (the effllm
+    launcher then gives the server process 1)."""
+    if omp_bind != "nobind" and side in ("vllm-offline", "effllm-vllm"):
+        return {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+    return env
+
+
 def child(args: argparse.Namespace, side: str, precision: str, env: dict[str, str]) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--_side", side, "--precisions", precision, "--out", args.out]
     argv += ["--concurrency", *map(str, args.concurrency), "--requests", str(args.requests)]
@@ -335,7 +345,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for precision, sides in plan:
             for side in sides if step % 2 == 0 else sides[::-1]:  # alternate order against drift
-                r = child(args, side, precision, env)
+                r = child(args, side, precision, side_env(env, side, args.omp_bind))
                 cell = results.setdefault((precision, side), {"levels": {}, "wall_s": 0.0})
                 cell["wall_s"] += r["wall_s"]
                 for c, run in r["levels"].items():
