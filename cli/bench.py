@@ -11,7 +11,9 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
 
 def scripts() -> list[str]:
-    return sorted(p.stem.replace("_", "-") for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
+    # _name.py: a helper module of the scripts, not a benchmark of its own
+    found = BENCH_DIR.glob("[!_]*.py") if BENCH_DIR.is_dir() else []
+    return sorted(p.stem.replace("_", "-") for p in found)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

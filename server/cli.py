@@ -74,6 +74,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="vLLM: shard the model over this many GPUs of this host",
     )
+    p.add_argument(
+        "--vllm-compile",
+        action="store_true",
+        help="vLLM: compiled mode (torch.compile; inductor on CPU) instead of enforce_eager; start-up "
+        "pays the compile. vLLM turns it off itself on CPU when adapters are enabled",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="vLLM: tokens a stream gathers per message after the first (fewer messages per token)",
+    )
+    p.add_argument(
+        "--cpu-omp-bind",
+        default=None,
+        help="vLLM on CPU: OpenMP thread binding (VLLM_CPU_OMP_THREADS_BIND): nobind, auto (one pinned "
+        "thread per core, one core kept for the scheduler and gRPC) or CPU lists like 0-3|4-7; "
+        "default: the environment's, else nobind",
+    )
     lim = p.add_argument_group("limits (a request over one is refused at once, naming it)")
     lim.add_argument(
         "--max-prompt-tokens",
@@ -177,6 +196,9 @@ def build_engine(args: argparse.Namespace) -> Engine:
         device=device,
         seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=not args.vllm_compile,
+        stream_interval=args.stream_interval,
+        cpu_omp_bind=args.cpu_omp_bind,
         **_vllm_lora_options(args),
     )
     return VllmEngine(model, config)

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 from collections.abc import AsyncIterator
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_CPU_LISTS = re.compile(r"^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*(\|[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*)*$")
 
 
 def finish_reason(vllm_reason: str | None, request_id: str) -> FinishReason:
@@ -61,6 +63,13 @@ class VllmConfig:
     max_cpu_loras: int = 16
     enforce_eager: bool = True  # no torch.compile warm-up: start-up in seconds on CPU
     tensor_parallel_size: int = 1  # GPUs of one host the model is sharded over (vLLM's own TP)
+    # Tokens a stream gathers before vLLM hands them on (the first goes at once): fewer RequestOutputs
+    # and gRPC messages per token, for throughput over smoothness. 1: every token on its own.
+    stream_interval: int = 1
+    # VLLM_CPU_OMP_THREADS_BIND for the CPU worker: "nobind" (OMP_NUM_THREADS threads, unpinned),
+    # "auto" (vLLM pins one thread per core and keeps one core for its scheduler and this process),
+    # or CPU lists like "0-3|4-7". None: the environment's, else "nobind".
+    cpu_omp_bind: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in (*_DTYPES, "int4"):
@@ -73,6 +82,11 @@ class VllmConfig:
             raise ValueError("max_context >= 16, max_concurrency >= 1 and kv_cache_gib > 0 are required")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} must be >= 1")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval {self.stream_interval} must be >= 1")
+        bind = self.cpu_omp_bind
+        if bind is not None and bind not in ("auto", "nobind") and not _CPU_LISTS.match(bind):
+            raise ValueError(f"cpu_omp_bind {bind!r}: auto, nobind or CPU lists such as 0-3|4-7")
 
 
 _PREQUANTIZED = ("awq", "awq_marlin", "gptq", "gptq_marlin", "compressed-tensors")
@@ -102,6 +116,14 @@ def quantization_args(precision: Precision, model_path: Path) -> dict[str, Any]:
     if method:
         return {"dtype": "auto", "quantization": None}
     return {"dtype": "bfloat16", "quantization": "bitsandbytes"}
+
+
+def apply_cpu_omp_bind(bind: str | None) -> str:
+    """Set VLLM_CPU_OMP_THREADS_BIND (vLLM's worker reads it from this process's environment when it is
+    spawned): `bind` if given, else the environment's, else "nobind". Returns the value in force."""
+    if bind is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    return os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def _vllm_rank(rank: int) -> Any:
@@ -165,8 +187,16 @@ class VllmEngine:
             max_cpu_loras=max(c.max_cpu_loras, c.max_loras) + self._null_slots,
             disable_log_stats=True,
             tensor_parallel_size=c.tensor_parallel_size,
+            stream_interval=c.stream_interval,
         )
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        log.info(
+            "vllm engine: enforce_eager=%s, stream_interval=%d, VLLM_CPU_OMP_THREADS_BIND=%s, "
+            "OMP_NUM_THREADS=%s (under a binding, vLLM sets the worker's threads from the CPU list)",
+            c.enforce_eager,
+            c.stream_interval,
+            apply_cpu_omp_bind(c.cpu_omp_bind),
+            os.environ.get("OMP_NUM_THREADS", "unset"),
+        )
         self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         if self._null_slots:
             await self._add_null_adapter()

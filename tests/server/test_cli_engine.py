@@ -27,3 +27,49 @@ from effllm.server.cli import choose_engine
 )
 def test_choose_engine(engine: str, precision: str, device: str, methods: str, want: str) -> None:
     assert choose_engine(engine, precision, device, methods) == want
+
+
+@pytest.mark.parametrize(
+    ("flags", "eager", "interval", "bind"),
+    [
+        ([], True, 1, None),
+        (["--vllm-compile", "--stream-interval", "4", "--cpu-omp-bind", "auto"], False, 4, "auto"),
+        (["--cpu-omp-bind", "0-1|2,3"], True, 1, "0-1|2,3"),
+    ],
+)
+def test_vllm_speed_flags_reach_the_engine(
+    flags: list[str], eager: bool, interval: int, bind: str | None
+) -> None:
+    """`--vllm-compile`, `--stream-interval` and `--cpu-omp-bind` end up in the engine's config, which
+    start() hands to AsyncEngineArgs (enforce_eager, stream_interval) and to vLLM's environment."""
+    from effllm.cli.main import build_parser
+    from effllm.server.cli import build_engine
+    from effllm.server.engines.vllm_engine import VllmEngine
+
+    args = build_parser().parse_args(["serve", "--engine", "vllm", "--device", "cpu", *flags])
+    engine = build_engine(args)
+    assert isinstance(engine, VllmEngine)
+    assert (engine.config.enforce_eager, engine.config.stream_interval) == (eager, interval)
+    assert engine.config.cpu_omp_bind == bind
+
+
+@pytest.mark.parametrize("flags", [["--stream-interval", "0"], ["--cpu-omp-bind", "all; rm -rf /"]])
+def test_bad_vllm_speed_flags_are_refused(flags: list[str]) -> None:
+    from effllm.cli.main import build_parser
+    from effllm.server.cli import build_engine
+
+    with pytest.raises(ValueError, match=flags[0].removeprefix("--").replace("-", "_")):
+        build_engine(build_parser().parse_args(["serve", "--engine", "vllm", "--device", "cpu", *flags]))
+
+
+def test_cpu_omp_bind_flag_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from effllm.server.engines.vllm_engine import apply_cpu_omp_bind
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    assert apply_cpu_omp_bind(None) == "nobind"  # our default: threads unpinned
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    assert apply_cpu_omp_bind(None) == "auto"  # the environment's, when no flag
+    assert apply_cpu_omp_bind("0") == "0"
+    import os
+
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"  # what vLLM's worker will read
