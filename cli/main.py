@@ -10,6 +10,7 @@ import sys
 _COMMANDS = (
     "effllm.server.cli",
     "effllm.client.cli",
+    "effllm.client.chat",
     "effllm.client.adapters_cli",
     "effllm.telemetry.cli",
     "effllm.loadtest.cli",
