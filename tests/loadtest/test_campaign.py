@@ -107,3 +107,24 @@ def test_distributed_master_and_workers(vllm_server: ServerProcess, tmp_path: Pa
     assert len(list((tmp_path / "dist").glob("requests-*.jsonl"))) == 2  # one rows file per worker
     rows = [r for r in read_rows(tmp_path / "dist") if r["status"] == "OK"]
     assert rows and all(r["output_tokens"] == r["max_new_tokens"] for r in rows)
+
+
+def test_target_only_campaign_gets_the_servers_figures_over_the_wire(
+    vllm_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A server started separately, its run dir unknown to the campaign: AMU, PCU, AEC and J/token (with
+    their source) come from GetTelemetry, per request joined by request id."""
+    wl = Workload(seed=4, mode="open", rate=2.0, prompts=PromptSource("synthetic", LengthDist.parse("16")))
+    wl = Workload(**{**wl.__dict__, "output": LengthDist.parse("8"), "ignore_eos": True})
+    cfg = LoadConfig(
+        targets=(vllm_server.target,), workload=wl, duration_s=3.0, timeout_s=60.0, run_dir=str(tmp_path)
+    )
+    rep = run(Campaign(cfg, label="remote"))
+    eff = rep["efficientllm"]
+    assert eff["resources_from"] == "server GetTelemetry"
+    assert 0 < eff["amu_ratio"] <= 1 and 0 < eff["pcu"] <= 1 and eff["aec_w"] > 0
+    assert eff["energy_j"] > 0 and eff["energy_source"] and eff["j_per_token"] > 0
+    assert rep["server"]["joined"] == rep["requests"]["total"] > 0
+    base = rep["per_adapter"]["(base)"]
+    assert base["j_per_token"] > 0 and base["energy_source"]
+    assert "AMU" in (tmp_path / "report.md").read_text()
