@@ -10,6 +10,7 @@ the server aborts the request when it passes). Errors surface as grpc.RpcError w
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -155,15 +156,24 @@ class EffllmClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        """Block until health says SERVING (the model is loaded)."""
+        """Block until health says SERVING (the model is loaded). A watch the server drops while it starts
+        (CANCELLED, UNAVAILABLE: e.g. when the engine starts its worker processes) is opened again."""
+        deadline = time.monotonic() + timeout
         grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
-        call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        try:
-            for reply in call:
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        finally:
-            call.cancel()
+        while True:
+            left = deadline - time.monotonic()
+            call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=max(left, 0.01))
+            try:
+                for reply in call:
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as err:
+                retry = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+                if err.code() not in retry or time.monotonic() + 0.5 >= deadline:
+                    raise
+            finally:
+                call.cancel()
+            time.sleep(0.5)
 
     def close(self) -> None:
         self.channel.close()

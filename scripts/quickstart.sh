@@ -9,7 +9,7 @@ port=${EFFLLM_PORT:-50051}
 run_dir=runs/quickstart
 mkdir -p "$run_dir"
 question="In one sentence: what is a large language model?"
-echo "starting effllm serve on 127.0.0.1:$port (loading the model takes a minute or two)..."
+echo "starting effllm serve on 127.0.0.1:$port (loading the model takes a few minutes)..."
 effllm serve --port "$port" --run-dir "$run_dir" >"$run_dir/console.txt" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT

@@ -90,7 +90,7 @@ def test_web_ui_lists_the_effllm_options_and_runs_with_them(
             names = {s["name"]: s for s in stats["stats"]}
         assert names["e2e"]["num_requests"] > 0 and names["e2e"]["num_failures"] == 0, names
         assert names["itl"]["num_requests"] <= 2 * names["e2e"]["num_requests"] + 2  # 3 tokens: 2 gaps each
-        _get(url + "/stop")
+        _get(url + "/stop", {})  # POST
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None:
             pytest.skip("chromium is not installed: the options were checked in the page's data only")
