@@ -19,6 +19,7 @@ if _lifeline.spawned_child():  # vLLM's engine core started with `spawn` (CUDA):
 _COMMANDS = (
     "effllm.server.cli",
     "effllm.client.cli",
+    "effllm.client.chat",
     "effllm.client.adapters_cli",
     "effllm.telemetry.cli",
     "effllm.loadtest.cli",

@@ -1,10 +1,15 @@
-"""`effllm generate`: send a prompt or a chat turn, stream the answer to the terminal."""
+"""`effllm generate`: ask one question, stream the answer to the terminal.
+
+A prompt goes as a user chat turn when the model has a chat template (GetModelInfo says so), as a raw
+completion prompt with --raw; sampling flags not given are left unset (the model's defaults).
+The target, security and sampling flags are shared with `effllm chat` (client/chat.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -13,31 +18,64 @@ from .client import EffllmClient
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from a running server")
-    p.add_argument("prompt", nargs="?", help="raw prompt (or use --chat, or stdin with -)")
+    p = sub.add_parser(
+        "generate",
+        help="ask a running server one question (a chat turn when the model has a chat template)",
+    )
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        help="what to ask (`-`: read stdin); sent as a user chat turn when the model has a chat "
+        "template, as raw text with --raw",
+    )
+    p.add_argument("--raw", action="store_true", help="send the prompt as a raw completion prompt")
+    p.add_argument("--system", default=None, help="a system message before the prompt (chat models)")
     p.add_argument(
         "--chat",
         action="append",
         metavar="[ROLE:]TEXT",
-        help="a chat turn, rendered with the model's chat template; repeat for several (role: user)",
+        help="chat turns given explicitly instead of a prompt; repeat for several (role: user)",
     )
+    add_target_args(p)
+    p.add_argument("--adapter", default="")
+    add_sampling_args(p)
+    p.add_argument("--no-stream", action="store_true", help="one unary call instead of streaming")
+    p.set_defaults(func=run)
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target",
         default="127.0.0.1:50051",
         help="host:port, or several replicas as h1:p1,h2:p2 (round_robin with health checks)",
     )
     add_security_args(p)
-    p.add_argument("--adapter", default="")
-    p.add_argument("--max-new-tokens", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--no-stream", action="store_true", help="one unary call instead of streaming")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--wait", type=float, default=0.0, help="wait up to N s for the server to be SERVING")
-    p.set_defaults(func=run)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; one not given is left unset, so the server uses the model's default."""
+    g = p.add_argument_group("sampling (default: the model's generation_config.json, see GetModelInfo)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="0: off")
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[])
+
+
+def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 def add_security_args(p: argparse.ArgumentParser) -> None:
@@ -77,21 +115,26 @@ def _turns(chat: list[str]) -> list[tuple[str, str]]:
     return turns
 
 
-def run(args: argparse.Namespace) -> int:
+def _input(args: argparse.Namespace, client: EffllmClient) -> dict[str, Any]:
+    """prompt= or messages= for build_request: explicit --chat turns; else the prompt as a user turn
+    when the model has a chat template (and not --raw); else the prompt as raw text."""
+    if args.chat:
+        turns = _turns(args.chat)
+        return {"messages": [("system", args.system), *turns] if args.system else turns}
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if (prompt is None) == (not args.chat):
+    if args.raw or not client.model_info().chat_template:
+        return {"prompt": prompt}
+    turns = [("user", prompt)]
+    return {"messages": [("system", args.system), *turns] if args.system else turns}
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.prompt is None) == (not args.chat):
         print("give a prompt or --chat (not both)", file=sys.stderr)
         return 2
-    kw = dict(
-        messages=_turns(args.chat) if args.chat else None,
-        adapter=args.adapter,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-        stop=args.stop,
-    )
+    if args.chat and args.raw:
+        print("--raw sends a prompt, not --chat turns", file=sys.stderr)
+        return 2
     try:
         security = security_from_args(args)
     except (OSError, ValueError) as err:
@@ -101,12 +144,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.wait:
                 client.wait_ready(args.wait)
+            kw = {**_input(args, client), "adapter": args.adapter, **sampling_from_args(args)}
             if args.no_stream:
-                reply = client.generate(prompt, **kw)
+                reply = client.generate(**kw)
                 print(reply.text)
                 final = reply
             else:
-                for chunk in client.stream(prompt, **kw):
+                for chunk in client.stream(**kw):
                     print(chunk.text, end="", flush=True)
                     if chunk.HasField("final"):
                         final = chunk.final  # type: ignore[assignment]

@@ -3,12 +3,14 @@ and adapters (load, unload, list, pin).
 
 Both build the same GenerateRequest (`build_request`) and take a per-call `timeout` (a gRPC deadline;
 the server aborts the request when it passes). Errors surface as grpc.RpcError with the server's status.
+`telemetry()` asks for the server's resource and per-request figures over a window (GetTelemetry).
 `target` is one address or several replicas (a list or "h1:p1,h2:p2": round_robin, see channel.py);
 `security` adds TLS / mutual TLS and a bearer token.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -33,22 +35,24 @@ def build_request(
     *,
     messages: Messages | None = None,
     adapter: str = "",
-    max_new_tokens: int = 0,
+    max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
-    top_k: int = 0,
+    top_k: int | None = None,
     seed: int | None = None,
     stop: Sequence[str] = (),
     repetition_penalty: float | None = None,
     ignore_eos: bool = False,
     request_id: str = "",
 ) -> pb.GenerateRequest:
-    """`prompt` (raw text) or `messages` ([(role, content)] or [{"role", "content"}]), not both."""
+    """`prompt` (raw text) or `messages` ([(role, content)] or [{"role", "content"}]), not both.
+    A sampling argument left None is left unset: the server uses the model's default for it (its
+    generation_config.json, see ModelInfo.sampling_defaults); temperature=0 is greedy."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
-    sampling = pb.SamplingParams(
-        max_new_tokens=max_new_tokens, top_k=top_k, stop=list(stop), ignore_eos=ignore_eos
-    )
+    sampling = pb.SamplingParams(max_new_tokens=max_new_tokens or 0, stop=list(stop), ignore_eos=ignore_eos)
+    if top_k is not None:
+        sampling.top_k = top_k
     if temperature is not None:
         sampling.temperature = temperature
     if top_p is not None:
@@ -117,6 +121,15 @@ class EffllmClient:
     def stats(self) -> pb.ServerStats:
         return self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
 
+    def telemetry(
+        self, start_unix_s: float = 0.0, end_unix_s: float = 0.0, *, include_samples: bool = False
+    ) -> pb.Telemetry:
+        """The server's resource figures and per-request figures over [start, end] (0: open end)."""
+        req = pb.GetTelemetryRequest(
+            start_unix_s=start_unix_s, end_unix_s=end_unix_s, include_samples=include_samples
+        )
+        return self._gen.GetTelemetry(req, timeout=self.timeout)
+
     def load_adapter(
         self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
     ) -> apb.AdapterInfo:
@@ -143,15 +156,24 @@ class EffllmClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        """Block until health says SERVING (the model is loaded)."""
+        """Block until health says SERVING (the model is loaded). A watch the server drops while it starts
+        (CANCELLED, UNAVAILABLE: e.g. when the engine starts its worker processes) is opened again."""
+        deadline = time.monotonic() + timeout
         grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)
-        call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        try:
-            for reply in call:
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        finally:
-            call.cancel()
+        while True:
+            left = deadline - time.monotonic()
+            call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=max(left, 0.01))
+            try:
+                for reply in call:
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as err:
+                retry = (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+                if err.code() not in retry or time.monotonic() + 0.5 >= deadline:
+                    raise
+            finally:
+                call.cancel()
+            time.sleep(0.5)
 
     def close(self) -> None:
         self.channel.close()
@@ -207,6 +229,14 @@ class AsyncEffllmClient:
 
     async def stats(self) -> pb.ServerStats:
         return await self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+
+    async def telemetry(
+        self, start_unix_s: float = 0.0, end_unix_s: float = 0.0, *, include_samples: bool = False
+    ) -> pb.Telemetry:
+        req = pb.GetTelemetryRequest(
+            start_unix_s=start_unix_s, end_unix_s=end_unix_s, include_samples=include_samples
+        )
+        return await self._gen.GetTelemetry(req, timeout=self.timeout)
 
     async def load_adapter(
         self, name: str, version: str = "", *, path: str = "", timeout: float | None = None

@@ -192,7 +192,12 @@ def run(c: Campaign) -> dict[str, Any]:
     if c.server_run_dir is not None:
         trace_paths.append(c.server_run_dir / TRACES_FILE)
     spans = _wait_for_spans(trace_paths, rows)
-    resources = _server_samples(c.server_run_dir, t0, t1) or (watch.summary(t0, t1) if watch else None)
+    resources = _server_samples(c.server_run_dir, t0, t1)
+    if resources is None or not spans:  # a remote server: its figures over the wire (GetTelemetry)
+        remote_resources, remote_spans = _remote_telemetry(cfg.targets, t0, t1)
+        resources = resources or remote_resources
+        spans = spans or remote_spans
+    resources = resources or (watch.summary(t0, t1) if watch else None)
     report = build(
         rows,
         locust=read_locust_stats(run_dir / "locust"),
@@ -257,6 +262,53 @@ def _server_samples(run_dir: Path | None, t0: float, t1: float) -> dict[str, Any
         "aec_w": w.aec_w,
         "energy_source": w.energy_source,
     }
+
+
+def _remote_telemetry(
+    targets: tuple[str, ...], t0: float, t1: float
+) -> tuple[dict[str, Any] | None, list[ServerSpan]]:
+    """AMU, PCU, AEC and energy over [t0, t1] and per-request figures from each server's GetTelemetry
+    (several targets: energy and power add up, utilisations average). (None, []) when no server answers
+    (an older server, telemetry off)."""
+    import grpc
+
+    windows, spans = [], []
+    for target in targets:
+        try:
+            with EffllmClient(target, timeout=30.0) as client:
+                tel = client.telemetry(t0 - 0.5, t1 + 0.5)
+        except grpc.RpcError:
+            continue
+        if tel.HasField("resources") and tel.resources.samples >= 2:
+            windows.append(tel.resources)
+        for r in tel.requests:
+            attrs: dict[str, Any] = {
+                "gen_ai.response.id": r.request_id,
+                "effllm.adapter.name": r.adapter.partition("@")[0],
+                "effllm.time_to_first_token_s": r.time_to_first_token_s,
+                "effllm.decode_s": r.decode_s,
+                "gen_ai.usage.output_tokens": r.output_tokens,
+                "gen_ai.usage.input_tokens": r.input_tokens,
+            }
+            if r.HasField("energy_j"):
+                attrs["effllm.energy_j"] = r.energy_j
+                attrs["effllm.energy.source"] = r.energy_source
+            spans.append(ServerSpan("", "", f"generate {tel.model}", r.start_unix_s, r.end_unix_s, attrs))
+    if not windows:
+        return None, spans
+    n = len(windows)
+    return {
+        "source": "server GetTelemetry" + (f" ({n} servers)" if n > 1 else ""),
+        "samples": sum(w.samples for w in windows),
+        "window_s": max(w.window_s for w in windows),
+        "amu": sum(w.amu for w in windows) / n,
+        "amu_gb": sum(w.amu_bytes for w in windows) / 1e9,
+        "peak_rss_gb": sum(w.peak_memory_bytes for w in windows) / 1e9,
+        "pcu": sum(w.pcu for w in windows) / n,
+        "energy_j": sum(w.energy_j for w in windows),
+        "aec_w": sum(w.aec_w for w in windows),
+        "energy_source": "+".join(sorted({w.energy_source for w in windows})),
+    }, spans
 
 
 def write(run_dir: Path, reports: dict[str, dict[str, Any]], precision: dict[str, Any] | None = None) -> Path:

@@ -106,8 +106,24 @@ def _wall(rows: list[dict[str, Any]]) -> tuple[float, float]:
     return t0, t1
 
 
+def token_times(row: dict[str, Any]) -> list[float]:
+    """When each output token of an OK row reached the client (unix s): the first at t_start + TTFT, the
+    rest after their inter-token gaps (streamed rows); all at t_end when the row has no stream timings."""
+    n = int(row.get("output_tokens", 0))
+    if row.get("ttft_s") is None or not n:
+        return [row["t_end"]] * n
+    t = row["t_start"] + row["ttft_s"]
+    times = [t]
+    for gap in row.get("itl_s", [])[: n - 1]:
+        t += gap
+        times.append(t)
+    times += [row.get("t_end", t)] * (n - len(times))  # tokens the final usage counts beyond the stream
+    return times
+
+
 def throughput_series(rows: list[dict[str, Any]], bin_s: float = 1.0) -> list[dict[str, float]]:
-    """Per bin from the first arrival: requests started, requests finished, output tokens finished."""
+    """Per bin from the first arrival: requests started, requests finished, and output tokens counted when
+    they streamed in (not all at their request's end, which would show bursts that never happened)."""
     if not rows:
         return []
     t0, t1 = _wall(rows)
@@ -116,9 +132,9 @@ def throughput_series(rows: list[dict[str, Any]], bin_s: float = 1.0) -> list[di
     for r in rows:
         series[int((r["t_start"] - t0) // bin_s)]["started"] += 1
         if r.get("status") == "OK":
-            b = series[int((r["t_end"] - t0) // bin_s)]
-            b["finished"] += 1
-            b["tokens"] += r["output_tokens"]
+            series[int((r["t_end"] - t0) // bin_s)]["finished"] += 1
+            for t in token_times(r):
+                series[min(n - 1, max(0, int((t - t0) // bin_s)))]["tokens"] += 1
     return series
 
 

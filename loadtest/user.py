@@ -1,8 +1,14 @@
 """The locustfile: Locust users that speak gRPC to effllm servers through effllm's client.
 
-Only ever imported by a Locust process (`locust -f .../effllm/loadtest/user.py`, which `effllm load`
-starts as a subprocess): importing locust monkey-patches the stdlib with gevent, and grpc's gevent support
-is initialised here, before any channel exists. Absolute imports only: Locust loads this file by path.
+Only ever imported by a Locust process: importing locust monkey-patches the stdlib with gevent, and grpc's
+gevent support is initialised here, before any channel exists. Absolute imports only: Locust loads this
+file by path. Two ways in:
+  * standalone, as any Locust user starts: `locust -f loadtest/user.py --host HOST:PORT [--headless -u N
+    -t 30s] [--effllm-rate 2 --effllm-adapters a,b ...]`: the workload comes from the `--effllm-*` custom
+    arguments (loadtest/options.py; also in the web UI's start form, read again at each start) and the
+    user class is `EffllmUser` (closed loop, or open loop with --effllm-rate > 0);
+  * `effllm load`, which passes a whole LoadConfig in EFFLLM_LOAD_CONFIG and names OpenLoopUser or
+    ClosedLoopUser (with a LoadTestShape when the workload has a shape).
 
 Per request it fires Locust request events (request_type "grpc") with separate names so Locust's stats,
 CSV and web UI show each: `ttft`, `tpot` (= (E2E − TTFT)/(n − 1), only when n > 1), `itl` (one per output
@@ -39,11 +45,41 @@ import grpc  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 
 from effllm.client import EffllmClient  # noqa: E402
-from effllm.loadtest.config import LoadConfig  # noqa: E402
+from effllm.loadtest.config import ENV, LoadConfig  # noqa: E402
+from effllm.loadtest.options import add_options, config_from_options  # noqa: E402
 from effllm.loadtest.workload import RequestSpec, RequestStream  # noqa: E402
 
-CONFIG = LoadConfig.from_env()
-WORKLOAD = CONFIG.workload
+# EFFLLM_LOAD_CONFIG set: `effllm load` runs us with a whole config; else the --effllm-* options do.
+FROM_ENV = bool(os.environ.get(ENV))
+_CONFIG: list[LoadConfig] = [LoadConfig.from_env()] if FROM_ENV else []
+
+
+def config() -> LoadConfig:
+    """The campaign's config: from EFFLLM_LOAD_CONFIG, or built from the options at test start."""
+    if not _CONFIG:
+        raise RuntimeError(f"no effllm load config yet: set {ENV} or start the test through Locust")
+    return _CONFIG[-1]
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser: Any, **_: Any) -> None:
+    add_options(parser)
+
+
+@events.test_start.add_listener
+def _configure(environment: Any, **_: Any) -> None:
+    """Standalone: (re)build the config from the options at each start (the web UI may change them)."""
+    if FROM_ENV:
+        return
+    opts = environment.parsed_options
+    runner = environment.runner
+    users = getattr(runner, "target_user_count", None) or getattr(opts, "num_users", None) or 1
+    _CONFIG.append(config_from_options(opts, environment.host, users))
+    del _CONFIG[:-1]
+    _Process.finished = False
+    _Process.start = None
+
+
 # An SDK provider so client spans have real trace ids; effllm's client (given this provider) opens a CLIENT
 # span per call under our request span and sends its W3C context. Spans are not exported (the join key is
 # the trace id, kept in each request row).
@@ -82,13 +118,15 @@ class _Process:
     @classmethod
     def client(cls, target: str) -> EffllmClient:
         if target not in cls.clients:
-            cls.clients[target] = EffllmClient(target, timeout=CONFIG.timeout_s, tracer_provider=_PROVIDER)
+            cls.clients[target] = EffllmClient(target, timeout=config().timeout_s, tracer_provider=_PROVIDER)
         return cls.clients[target]
 
     @classmethod
     def write(cls, row: dict[str, Any]) -> None:
+        if not config().run_dir:  # standalone without --effllm-run-dir: Locust's own stats only
+            return
         if cls.rows is None:
-            run_dir = Path(CONFIG.run_dir)
+            run_dir = Path(config().run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             # line-buffered: a row is on disk as soon as its request ends, whatever stops the process
             cls.rows = (run_dir / f"requests-{os.getpid()}.jsonl").open("a", buffering=1)
@@ -106,7 +144,7 @@ class _EffllmUser(User):
     abstract = True
 
     def on_start(self) -> None:
-        self.stream = RequestStream(WORKLOAD, _Process.stream_id(self.environment))
+        self.stream = RequestStream(config().workload, _Process.stream_id(self.environment))
         _Process.users += 1
         _Process.clock()
 
@@ -131,7 +169,8 @@ class _EffllmUser(User):
             _Process.inflight -= 1
 
     def _send(self, spec: RequestSpec) -> None:
-        target = CONFIG.targets[spec.index % len(CONFIG.targets)]
+        cfg = config()
+        target = cfg.targets[spec.index % len(cfg.targets)]
         client = _Process.client(target)
         rid = uuid.uuid4().hex
         p = spec.prompt
@@ -140,8 +179,8 @@ class _EffllmUser(User):
             messages=list(p.messages) if p.messages else None,
             adapter=spec.adapter,
             max_new_tokens=spec.max_new_tokens,
-            temperature=WORKLOAD.temperature,
-            ignore_eos=WORKLOAD.ignore_eos,
+            temperature=cfg.workload.temperature,
+            ignore_eos=cfg.workload.ignore_eos,
             request_id=rid,
         )
         row: dict[str, Any] = {
@@ -161,7 +200,7 @@ class _EffllmUser(User):
             n = 0
             final: Any = None
             try:
-                if CONFIG.stream:
+                if cfg.stream:
                     for chunk in client.stream(**kw):
                         now = time.perf_counter()
                         k = len(chunk.token_ids)
@@ -183,7 +222,9 @@ class _EffllmUser(User):
                 self._fail(row, start, code, err.details() or "")
                 return
             except gevent.GreenletExit:  # Locust killed the user mid-request: the server sees a cancel
-                self._fail(row, start, "CANCELLED", "stopped by locust")
+                # Standalone, the test's end (-t, the stop button) cuts requests short: not a failure of
+                # the server, so no Locust event (the row still says so); `effllm load` counts it.
+                self._fail(row, start, "CANCELLED", "stopped by locust", fire=FROM_ENV)
                 raise
             e2e = time.perf_counter() - start
         if final is not None and final.usage.output_tokens:
@@ -211,9 +252,32 @@ class _EffllmUser(User):
             )
         _Process.write(row)
 
-    def _fail(self, row: dict[str, Any], start: float, code: str, details: str) -> None:
+    def open_loop(self, share: float) -> None:
+        """Send arrivals at `share` of the workload's rate until its duration (or until Locust stops)."""
+        cfg = config()
+        pool = gevent.pool.Group()
+        next_at: float | None = _Process.clock()
+        while self._state != LOCUST_STATE_STOPPING:
+            assert next_at is not None
+            next_at = self.stream.next_arrival(next_at, share=share)
+            if next_at is None or next_at >= cfg.duration_s:
+                break
+            # Sleep to the planned arrival time (not by the gap) so send() overheads never slow the rate.
+            gevent.sleep(max(0.0, next_at - _Process.clock()))
+            pool.spawn(self.send, self.stream.next())
+        pool.join(timeout=cfg.timeout_s + 5)
+        _done(self)
+
+    def closed_loop_step(self) -> None:
+        if _Process.clock() >= config().duration_s:
+            _done(self)
+            return
+        self.send(self.stream.next())
+
+    def _fail(self, row: dict[str, Any], start: float, code: str, details: str, fire: bool = True) -> None:
         e2e = time.perf_counter() - start
-        self._fire("e2e", e2e, 0, GrpcStatusError(code, details))
+        if fire:
+            self._fire("e2e", e2e, 0, GrpcStatusError(code, details))
         row.update(status=code, details=details[:300], e2e_s=e2e, output_tokens=0, t_end=time.time())
         _Process.write(row)
 
@@ -221,35 +285,43 @@ class _EffllmUser(User):
 class OpenLoopUser(_EffllmUser):
     """Arrivals at the workload's rate (its shape, if any, over the campaign clock), split over processes."""
 
+    abstract = not FROM_ENV
     wait_time = constant(0)
 
     @task
     def arrivals(self) -> None:
-        pool = gevent.pool.Group()
-        next_at: float | None = _Process.clock()
-        while self._state != LOCUST_STATE_STOPPING:
-            assert next_at is not None
-            next_at = self.stream.next_arrival(next_at, share=1.0 / CONFIG.processes)
-            if next_at is None or next_at >= CONFIG.duration_s:
-                break
-            # Sleep to the planned arrival time (not by the gap) so send() overheads never slow the rate.
-            gevent.sleep(max(0.0, next_at - _Process.clock()))
-            pool.spawn(self.send, self.stream.next())
-        pool.join(timeout=CONFIG.timeout_s + 5)
-        _done(self)
+        self.open_loop(1.0 / config().processes)
 
 
 class ClosedLoopUser(_EffllmUser):
     """Send, wait for the whole reply, think `think_s`, repeat (Locust's own model)."""
 
-    wait_time = constant(WORKLOAD.think_s)
+    abstract = not FROM_ENV
+
+    def wait_time(self) -> float:
+        return config().workload.think_s
 
     @task
     def one(self) -> None:
-        if _Process.clock() >= CONFIG.duration_s:
-            _done(self)
-            return
-        self.send(self.stream.next())
+        self.closed_loop_step()
+
+
+class EffllmUser(_EffllmUser):
+    """Standalone Locust runs: closed loop (-u users, each one request at a time, --effllm-think apart),
+    or open loop with --effllm-rate R > 0 (R req/s over all users, each sending its share)."""
+
+    abstract = FROM_ENV
+
+    def wait_time(self) -> float:
+        return config().workload.think_s
+
+    @task
+    def request(self) -> None:
+        if config().workload.mode == "open":
+            users = getattr(self.environment.runner, "target_user_count", None) or 1
+            self.open_loop(1.0 / max(1, int(users)))
+        else:
+            self.closed_loop_step()
 
 
 def _done(user: User) -> None:
@@ -264,7 +336,7 @@ def _done(user: User) -> None:
             # Stats first, on the same ordered channel: the master quits as soon as all workers are done.
             runner._send_stats()
             runner.send_message("effllm_done", {"worker": runner.worker_index})
-        elif isinstance(runner, LocalRunner):
+        elif isinstance(runner, LocalRunner) and FROM_ENV:  # standalone: -t or the web UI ends the test
             gevent.spawn_later(1.5, runner.quit)  # > Locust's 1 s CSV interval: the CSV has all
     raise StopUser()  # this user is finished; Locust's quit then has nothing left to wait for
 
@@ -283,14 +355,14 @@ def _on_init(environment: Any, **_: Any) -> None:
         runner.register_message("effllm_done", on_done)
 
 
-if WORKLOAD.shape is not None and WORKLOAD.mode == "closed":
+if FROM_ENV and config().workload.shape is not None and config().workload.mode == "closed":
 
     class CampaignShape(LoadTestShape):
         """Closed-loop users over time from the workload's step/ramp shape."""
 
         def tick(self) -> tuple[int, float] | None:
             t = self.get_run_time()
-            users = WORKLOAD.target(t) if t < CONFIG.duration_s else None
+            users = config().workload.target(t) if t < config().duration_s else None
             if users is None:
                 return None
             return max(1, round(users)), 100.0

@@ -30,6 +30,7 @@ from ..common.auth import AuthConfig, AuthInterceptor, TlsConfig
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
+from .defaults import SamplingDefaults
 from .engines.base import EffllmError, Engine
 from .runner import Runner
 from .service import GenerationService, Limits
@@ -56,6 +57,9 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
     preload: tuple[str, ...] = ()  # NAME or NAME@VERSION, loaded before health turns SERVING
+    # What unset sampling fields become (the model's generation_config.json); shown by GetModelInfo.
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    chat_template: bool = False  # the model has one (GetModelInfo tells clients chat turns are welcome)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -87,7 +91,9 @@ class EffllmServer:
             self.adapters,
             observer=telemetry.observer if telemetry else None,
         )
-        self.generation = GenerationService(self.runner, config.limits)
+        self.generation = GenerationService(
+            self.runner, config.limits, config.sampling_defaults, config.chat_template, telemetry
+        )
         self.adapter_service = AdapterService(self.adapters)
         self.health = HealthServicer()
         self.port = 0

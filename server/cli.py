@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,22 @@ from ..common.auth import add_flags as add_security_flags
 from ..common.auth import security_config
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
+from ..telemetry.tracing import default_run_dir
 from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
+from .defaults import has_chat_template, load_sampling_defaults
 from .engines.base import PRECISIONS, Engine, Precision
 from .faults import maybe_inject
+from .logs import route_transformers
+from .logs import setup as setup_logging
 from .service import Limits
 
 # The flags' defaults are the Limits defaults: one source of truth (a request limit seen through the CLI
 # and through ServerConfig() is the same number).
 _LIMITS = Limits()
+DEFAULT_MAX_NEW_TOKENS = _LIMITS.default_max_new_tokens  # when neither the flag nor the model sets one
+log = logging.getLogger("effllm.server")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,7 +73,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=_LIMITS.max_new_tokens,
         help="largest max_new_tokens a request may ask",
     )
-    p.add_argument("--default-max-new-tokens", type=int, default=_LIMITS.default_max_new_tokens)
+    p.add_argument(
+        "--default-max-new-tokens",
+        type=int,
+        default=None,
+        help="max_new_tokens of a request that sets none; default: the model's generation_config.json "
+        f"max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}",
+    )
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache size")
     p.add_argument(
         "--tensor-parallel-size",
@@ -121,7 +134,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_security_flags(p)
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        help="show every library's records from this level on the console too (DEBUG, INFO, ...); "
+        "default: effllm's own lines only, the rest in RUN_DIR/server.log",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v: --log-level INFO; -vv: DEBUG")
     a = p.add_argument_group("adapters")
     a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
     a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
@@ -232,11 +251,22 @@ def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    telemetry = telemetry_config(args, service_name="effllm-server")
+    run_dir = Path(telemetry.run_dir or default_run_dir("serve"))
+    try:
+        log_file = setup_logging(run_dir, args.log_level, args.verbose)
+    except (ValueError, OSError) as err:
+        print(f"effllm serve: {err}", file=sys.stderr)
+        return 2
+    telemetry = replace(telemetry, run_dir=run_dir)
     try:
         auth, tls = security_config(args)
+        lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
+        engine = maybe_inject(build_engine(args))
+        model = getattr(engine, "model", None)  # ResolvedModel on both engines
+        model_dir = model.path if model is not None else None
+        defaults = load_sampling_defaults(model_dir)
+        default_max_new = args.default_max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         config = ServerConfig(
             host=args.host,
             port=args.port,
@@ -245,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
             max_message_bytes=int(args.max_message_mib * (1 << 20)),
             grace_s=args.grace,
             limits=Limits(
-                default_max_new_tokens=args.default_max_new_tokens,
+                default_max_new_tokens=default_max_new,
                 max_new_tokens=args.max_new_tokens,
                 max_prompt_chars=args.max_prompt_chars,
                 max_prompt_tokens=args.max_prompt_tokens,
@@ -254,11 +284,33 @@ def run(args: argparse.Namespace) -> int:
             auth=auth,
             tls=tls,
             preload=tuple(args.preload),
+            sampling_defaults=defaults,
+            chat_template=has_chat_template(model_dir),
         )
-        lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
-        engine = maybe_inject(build_engine(args))
     except (ValueError, OSError) as err:
-        logging.getLogger("effllm.server").error("bad configuration: %s", err)
+        log.error("bad configuration: %s", err)
         return 2
-    telemetry = telemetry_config(args, service_name="effllm-server")
+    info = engine.info
+    log.info(
+        "model %s (%s engine, %s on %s); run dir %s (log: %s)",
+        info.model,
+        info.engine,
+        info.precision,
+        info.device,
+        run_dir,
+        log_file.name,
+    )
+    log.info(
+        "sampling defaults: temperature %g, top_p %g, top_k %d, repetition_penalty %g, "
+        "max_new_tokens %d (%s)",
+        defaults.temperature,
+        defaults.top_p,
+        defaults.top_k,
+        defaults.repetition_penalty,
+        default_max_new,
+        "from generation_config.json: " + ", ".join(defaults.from_model)
+        if defaults.from_model
+        else "the model's generation_config.json sets none",
+    )
+    route_transformers()
     return asyncio.run(serve(engine, config, build_registry(args, engine), telemetry))

@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 
@@ -22,8 +22,13 @@ from ..api.status import STATUS
 from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..telemetry.genai import mark_error
+from .defaults import SamplingDefaults
 from .engines.base import ChatTurn, EffllmError, EngineInfo, GenerationRequest, Sampling, TokenEvent
 from .runner import Runner
+from .telemetry_rpc import telemetry_reply
+
+if TYPE_CHECKING:
+    from ..telemetry.serving import ServerTelemetry as TelemetrySource
 
 log = logging.getLogger("effllm.server")
 _timeout_at = getattr(asyncio, "timeout_at", None)  # Python >= 3.11
@@ -64,8 +69,14 @@ class Limits:
             raise ValueError(f"max_request_s {self.max_request_s} must be a finite number > 0")
 
 
-def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> GenerationRequest:
-    """Raises EffllmError("invalid_argument") naming the first bad field."""
+def to_request(
+    msg: pb.GenerateRequest,
+    limits: Limits,
+    max_context: int,
+    defaults: SamplingDefaults = SamplingDefaults(),  # noqa: B008 (frozen, so one shared instance is safe)
+) -> GenerationRequest:
+    """Raises EffllmError("invalid_argument") naming the first bad field. Unset sampling fields take
+    `defaults` (the model's generation_config); an explicit 0 temperature is still greedy."""
     which = msg.WhichOneof("input")
     prompt: str | None = None
     messages: tuple[ChatTurn, ...] | None = None
@@ -105,15 +116,16 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
             f"sampling.max_new_tokens: {max_new} is over this server's limit of {limits.max_new_tokens} "
             "(max_new_tokens)"
         )
-    temperature = s.temperature if s.HasField("temperature") else 1.0
+    temperature = s.temperature if s.HasField("temperature") else defaults.temperature
     if not math.isfinite(temperature) or temperature < 0:
         _bad(f"sampling.temperature: {temperature} must be a finite number >= 0")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
+    top_p = s.top_p if s.HasField("top_p") else defaults.top_p
     if not (0.0 < top_p <= 1.0):
         _bad(f"sampling.top_p: {top_p} must be in (0, 1]")
-    if s.top_k < 0:
-        _bad(f"sampling.top_k: {s.top_k} must be >= 0 (0 disables it)")
-    penalty = s.repetition_penalty if s.HasField("repetition_penalty") else 1.0
+    top_k = s.top_k if s.HasField("top_k") else defaults.top_k
+    if top_k < 0:
+        _bad(f"sampling.top_k: {top_k} must be >= 0 (0 disables it)")
+    penalty = s.repetition_penalty if s.HasField("repetition_penalty") else defaults.repetition_penalty
     if not math.isfinite(penalty) or penalty <= 0:
         _bad(f"sampling.repetition_penalty: {penalty} must be a finite number > 0")
     if len(s.stop) > limits.max_stop_strings:
@@ -136,7 +148,7 @@ def to_request(msg: pb.GenerateRequest, limits: Limits, max_context: int) -> Gen
             max_new_tokens=max_new,
             temperature=temperature,
             top_p=top_p,
-            top_k=s.top_k,
+            top_k=top_k,
             seed=s.seed if s.HasField("seed") else None,
             stop=tuple(s.stop),
             repetition_penalty=penalty,
@@ -150,7 +162,14 @@ def _bad(message: str) -> NoReturn:
     raise EffllmError("invalid_argument", message)
 
 
-def model_info(info: EngineInfo, runner: Runner) -> pb.ModelInfo:
+def model_info(
+    info: EngineInfo,
+    runner: Runner,
+    limits: Limits | None = None,
+    defaults: SamplingDefaults | None = None,
+    chat_template: bool = False,
+) -> pb.ModelInfo:
+    d, lim = defaults or SamplingDefaults(), limits or Limits()
     return pb.ModelInfo(
         model=info.model,
         fingerprint=info.fingerprint,
@@ -169,13 +188,32 @@ def model_info(info: EngineInfo, runner: Runner) -> pb.ModelInfo:
         parameters=info.parameters,
         max_concurrency=runner.max_concurrency,
         queue_size=runner.queue_size,
+        sampling_defaults=pb.SamplingDefaults(
+            temperature=d.temperature,
+            top_p=d.top_p,
+            top_k=d.top_k,
+            repetition_penalty=d.repetition_penalty,
+            max_new_tokens=min(lim.default_max_new_tokens, lim.max_new_tokens),
+            from_model=list(d.from_model),
+        ),
+        chat_template=chat_template,
     )
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
-    def __init__(self, runner: Runner, limits: Limits) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        limits: Limits,
+        defaults: SamplingDefaults | None = None,
+        chat_template: bool = False,
+        telemetry: TelemetrySource | None = None,
+    ) -> None:
         self.runner = runner
         self.limits = limits
+        self.defaults = defaults or SamplingDefaults()
+        self.chat_template = chat_template
+        self.telemetry = telemetry  # answers GetTelemetry; None: the server runs without telemetry
         self.ready = False  # set once the engine has started
         self.draining = False
 
@@ -188,7 +226,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             )
         cap = self.limits.max_request_s
         try:
-            request = to_request(msg, self.limits, self.runner.engine.info.max_context)
+            request = to_request(msg, self.limits, self.runner.engine.info.max_context, self.defaults)
             async for event in _bounded(self.runner.run(request), cap):
                 yield request, event
         except EffllmError as err:
@@ -241,7 +279,24 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> pb.ModelInfo:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
-        return model_info(self.runner.engine.info, self.runner)
+        return model_info(
+            self.runner.engine.info, self.runner, self.limits, self.defaults, self.chat_template
+        )
+
+    async def GetTelemetry(
+        self, request: pb.GetTelemetryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Telemetry:
+        start, end = request.start_unix_s, request.end_unix_s
+        if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "start_unix_s, end_unix_s: finite, >= 0 (0: open end)"
+            )
+        if end and start > end:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"start_unix_s: {start} is after end_unix_s"
+            )
+        info = self.runner.engine.info
+        return telemetry_reply(self.telemetry, request, info.model, info.precision, info.engine)
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext

@@ -14,14 +14,18 @@ invalid_argument, failed_precondition) is labelled `(invalid)` so clients cannot
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .attribution import EnergyAttributor
+from .otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, SpanRecord
 
 PROVIDER = "effllm"
 BASE_ADAPTER = "(base)"  # the adapter label of base-model requests; not a valid adapter name
@@ -151,6 +155,9 @@ class RequestTrace:
         self.o = observer
         self.start = start
         self.started = time.perf_counter()
+        self.started_ns = time.time_ns()
+        self.attributes: dict[str, Any] = {}  # what the span got: kept for GetTelemetry (see recent())
+        self._error = False
         name, version = split_adapter(start.adapter)
         self.labels = {
             **observer.labels,
@@ -166,24 +173,29 @@ class RequestTrace:
         self.span = span
         self._running = False
         self._done = False
-        if span.is_recording():
-            s = observer.served
-            span.set_attributes(
-                {
-                    "gen_ai.operation.name": _operation(start.chat),
-                    "gen_ai.provider.name": PROVIDER,
-                    "gen_ai.request.model": s.model,
-                    "gen_ai.request.max_tokens": start.max_tokens,
-                    "gen_ai.request.temperature": start.temperature,
-                    "gen_ai.request.top_p": start.top_p,
-                    "gen_ai.response.id": start.request_id,
-                    "effllm.adapter.name": name,
-                    "effllm.adapter.version": version,
-                    "effllm.precision": s.precision,
-                    "effllm.engine": s.engine,
-                    "effllm.model.parameters": s.parameters,
-                }
-            )
+        # The figures are kept (GetTelemetry) even when the span does not record.
+        s = observer.served
+        self._set(
+            {
+                "gen_ai.operation.name": _operation(start.chat),
+                "gen_ai.provider.name": PROVIDER,
+                "gen_ai.request.model": s.model,
+                "gen_ai.request.max_tokens": start.max_tokens,
+                "gen_ai.request.temperature": start.temperature,
+                "gen_ai.request.top_p": start.top_p,
+                "gen_ai.response.id": start.request_id,
+                "effllm.adapter.name": name,
+                "effllm.adapter.version": version,
+                "effllm.precision": s.precision,
+                "effllm.engine": s.engine,
+                "effllm.model.parameters": s.parameters,
+            }
+        )
+
+    def _set(self, attributes: dict[str, Any]) -> None:
+        self.attributes.update(attributes)
+        if self.span.is_recording():
+            self.span.set_attributes(attributes)
 
     def scheduled(self) -> None:
         """The request holds a batch slot: from now on it shares the energy."""
@@ -194,8 +206,7 @@ class RequestTrace:
     def _energy(self) -> None:
         if self._running and self.o.attributor is not None:
             share = self.o.attributor.finish(self.start.request_id)
-            self.span.set_attribute("effllm.energy_j", share.joules)
-            self.span.set_attribute("effllm.energy.source", share.source)
+            self._set({"effllm.energy_j": share.joules, "effllm.energy.source": share.source})
             self.o.instruments.energy.add(share.joules, {**self.labels, "effllm.energy.source": share.source})
         self._running = False
 
@@ -206,7 +217,7 @@ class RequestTrace:
         self._energy()
         name, version = split_adapter(end.adapter or self.start.adapter)
         labels = {**self.labels, "effllm.adapter": name}
-        self.span.set_attributes(
+        self._set(
             {
                 "gen_ai.response.model": self.o.served.model,
                 "gen_ai.usage.input_tokens": end.input_tokens,
@@ -236,6 +247,8 @@ class RequestTrace:
         self._done = True
         self._energy()
         mark_error(code, message, self.span)
+        self._error = True
+        self.attributes["error.type"] = code.upper()
         labels = {**self.labels, "error.type": code.upper()}
         if code.lower() in _NAME_ERRORS and self.start.adapter:
             labels["effllm.adapter"] = INVALID_ADAPTER
@@ -248,10 +261,25 @@ class RequestTrace:
     def _end(self) -> None:
         if self._own:
             self.span.end()
+        ctx = self.span.get_span_context()
+        self.o.keep(
+            SpanRecord(
+                trace_id=format(ctx.trace_id, "032x") if ctx.trace_id else "",
+                span_id=format(ctx.span_id, "016x") if ctx.span_id else "",
+                parent_span_id="",
+                name=SPAN_PREFIX + self.o.served.model,
+                kind=SPAN_KIND_SERVER,
+                start_ns=self.started_ns,
+                end_ns=time.time_ns(),
+                attributes=dict(self.attributes),
+                status_code=STATUS_ERROR if self._error else 0,
+            )
+        )
 
 
 class RequestObserver:
-    """Made once per server; `begin()` per request. `attributor` None: no energy attribution."""
+    """Made once per server; `begin()` per request. `attributor` None: no energy attribution.
+    Keeps the last `keep_last` finished requests' figures (as span records) for `recent()`."""
 
     def __init__(
         self,
@@ -259,7 +287,10 @@ class RequestObserver:
         tracer: trace.Tracer,
         instruments: Instruments,
         attributor: EnergyAttributor | None = None,
+        keep_last: int = 100_000,
     ) -> None:
+        self._recent: deque[SpanRecord] = deque(maxlen=keep_last)
+        self._lock = threading.Lock()
         self.served = served
         self.tracer = tracer
         self.instruments = instruments
@@ -272,6 +303,18 @@ class RequestObserver:
 
     def begin(self, start: RequestStart) -> RequestTrace:
         return RequestTrace(self, start)
+
+    def keep(self, record: SpanRecord) -> None:
+        with self._lock:
+            self._recent.append(record)
+
+    def recent(self, start_s: float | None = None, end_s: float | None = None) -> list[SpanRecord]:
+        """Finished requests (oldest first) that ended inside [start_s, end_s] (Unix seconds)."""
+        with self._lock:
+            records = list(self._recent)
+        lo = -1 if start_s is None else start_s * 1e9
+        hi = float("inf") if end_s is None else end_s * 1e9
+        return [r for r in records if lo <= r.end_ns <= hi]
 
 
 def mark_error(code: str, message: str, span: trace.Span | None = None) -> None:

@@ -146,14 +146,21 @@ def build_report(trace_file: Path, samples_file: Path | None = None) -> Report:
     if samples_file is None and (trace_file.parent / SAMPLES_FILE).exists():
         samples_file = trace_file.parent / SAMPLES_FILE
     samples = read_samples(samples_file) if samples_file is not None else []
+    model = next((str(s.attributes.get("gen_ai.request.model", "")) for s in spans), "")
+    return Report(
+        str(trace_file), str(samples_file) if samples_file else None, model, group_reports(spans, samples)
+    )
+
+
+def group_reports(spans: Sequence[SpanRecord], samples: Sequence[Sample]) -> list[GroupReport]:
+    """One GroupReport per adapter name (sorted), then ALL; from spans read back or kept in memory."""
     by_adapter: dict[str, list[SpanRecord]] = {}
     for s in spans:
         by_adapter.setdefault(str(s.attributes.get("effllm.adapter.name", "")), []).append(s)
     groups = [_group(name, by_adapter[name], samples) for name in sorted(by_adapter)]
     if spans:
         groups.append(_group(ALL, spans, samples))
-    model = next((str(s.attributes.get("gen_ai.request.model", "")) for s in spans), "")
-    return Report(str(trace_file), str(samples_file) if samples_file else None, model, groups)
+    return groups
 
 
 COLUMNS = (

@@ -237,6 +237,12 @@ class ResourceSampler:
         if self.gpus is not None:
             self.gpus.close()
 
+    def samples_between(self, start: float | None = None, end: float | None = None) -> list[Sample]:
+        """The kept samples with start <= t <= end (a copy, in time order)."""
+        with self._lock:
+            samples = list(self.samples)
+        return [s for s in samples if (start is None or s.t >= start) and (end is None or s.t <= end)]
+
     def summary(self, start: float | None = None, end: float | None = None) -> WindowSummary:
         with self._lock:
             samples = list(self.samples)

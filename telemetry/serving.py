@@ -27,7 +27,8 @@ from opentelemetry.instrumentation.grpc.filters import any_of, health_check, neg
 from .attribution import EnergyAttributor
 from .energy import select_meter
 from .genai import Instruments, RequestObserver, ServedModel, register_gauges, resident_adapters
-from .sampler import ResourceSampler
+from .otlpjson import SpanRecord
+from .sampler import ResourceSampler, Sample
 from .tracing import SAMPLES_FILE, Providers, TelemetryConfig, default_run_dir, install, make_providers
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,14 @@ class ServerTelemetry:
             else "",
         )
         return tel
+
+    def window(
+        self, start_s: float | None = None, end_s: float | None = None
+    ) -> tuple[list[Sample], list[SpanRecord]]:
+        """The resource samples and the finished requests' figures inside [start_s, end_s] (Unix s):
+        what GetTelemetry returns and telemetry/report.py summarises."""
+        samples = self.sampler.samples_between(start_s, end_s) if self.sampler is not None else []
+        return samples, self.observer.recent(start_s, end_s)
 
     def interceptors(self) -> list[Any]:
         """The OpenTelemetry aio server interceptor: SERVER spans parented by the W3C context in metadata."""
@@ -150,6 +159,22 @@ def _gauges(meter: metrics.Meter, served: ServedModel, load: LoadFn, sampler: Re
             meter,
             {
                 "effllm.power": (latest("power_w"), "W", "Power draw (see effllm.energy.source)"),
+                # The inputs of AMU, PCU and AEC (their time averages over a window: avg_over_time).
+                "effllm.memory.utilisation": (
+                    latest("memory_utilisation"),
+                    "1",
+                    "GPU memory used/total, or the process tree's RSS / RAM on CPU (AMU's input)",
+                ),
+                "effllm.utilisation": (
+                    latest("utilisation"),
+                    "1",
+                    "GPU utilisation, or the process tree's CPU share of all cores (PCU's input)",
+                ),
+                "effllm.energy.meter": (
+                    latest("energy_j"),
+                    "J",
+                    "Energy since the sampler started (see effllm.energy.source)",
+                ),
             },
             {**labels, "effllm.energy.source": sampler.meter.source},
         )

@@ -147,7 +147,7 @@ class Capabilities(_message.Message):
     def __init__(self, precisions: _Optional[_Iterable[str]] = ..., adapter_methods: _Optional[_Iterable[str]] = ..., max_adapter_rank: _Optional[int] = ..., max_adapters_per_batch: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size")
+    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size", "sampling_defaults", "chat_template")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,8 @@ class ModelInfo(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     engine: str
@@ -172,7 +174,25 @@ class ModelInfo(_message.Message):
     parameters: int
     max_concurrency: int
     queue_size: int
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ...) -> None: ...
+    sampling_defaults: SamplingDefaults
+    chat_template: bool
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ...) -> None: ...
+
+class SamplingDefaults(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "from_model")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FROM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_new_tokens: int
+    from_model: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., repetition_penalty: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., from_model: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
@@ -195,3 +215,131 @@ class ServerStats(_message.Message):
     requests_rejected: int
     output_tokens_total: int
     def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., engine_running: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., output_tokens_total: _Optional[int] = ...) -> None: ...
+
+class GetTelemetryRequest(_message.Message):
+    __slots__ = ("start_unix_s", "end_unix_s", "include_samples")
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    start_unix_s: float
+    end_unix_s: float
+    include_samples: bool
+    def __init__(self, start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., include_samples: _Optional[bool] = ...) -> None: ...
+
+class ResourceSummary(_message.Message):
+    __slots__ = ("samples", "window_s", "amu", "amu_bytes", "peak_memory_bytes", "pcu", "aec_w", "energy_j", "energy_source", "device")
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    AMU_FIELD_NUMBER: _ClassVar[int]
+    AMU_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PCU_FIELD_NUMBER: _ClassVar[int]
+    AEC_W_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    samples: int
+    window_s: float
+    amu: float
+    amu_bytes: float
+    peak_memory_bytes: int
+    pcu: float
+    aec_w: float
+    energy_j: float
+    energy_source: str
+    device: str
+    def __init__(self, samples: _Optional[int] = ..., window_s: _Optional[float] = ..., amu: _Optional[float] = ..., amu_bytes: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., pcu: _Optional[float] = ..., aec_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class ResourceSample(_message.Message):
+    __slots__ = ("t_unix_s", "memory_utilisation", "utilisation", "power_w", "energy_j", "memory_used_bytes")
+    T_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_UTILISATION_FIELD_NUMBER: _ClassVar[int]
+    UTILISATION_FIELD_NUMBER: _ClassVar[int]
+    POWER_W_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    t_unix_s: float
+    memory_utilisation: float
+    utilisation: float
+    power_w: float
+    energy_j: float
+    memory_used_bytes: int
+    def __init__(self, t_unix_s: _Optional[float] = ..., memory_utilisation: _Optional[float] = ..., utilisation: _Optional[float] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+
+class RequestFigures(_message.Message):
+    __slots__ = ("request_id", "adapter", "start_unix_s", "end_unix_s", "input_tokens", "output_tokens", "queue_s", "time_to_first_token_s", "decode_s", "energy_j", "energy_source", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_S_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    adapter: str
+    start_unix_s: float
+    end_unix_s: float
+    input_tokens: int
+    output_tokens: int
+    queue_s: float
+    time_to_first_token_s: float
+    decode_s: float
+    energy_j: float
+    energy_source: str
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class GroupFigures(_message.Message):
+    __slots__ = ("adapter", "precision", "requests", "errors", "output_tokens", "energy_j", "j_per_token", "energy_source", "amu", "pcu", "aec_w")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_J_FIELD_NUMBER: _ClassVar[int]
+    J_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    AMU_FIELD_NUMBER: _ClassVar[int]
+    PCU_FIELD_NUMBER: _ClassVar[int]
+    AEC_W_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    precision: str
+    requests: int
+    errors: int
+    output_tokens: int
+    energy_j: float
+    j_per_token: float
+    energy_source: str
+    amu: float
+    pcu: float
+    aec_w: float
+    def __init__(self, adapter: _Optional[str] = ..., precision: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., output_tokens: _Optional[int] = ..., energy_j: _Optional[float] = ..., j_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ..., amu: _Optional[float] = ..., pcu: _Optional[float] = ..., aec_w: _Optional[float] = ...) -> None: ...
+
+class Telemetry(_message.Message):
+    __slots__ = ("model", "precision", "engine", "start_unix_s", "end_unix_s", "resources", "requests", "groups", "samples", "enabled")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    END_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    precision: str
+    engine: str
+    start_unix_s: float
+    end_unix_s: float
+    resources: ResourceSummary
+    requests: _containers.RepeatedCompositeFieldContainer[RequestFigures]
+    groups: _containers.RepeatedCompositeFieldContainer[GroupFigures]
+    samples: _containers.RepeatedCompositeFieldContainer[ResourceSample]
+    enabled: bool
+    def __init__(self, model: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., resources: _Optional[_Union[ResourceSummary, _Mapping]] = ..., requests: _Optional[_Iterable[_Union[RequestFigures, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupFigures, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[ResourceSample, _Mapping]]] = ..., enabled: _Optional[bool] = ...) -> None: ...

@@ -54,6 +54,11 @@ class GenerationServiceStub:
                 request_serializer=effllm_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=effllm_dot_v1_dot_generation__pb2.ServerStats.FromString,
                 _registered_method=True)
+        self.GetTelemetry = channel.unary_unary(
+                '/effllm.v1.GenerationService/GetTelemetry',
+                request_serializer=effllm_dot_v1_dot_generation__pb2.GetTelemetryRequest.SerializeToString,
+                response_deserializer=effllm_dot_v1_dot_generation__pb2.Telemetry.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -86,6 +91,14 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTelemetry(self, request, context):
+        """The server's resource samples and per-request figures over a time window, and their summary
+        (AMU, PCU, AEC, energy and its source, J/token per adapter): what a remote load campaign reports.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=effllm_dot_v1_dot_generation__pb2.GetStatsRequest.FromString,
                     response_serializer=effllm_dot_v1_dot_generation__pb2.ServerStats.SerializeToString,
+            ),
+            'GetTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTelemetry,
+                    request_deserializer=effllm_dot_v1_dot_generation__pb2.GetTelemetryRequest.FromString,
+                    response_serializer=effllm_dot_v1_dot_generation__pb2.Telemetry.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +236,33 @@ class GenerationService:
             '/effllm.v1.GenerationService/GetStats',
             effllm_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
             effllm_dot_v1_dot_generation__pb2.ServerStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/effllm.v1.GenerationService/GetTelemetry',
+            effllm_dot_v1_dot_generation__pb2.GetTelemetryRequest.SerializeToString,
+            effllm_dot_v1_dot_generation__pb2.Telemetry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -147,3 +147,24 @@ def test_a_failing_step_leaves_no_locust_process_or_watcher(
     alive = [pid for pid in spawned if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert alive == []
     assert not [t for t in threading.enumerate() if t.name == "effllm-resource-watch" and t.is_alive()]
+
+
+def test_target_only_campaign_gets_the_servers_figures_over_the_wire(
+    vllm_server: ServerProcess, tmp_path: Path
+) -> None:
+    """A server started separately, its run dir unknown to the campaign: AMU, PCU, AEC and J/token (with
+    their source) come from GetTelemetry, per request joined by request id."""
+    wl = Workload(seed=4, mode="open", rate=2.0, prompts=PromptSource("synthetic", LengthDist.parse("16")))
+    wl = Workload(**{**wl.__dict__, "output": LengthDist.parse("8"), "ignore_eos": True})
+    cfg = LoadConfig(
+        targets=(vllm_server.target,), workload=wl, duration_s=3.0, timeout_s=60.0, run_dir=str(tmp_path)
+    )
+    rep = run(Campaign(cfg, label="remote"))
+    eff = rep["efficientllm"]
+    assert eff["resources_from"] == "server GetTelemetry"
+    assert 0 < eff["amu_ratio"] <= 1 and 0 < eff["pcu"] <= 1 and eff["aec_w"] > 0
+    assert eff["energy_j"] > 0 and eff["energy_source"] and eff["j_per_token"] > 0
+    assert rep["server"]["joined"] == rep["requests"]["total"] > 0
+    base = rep["per_adapter"]["(base)"]
+    assert base["j_per_token"] > 0 and base["energy_source"]
+    assert "AMU" in (tmp_path / "report.md").read_text()
