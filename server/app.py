@@ -240,6 +240,7 @@ async def serve(
         else:
             log.warning("second signal: stopping now")
             _kill_children()
+            server.adapters.close()  # os._exit skips atexit, where the snapshot folder goes otherwise
             os._exit(1)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -266,6 +266,29 @@ class VllmEngine:
             del self._lora_ids[spec.key]
             raise
 
+    async def probe_adapter(self, spec: AdapterSpec) -> bool:
+        """A 1-token greedy generate on `spec` with logprobs: are they finite (no NaN/inf logits)?"""
+        import math
+        import uuid
+
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = list(self.renderer.tokenizer.encode("The capital of France is"))
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=1, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        request_id = f"probe-{uuid.uuid4().hex}"
+        values: list[float] = []
+        async for out in self._llm.generate(
+            TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=self._lora_request(spec)
+        ):
+            for completion in out.outputs:
+                for step in completion.logprobs or ():
+                    values.extend(lp.logprob for lp in step.values())
+        return bool(values) and all(math.isfinite(v) for v in values)
+
     async def _add_null_adapter(self) -> None:
         """A rank-1 LoRA of zeros on one q_proj: it changes nothing, but it gives base rows a slot."""
         from safetensors.torch import save_file
