@@ -89,7 +89,7 @@ def _fail(message: str) -> EffllmError:
 
 def _short(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _nonneg_int(value: Any) -> bool:
@@ -175,12 +175,13 @@ def check_weight_values(path: Path, header: dict[str, Any]) -> None:
                     chunk = np.frombuffer(
                         mm, dtype=view, count=min(_CHUNK, count - first), offset=8 + n + start + first * item
                     )
-                    if np.any((chunk & mask) == value):
+                    bad = bool(np.any((chunk & mask) == value))
+                    del chunk  # release the exported buffer before the map closes
+                    if bad:
                         raise _fail(
                             f"{path.name}: tensor {_short(key)} holds NaN or inf values "
                             "(the adapter would poison the model's output)"
                         )
-                    del chunk  # release the exported buffer before the map closes
 
 
 class BaseModules:
@@ -408,7 +409,7 @@ def _validate(
     digest = ""
     if values:
         check_weight_values(weights, header)
-        digest = content_hash(folder)
+        digest = content_hash(folder, root)
         if manifest and manifest.content_sha256 and manifest.content_sha256 != digest:
             raise _fail(
                 f"{MANIFEST}: content_sha256 {manifest.content_sha256[:12]}… does not match the adapter's "
