@@ -251,6 +251,7 @@ async def run(server: EffllmServer) -> int:
         else:
             log.warning("second signal: stopping now")
             _kill_children()
+            server.adapters.close()  # os._exit skips atexit, where the snapshot folder goes otherwise
             os._exit(1)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -76,6 +76,8 @@ class Runner:
                     )
                 lease = self.adapters.acquire(request.adapter)  # NOT_FOUND before the request takes a slot
                 request = replace(request, resolved_adapter=lease.spec)
+                if trace is not None:
+                    trace.adapter_resolved(lease.spec.key, lease.spec.content_sha256)
             # aclosing: a consumer that stops early frees the slot (and lets go of the adapter) now,
             # not when the GC finalises _run; only then is the lease released.
             async with aclosing(self._run(request, trace)) as events:

@@ -197,6 +197,14 @@ class RequestTrace:
         if self.span.is_recording():
             self.span.set_attributes(attributes)
 
+    def adapter_resolved(self, key: str, content_sha256: str) -> None:
+        """The exact version the request runs on (NAME@VERSION) and its content hash, on the span."""
+        if self.span.is_recording():
+            _name, version = split_adapter(key)
+            self.span.set_attributes(
+                {"effllm.adapter.version": version, "effllm.adapter.sha256": content_sha256}
+            )
+
     def scheduled(self) -> None:
         """The request holds a batch slot: from now on it shares the energy."""
         if self.o.attributor is not None:

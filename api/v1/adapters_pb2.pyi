@@ -53,7 +53,7 @@ class PinAdapterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "method", "rank", "alpha", "target_modules", "base_fingerprint", "residency", "pinned", "load_s", "requests_served", "last_used_unix", "in_flight", "latest")
+    __slots__ = ("name", "version", "method", "rank", "alpha", "target_modules", "base_fingerprint", "residency", "pinned", "load_s", "requests_served", "last_used_unix", "in_flight", "latest", "content_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class AdapterInfo(_message.Message):
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     method: str
@@ -82,4 +83,5 @@ class AdapterInfo(_message.Message):
     last_used_unix: float
     in_flight: int
     latest: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., residency: _Optional[str] = ..., pinned: _Optional[bool] = ..., load_s: _Optional[float] = ..., requests_served: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., in_flight: _Optional[int] = ..., latest: _Optional[bool] = ...) -> None: ...
+    content_sha256: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., residency: _Optional[str] = ..., pinned: _Optional[bool] = ..., load_s: _Optional[float] = ..., requests_served: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., in_flight: _Optional[int] = ..., latest: _Optional[bool] = ..., content_sha256: _Optional[str] = ...) -> None: ...

@@ -81,6 +81,8 @@ class AdapterServiceServicer:
 
     def PinAdapter(self, request, context):
         """A pinned adapter is never evicted nor unloaded until unpinned.
+        LoadAdapter refuses (FAILED_PRECONDITION) a version whose files hold other bytes than the same
+        NAME@VERSION loaded earlier on this server, and one whose probe gives non-finite logits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,8 +5,14 @@ Invariants:
   stays loaded in the engine until every lease on it is released (unload waits, eviction skips it).
 - `NAME` means the highest loaded version of NAME; loading NAME@2 makes it the answer for new requests in
   one event-loop step (atomic swap) while requests running on NAME@1 keep NAME@1.
-- Mutations (load, unload, pin, evict) hold one asyncio.Lock; validation reads files in a worker thread.
-- Pinned versions are never evicted nor unloaded; eviction takes the least recently used idle version.
+- Mutations (load, unload, pin, evict) hold one asyncio.Lock; validation reads files in a worker thread;
+  unload waits for in-flight requests with the lock released (others load and pin meanwhile).
+- Pinned versions are never evicted nor unloaded; eviction takes the least recently used idle version,
+  and only once the new version is loaded and has passed its probe (a failed load evicts nothing).
+- Identity: NAME@VERSION means one content (sha256 of its config and weights) for the life of the
+  server: loading it again with other bytes is refused, so no cache keyed by the name can mix versions.
+- Every failure of a load is an EffllmError (anything unforeseen is logged and becomes
+  failed_precondition): nothing about an adapter can surface as UNKNOWN or INTERNAL.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from ...common.adapter_paths import (
     resolve_relative,
     resolve_version_dir,
 )
+from ...common.manifest import content_hash
 from ...telemetry.genai import set_resident_adapters_source
 from ...telemetry.tracing import adapter_span
 from ..engines.base import AdapterSpec, EffllmError, Engine
-from .snapshot import Snapshots
+from .snapshot import Snapshots, sweep_stale
 from .validate import BaseModules, Validated, validate
 
 log = logging.getLogger(__name__)
@@ -118,6 +125,10 @@ class AdapterRegistry:
         self._seq = itertools.count(1)
         self._base: BaseModules | None = None
         self._snapshots = Snapshots()
+        # NAME@VERSION -> content sha256 of every version this server has loaded (kept after unload)
+        self._identity: dict[str, str] = {}
+        if config.root is not None:
+            sweep_stale()  # snapshot folders of servers killed before they could remove theirs
         set_resident_adapters_source(lambda: list(self._entries))
 
     # -- requests ---------------------------------------------------------------------------------------
@@ -166,7 +177,7 @@ class AdapterRegistry:
         version, folder = resolve_version_dir(root, name, version)
         return name, version, folder
 
-    def _validate(self, folder: Path, root: Path | None = None) -> Validated:
+    def _validate(self, folder: Path, root: Path | None = None, values: bool = False) -> Validated:
         if self._base is None:
             if self.base_path is None:
                 raise EffllmError(
@@ -182,34 +193,67 @@ class AdapterRegistry:
             base_fingerprint=info.fingerprint,
             max_rank=max_rank,
             methods=tuple(info.adapter_methods),
+            values=values,
         )
 
     async def load(self, name: str, version: str = "", path: str = "") -> Entry:
         """Validate, then make NAME@VERSION servable (idempotent). On any failure nothing has changed."""
-        name, version, folder = self.locate(name, version, path)
-        if (existing := self._routable(f"{name}@{version}")) is not None:
-            return existing
-        with adapter_span("load", name, version):
-            return await self._load(name, version, folder)
+        key = f"{name}@{version or path}"
+        try:
+            name, version, folder = self.locate(name, version, path)
+            key = f"{name}@{version}"
+            if (existing := self._routable(key)) is not None:
+                await asyncio.to_thread(self._same_content, key, folder)
+                return existing
+            with adapter_span("load", name, version):
+                return await self._load(name, version, folder)
+        except EffllmError:
+            raise
+        except Exception as exc:  # unforeseen: the adapter's fault until shown otherwise, never UNKNOWN
+            log.exception("loading adapter %s failed unexpectedly", key)
+            raise EffllmError(
+                "failed_precondition", f"adapter: {key} could not be loaded ({type(exc).__name__})"
+            ) from exc
+
+    def _same_content(self, key: str, folder: Path) -> None:
+        """Refuse when the folder now holds other bytes than the loaded version `key` (re-published)."""
+        try:
+            digest = content_hash(folder, self._root())
+        except ValueError as exc:
+            raise EffllmError("failed_precondition", f"adapter: {key}: {exc}") from exc
+        self._check_identity(key, digest)
+
+    def _check_identity(self, key: str, digest: str) -> None:
+        known = self._identity.get(key)
+        if known is not None and known != digest:
+            raise EffllmError(
+                "failed_precondition",
+                f"version: {key} was loaded before with content sha256 {known[:12]}…, the folder now holds "
+                f"{digest[:12]}… (re-published under the same version?): publish it as a new version",
+            )
 
     async def _load(self, name: str, version: str, folder: Path) -> Entry:
         key = f"{name}@{version}"
         t0 = time.perf_counter()
+        root = self._root()
         await asyncio.to_thread(self._validate, folder)  # in place: path rules, then content
-        # The engine gets a private copy, validated again (see snapshot.py): damage to the root after this
-        # point cannot reach the engine.
-        copy = await asyncio.to_thread(self._snapshots.take, folder, key)
+        # The engine gets a private copy, validated again with every weight read (see snapshot.py):
+        # damage to the root after this point cannot reach the engine.
+        copy = await asyncio.to_thread(self._snapshots.take, folder, key, root)
         kept = False
         try:
-            validated = await asyncio.to_thread(self._validate, copy, self._snapshots.root)
+            validated = await asyncio.to_thread(self._validate, copy, self._snapshots.root, True)
+            self._check_identity(key, validated.content_sha256)
             async with self._lock:
                 if (existing := self._routable(key)) is not None:
+                    self._check_identity(key, validated.content_sha256)
                     return existing
                 if key in self._entries:
                     raise EffllmError(
                         "failed_precondition", f"name: {key} is being unloaded; retry when it is gone"
                     )
-                await self._make_room()
+                self._check_identity(key, validated.content_sha256)  # a concurrent load may have set it
+                self._room_exists()
                 spec = AdapterSpec(
                     name=name,
                     version=version,
@@ -218,37 +262,75 @@ class AdapterRegistry:
                     rank=validated.rank,
                     alpha=validated.alpha,
                     target_modules=validated.target_modules,
+                    content_sha256=validated.content_sha256,
                 )
+                await self._engine_add(spec)
                 try:
-                    await self.engine.add_adapter(spec)
-                except EffllmError:
+                    await self._make_room()  # the new one is good: only now may another one leave
+                except BaseException:
+                    await self.engine.remove_adapter(key)
                     raise
-                except Exception as exc:  # the engine refused it; keep the server and the others going
-                    log.exception("engine could not load %s", key)
-                    raise EffllmError("failed_precondition", f"engine could not load {key}: {exc}") from exc
                 entry = Entry(
                     spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq), source=folder
                 )
                 entry.last_touch = time.monotonic()
                 self._entries[key] = entry  # from here on `NAME` resolves to the highest loaded version
+                self._identity[key] = validated.content_sha256
                 kept = True
         finally:
             if not kept:  # refused, or already loaded by a concurrent call: this copy is not needed
                 self._snapshots.drop(copy)
-        log.info("loaded adapter %s (%s, r=%d) in %.3fs", key, spec.method, spec.rank, entry.load_s)
+        log.info(
+            "loaded adapter %s (%s, r=%d, sha256 %s) in %.3fs",
+            key,
+            spec.method,
+            spec.rank,
+            spec.content_sha256[:12],
+            entry.load_s,
+        )
         return entry
+
+    async def _engine_add(self, spec: AdapterSpec) -> None:
+        """Load into the engine, then probe it: an adapter whose logits are not finite never becomes
+        routable (it would poison every row batched with it). Caller holds the lock."""
+        key = spec.key
+        try:
+            await self.engine.add_adapter(spec)
+        except EffllmError:
+            raise
+        except Exception as exc:  # the engine refused it; keep the server and the others going
+            log.exception("engine could not load %s", key)
+            raise EffllmError("failed_precondition", f"engine could not load {key}: {exc}") from exc
+        probe = getattr(self.engine, "probe_adapter", None)
+        if probe is None:
+            return
+        try:
+            finite = bool(await probe(spec))
+            problem = "" if finite else "its logits on a probe prompt are not finite (NaN or inf)"
+        except Exception as exc:
+            log.exception("probe of adapter %s failed", key)
+            problem = f"the probe failed ({type(exc).__name__}: {str(exc)[:120]})"
+        if problem:
+            await self.engine.remove_adapter(key)
+            raise EffllmError("failed_precondition", f"adapter: {key} refused: {problem}")
+
+    def _evictable(self) -> list[Entry]:
+        return [e for e in self._entries.values() if e.routable and not e.pinned and e.in_flight == 0]
+
+    def _room_exists(self) -> None:
+        """Refuse before touching the engine when no resident version could make way for one more."""
+        if len(self._entries) >= self.config.max_resident and not self._evictable():
+            raise EffllmError(
+                "resource_exhausted",
+                f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are "
+                "pinned or serving requests; unload or unpin one first",
+            )
 
     async def _make_room(self) -> None:
         """Evict least recently used idle, unpinned versions until one more fits. Caller holds the lock."""
         while len(self._entries) >= self.config.max_resident:
-            idle = [e for e in self._entries.values() if e.routable and not e.pinned and e.in_flight == 0]
-            if not idle:
-                raise EffllmError(
-                    "resource_exhausted",
-                    f"all {len(self._entries)} resident adapters (max {self.config.max_resident}) are "
-                    "pinned or serving requests; unload or unpin one first",
-                )
-            victim = min(idle, key=lambda e: e.last_touch)
+            self._room_exists()
+            victim = min(self._evictable(), key=lambda e: e.last_touch)
             victim.routable = False  # same step as the choice: no new lease can reach it
             await self._drop(victim, "evict")
             log.info("evicted adapter %s (least recently used)", victim.key)
@@ -260,6 +342,10 @@ class AdapterRegistry:
         finally:
             self._entries.pop(entry.key, None)
             self._snapshots.drop(entry.spec.path)
+
+    def close(self) -> None:
+        """Remove this server's snapshot folder (at exit; the engine no longer reads it)."""
+        self._snapshots.close()
 
     # -- unload / pin -----------------------------------------------------------------------------------
     def _find(self, name: str, version: str) -> list[Entry]:
@@ -276,7 +362,10 @@ class AdapterRegistry:
 
     async def unload(self, name: str, version: str = "", wait_s: float = 0.0) -> list[str]:
         """Stop routing new requests to the version(s), wait (bounded) for their in-flight requests, then
-        drop them. If the wait runs out they are routable again and nothing was unloaded."""
+        drop them. If the wait runs out they are routable again and nothing was unloaded. The wait runs
+        with the registry lock released: loads, pins and other unloads go on meanwhile (a version being
+        unloaded is neither routable nor evictable, and loading its key again is refused until it is gone).
+        """
         wait = wait_s if wait_s > 0 else self.config.unload_wait_s
         async with self._lock:
             found = self._find(name, version)
@@ -287,16 +376,19 @@ class AdapterRegistry:
                 )
             for e in found:
                 e.routable = False
-            try:
-                await asyncio.wait_for(asyncio.gather(*(e.idle.wait() for e in found)), timeout=wait)
-            except asyncio.TimeoutError:
-                for e in found:
-                    e.routable = True
-                busy = sum(e.in_flight for e in found)
-                raise EffllmError(
-                    "failed_precondition",
-                    f"adapter: {busy} requests still in flight after {wait:.1f}s; nothing was unloaded",
-                ) from None
+        try:
+            await asyncio.wait_for(asyncio.gather(*(e.idle.wait() for e in found)), timeout=wait)
+        except BaseException as exc:  # timed out, or this call was cancelled: leave them as they were
+            for e in found:
+                e.routable = True
+            if not isinstance(exc, asyncio.TimeoutError):
+                raise
+            busy = sum(e.in_flight for e in found)
+            raise EffllmError(
+                "failed_precondition",
+                f"adapter: {busy} requests still in flight after {wait:.1f}s; nothing was unloaded",
+            ) from None
+        async with self._lock:
             for e in found:
                 await self._drop(e, "unload")
         keys = [e.key for e in found]
@@ -304,7 +396,10 @@ class AdapterRegistry:
         return keys
 
     async def pin(self, name: str, version: str = "", pinned: bool = True) -> Entry:
+        """Pin (or unpin) one version: VERSION, or the latest when empty or "latest". Version "*" pins
+        every loaded version of NAME; the entry returned is then the latest of them."""
         async with self._lock:
-            (entry,) = self._find(name, version or "latest")
-            entry.pinned = pinned
-            return entry
+            found = self._find(name, version or "latest")
+            for entry in found:
+                entry.pinned = pinned
+            return max(found, key=Entry.order)

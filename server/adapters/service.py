@@ -33,6 +33,7 @@ def adapter_info(entry: Entry, latest: bool) -> apb.AdapterInfo:
         last_used_unix=entry.last_used_unix,
         in_flight=entry.in_flight,
         latest=latest,
+        content_sha256=spec.content_sha256,
     )
 
 

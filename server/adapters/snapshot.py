@@ -5,47 +5,118 @@ and again whenever its CPU cache has to reload it). A file cut short, replaced o
 vLLM's engine core — a worker exception in add_lora is fatal to vLLM (found by tests/e2e/test_faults.py).
 So the registry validates the folder in the root (path rules: nothing may escape it), copies its files into
 a staging folder this server owns, validates the copy (a file damaged during the copy fails here, cleanly),
-and hands the engine the copy; the copy is removed when the version leaves. Invariant: nothing outside
-this process writes to a snapshot, so what the engine loads is what was checked.
+and hands the engine the copy; the copy is removed when the version leaves.
+
+Copying never follows a link out of the root: each file is resolved, checked inside the root, and opened
+with O_NOFOLLOW (a link swapped in after the check fails the open), and must be a regular file.
+The staging folder is named `effllm-adapters-<pid>-*`: a server removes its own at exit and, at start,
+those of servers that are gone (killed before they could clean up).
+
+Invariant: nothing outside this process writes to a snapshot, so what the engine loads is what was checked.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
 import shutil
+import stat
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
+from ...common.adapter_paths import file_inside
 from ..engines.base import EffllmError
+
+log = logging.getLogger(__name__)
 
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
 OPTIONAL = ("manifest.json",)
+PREFIX = "effllm-adapters-"
+_LEGACY_STALE_S = 24 * 3600.0  # folders named before the pid was in the name: removed once this old
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def sweep_stale(parent: Path | None = None) -> list[Path]:
+    """Remove this user's snapshot folders whose owning server process is dead; return what went."""
+    parent = Path(parent or tempfile.gettempdir())
+    gone: list[Path] = []
+    uid = os.getuid()
+    for folder in parent.glob(f"{PREFIX}*"):
+        try:
+            st = folder.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+                continue
+            owner = folder.name[len(PREFIX) :].split("-", 1)[0]
+            if owner.isdigit():
+                stale = int(owner) != os.getpid() and not _pid_alive(int(owner))
+            else:  # an older server's folder with no pid in its name
+                stale = time.time() - st.st_mtime > _LEGACY_STALE_S
+            if stale:
+                shutil.rmtree(folder)
+                gone.append(folder)
+        except OSError:  # another server swept it first, or it is not ours to remove
+            continue
+    if gone:
+        log.info("removed %d adapter snapshot folders of servers that are gone", len(gone))
+    return gone
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    """Copy one regular file without following a final symlink (O_NOFOLLOW) nor blocking on a FIFO."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise EffllmError("failed_precondition", f"{src.name}: is not a regular file")
+        with dest.open("xb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
 
 
 class Snapshots:
-    def __init__(self) -> None:
+    def __init__(self, parent: Path | None = None) -> None:
+        self._parent = parent
         self._root: Path | None = None
 
     @property
     def root(self) -> Path:
         if self._root is None:  # made on first use: a server without adapters never creates it
-            self._root = Path(tempfile.mkdtemp(prefix="effllm-adapters-"))
+            sweep_stale(self._parent)
+            self._root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self._parent))
+            atexit.register(self.close)
         return self._root
 
-    def take(self, folder: Path, key: str) -> Path:
-        """Copy `folder`'s adapter files (already validated in place) into a new private folder."""
+    def take(self, folder: Path, key: str, root: Path) -> Path:
+        """Copy `folder`'s adapter files (already validated in place under `root`) into a new private
+        folder. A file that now resolves outside `root` or is no longer a regular file is refused."""
         dest = self.root / f"{key.replace('@', '-')}-{uuid.uuid4().hex[:8]}"
         dest.mkdir()
-        for name in (*REQUIRED, *OPTIONAL):
-            try:
-                shutil.copyfile(folder / name, dest / name)
-            except FileNotFoundError as exc:
-                if name in OPTIONAL:
-                    continue
-                shutil.rmtree(dest, ignore_errors=True)
-                raise EffllmError(
-                    "failed_precondition", f"{name}: vanished from {folder.name}/ while it was being loaded"
-                ) from exc
+        try:
+            for name in (*REQUIRED, *OPTIONAL):
+                src = file_inside(root, folder, name)
+                try:
+                    _copy_file(src, dest / name)
+                except FileNotFoundError as exc:
+                    if name in OPTIONAL:
+                        continue
+                    gone = f"{name}: vanished from {folder.name}/ while it was being loaded"
+                    raise EffllmError("failed_precondition", gone) from exc
+                except OSError as exc:  # ELOOP: a link swapped in after the check; EACCES...
+                    why = f"{name}: cannot be copied ({exc.strerror})"
+                    raise EffllmError("failed_precondition", why) from exc
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
         return dest
 
     def drop(self, path: Path) -> None:

@@ -55,6 +55,9 @@ class AdapterSpec:
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
+    # sha256 of adapter_config.json + adapter_model.safetensors (common/manifest.py content_hash): the
+    # version's identity; "" when the caller did not hash it (benchmarks, engine tests).
+    content_sha256: str = ""
 
     @property
     def key(self) -> str:
@@ -155,3 +158,12 @@ class Engine(Protocol):
         """Forget `key`; only called once no request runs on it."""
 
     async def shutdown(self) -> None: ...
+
+
+class AdapterProbe(Protocol):
+    """Optional engine method: the registry calls it after `add_adapter` and before the version becomes
+    routable; an engine without it is trusted (validation already refused non-finite files)."""
+
+    async def probe_adapter(self, spec: AdapterSpec) -> bool:
+        """True when a short forward on `spec` (a few prompt tokens) gives finite logits."""
+        ...

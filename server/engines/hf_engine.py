@@ -218,6 +218,24 @@ class HfEngine:
     async def remove_adapter(self, key: str) -> None:
         await self._on_worker(self._started_batch().remove_adapter, key)
 
+    async def probe_adapter(self, spec: AdapterSpec) -> bool:
+        """One prefill of a few tokens on `spec` (between steps, on the worker): are its logits finite?"""
+        ids = list(self._tokenizer.encode("The capital of France is"))
+        return bool(await self._on_worker(self._probe, spec, ids))
+
+    def _probe(self, spec: AdapterSpec, ids: list[int]) -> bool:
+        import torch
+
+        from .base import Sampling
+        from .hf_batch import Row
+        from .hf_text import TextStream
+
+        text = TextStream(self._tokenizer, ids, ())
+        row = Row(f"probe-{spec.key}", ids, Sampling(max_new_tokens=1), spec, text, torch.Generator())
+        with torch.inference_mode():
+            logits, _cache = self._started_batch()._prefill(row)  # [1, vocab] fp32
+        return bool(torch.isfinite(logits).all())
+
     def adapters(self) -> tuple[str, ...]:
         return tuple(self._batch.adapters) if self._batch else ()
 

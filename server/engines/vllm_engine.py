@@ -308,6 +308,43 @@ class VllmEngine:
             del self._lora_ids[spec.key]
             raise
 
+    async def probe_adapter(self, spec: AdapterSpec) -> bool:
+        """A 1-token greedy generate on `spec` with logprobs: are they finite (no NaN/inf logits)?
+
+        On vLLM's CPU backend logprobs run a torch.compile'd op (v1/sample/ops/logprobs.py): the first
+        request asking for them compiles C++ with Inductor, minutes on a busy 2-core box (seen to push
+        start-up with --preload past 300 s, and to fail on a shared Inductor cache). There the probe is a
+        smoke test only (the adapter runs one token); registry validation already refused non-finite
+        config numbers and weights, which is what poisons the output."""
+        import math
+        import uuid
+
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = list(self.renderer.tokenizer.encode("The capital of France is"))
+        with_logprobs = self.config.device != "cpu"
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            logprobs=1 if with_logprobs else None,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        request_id = f"probe-{uuid.uuid4().hex}"
+        values: list[float] = []
+        produced = 0
+        async for out in self._llm.generate(
+            TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=self._lora_request(spec)
+        ):
+            for completion in out.outputs:
+                produced += len(completion.token_ids)
+                for step in completion.logprobs or ():
+                    values.extend(lp.logprob for lp in step.values())
+        if not with_logprobs:
+            return produced > 0
+        return bool(values) and all(math.isfinite(v) for v in values)
+
     async def _add_null_adapter(self) -> None:
         """A rank-1 LoRA of zeros on one q_proj: it changes nothing, but it gives base rows a slot."""
         from safetensors.torch import save_file

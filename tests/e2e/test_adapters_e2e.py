@@ -7,6 +7,7 @@ with only demo@1 loaded, so the tests do not depend on each other's order.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import time
@@ -297,3 +298,97 @@ def test_adapters_cli(server) -> None:
     assert out.returncode == 0 and "unloaded rs@1" in out.stdout
     out = cli("load", "trunc@1")
     assert out.returncode == 1 and "truncated" in out.stderr
+
+
+def _link_version(root, name: str, version: int, source: str) -> None:
+    """ROOT/NAME/VERSION whose files are links to ROOT/SOURCE's (inside the root: allowed, and cheap)."""
+    folder = root / name / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (folder / f).exists():
+            (folder / f).symlink_to(root / source / f)
+
+
+def test_identity_one_content_per_version_with_prefix_caching(client, reference, adapter_root) -> None:
+    """vLLM's prefix cache is on by default; a version's KV must never serve another content."""
+    from effllm.common.manifest import content_hash
+
+    root = adapter_root.root
+    ident = root / "ident"
+    shutil.rmtree(ident, ignore_errors=True)
+    shutil.copytree(root / "demo" / "1", ident / "1")
+    info = client.load_adapter("ident", "1")
+    assert info.content_sha256 == content_hash(ident / "1", root)
+    assert greedy(client, "ident@1")[0] == reference["demo@1"]
+    assert greedy(client, "ident@1")[0] == reference["demo@1"]  # this one may come from the prefix cache
+    client.unload_adapter("ident", "1")
+    original = {
+        f: (ident / "1" / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")
+    }
+    for f in original:  # re-published in place with other content
+        shutil.copy(root / "demo" / "2" / f, ident / "1" / f)
+    code, details = _code(client.load_adapter, "ident", "1")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "ident@1" in details
+    shutil.copytree(root / "demo" / "2", ident / "2")
+    assert client.load_adapter("ident", "2").content_sha256 != info.content_sha256
+    assert greedy(client, "ident")[0] == reference["demo@2"]  # same prompt: no KV of ident@1 reused
+    client.unload_adapter("ident", "2")
+    for f, data in original.items():
+        (ident / "1" / f).write_bytes(data)
+    assert client.load_adapter("ident", "1").content_sha256 == info.content_sha256
+    assert greedy(client, "ident")[0] == reference["demo@1"]
+
+
+CHURN_ROUNDS = 30
+
+
+def test_adapter_churn_under_8_streams(client, server, reference, adapter_root) -> None:
+    """8 streams on two adapter names while each is re-versioned 30 times (load the next version, then
+    unload the previous): zero failed requests, and every reply comes from the version its request
+    resolved — the version named in its final message, whose tokens it must carry."""
+    root = adapter_root.root
+    sources = {"ca": ("demo/1", "demo/2"), "cb": ("rs/1", "wide/1")}
+    expected: dict[str, list[int]] = {}
+    for name, (odd, even) in sources.items():
+        shutil.rmtree(root / name, ignore_errors=True)
+        for v in range(1, CHURN_ROUNDS + 2):
+            src = odd if v % 2 else even
+            _link_version(root, name, v, src)
+            expected[f"{name}@{v}"] = reference[src.replace("/", "@")]
+    for name in sources:
+        client.load_adapter(name, "1")
+
+    async def run() -> tuple[list, int]:
+        async with AsyncEffllmClient(server.target, timeout=600.0) as ac:
+            done = asyncio.Event()
+            results: list = []
+
+            async def stream(name: str) -> None:
+                while not done.is_set():
+                    reply = await ac.generate(PROMPT, adapter=name, max_new_tokens=NEW, temperature=0.0)
+                    results.append((reply.adapter, list(reply.token_ids)))
+
+            streams = [asyncio.create_task(stream(n)) for n in ("ca", "cb") * 4]
+            rounds = 0
+            try:
+                for v in range(1, CHURN_ROUNDS + 1):
+                    for name in sources:
+                        info = await ac.load_adapter(name, str(v + 1))
+                        assert info.latest and len(info.content_sha256) == 64
+                        await ac.unload_adapter(name, str(v), wait_s=300)
+                    rounds += 1
+            finally:
+                done.set()
+                outcome = await asyncio.gather(*streams, return_exceptions=True)
+            failures = [r for r in outcome if isinstance(r, BaseException)]
+            assert failures == [], failures[:3]
+            return results, rounds
+
+    started = time.monotonic()
+    results, rounds = asyncio.run(run())
+    print(f"churn: {rounds} rounds, {len(results)} requests in {time.monotonic() - started:.1f}s")
+    assert rounds == CHURN_ROUNDS and len(results) >= 8
+    versions = {adapter for adapter, _ in results}
+    assert len(versions) >= 4  # the streams really saw the churn
+    for adapter, tokens in results:
+        assert tokens == expected[adapter], adapter

@@ -1,0 +1,70 @@
+"""Snapshots: copies never follow a link out of the root, and stale folders of dead servers go."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from effllm.server.adapters.snapshot import PREFIX, Snapshots, sweep_stale
+from effllm.server.engines.base import EffllmError
+
+
+def _folder(adapter_root, tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "root"
+    return root, shutil.copytree(adapter_root.root / "demo" / "1", root / "x" / "1")
+
+
+def test_copies_regular_files_and_links_inside_the_root(adapter_root, tmp_path: Path) -> None:
+    root, folder = _folder(adapter_root, tmp_path)
+    real = root / "x" / "weights.bin"
+    shutil.move(folder / "adapter_model.safetensors", real)
+    (folder / "adapter_model.safetensors").symlink_to(real)
+    snaps = Snapshots(tmp_path)
+    copy = snaps.take(folder, "x@1", root)
+    assert not (copy / "adapter_model.safetensors").is_symlink()
+    assert (copy / "adapter_model.safetensors").read_bytes() == real.read_bytes()
+    assert not (copy / "manifest.json").exists()
+    assert copy.parent.name.startswith(f"{PREFIX}{os.getpid()}-")
+    snaps.close()
+    assert not copy.exists()
+
+
+def test_link_out_of_the_root_is_not_copied(adapter_root, tmp_path: Path) -> None:
+    root, folder = _folder(adapter_root, tmp_path)
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"method": "SECRET"}')
+    (folder / "manifest.json").symlink_to(secret)
+    snaps = Snapshots(tmp_path)
+    with pytest.raises(EffllmError) as exc:
+        snaps.take(folder, "x@1", root)
+    assert "outside the adapter root" in exc.value.message and "SECRET" not in exc.value.message
+    assert list(snaps.root.iterdir()) == []  # the half-made copy is gone
+    snaps.close()
+
+
+def test_sweep_removes_only_folders_of_dead_servers(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / f"{PREFIX}{dead.pid}-abc"
+    mine = tmp_path / f"{PREFIX}{os.getpid()}-def"
+    alive = tmp_path / f"{PREFIX}1-ghi"  # pid 1 is always alive
+    other = tmp_path / "unrelated"
+    for d in (gone, mine, alive, other):
+        (d / "a@1").mkdir(parents=True)
+    assert sweep_stale(tmp_path) == [gone]
+    assert not gone.exists() and mine.exists() and alive.exists() and other.exists()
+
+
+def test_a_server_process_removes_its_own_folder_at_exit(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from effllm.server.adapters.snapshot import Snapshots;"
+        f"s = Snapshots(Path({str(tmp_path)!r})); print(s.root)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    made = Path(out.stdout.strip())
+    assert made.parent == tmp_path and made.name.startswith(PREFIX) and not made.exists()
