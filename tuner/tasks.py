@@ -130,7 +130,7 @@ def _iso_alpha3() -> list[tuple[str, str]]:
         import pycountry
     except ImportError as exc:
         raise ValueError(
-            "data: task:iso_alpha3 needs the pycountry package (pip install 'effllm[tasks]')"
+            "data: task:iso_alpha3 needs the pycountry package (pip install 'effllm[model]')"
         ) from exc
     return [
         (f"What is the ISO 3166-1 alpha-3 code of {c.name}? Answer with the code only.", c.alpha_3)

@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 
 
 def _examples(tokenizer: object, n: int = 7) -> list[data.Encoded]:
-    """Examples of three tasks (46..80 tokens): lengths differ, so padding and packing both have work."""
+    """Examples of three tasks (91..128 tokens): lengths differ, so padding and packing both have work."""
     enc = data.Encoder(tokenizer, 128)
     out = []
     for name in ("json_extract", "reverse_words", "uppercase_json"):
@@ -35,7 +35,7 @@ def _token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     return F.cross_entropy(logits[keep].float(), targets[keep], reduction="none").sort().values
 
 
-@pytest.mark.parametrize("capacity", [128, 400])
+@pytest.mark.parametrize("capacity", [200, 400])
 def test_packing_gives_the_padded_loss_per_token(capacity: int) -> None:
     model, tokenizer = tiny_llama()
     model.eval()
@@ -72,7 +72,7 @@ def test_packed_and_target_only_steps_give_the_padded_gradient() -> None:
         loss, n = train.token_loss_sum(model, laid, on_targets)
         assert n == sum(e.n_target for e in batch)
         (loss / n).backward()
-        losses.append(float(loss) / n)
+        losses.append(float(loss.detach()) / n)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     for other, g in zip(losses[1:], grads[1:], strict=True):
         assert abs(other - losses[0]) < 1e-5
@@ -102,7 +102,7 @@ def test_fp32_master_weights_cast_only_trainable() -> None:
 
 
 def test_bf16_autocast_trains_to_the_fp32_held_out_metric(tmp_path: Path) -> None:
-    """Full tuning of the tiny model on one task, 30 steps: held-out loss falls by half either way and bf16
+    """Full tuning of the tiny model on one task, 24 steps: held-out loss falls by half either way and bf16
     autocast ends within 3 % of fp32 (bf16 keeps 8 mantissa bits; the fp32 master weights absorb that)."""
     config = TuneConfig(
         method="full",
@@ -111,9 +111,9 @@ def test_bf16_autocast_trains_to_the_fp32_held_out_metric(tmp_path: Path) -> Non
         n_train=64,
         n_eval=16,
         batch_size=8,
-        max_steps=30,
+        max_steps=24,
         lr=3e-3,
-        max_length=80,
+        max_length=128,
         schedule="constant",
         eval_max_new_tokens=4,
         packing=True,
