@@ -5,6 +5,9 @@ held-out split, train `total_steps` optimizer steps while a RunMeter samples mem
 evaluate again. Nothing is written to disk here (see export.py), so a run killed at any point leaves nothing.
 Loss is the mean over response tokens of a whole optimizer step: micro-batches of an accumulated step are
 summed and divided once by the step's token count, so grad_accum does not change what is optimised.
+Each step's wall time is split into collate / forward / backward / optimizer (speed.StepClock) and its token
+slots into real and padding; the switches of speed.py (packing, target-only logits, bf16 autocast, compile,
+gradient checkpointing) change how a step is computed, never which examples it sees or in what order.
 Invariant: `should_stop()` is polled between micro-batches and eval batches; when it turns true the run raises
 Cancelled within one micro-batch.
 """
@@ -210,7 +213,8 @@ def run(
     if amp is not None:
         speed.fp32_master_weights(model)  # the optimizer steps fp32 copies even when the base is bf16
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = model.gradient_checkpointing_enable  # PreTrainedModel's, or a PeftModel's that forwards
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     step_model = speed.compile_model(model) if config.compile else model
     capacity = config.pack_length or 2 * config.max_length
 

@@ -67,7 +67,7 @@ def test_a_tiny_bench_gives_both_sides_the_same_tokens(tmp_path: Path) -> None:
     tokens and first-step loss (same batches, same init), so the ratio is printed."""
     model = save_tiny_llama(tmp_path / "tiny")
     out = tmp_path / "bench.json"
-    overrides = [f"model={model}", "n_train=16", "n_eval=4", "eval_max_new_tokens=2", "max_length=80"]
+    overrides = [f"model={model}", "n_train=16", "n_eval=4", "eval_max_new_tokens=2", "max_length=128"]
     assert (
         bench.main(
             steps=2,
