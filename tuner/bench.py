@@ -170,6 +170,22 @@ def table(report: dict[str, Any]) -> str:
             lines.append(_row(f"{name} / ours, {switch}={run['speedups'][switch]}", run, checkpoints))
             if ours:
                 lines.append(_ratio(f"{name} default/{switch} flipped", ours, run))
+    lines += [
+        "",
+        "| our loop: mean s per step | collate | forward | backward | optimizer | padding share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in report["methods"]:
+        runs = [("", entry.get("ours"))] + [
+            (f", {k} flipped", v) for k, v in entry.get("ablations", {}).items()
+        ]
+        for suffix, run in runs:
+            if run and "step_breakdown_s" in run:
+                b = run["step_breakdown_s"]
+                lines.append(
+                    f"| {entry['method']}{suffix} | {b['collate']:.3f} | {b['forward']:.3f} "
+                    f"| {b['backward']:.3f} | {b['optimizer']:.3f} | {run['padding_waste'] * 100:.1f} % |"
+                )
     return "\n".join(lines)
 
 
