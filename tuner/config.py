@@ -17,6 +17,7 @@ METHODS = ("lora", "lora_plus", "rslora", "dora", "freeze", "full")
 LORA_FAMILY = ("lora", "lora_plus", "rslora", "dora")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
+AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 where the CPU has BF16 instructions (or a CUDA GPU does)
 # The paper's PEFT setup targets all linear layers; these are their names in Llama-style models.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,7 +36,7 @@ class TuneConfig:
     )
     eval_fraction: float = 0.1
     n_train: int = 256  # synthetic tasks: examples generated; files: 0 = all lines
-    n_eval: int = 32  # held-out examples evaluated (loss and exact match)
+    n_eval: int = 64  # held-out examples evaluated (loss and exact match)
     model: str = ""  # empty: the embedded default model (server/model.resolve_model)
     precision: str = "fp32"  # of the base weights; trainable LoRA weights follow it
     # LoRA family
@@ -58,6 +59,13 @@ class TuneConfig:
     max_length: int = 128  # tokens per example; longer ones are truncated (prompt kept, response cut)
     max_grad_norm: float = 1.0
     seed: int = 0
+    # speed (tuner/speed.py); each is exact or switchable, so a run can be benchmarked with it on and off
+    packing: bool = False  # lay a micro-batch's examples into shared rows (block-diagonal attention)
+    pack_length: int = 0  # tokens per packed row; 0: 2 x max_length
+    autocast: str = "auto"  # bf16 autocast of forward/backward; trainable weights stay fp32 (master)
+    compile: bool = False  # torch.compile the training forward (its warm-up is reported separately)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    logits_on_targets: bool = True  # lm_head only where a target token is predicted (exact, less work)
     eval_max_new_tokens: int = 48
     eval_before: bool = True  # also measure the held-out metrics of the untrained model
     output_dir: str = ""  # empty: runs/tune/<method>-<time>; must not exist yet
@@ -68,9 +76,15 @@ class TuneConfig:
             self.schedule in SCHEDULES, "schedule", f"{self.schedule!r} is not one of {', '.join(SCHEDULES)}"
         )
         _check(self.precision in PRECISIONS, "precision", f"{self.precision!r} is not one of {PRECISIONS}")
+        _check(self.autocast in AUTOCASTS, "autocast", f"{self.autocast!r} is not one of {AUTOCASTS}")
+        _check(
+            self.pack_length == 0 or self.pack_length >= self.max_length,
+            "pack_length",
+            f"{self.pack_length} must be 0 or >= max_length {self.max_length} (an example must fit a row)",
+        )
         _check(bool(self.data), "data", "is required (a JSONL path, task:NAME or hf:NAME)")
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"{self.eval_fraction} is not in [0, 1)")
-        for name in ("n_train", "n_eval", "warmup_steps", "max_steps", "eval_max_new_tokens"):
+        for name in ("n_train", "n_eval", "warmup_steps", "max_steps", "eval_max_new_tokens", "pack_length"):
             _check(getattr(self, name) >= 0, name, f"{getattr(self, name)} must be >= 0")
         for name in ("rank", "batch_size", "grad_accum", "epochs"):
             _check(getattr(self, name) >= 1, name, f"{getattr(self, name)} must be >= 1")
@@ -176,4 +190,13 @@ def default_output_dir(config: TuneConfig) -> Path:
     return Path("runs") / "tune" / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-__all__ = ["ALL_LINEAR", "LORA_FAMILY", "METHODS", "ConfigError", "TuneConfig", "default_output_dir", "field"]
+__all__ = [
+    "ALL_LINEAR",
+    "AUTOCASTS",
+    "LORA_FAMILY",
+    "METHODS",
+    "ConfigError",
+    "TuneConfig",
+    "default_output_dir",
+    "field",
+]

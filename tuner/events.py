@@ -41,6 +41,12 @@ class ProgressEvent:
     samples_per_s: float
     elapsed_s: float
     eta_s: float
+    # Where this step's time went (tuner/speed.py PHASES), and the share of its token slots that were padding.
+    collate_s: float = 0.0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_s: float = 0.0
+    padding_waste: float = 0.0
 
 
 @dataclass(frozen=True)

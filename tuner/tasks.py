@@ -1,8 +1,11 @@
-"""Built-in synthetic tasks: deterministic generators of chat examples with a held-out split.
+"""Built-in tasks: deterministic chat examples with a held-out split of at least 64 prompts.
 
-Each task is a rule the default model (SmolLM2-135M-Instruct) does not follow out of the box but a small
-adapter learns in tens of steps: a fixed output format, copying fields, a word-level transformation. The
-metric is exact match of the greedy answer, so "before" is ~0 and learning shows plainly.
+The synthetic ones are rules the default model (SmolLM2-135M-Instruct) does not follow out of the box but a
+small adapter learns in tens of steps: a fixed output format, copying fields, a word-level transformation.
+`iso_alpha3` is real public data: the ISO 3166-1 country list shipped in the `pycountry` package (from
+Debian's iso-codes), country name -> alpha-3 code; its 64 held-out countries are never trained on, so a gain
+there is knowledge and format carried over to unseen countries, not memorised answers. The metric is exact
+match of the greedy answer, scored the same way (train.evaluate) for the base and the tuned model.
 
 Invariant: (task, split, n, seed) -> the same examples, on any machine; no eval prompt appears in train.
 """
@@ -119,11 +122,28 @@ def _uppercase_json(rng: random.Random) -> tuple[str, str]:
     return "Uppercase as JSON: " + " ".join(words), json.dumps({"words": [w.upper() for w in words]})
 
 
+EVAL_POOL = 64  # held-out prompts every task can give (finite tasks keep exactly these out of training)
+
+
+def _iso_alpha3() -> list[tuple[str, str]]:
+    try:
+        import pycountry
+    except ImportError as exc:
+        raise ValueError(
+            "data: task:iso_alpha3 needs the pycountry package (pip install 'effllm[model]')"
+        ) from exc
+    return [
+        (f"What is the ISO 3166-1 alpha-3 code of {c.name}? Answer with the code only.", c.alpha_3)
+        for c in sorted(pycountry.countries, key=lambda c: c.alpha_3)
+    ]
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     description: str
-    make: Callable[[random.Random], tuple[str, str]]
+    make: Callable[[random.Random], tuple[str, str]] | None = None  # a generator of endless examples
+    records: Callable[[], list[tuple[str, str]]] | None = None  # or a finite dataset
 
 
 TASKS: dict[str, Task] = {
@@ -134,6 +154,11 @@ TASKS: dict[str, Task] = {
         ),
         Task("reverse_words", "reverse the order of three words", _reverse_words),
         Task("uppercase_json", 'three words upper-cased into {"words": [...]}', _uppercase_json),
+        Task(
+            "iso_alpha3",
+            "real data (pycountry's ISO 3166-1): country name -> alpha-3 code; 64 countries held out",
+            records=_iso_alpha3,
+        ),
     )
 }
 
@@ -142,7 +167,10 @@ def generate(task: str, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[
     """Train and held-out chat records ({"messages": [user, assistant]}); no eval prompt is in train."""
     if task not in TASKS:
         raise ValueError(f"data: unknown task {task!r} (built-in tasks: {', '.join(sorted(TASKS))})")
+    if TASKS[task].records is not None:
+        return _split_finite(task, n_train, n_eval, seed)
     make = TASKS[task].make
+    assert make is not None
     # Separate streams per split: the train set does not change when n_eval does, and vice versa.
     train_rng, eval_rng = random.Random(f"{task}/train/{seed}"), random.Random(f"{task}/eval/{seed}")
     train = [make(train_rng) for _ in range(n_train)]
@@ -157,6 +185,20 @@ def generate(task: str, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[
         if prompt not in seen:
             seen.add(prompt)
             held.append((prompt, answer))
+    return [_chat(p, a) for p, a in train], [_chat(p, a) for p, a in held]
+
+
+def _split_finite(task: str, n_train: int, n_eval: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """A seeded shuffle; the first max(EVAL_POOL, n_eval) items are held out whatever n_eval is, so the train
+    set does not change when n_eval does. n_train beyond what is left is capped (a finite set)."""
+    load = TASKS[task].records
+    assert load is not None
+    items = load()
+    random.Random(f"{task}/split/{seed}").shuffle(items)
+    pool = max(EVAL_POOL, n_eval)
+    if pool >= len(items):
+        raise ValueError(f"task {task}: n_eval {n_eval} leaves nothing of its {len(items)} items to train on")
+    held, train = items[:pool][:n_eval], items[pool:][:n_train]
     return [_chat(p, a) for p, a in train], [_chat(p, a) for p, a in held]
 
 

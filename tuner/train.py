@@ -5,6 +5,9 @@ held-out split, train `total_steps` optimizer steps while a RunMeter samples mem
 evaluate again. Nothing is written to disk here (see export.py), so a run killed at any point leaves nothing.
 Loss is the mean over response tokens of a whole optimizer step: micro-batches of an accumulated step are
 summed and divided once by the step's token count, so grad_accum does not change what is optimised.
+Each step's wall time is split into collate / forward / backward / optimizer (speed.StepClock) and its token
+slots into real and padding; the switches of speed.py (packing, target-only logits, bf16 autocast, compile,
+gradient checkpointing) change how a step is computed, never which examples it sees or in what order.
 Invariant: `should_stop()` is polled between micro-batches and eval batches; when it turns true the run raises
 Cancelled within one micro-batch.
 """
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import data, methods
+from . import data, methods, speed
 from .config import TuneConfig
 from .events import Event, PhaseEvent, ProgressEvent
 from .measure import start_meter
@@ -78,12 +81,27 @@ def collate(batch: Sequence[data.Encoded], pad_id: int, device: torch.device) ->
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled tokens, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+def token_loss_sum(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], logits_on_targets: bool = False
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled tokens, and how many there were.
+
+    `batch` is collate()'s (attention_mask) or speed.pack()'s (position_ids); with `logits_on_targets` the
+    lm_head runs only at the K positions that predict a target (the same loss, less work)."""
+    inputs: dict[str, Any] = {
+        k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+    }
+    # No KV cache: it is never read here, and with one transformers skips the packed-sequence mask.
+    inputs["use_cache"] = False
     targets = batch["labels"][:, 1:]  # token t is predicted from positions < t
+    if logits_on_targets:
+        keep = speed.target_positions(batch["labels"])  # [K]
+        logits = model(**inputs, logits_to_keep=keep).logits  # [B, K, V]
+        targets = targets[:, keep]
+    else:
+        logits = model(**inputs).logits[:, :-1]  # [B, T-1, V]
     loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=data.IGNORE, reduction="sum"
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=data.IGNORE, reduction="sum"
     )
     return loss, int((targets != data.IGNORE).sum())
 
@@ -117,7 +135,8 @@ def evaluate(
     for i in range(0, len(encoded), config.batch_size):
         if should_stop():
             raise Cancelled()
-        loss, n = token_loss_sum(model, collate(encoded[i : i + config.batch_size], pad, device))
+        batch = collate(encoded[i : i + config.batch_size], pad, device)
+        loss, n = token_loss_sum(model, batch, config.logits_on_targets)
         total, count = total + float(loss), count + n
     pairs = [p for p in (encoder.prompt_and_reference(r) for r in records) if p is not None]
     hits, examples = 0, list[dict[str, str]]()
@@ -189,6 +208,15 @@ def run(
     model = methods.prepare(base, config)
     params = methods.count_params(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    amp = speed.autocast_dtype(config.autocast, device)
+    if amp is not None:
+        speed.fp32_master_weights(model)  # the optimizer steps fp32 copies even when the base is bf16
+    if config.gradient_checkpointing:
+        enable = model.gradient_checkpointing_enable  # PreTrainedModel's, or a PeftModel's that forwards
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    step_model = speed.compile_model(model) if config.compile else model
+    capacity = config.pack_length or 2 * config.max_length
 
     before = None
     if config.eval_before and dataset.eval:
@@ -200,39 +228,58 @@ def run(
     optimizer = methods.build_optimizer(model, config)
     scheduler = methods.build_scheduler(optimizer, config, total_steps)
     batches = micro_batches(train_set, config.batch_size, config.seed)
-    device = next(model.parameters()).device
     trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def layout(micro: list[data.Encoded]) -> tuple[dict[str, torch.Tensor], speed.Layout]:
+        if config.packing:
+            return speed.pack(micro, pad, capacity, device)
+        batch = collate(micro, pad, device)
+        return batch, speed.Layout(int(batch["attention_mask"].sum()), batch["attention_mask"].numel())
 
     emit(PhaseEvent("training", total_steps))
     model.train()
     losses: list[float] = []
     step_times: list[float] = []
-    samples = tokens = 0
+    phase_s = dict.fromkeys(speed.PHASES, 0.0)
+    samples = tokens = target_tokens = slots = tokens_step1 = 0
     meter = start_meter()
     bar = tqdm(total=total_steps, desc=f"tune {config.method}", unit="step", disable=not progress_bar)
     try:
         for step in range(1, total_steps + 1):
             t0 = time.perf_counter()
-            group = [next(batches) for _ in range(config.grad_accum)]
+            clock = speed.StepClock(cuda=device.type == "cuda")
+            with clock.phase("collate"):
+                group = [next(batches) for _ in range(config.grad_accum)]
+                laid = [layout(micro) for micro in group]
             n_target = sum(e.n_target for b in group for e in b)  # divide once, over the whole step
             step_loss = 0.0
-            for micro in group:
+            step_tokens = step_slots = 0
+            for micro, (batch, shape) in zip(group, laid, strict=True):
                 if stop():
                     raise Cancelled()
-                loss_sum, _ = token_loss_sum(model, collate(micro, pad, device))
-                (loss_sum / n_target).backward()
+                with clock.phase("forward"), speed.autocast(amp, device):
+                    loss_sum, n = token_loss_sum(step_model, batch, config.logits_on_targets)
+                with clock.phase("backward"):
+                    (loss_sum / n_target).backward()
                 step_loss += float(loss_sum.detach()) / n_target
                 samples += len(micro)
-                tokens += sum(len(e.input_ids) for e in micro)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                target_tokens += n
+                step_tokens += shape.real
+                step_slots += shape.slots
+            with clock.phase("optimizer"):
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             step_times.append(dt)
             losses.append(step_loss)
-            step_tokens = sum(len(e.input_ids) for b in group for e in b)
+            tokens += step_tokens
+            slots += step_slots
+            tokens_step1 = tokens_step1 or step_tokens
+            for name, sec in clock.seconds.items():
+                phase_s[name] += sec
             elapsed = sum(step_times)
             event = ProgressEvent(
                 step=step,
@@ -243,6 +290,8 @@ def run(
                 samples_per_s=per_step / dt,
                 elapsed_s=elapsed,
                 eta_s=elapsed / step * (total_steps - step),
+                **{f"{name}_s": sec for name, sec in clock.seconds.items()},
+                padding_waste=1 - step_tokens / step_slots,
             )
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{step_tokens / dt:.0f}")
             bar.update(1)
@@ -262,10 +311,22 @@ def run(
         "model": resolved.name,
         "device": str(device),
         "precision": config.precision,
+        "autocast": str(amp).removeprefix("torch.") if amp is not None else "off",
+        "speedups": {
+            k: getattr(config, k)
+            for k in ("packing", "compile", "gradient_checkpointing", "logits_on_targets")
+        },
         "params": {"trainable": params.trainable, "total": params.total, "trainable_percent": params.percent},
         "steps": total_steps,
         "samples": samples,
-        "tokens": tokens,
+        "tokens": tokens,  # real (non-pad) tokens of the examples trained on
+        "target_tokens": target_tokens,  # tokens that carried loss
+        "padding_waste": 1 - tokens / slots if slots else 0.0,  # padded slots / all slots
+        "step_breakdown_s": {name: sec / total_steps for name, sec in phase_s.items()},  # mean per step
+        # step 1 carries one-off costs (torch.compile's warm-up, allocator growth); steady = steps 2..
+        "first_step_s": step_times[0],
+        "step_times_s": step_times,
+        "tokens_per_s_steady": (tokens - tokens_step1) / sum(step_times[1:]) if total_steps > 1 else None,
         "step_latency_s": statistics.fmean(step_times),  # AL
         "step_latency_p50_s": statistics.median(step_times),
         "samples_per_s": samples / train_time,
