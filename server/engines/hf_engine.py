@@ -49,6 +49,7 @@ class HfConfig:
     seed: int = 0
     max_adapter_rank: int = 64
     max_adapters_per_batch: int = 8  # distinct adapters among the running rows
+    max_adapters_resident: int = 16  # stacked LoRA slots preallocated (they grow if the registry holds more)
     int4_group_size: int = 64
 
     def __post_init__(self) -> None:
@@ -170,7 +171,7 @@ class HfEngine:
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if self._tokenizer.eos_token_id is not None:
             eos_ids.add(self._tokenizer.eos_token_id)
-        return Batch(model, eos_ids, c.device)
+        return Batch(model, eos_ids, c.device, slots=c.max_adapters_resident)
 
     async def shutdown(self) -> None:
         self._closing = True
