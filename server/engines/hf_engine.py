@@ -190,6 +190,12 @@ class HfEngine:
     def running(self) -> int:
         return len(self._waiting) + len(self._active)
 
+    def alive(self) -> bool:
+        """False once the step loop has died (the server's watchdog then turns NOT_SERVING); a loop
+        that ends because of shutdown() is not a death."""
+        task = self._loop_task
+        return self._closing or (task is not None and not task.done())
+
     # --- adapters ---------------------------------------------------------------------------------------
     async def add_adapter(self, spec: AdapterSpec) -> None:
         if spec.method not in self.info.adapter_methods:

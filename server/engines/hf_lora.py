@@ -139,6 +139,7 @@ class _Stack:
             delta = F.linear(F.linear(x, self.a[s, :r]), self.b[s, :, :r]) * o.scales[s]
         else:  # x [B, T, in] -> [B, T, r_max] -> [B, T, out], each row with its own slot's A and B
             idx = o.index
+            assert o.row_scale is not None  # set with index
             xa = torch.bmm(x, self.a.index_select(0, idx).transpose(1, 2))
             delta = torch.bmm(xa, self.b.index_select(0, idx).transpose(1, 2)) * o.row_scale
         return (out + delta).to(out.dtype)

@@ -370,6 +370,7 @@ def peft_reference(specs: list[AdapterSpec], dtype: torch.dtype = torch.float32,
     return run
 
 
+@pytest.mark.timeout(1800)  # 12 PEFT references besides the engine: minutes on a busy 2-core box
 async def test_many_distinct_adapters_in_one_step_match_peft(many: list[AdapterSpec]) -> None:
     """12 distinct adapters (LoRA and rsLoRA, ranks 8 and 16) and base rows in one batch, some joining
     mid-decode: every row equals PEFT run alone, and no adapter load touched PEFT."""
@@ -407,6 +408,7 @@ async def test_many_distinct_adapters_in_one_step_match_peft(many: list[AdapterS
     assert len(outputs) == 7  # every adapter really changes the tokens: a wrong slot could not hide
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("precision", ["bf16", "int4"])
 async def test_stacked_adapters_match_peft_at_low_precision(many: list[AdapterSpec], precision: str) -> None:
     """bf16 and int4 (torchao, quantized base; the LoRA delta in fp32 as PEFT keeps it): a mixed batch of
