@@ -140,8 +140,10 @@ class _Stack:
         else:  # x [B, T, in] -> [B, T, r_max] -> [B, T, out], each row with its own slot's A and B
             idx = o.index
             assert o.row_scale is not None  # set with index
-            xa = torch.bmm(x, self.a.index_select(0, idx).transpose(1, 2))
+            x3 = x.reshape(idx.shape[0], -1, x.shape[-1])
+            xa = torch.bmm(x3, self.a.index_select(0, idx).transpose(1, 2))
             delta = torch.bmm(xa, self.b.index_select(0, idx).transpose(1, 2)) * o.row_scale
+            delta = delta.reshape(*x.shape[:-1], delta.shape[-1])
         return (out + delta).to(out.dtype)
 
 

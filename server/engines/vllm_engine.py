@@ -158,7 +158,9 @@ class VllmEngine:
             enable_lora=c.enable_lora,
             max_lora_rank=_vllm_rank(c.max_lora_rank),
             max_loras=c.max_loras + self._null_slots,
-            max_cpu_loras=max(c.max_cpu_loras, c.max_loras) + self._null_slots,
+            # +1: a registry that loads the new version before evicting the old briefly holds one more;
+            # vLLM would then drop a resident adapter from its cache and re-read it from disk mid-step
+            max_cpu_loras=max(c.max_cpu_loras, c.max_loras) + self._null_slots + 1,
             disable_log_stats=True,
             tensor_parallel_size=c.tensor_parallel_size,
         )
