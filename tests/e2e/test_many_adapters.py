@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(1800)
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time,")
 NEW = 6
-REQUESTS = 160
+REQUESTS = 128
 STREAMS = 32
 BASE_SHARE = 0.15
 
