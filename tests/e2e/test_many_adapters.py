@@ -112,17 +112,19 @@ def test_64_adapters_zipf_plus_base_on_32_streams(
         assert c.health() == "SERVING"
         stats = c.stats()
         assert stats.running == 0 and stats.queued == 0
-    # one row per adapter (and a base row) against PEFT run alone
+    # one row for every third adapter (all four kinds: LoRA/rsLoRA x r8/r16) and a base row against PEFT
+    # run alone; every adapter would be 65 PEFT loads, most of this test's CI time
+    sample = {"", *names[::3]}
     checked: set[str] = set()
     for i, name in enumerate(traffic):
-        if name in checked:
+        if name in checked or name not in sample:
             continue
         checked.add(name)
         reply = results[i]
         assert reply.adapter == (f"{name}@1" if name else "")
         want = peft_one_by_one(PROMPTS[i % len(PROMPTS)], name)
         assert list(reply.token_ids) == want, f"{engine}: {name or 'base'} row {i} differs from PEFT"
-    assert len(checked) == len(names) + 1
+    assert checked == sample
 
 
 def test_engine_core_death_turns_health_not_serving(vllm_many_server: ServerProcess) -> None:
