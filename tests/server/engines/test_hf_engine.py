@@ -357,12 +357,13 @@ def peft_reference(specs: list[AdapterSpec], dtype: torch.dtype = torch.float32,
         if (prompt, key, n) not in cache:
             ids = torch.tensor([tok.encode(prompt)])
             kw = dict(max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-            with torch.inference_mode():
-                if key:
-                    model = PeftModel.from_pretrained(base, str(by_key[key].path), adapter_name="x")
+            if key:  # loaded outside inference_mode: PEFT cannot load onto torchao's int4 tensors inside it
+                model = PeftModel.from_pretrained(base, str(by_key[key].path), adapter_name="x")
+                with torch.inference_mode():
                     out = model.generate(input_ids=ids, **kw)
-                    model.unload()  # back to the bare base for the next adapter
-                else:
+                model.unload()  # back to the bare base for the next adapter
+            else:
+                with torch.inference_mode():
                     out = base.generate(input_ids=ids, **kw)
             cache[(prompt, key, n)] = out[0, ids.shape[1] :].tolist()
         return cache[(prompt, key, n)]
