@@ -1,5 +1,9 @@
-"""Adapter serving benchmark: output tokens/s with 1, 8 and 32 distinct adapters in the traffic (uniform and
-Zipf alpha=1) against base-only, per precision; and LoadAdapter latency p50/p95 per rank.
+"""Adapter serving benchmark: output tokens/s with 1, 8, 32 and 64 distinct adapters in the traffic (uniform
+and Zipf alpha=1) against base-only, per precision; and LoadAdapter latency p50/p95 per rank and precision.
+
+Every request decodes exactly --max-new-tokens (ignore_eos), so every scenario must produce the same
+token count as the base one; a row that does not (failed requests, early stops) is marked REFUSED and has
+no ratio: a throughput over different work is no comparison.
 
 Engine-agnostic: it only starts `effllm serve --engine X` and talks gRPC through the project's client.
 Adapters are real PEFT adapters on the served base: one made with PEFT per rank, then copies whose weights
@@ -7,6 +11,8 @@ get fresh random values (so every adapter is distinct). Prints a table and write
 
     python bench/adapters.py --engine vllm --requests 32            # quick
     python bench/adapters.py --engine hf --precisions fp32,bf16,int4
+    python bench/adapters.py --engine hf --precisions fp32 --distinct 1,8 --requests 8 --concurrency 4 \
+        --max-new-tokens 4 --ranks 8,16 --load-trials 3             # does it run? (seconds of decoding)
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class Throughput:
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s else 0.0
+
+    def comparable(self, base: Throughput) -> bool:
+        """Same work as the base row: no failure and the same number of decoded tokens."""
+        return self.failed == 0 and base.failed == 0 and self.output_tokens == base.output_tokens
 
 
 @dataclass(frozen=True)
@@ -218,10 +228,9 @@ def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Pa
     return out
 
 
-def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatency]:
+def bench_load(a: argparse.Namespace, root: Path, precision: str, logs: Path) -> list[LoadLatency]:
     from effllm.client import EffllmClient
 
-    precision = a.precisions[0]
     server = serve(
         [
             "--engine",
@@ -266,7 +275,9 @@ def bench_load(a: argparse.Namespace, root: Path, logs: Path) -> list[LoadLatenc
                     statistics.fmean(times),
                 )
                 print(
-                    f"  load r={rank}: p50 {row.p50_s * 1e3:.1f} ms, p95 {row.p95_s * 1e3:.1f} ms", flush=True
+                    f"  {precision} load r={rank}: p50 {row.p50_s * 1e3:.1f} ms, "
+                    f"p95 {row.p95_s * 1e3:.1f} ms",
+                    flush=True,
                 )
                 out.append(row)
     finally:
@@ -281,9 +292,10 @@ def table(tput: list[Throughput], loads: list[LoadLatency]) -> str:
     ]
     for r in tput:
         base = next(b for b in tput if b.precision == r.precision and b.distinct == 0)
+        ratio = f"{r.tokens_per_s / base.tokens_per_s:.2f}" if r.comparable(base) else "REFUSED"
         lines.append(
             f"| {r.engine} | {r.precision} | {r.scenario} | {r.distinct} | {r.requests} | {r.failed} | "
-            f"{r.tokens_per_s:.1f} | {r.tokens_per_s / base.tokens_per_s:.2f} |"
+            f"{r.tokens_per_s:.1f} | {ratio} |"
         )
     lines += [
         "",
@@ -302,7 +314,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", default="vllm", help="passed to `effllm serve --engine` (vllm, hf, ...)")
     p.add_argument("--precisions", default="fp32,bf16")
-    p.add_argument("--distinct", default="1,8,32", help="distinct adapters in the traffic")
+    p.add_argument("--distinct", default="1,8,32,64", help="distinct adapters in the traffic")
     p.add_argument("--requests", type=int, default=128, help="requests per scenario")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--per-batch", type=int, default=8, help="--max-adapters-per-batch of the server")
@@ -340,7 +352,11 @@ def main() -> int:
         tput: list[Throughput] = []
         for precision in a.precisions:
             tput += bench_throughput(a, root, precision, work)
-        loads = bench_load(a, root, work) if a.load_trials > 0 else []
+        loads = [
+            row
+            for precision in (a.precisions if a.load_trials > 0 else [])
+            for row in bench_load(a, root, precision, work)
+        ]
     finally:
         for log in work.glob("*.log"):
             shutil.copy(log, out.parent / f"{out.stem}-{log.name}")
@@ -350,7 +366,16 @@ def main() -> int:
         "model": model.name,
         "cpu_count": os.cpu_count(),
         "config": {k: v for k, v in vars(a).items() if k != "out"},
-        "throughput": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in tput],
+        "throughput": [
+            {
+                **asdict(r),
+                "tokens_per_s": r.tokens_per_s,
+                "vs_base": (r.tokens_per_s / base.tokens_per_s) if r.comparable(base) else None,
+                "refused": not r.comparable(base),
+            }
+            for r in tput
+            for base in [next(b for b in tput if b.precision == r.precision and b.distinct == 0)]
+        ],
         "load_latency": [asdict(r) for r in loads],
     }
     out.write_text(json.dumps(report, indent=2, default=str))

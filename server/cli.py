@@ -204,7 +204,7 @@ def build_engine(args: argparse.Namespace) -> Engine:
             seed=args.seed,
         )
         # adapter limits come from the adapter flags where this server has them
-        names = ("max_adapter_rank", "max_adapters_per_batch")
+        names = ("max_adapter_rank", "max_adapters_per_batch", "max_adapters_resident")
         limits = {k: getattr(args, k) for k in names if getattr(args, k, None)}
         return HfEngine(model, replace(hf, **limits))
     config = VllmConfig(

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from effllm.tuner.synthetic import DEFAULT_TARGETS, make_adapter
+from effllm.tuner.synthetic import DEFAULT_TARGETS, clone_adapter, make_adapter, make_many_adapters
 
-__all__ = ["DEFAULT_TARGETS", "make_adapter"]
+__all__ = ["DEFAULT_TARGETS", "clone_adapter", "make_adapter", "make_many_adapters"]

@@ -54,3 +54,45 @@ def make_adapter(
     if manifest is not None:
         (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
+
+
+def clone_adapter(template: Path, out_dir: Path, *, seed: int) -> Path:
+    """A copy of `template` (same config) with fresh random weights of the same size per tensor: a distinct
+    adapter in milliseconds, without loading the base model again."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template / "adapter_config.json", out_dir / "adapter_config.json")
+    g = torch.Generator().manual_seed(seed)
+    weights = load_file(template / "adapter_model.safetensors")
+    fresh = {k: torch.randn(v.shape, generator=g) * v.std() for k, v in weights.items()}
+    save_file(fresh, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
+def make_many_adapters(
+    base_path: Path, root: Path, count: int, *, scale: float = 1.0
+) -> list[tuple[str, str, int]]:
+    """ROOT/m{i}/1 for i < count, cycling through LoRA r8, rsLoRA r16, LoRA r16, rsLoRA r8 (one PEFT
+    template each, then clones). Returns (name, method, rank) per adapter."""
+    kinds = [("lora", 8), ("rslora", 16), ("lora", 16), ("rslora", 8)]
+    templates = {
+        kind: make_adapter(
+            base_path,
+            root.parent / f"{root.name}-templates" / f"{kind[0]}{kind[1]}",
+            method=kind[0],
+            rank=kind[1],
+            seed=kind[1],
+            scale=scale,
+        )
+        for kind in kinds[: min(count, len(kinds))]
+    }
+    out = []
+    for i in range(count):
+        method, rank = kinds[i % len(kinds)]
+        clone_adapter(templates[(method, rank)], root / f"m{i}" / "1", seed=1000 + i)
+        out.append((f"m{i}", method, rank))
+    return out

@@ -1,9 +1,9 @@
 """The hf engine's batch: rows, their KV caches, one decode step, sampling. Runs on ONE worker thread.
 
 Rows are grouped so that each group is one model forward per step: one group for the base and every
-LoRA/rsLoRA adapter together (PEFT's `adapter_names=`, one name per row, "__base__" for base rows), and
-one group per DoRA adapter, because PEFT refuses DoRA in `adapter_names` batches (it runs on
-`set_adapter` instead). Each group owns a left-padded KV cache: a joining row is prefilled alone and its
+LoRA/rsLoRA adapter together (hf_lora's stacked adapters: each row reads its own adapter's slot in one
+batched forward), and one group per adapter only PEFT can serve (DoRA and other variants, on PEFT's
+`set_adapter`). Each group owns a left-padded KV cache: a joining row is prefilled alone and its
 cache is padded into the group's; a leaving row is dropped from it. Positions are per row (real tokens
 so far), so padding never changes what a row computes.
 
@@ -20,11 +20,10 @@ from typing import Any
 import torch
 
 from .base import AdapterSpec, EffllmError, FinishReason, Sampling, TokenEvent, Usage
+from .hf_lora import StackedLora, read_lora
 from .hf_text import TextStream
 
 log = logging.getLogger(__name__)
-
-BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
 @dataclass(eq=False)
@@ -41,14 +40,11 @@ class Row:
     cancelled: bool = False
     finished: bool = False
 
+    group: str = ""  # "" for the shared base/stacked group; the key of a PEFT-served adapter's own group
+
     @property
     def key(self) -> str:
         return self.adapter.key if self.adapter else ""
-
-    @property
-    def group(self) -> str:
-        """ "" for the shared LoRA/base group; the adapter key for a DoRA adapter's own group."""
-        return self.key if self.adapter is not None and self.adapter.method == "dora" else ""
 
 
 @dataclass(eq=False)
@@ -60,9 +56,11 @@ class Group:
 
 
 class Batch:
-    def __init__(self, model: Any, eos_ids: set[int], device: str) -> None:
-        self.base = model  # PEFT injects adapter layers into it in place
-        self.peft: Any = None  # PeftModel, created by the first add_adapter
+    def __init__(self, model: Any, eos_ids: set[int], device: str, slots: int = 16) -> None:
+        self.base = model  # PEFT (when an adapter needs it) injects adapter layers into it in place
+        # LoRA/rsLoRA adapters: forward hooks on the model's Linears, installed before PEFT touches it
+        self.stack = StackedLora(model, device, slots)
+        self.peft: Any = None  # PeftModel, created by the first adapter only PEFT can serve (DoRA...)
         self.adapters: dict[str, AdapterSpec] = {}
         self.eos_ids = eos_ids
         self.device = torch.device(device)
@@ -70,10 +68,18 @@ class Batch:
 
     # --- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, spec: AdapterSpec) -> None:
-        from peft import PeftModel
-
         if spec.key in self.adapters:
             return
+        lora = None if spec.method == "dora" else read_lora(spec.path, self.stack.linears)
+        if lora is not None:
+            self.stack.add(spec.key, lora)
+        else:
+            self._add_peft(spec)
+        self.adapters[spec.key] = spec
+
+    def _add_peft(self, spec: AdapterSpec) -> None:
+        from peft import PeftModel
+
         try:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.base, str(spec.path), adapter_name=spec.key)
@@ -84,12 +90,19 @@ class Batch:
                 "failed_precondition", f"adapter {spec.key}: PEFT cannot load it: {exc}"
             ) from exc
         self.peft.eval()
-        self.adapters[spec.key] = spec
+        self.peft.base_model.disable_adapter_layers()  # on only for its own group's forward (_forward)
 
     def remove_adapter(self, key: str) -> None:
-        if key in self.adapters:
+        if key not in self.adapters:
+            return
+        if key in self.stack:
+            self.stack.remove(key)
+        else:
             self.peft.delete_adapter(key)
-            del self.adapters[key]
+        del self.adapters[key]
+
+    def group_of(self, row: Row) -> str:
+        return row.key if row.key and row.key not in self.stack else ""
 
     # --- one step ---------------------------------------------------------------------------------------
     def rows(self) -> list[Row]:
@@ -109,6 +122,7 @@ class Batch:
                 if row.finished:
                     self._drop(row)
         for row in joiners:
+            row.group = self.group_of(row)
             logits, cache = self._prefill(row)
             out.append((row, self._advance(row, pick_tokens(logits[None], [row])[0])))
             if not row.finished:
@@ -121,13 +135,17 @@ class Batch:
     def _forward(self, group_key: str, rows: list[Row], **inputs: Any) -> torch.Tensor:
         """Last-position logits [B, vocab] in fp32 for `rows`, all on the same adapter group."""
         inputs.update(use_cache=True, logits_to_keep=1)
-        if not self.adapters:
-            out = self.base(**inputs)
-        elif group_key:  # a DoRA adapter: the whole group runs on it
-            self.peft.base_model.set_adapter(group_key)
-            out = self.peft(**inputs)
+        if group_key:  # an adapter only PEFT serves (DoRA...): the whole group runs on it
+            peft = self.peft.base_model
+            peft.set_adapter(group_key)
+            peft.enable_adapter_layers()
+            try:
+                out = self.base(**inputs)
+            finally:
+                peft.disable_adapter_layers()
         else:
-            out = self.peft(**inputs, adapter_names=[r.key or BASE for r in rows])
+            with self.stack.rows([self.stack.slot(r.key) for r in rows]):
+                out = self.base(**inputs)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, row: Row) -> tuple[torch.Tensor, Any]:

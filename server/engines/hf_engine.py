@@ -49,6 +49,7 @@ class HfConfig:
     seed: int = 0
     max_adapter_rank: int = 64
     max_adapters_per_batch: int = 8  # distinct adapters among the running rows
+    max_adapters_resident: int = 16  # stacked LoRA slots preallocated (they grow if the registry holds more)
     int4_group_size: int = 64
 
     def __post_init__(self) -> None:
@@ -170,7 +171,7 @@ class HfEngine:
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if self._tokenizer.eos_token_id is not None:
             eos_ids.add(self._tokenizer.eos_token_id)
-        return Batch(model, eos_ids, c.device)
+        return Batch(model, eos_ids, c.device, slots=c.max_adapters_resident)
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -190,8 +191,10 @@ class HfEngine:
         return len(self._waiting) + len(self._active)
 
     def alive(self) -> bool:
-        """False once the batching loop has ended on its own (a bug, not a bad request): nothing decodes."""
-        return self._loop_task is not None and not self._loop_task.done()
+        """False once the step loop has died (the server's watchdog then turns NOT_SERVING); a loop
+        that ends because of shutdown() is not a death."""
+        task = self._loop_task
+        return self._closing or (task is not None and not task.done())
 
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
         if self._renderer is None:
@@ -231,9 +234,11 @@ class HfEngine:
         from .hf_text import TextStream
 
         text = TextStream(self._tokenizer, ids, ())
+        batch = self._started_batch()
         row = Row(f"probe-{spec.key}", ids, Sampling(max_new_tokens=1), spec, text, torch.Generator())
+        row.group = batch.group_of(row)  # the stacked path, or PEFT's own group for DoRA and the like
         with torch.inference_mode():
-            logits, _cache = self._started_batch()._prefill(row)  # [1, vocab] fp32
+            logits, _cache = batch._prefill(row)  # [1, vocab] fp32
         return bool(torch.isfinite(logits).all())
 
     def adapters(self) -> tuple[str, ...]:

@@ -161,7 +161,12 @@ class VllmEngine:
         # NOTE: vLLM's CPU LoRA ops (vllm/lora/ops/torch_ops: bgmv_*) index the stacked adapter weights with
         # the row's slot, and a base row's slot is -1, i.e. the LAST slot: once every slot holds an adapter,
         # base rows decode with that adapter's weights. On CPU we therefore run base rows on an all-zero
-        # adapter with a slot of its own (one extra slot), so no row ever has slot -1.
+        # adapter (the null adapter) that needs a slot of its own (one extra slot), so no row ever has
+        # slot -1. The null adapter is an ordinary adapter to vLLM and must NOT be pinned: the scheduler
+        # counts it among the step's max_loras distinct adapters only when a base row is in the step, so a
+        # pinned one would hold a worker slot the scheduler believes free. A step of max_loras adapters
+        # and no base row then evicts one of its own adapters while activating the last, and
+        # punica_wrapper/utils.py convert_mapping raises KeyError: the engine core dies (issue 12).
         self._null_slots = 1 if config.enable_lora and config.device == "cpu" else 0
         self._null_lora: Any = None
         self._null_dir: tempfile.TemporaryDirectory[str] | None = None
@@ -184,7 +189,9 @@ class VllmEngine:
             enable_lora=c.enable_lora,
             max_lora_rank=_vllm_rank(c.max_lora_rank),
             max_loras=c.max_loras + self._null_slots,
-            max_cpu_loras=max(c.max_cpu_loras, c.max_loras) + self._null_slots,
+            # +1: a registry that loads the new version before evicting the old briefly holds one more;
+            # vLLM would then drop a resident adapter from its cache and re-read it from disk mid-step
+            max_cpu_loras=max(c.max_cpu_loras, c.max_loras) + self._null_slots + 1,
             disable_log_stats=True,
             tensor_parallel_size=c.tensor_parallel_size,
             stream_interval=c.stream_interval,
@@ -371,8 +378,7 @@ class VllmEngine:
             metadata={"format": "pt"},
         )
         self._null_lora = LoRARequest(lora_name="__base__", lora_int_id=1, lora_path=str(folder))
-        await self._llm.add_lora(self._null_lora)
-        await self._llm.pin_lora(1)
+        await self._llm.add_lora(self._null_lora)  # not pinned: see __init__
 
     async def remove_adapter(self, key: str) -> None:
         lora_id = self._lora_ids.pop(key, None)

@@ -118,3 +118,67 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     )
     yield Hardened(server, pki, admin, generate, adapter_root)
     server.stop()
+
+
+# --- many adapters (issue 12): 64 distinct adapters, one server per engine for the session --------------
+MANY_ADAPTERS = 64
+
+
+@dataclass(frozen=True)
+class ManyAdapters:
+    root: Path
+    adapters: tuple[tuple[str, str, int], ...]  # (name, method, rank), version "1"
+
+
+@pytest.fixture(scope="session")
+def many_adapters(tmp_path_factory: pytest.TempPathFactory) -> ManyAdapters:
+    """64 distinct adapters (LoRA and rsLoRA, ranks 8 and 16) under ROOT/m{i}/1: four PEFT templates, then
+    clones with fresh random weights (seconds, not minutes)."""
+    from effllm.common.model import resolve_model
+
+    from ..adaptertools import make_many_adapters
+
+    root = tmp_path_factory.mktemp("many") / "root"
+    made = make_many_adapters(resolve_model(None).path, root, MANY_ADAPTERS)
+    return ManyAdapters(root, tuple(made))
+
+
+def _many_server(engine: str, many: ManyAdapters, logs_dir: Path) -> ServerProcess:
+    return start_server(
+        "--engine",
+        engine,
+        "--adapter-root",
+        str(many.root),
+        "--max-adapter-rank",
+        "16",
+        "--max-adapters-per-batch",
+        "8",
+        "--max-adapters-resident",
+        str(MANY_ADAPTERS),
+        "--max-concurrency",
+        "32",
+        "--queue-size",
+        "256",
+        "--max-context",
+        "512",
+        "--kv-cache-gib",
+        "0.25",
+        log_dir=logs_dir,
+        ready_timeout=900,
+    )
+
+
+@pytest.fixture(scope="session")
+def vllm_many_server(many_adapters: ManyAdapters, logs_dir: Path) -> Iterator[ServerProcess]:
+    """vLLM engine, 32 batch slots, --max-adapters-per-batch 8, room for all 64 adapters resident."""
+    server = _many_server("vllm", many_adapters, logs_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_many_server(many_adapters: ManyAdapters, logs_dir: Path) -> Iterator[ServerProcess]:
+    """hf engine (fp32), same limits as vllm_many_server."""
+    server = _many_server("hf", many_adapters, logs_dir)
+    yield server
+    server.stop()

@@ -10,7 +10,6 @@ from effllm.server.service import Limits
 
 FLAG_OF = {
     "max_new_tokens": "max_new_tokens",
-    "default_max_new_tokens": "default_max_new_tokens",
     "max_prompt_chars": "max_prompt_chars",
     "max_prompt_tokens": "max_prompt_tokens",
     "max_request_s": "max_request_seconds",
@@ -24,7 +23,15 @@ def test_limit_flags_default_to_the_limits_defaults() -> None:
         assert getattr(args, flag) == getattr(defaults, field), field
     # every Limits field a flag sets is covered above; the others have no flag
     flagged = {f.name for f in dataclasses.fields(Limits) if hasattr(args, f.name) or f.name in FLAG_OF}
-    assert flagged == set(FLAG_OF)
+    assert flagged == {*FLAG_OF, "default_max_new_tokens"}
+
+
+def test_default_max_new_tokens_is_the_models_then_limits() -> None:
+    """Unset, the flag defers to the model's generation_config.json, and without one to Limits' default."""
+    from effllm.server.cli import DEFAULT_MAX_NEW_TOKENS
+
+    assert build_parser().parse_args(["serve"]).default_max_new_tokens is None
+    assert Limits().default_max_new_tokens == DEFAULT_MAX_NEW_TOKENS
 
 
 def test_explicit_flag_still_wins() -> None:
