@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# bench/ is on sys.path when this runs as a script (and for bench/hf_engine.py, which imports TOPICS)
+# a script's folder is importable when it runs as one (bench/hf_engine.py imports TOPICS from here too)
 from _serving_report import build_rows, format_cpu, format_table, n_requests
 
 TOPICS = [

@@ -4,10 +4,15 @@ Where to look:
   app.py       assemble and run: services, interceptors, health, reflection, start-up, drain, the watchdog
   service.py   GenerationService: validation (Limits), proto <-> GenerationRequest, errors -> status
   runner.py    admission (slots, bounded queue), prompt preparation and adapter lease before it, timings
-  auth.py      bearer tokens (two roles) and TLS; cli.py: flags -> ServerConfig + engine
+  cli.py       flags -> ServerConfig + engine (auth flags and the interceptor: common/auth.py)
+  defaults.py  the model's sampling defaults (generation_config.json, read as untrusted input)
+  logs.py      the quiet console: effllm's lines on stderr, every library's records in RUN_DIR/server.log
+  telemetry_rpc.py  GetTelemetry: the server's resource samples and per-request figures over the wire
+  lifeline.py  engine child processes die with the server (parent-death signal), even on SIGKILL
   faults.py    failpoints for the fault tests (off unless EFFLLM_FAILPOINTS is set)
   engines/     base.py the Engine protocol and the dataclasses crossing it; prompting.py render + length
-               check; vllm_engine.py (default); hf_engine.py + hf_batch.py + hf_text.py + hf_int4.py (hf)
+               check; vllm_engine.py (default); hf_engine.py + hf_batch.py (one step for all rows) +
+               hf_lora.py (stacked LoRA/rsLoRA, batched per-row deltas) + hf_text.py + hf_int4.py (hf)
   adapters/    validate, snapshot, registry, AdapterService (see adapters/__init__.py)
 The request path, layer by layer: docs/architecture.md. Nothing above engines/ imports torch.
 """

@@ -170,7 +170,11 @@ def job_event(job_id: str, record: Record) -> pb.JobEvent:
     msg = pb.JobEvent(job_id=job_id, state=_STATES[record.state], time_unix=record.time)
     event = record.event
     if isinstance(event, ProgressEvent):
-        msg.progress.CopyFrom(pb.Progress(**dataclasses.asdict(event)))
+        # the proto carries the progress figures; the step's time breakdown stays in the JSON events
+        fields = {
+            k: v for k, v in dataclasses.asdict(event).items() if k in pb.Progress.DESCRIPTOR.fields_by_name
+        }
+        msg.progress.CopyFrom(pb.Progress(**fields))
     elif isinstance(event, PhaseEvent):
         msg.phase = event.phase
     elif isinstance(event, DoneEvent):

@@ -154,5 +154,7 @@ def test_engine_core_death_turns_health_not_serving(vllm_many_server: ServerProc
             pass
         time.sleep(0.2)
     assert server.proc.wait(timeout=60) == ENGINE_DIED_EXIT
-    assert not seen or seen[-1] == "NOT_SERVING"  # its last answer before the port closed
+    # Health turns NOT_SERVING just before the process exits: a 0.2 s poll may or may not see that moment,
+    # so the exit code and the server's own line are the proof; a poll may only ever see SERVING before it.
+    assert set(seen) <= {"SERVING", "NOT_SERVING"}
     assert "engine died: health NOT_SERVING" in server.log()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from effllm.tuner import data, speed, tasks, train
 from effllm.tuner.config import TuneConfig
+from effllm.tuner.events import ProgressEvent
 
 from .tiny import save_tiny_llama, tiny_llama
 
@@ -149,10 +150,10 @@ def test_gradient_checkpointing_and_packing_keep_the_loss_curve(tmp_path: Path) 
         ("checkpointed", base.replace(gradient_checkpointing=True)),
         ("packed", base.replace(packing=True, pack_length=400)),
     ):
-        events: list[dict[str, object]] = []
+        events: list[object] = []
         runs[name] = train.run(config, on_event=events.append, progress_bar=False).metrics
-        progress = [e for e in events if e["type"] == "progress"]
-        assert all(float(e["forward_s"]) > 0 and float(e["backward_s"]) > 0 for e in progress)  # type: ignore[arg-type]
+        progress = [e for e in events if isinstance(e, ProgressEvent)]
+        assert progress and all(e.forward_s > 0 and e.backward_s > 0 for e in progress)
     plain, packed = runs["plain"], runs["packed"]
     for other in (runs["checkpointed"], packed):
         assert other["train_loss"] == pytest.approx(plain["train_loss"], abs=1e-4)
