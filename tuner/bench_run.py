@@ -74,22 +74,11 @@ def run_hf_trainer(config: TuneConfig) -> dict[str, Any]:
 
     from . import data, methods, speed
     from .measure import start_meter
-    from .train import collate, evaluate, load_base, micro_batches
+    from .train import collate, evaluate, micro_batches, prepare
 
     # The same calls in the same order as train.run, so the RNG gives the same adapter initialisation.
     torch.manual_seed(config.seed)
-    dataset = data.load_dataset(
-        config.data,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        n_train=config.n_train,
-        n_eval=config.n_eval,
-        seed=config.seed,
-    )
-    _, tokenizer, base = load_base(config)
-    encoder = data.Encoder(tokenizer, config.max_length)
-    train_set = data.encode_all(encoder, dataset.train, f"data {config.data}")
-    model = methods.prepare(base, config)
+    dataset, _, tokenizer, encoder, train_set, model = prepare(config)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     amp = speed.autocast_dtype(config.autocast, device)

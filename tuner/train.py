@@ -181,6 +181,24 @@ def greedy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, p
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
+def prepare(config: TuneConfig) -> tuple[data.Dataset, Any, Any, data.Encoder, list[data.Encoded], Any]:
+    """Data, base, tokenizer, encoded train set and the method-wrapped model, in one fixed order of RNG use:
+    `run` and the bench's Trainer side (tuner/bench_run.py) both call this after seeding, so both start
+    from the same adapter initialisation."""
+    dataset = data.load_dataset(
+        config.data,
+        eval_data=config.eval_data,
+        eval_fraction=config.eval_fraction,
+        n_train=config.n_train,
+        n_eval=config.n_eval,
+        seed=config.seed,
+    )
+    resolved, tokenizer, base = load_base(config)
+    encoder = data.Encoder(tokenizer, config.max_length)
+    train_set = data.encode_all(encoder, dataset.train, f"data {config.data}")
+    return dataset, resolved, tokenizer, encoder, train_set, methods.prepare(base, config)
+
+
 def run(
     config: TuneConfig,
     *,
@@ -194,18 +212,7 @@ def run(
     t_start = time.perf_counter()
 
     emit(PhaseEvent("loading"))
-    dataset = data.load_dataset(
-        config.data,
-        eval_data=config.eval_data,
-        eval_fraction=config.eval_fraction,
-        n_train=config.n_train,
-        n_eval=config.n_eval,
-        seed=config.seed,
-    )
-    resolved, tokenizer, base = load_base(config)
-    encoder = data.Encoder(tokenizer, config.max_length)
-    train_set = data.encode_all(encoder, dataset.train, f"data {config.data}")
-    model = methods.prepare(base, config)
+    dataset, resolved, tokenizer, encoder, train_set, model = prepare(config)
     params = methods.count_params(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
