@@ -53,7 +53,7 @@ class PinAdapterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "method", "rank", "alpha", "target_modules", "base_fingerprint", "residency", "pinned", "load_s", "requests_served", "last_used_unix", "in_flight", "latest", "content_sha256")
+    __slots__ = ("name", "version", "method", "rank", "alpha", "target_modules", "base_fingerprint", "residency", "pinned", "load_s", "requests_served", "last_used_unix", "in_flight", "latest", "content_sha256", "variants", "skipped_variants")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class AdapterInfo(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     LATEST_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_VARIANTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     method: str
@@ -84,4 +86,6 @@ class AdapterInfo(_message.Message):
     in_flight: int
     latest: bool
     content_sha256: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., residency: _Optional[str] = ..., pinned: _Optional[bool] = ..., load_s: _Optional[float] = ..., requests_served: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., in_flight: _Optional[int] = ..., latest: _Optional[bool] = ..., content_sha256: _Optional[str] = ...) -> None: ...
+    variants: _containers.RepeatedScalarFieldContainer[str]
+    skipped_variants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., residency: _Optional[str] = ..., pinned: _Optional[bool] = ..., load_s: _Optional[float] = ..., requests_served: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., in_flight: _Optional[int] = ..., latest: _Optional[bool] = ..., content_sha256: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., skipped_variants: _Optional[_Iterable[str]] = ...) -> None: ...

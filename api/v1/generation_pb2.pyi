@@ -7,6 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OBJECTIVE_UNSPECIFIED: _ClassVar[Objective]
+    OBJECTIVE_LATENCY: _ClassVar[Objective]
+    OBJECTIVE_ENERGY: _ClassVar[Objective]
+    OBJECTIVE_QUALITY: _ClassVar[Objective]
+    OBJECTIVE_BALANCED: _ClassVar[Objective]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -14,6 +22,11 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+OBJECTIVE_UNSPECIFIED: Objective
+OBJECTIVE_LATENCY: Objective
+OBJECTIVE_ENERGY: Objective
+OBJECTIVE_QUALITY: Objective
+OBJECTIVE_BALANCED: Objective
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
@@ -55,26 +68,48 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "adapter", "request_id", "sampling")
+    __slots__ = ("prompt", "messages", "adapter", "request_id", "sampling", "objective", "budget", "strict_budget")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    STRICT_BUDGET_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: Messages
     adapter: str
     request_id: str
     sampling: SamplingParams
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    objective: Objective
+    budget: Budget
+    strict_budget: bool
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., strict_budget: _Optional[bool] = ...) -> None: ...
+
+class Budget(_message.Message):
+    __slots__ = ("max_time_to_first_token_s", "max_time_per_output_token_s", "max_joules_per_token", "min_quality")
+    MAX_TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_TIME_PER_OUTPUT_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOULES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MIN_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    max_time_to_first_token_s: float
+    max_time_per_output_token_s: float
+    max_joules_per_token: float
+    min_quality: float
+    def __init__(self, max_time_to_first_token_s: _Optional[float] = ..., max_time_per_output_token_s: _Optional[float] = ..., max_joules_per_token: _Optional[float] = ..., min_quality: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "output_tokens")
+    __slots__ = ("input_tokens", "output_tokens", "energy_joules", "energy_source")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     output_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+    energy_joules: float
+    energy_source: str
+    def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., energy_joules: _Optional[float] = ..., energy_source: _Optional[str] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_s", "time_to_first_token_s", "decode_s", "total_s")
@@ -89,7 +124,7 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "timings", "adapter")
+    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "timings", "adapter", "variant", "budget_met")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +132,8 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -104,19 +141,25 @@ class GenerateResponse(_message.Message):
     usage: Usage
     timings: Timings
     adapter: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
+    variant: str
+    budget_met: bool
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ...) -> None: ...
 
 class StreamFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "adapter")
+    __slots__ = ("finish_reason", "usage", "timings", "adapter", "variant", "budget_met")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MET_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
     adapter: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
+    variant: str
+    budget_met: bool
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "final")
@@ -147,7 +190,7 @@ class Capabilities(_message.Message):
     def __init__(self, precisions: _Optional[_Iterable[str]] = ..., adapter_methods: _Optional[_Iterable[str]] = ..., max_adapter_rank: _Optional[int] = ..., max_adapters_per_batch: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size", "sampling_defaults", "chat_template")
+    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size", "sampling_defaults", "chat_template", "variants")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +205,7 @@ class ModelInfo(_message.Message):
     QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     engine: str
@@ -176,7 +220,46 @@ class ModelInfo(_message.Message):
     queue_size: int
     sampling_defaults: SamplingDefaults
     chat_template: bool
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ...) -> None: ...
+    variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ...) -> None: ...
+
+class VariantInfo(_message.Message):
+    __slots__ = ("name", "precision", "engine", "weight_bytes", "perplexity", "quality", "live", "adapter_methods")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PERPLEXITY_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_METHODS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    precision: str
+    engine: str
+    weight_bytes: int
+    perplexity: float
+    quality: float
+    live: VariantFigures
+    adapter_methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., perplexity: _Optional[float] = ..., quality: _Optional[float] = ..., live: _Optional[_Union[VariantFigures, _Mapping]] = ..., adapter_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class VariantFigures(_message.Message):
+    __slots__ = ("time_to_first_token_s", "time_per_output_token_s", "joules_per_token", "energy_source", "queue_depth", "running", "requests")
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    TIME_PER_OUTPUT_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    JOULES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    time_to_first_token_s: float
+    time_per_output_token_s: float
+    joules_per_token: float
+    energy_source: str
+    queue_depth: int
+    running: int
+    requests: int
+    def __init__(self, time_to_first_token_s: _Optional[float] = ..., time_per_output_token_s: _Optional[float] = ..., joules_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class SamplingDefaults(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "from_model")
@@ -267,7 +350,7 @@ class ResourceSample(_message.Message):
     def __init__(self, t_unix_s: _Optional[float] = ..., memory_utilisation: _Optional[float] = ..., utilisation: _Optional[float] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class RequestFigures(_message.Message):
-    __slots__ = ("request_id", "adapter", "start_unix_s", "end_unix_s", "input_tokens", "output_tokens", "queue_s", "time_to_first_token_s", "decode_s", "energy_j", "energy_source", "error")
+    __slots__ = ("request_id", "adapter", "start_unix_s", "end_unix_s", "input_tokens", "output_tokens", "queue_s", "time_to_first_token_s", "decode_s", "energy_j", "energy_source", "error", "variant", "objective")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +363,8 @@ class RequestFigures(_message.Message):
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     ENERGY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter: str
     start_unix_s: float
@@ -292,7 +377,9 @@ class RequestFigures(_message.Message):
     energy_j: float
     energy_source: str
     error: str
-    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    variant: str
+    objective: str
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., error: _Optional[str] = ..., variant: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class GroupFigures(_message.Message):
     __slots__ = ("adapter", "precision", "requests", "errors", "output_tokens", "energy_j", "j_per_token", "energy_source", "amu", "pcu", "aec_w")
