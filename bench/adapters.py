@@ -209,9 +209,7 @@ def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Pa
             )
         )  # warm-up
         scenarios = [("base", 0, "uniform")] + [
-            (f"{k} {dist}", k, dist)
-            for k in a.distinct
-            for dist in (("uniform",) if k == 1 else ("uniform", "zipf"))
+            (f"{k} {dist}", k, dist) for k in a.distinct for dist in (("uniform",) if k == 1 else a.dists)
         ]
         for label, k, dist in scenarios:
             traffic = choose(names[:k], a.requests, dist, rng)
@@ -310,11 +308,17 @@ def table(tput: list[Throughput], loads: list[LoadLatency]) -> str:
     return "\n".join(lines)
 
 
+def cpu_model() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", default="vllm", help="passed to `effllm serve --engine` (vllm, hf, ...)")
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--distinct", default="1,8,32,64", help="distinct adapters in the traffic")
+    p.add_argument("--dists", default="uniform,zipf", help="popularity of k > 1 adapters: uniform, zipf")
     p.add_argument("--requests", type=int, default=128, help="requests per scenario")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--per-batch", type=int, default=8, help="--max-adapters-per-batch of the server")
@@ -330,6 +334,10 @@ def main() -> int:
     a = p.parse_args()
     a.precisions = a.precisions.split(",")
     a.distinct = [int(x) for x in a.distinct.split(",")]
+    a.dists = tuple(d for d in a.dists.split(",") if d)
+    if not a.dists or set(a.dists) - {"uniform", "zipf"}:
+        p.error(f"--dists {','.join(a.dists)!r}: each of uniform, zipf")
+    load_before = os.getloadavg()
     a.ranks = [int(x) for x in a.ranks.split(",")]
     out = a.out or Path("runs") / f"bench-adapters-{a.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -365,6 +373,9 @@ def main() -> int:
         "engine": a.engine,
         "model": model.name,
         "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "loadavg_start": load_before,
+        "loadavg_end": os.getloadavg(),
         "config": {k: v for k, v in vars(a).items() if k != "out"},
         "throughput": [
             {
@@ -379,6 +390,9 @@ def main() -> int:
         "load_latency": [asdict(r) for r in loads],
     }
     out.write_text(json.dumps(report, indent=2, default=str))
+    print(
+        f"CPU {report['cpu_model']}, {os.cpu_count()} cores; load average {load_before} -> {os.getloadavg()}"
+    )
     print(table(tput, loads))
     print(f"wrote {out}")
     return 0

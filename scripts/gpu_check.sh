@@ -39,7 +39,7 @@ else
   # effllm without installing it: a namespace folder whose packages are this checkout's top-level folders.
   shim=/tmp/effllm-shim/effllm
   mkdir -p "$shim"
-  for pkg in server client tuner loadtest telemetry cli common; do
+  for pkg in api server client tuner loadtest telemetry cli common; do
     [ -d "$pkg" ] && ln -sfn "$PWD/$pkg" "$shim/$pkg"
   done
   export PYTHONPATH="/tmp/effllm-shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
