@@ -96,9 +96,6 @@ class ObjectiveMix:
         i = int(np.searchsorted(cumulative, rng.random(), side="right"))
         return self.names[min(i, len(self.names) - 1)]  # min: rounding may leave cumulative[-1] < 1
 
-    def text(self) -> str:
-        return ",".join(f"{n}={w:g}" for n, w in zip(self.names, self.weights, strict=True))
-
 
 @dataclass(frozen=True)
 class Budget:

@@ -17,6 +17,7 @@ import pytest
 from effllm.api.v1 import generation_pb2 as pb
 from effllm.cli.main import build_parser
 from effllm.loadtest.campaign import Campaign, run
+from effllm.loadtest.cli import workload_from_args
 from effllm.loadtest.config import LoadConfig
 from effllm.loadtest.objectives import OBJECTIVES, Budget, ObjectiveMix
 from effllm.loadtest.options import config_from_options
@@ -101,6 +102,20 @@ def test_bad_objectives_are_refused_naming_the_flag(
     # and the Locust option names itself as Locust shows it
     with pytest.raises(ValueError, match="--effllm-objectives"):
         config_from_options(argparse.Namespace(effllm_objectives=text), "127.0.0.1:1", users=1)
+
+
+def test_the_flags_reach_the_workload() -> None:
+    args = build_parser().parse_args(
+        ["load", "--rate", "1", "--objectives", "energy=3,latency=1", "--budget", "max_tpot_s=0.2"]
+    )
+    w = workload_from_args(args)
+    assert w.objectives == ObjectiveMix(("energy", "latency"), (3.0, 1.0))
+    assert w.budget == Budget(max_tpot_s=0.2)
+    assert workload_from_args(build_parser().parse_args(["load", "--rate", "1"])).objectives is None
+    ns = argparse.Namespace(effllm_objectives="quality", effllm_budget="min_quality=0.9")
+    cfg = config_from_options(ns, "127.0.0.1:1", users=1)  # Locust's own --effllm-* options
+    assert cfg.workload.objectives == ObjectiveMix(("quality",), (1.0,))
+    assert cfg.workload.budget == Budget(min_quality=0.9)
 
 
 @pytest.mark.parametrize(
