@@ -117,6 +117,7 @@ def compare(servers: dict[str, dict[str, Any]], reference: str, budget: bool) ->
                 "requests": o["requests"],
                 "j_per_token": o["j_per_token"],
                 "energy_source": o.get("energy_source"),
+                "energy_from": o.get("energy_from"),  # usage.energy_joules, or server spans (older)
                 "ttft_p50_s": o["ttft_s"]["p50"],
                 "ttft_p99_s": o["ttft_s"]["p99"],
                 "quality": objective_quality(shares, quality),
@@ -216,7 +217,12 @@ def format_markdown(result: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     sources = sorted({r["energy_source"] for r in result["rows"] if r.get("energy_source")})
-    lines += ["", f"J/token: per-request usage.energy_joules; energy source: {', '.join(sources) or '—'}."]
+    origins = sorted({r["energy_from"] for r in result["rows"] if r.get("energy_from")})
+    lines += [
+        "",
+        f"J/token: Σ per-request energy / Σ output tokens, from {', '.join(origins) or '—'}; "
+        f"energy source: {', '.join(sources) or '—'}.",
+    ]
     t = result["targets"]
     lines += [
         "",

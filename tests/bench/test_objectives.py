@@ -63,6 +63,7 @@ def _objective(j: float | None, ttft_p50: float, variants: dict[str, float], n: 
         "requests": n,
         "j_per_token": j,
         "energy_source": "estimated",
+        "energy_from": "usage.energy_joules",
         "ttft_s": {"p50": ttft_p50, "p99": 2 * ttft_p50},
         "variants": variants,
     }
@@ -117,6 +118,7 @@ def test_compare_quality_ratios_and_targets(tab: ModuleType) -> None:
     md = tab.format_markdown(out)
     assert "PASS (0.5× fp32:hf)" in md and "MISS (1.2× int4:hf)" in md and "100 % on fp32:hf" in md
     assert "| mixed | latency | 10 | 0.8 | 120 | 240 | 0.9 | int4:hf 50 %, fp32:hf 50 % | 0.8 |" in md
+    assert "from usage.energy_joules; energy source: estimated." in md
 
 
 def test_targets_say_why_they_cannot_be_judged(tab: ModuleType) -> None:
