@@ -4,6 +4,7 @@ Examples:
   effllm load --target 127.0.0.1:50051 --rate 2 --duration 30 --slo ttft=0.5,tpot=0.1
   effllm load --serve "--kv-cache-gib 0.25" --users 4 --duration 20 --workers 2
   effllm load --serve "--kv-cache-gib 0.25" --precisions fp32,bf16 --rate 1 --duration 20
+  effllm load --target 127.0.0.1:50051 --rate 1 --objectives latency=0.4,energy=0.4,quality=0.2 --ignore-eos
 This process never imports locust (Locust runs in subprocesses, see loadtest/campaign.py).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from .config import LoadConfig
+from .objectives import Budget, ObjectiveMix
 from .report import Slo
 from .workload import AdapterMix, Arrivals, LengthDist, PromptSource, Shape, Workload
 
@@ -93,6 +95,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--popularity", choices=("uniform", "zipf", "round_robin"), default="uniform")
     g.add_argument("--zipf-alpha", type=float, default=1.0)
     g.add_argument("--base-share", type=float, default=0.0, help="share of requests for the base model")
+    g.add_argument(
+        "--objectives",
+        default="",
+        metavar="NAME=W,...",
+        help="each request's objective, drawn from this mix by weight, e.g. "
+        "latency=0.4,energy=0.4,quality=0.2 (latency, energy, quality, balanced, unspecified); "
+        "the report gains a per-objective table",
+    )
+    g.add_argument(
+        "--budget",
+        default="",
+        metavar="KEY=V,...",
+        help="limits every request carries: max_ttft_s, max_tpot_s, max_j_per_token, min_quality (0-1)",
+    )
     g = p.add_argument_group("report")
     g.add_argument("--slo", default="", help="goodput SLOs in seconds, e.g. ttft=0.5,tpot=0.1")
     g.add_argument("--run-dir", type=Path, default=Path("runs/load"))
@@ -118,6 +134,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def workload_from_args(a: argparse.Namespace) -> Workload:
+    """The Workload the flags describe; a bad value raises ValueError naming the flag (`a.flag_prefix`
+    is "--effllm-" for Locust's own options, see options.py)."""
+    prefix = getattr(a, "flag_prefix", "--")
     if (a.rate is None) == (a.users is None):
         raise ValueError("give --rate (open loop) or --users (closed loop)")
     mode: Literal["open", "closed"] = "open" if a.rate is not None else "closed"
@@ -150,10 +169,13 @@ def workload_from_args(a: argparse.Namespace) -> Workload:
         shape=shape,
         temperature=a.temperature,
         ignore_eos=a.ignore_eos,
+        objectives=ObjectiveMix.parse(getattr(a, "objectives", "") or "", f"{prefix}objectives"),
+        budget=Budget.parse(getattr(a, "budget", "") or "", f"{prefix}budget"),
     )
 
 
 def run(a: argparse.Namespace) -> int:
+    from . import render
     from .campaign import Campaign, ServerHandle
     from .campaign import run as run_campaign
 
@@ -215,5 +237,7 @@ def run(a: argparse.Namespace) -> int:
         f"TTFT p50 {(lat['ttft']['p50'] or 0) * 1e3:.0f} ms; E2E p50 {lat['e2e']['p50']:.2f} s; "
         f"goodput {report['goodput']['share'] * 100:.0f} %"
     )
+    if report.get("per_objective"):
+        print(render.objective_table_md(report["per_objective"]))
     print(f"report: {a.run_dir / 'report.html'}")
     return 0

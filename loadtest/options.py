@@ -34,6 +34,8 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("popularity", str, "uniform", "adapter popularity: uniform, zipf or round_robin"),
     ("zipf-alpha", float, 1.0, "zipf exponent"),
     ("base-share", float, 0.0, "share of requests for the base model"),
+    ("objectives", str, "", "objective mix by weight, e.g. latency=0.4,energy=0.4,quality=0.2"),
+    ("budget", str, "", "limits on every request: max_ttft_s, max_tpot_s, max_j_per_token, min_quality"),
     ("seed", int, 0, "workload seed (prompts, lengths, arrivals)"),
     ("timeout", float, 120.0, "gRPC deadline per request (s)"),
     ("duration", float, 0.0, "seconds of arrivals (0: until Locust stops the test)"),
@@ -106,6 +108,9 @@ def config_from_options(options: Any, host: str | None, users: int | None) -> Lo
         popularity=v["popularity"],
         zipf_alpha=v["zipf-alpha"],
         base_share=v["base-share"],
+        objectives=v["objectives"],
+        budget=v["budget"],
+        flag_prefix="--effllm-",  # errors name the flag as Locust shows it
     )
     return LoadConfig(
         targets=targets_from_host(host),

@@ -118,6 +118,59 @@ ADAPTER_COLUMNS = (
 )
 
 
+OBJECTIVE_COLUMNS = (
+    "objective",
+    "ok / requests",
+    "TTFT p50 / p99 (ms)",
+    "TPOT p50 / p99 (ms)",
+    "E2E p50 / p99 (s)",
+    "J/token",
+    "energy source",
+    "budget met",
+    "variants",
+)
+
+
+def variant_shares(shares: dict[str, float]) -> str:
+    """{"int4:hf": 0.8, "fp32:hf": 0.2} -> "int4:hf 80 %, fp32:hf 20 %"."""
+    return ", ".join(f"{name} {share * 100:.0f} %" for name, share in shares.items()) or "—"
+
+
+def objective_rows(per_objective: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for name, o in per_objective.items():
+        budget = (
+            f"{o['budget_met']} of {o['budget_judged']} ({o['budget_met_share'] * 100:.0f} %)"
+            if o["budget_judged"]
+            else "—"
+        )
+        source = "—"
+        if o["energy_source"]:
+            source = f"{o['energy_source']} ({o['energy_from']}"
+            if o["energy_coverage"] is not None and o["energy_coverage"] < 1:
+                source += f", {o['energy_coverage'] * 100:.0f} % of requests"
+            source += ")"
+        errors = ", ".join(f"{k}={v}" for k, v in o["errors"].items())
+        rows.append(
+            [
+                name,
+                f"{o['ok']} / {o['requests']}" + (f" ({errors})" if errors else ""),
+                " / ".join(_f(o["ttft_s"][k], 1e3, 4) for k in ("p50", "p99")),
+                " / ".join(_f(o["tpot_s"][k], 1e3, 4) for k in ("p50", "p99")),
+                " / ".join(_f(o["e2e_s"][k], digits=4) for k in ("p50", "p99")),
+                _f(o["j_per_token"]),
+                source,
+                budget,
+                variant_shares(o["variants"]),
+            ]
+        )
+    return rows
+
+
+def objective_table_md(per_objective: dict[str, dict[str, Any]]) -> str:
+    return _md_table(OBJECTIVE_COLUMNS, objective_rows(per_objective))
+
+
 def _md_table(head: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -137,6 +190,8 @@ def markdown(reports: dict[str, dict[str, Any]], precision: dict[str, Any] | Non
             _md_table(ADAPTER_COLUMNS, adapter_rows(rep)),
             "",
         ]
+        if rep.get("per_objective"):
+            out += ["### Per objective", "", objective_table_md(rep["per_objective"]), ""]
     out += [
         "## EfficientLLM metrics",
         "",
@@ -206,6 +261,11 @@ def html_page(
             + _html_table(ADAPTER_COLUMNS, adapter_rows(rep))
             + "</div>"
         )
+        if rep.get("per_objective"):
+            parts.append(
+                "<h3>Per objective</h3>"
+                + _html_table(OBJECTIVE_COLUMNS, objective_rows(rep["per_objective"]))
+            )
         parts.append(
             _img(plots.latency_cdfs(rep), "latency CDFs")
             + _img(plots.throughput_over_time(rep), "throughput")

@@ -5,6 +5,9 @@ Sources: the Locust user's per-request rows (requests-*.jsonl), Locust's stats C
 taken before and after. Invariants: every number says its unit in its key; energy figures carry their
 source; throughput is given both as tokens / wall time and as the paper's IT = Σ tokens / Σ latencies;
 nothing is filled in that was not measured (missing -> None).
+Requests that stated an objective (`effllm load --objectives`) also get a per-objective table
+(`per_objective`: latency quantiles, J/token from each reply's usage.energy_joules, budget met, variant
+shares); without objectives the report has no such key.
 """
 
 from __future__ import annotations
@@ -163,6 +166,76 @@ def ttft_vs_load(rows: list[dict[str, Any]], window_s: float = 5.0) -> list[dict
     return out
 
 
+def _request_energy(row: dict[str, Any], joined: dict[str, ServerSpan]) -> tuple[float, str, str] | None:
+    """(joules, energy source, where the figure came from) for one OK row: the final message's
+    usage.energy_joules, else the energy the server's span attributed to it (a server that does not fill
+    the usage field yet); None when neither has one."""
+    if row.get("usage_energy_j") is not None:
+        return (
+            float(row["usage_energy_j"]),
+            row.get("usage_energy_source") or "unknown",
+            "usage.energy_joules",
+        )
+    span = joined.get(row["rid"])
+    if span is not None and span.energy_j is not None:
+        return span.energy_j, span.energy_source, "server spans"
+    return None
+
+
+def per_objective(
+    rows: list[dict[str, Any]], joined: dict[str, ServerSpan] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per objective the requests stated (rows without one are left out): requests, TTFT/TPOT/E2E
+    quantiles, J/token = Σ per-request energy / Σ output tokens of the OK requests that carry an energy
+    figure (`energy_coverage` says which share did), budget met among the OK requests whose reply says
+    (requests refused for their budget count under `errors`), and the share of OK requests each variant
+    served ("(unnamed)" where the server named none)."""
+    joined = joined or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted({str(r["objective"]) for r in rows if r.get("objective")}):
+        sent = [r for r in rows if r.get("objective") == name]
+        ok = [r for r in sent if r.get("status") == "OK"]
+        errors: dict[str, int] = defaultdict(int)
+        for r in sent:
+            if r.get("status") != "OK":
+                errors[r["status"]] += 1
+        energy_j, metered_tokens, metered = 0.0, 0, 0
+        sources: set[str] = set()
+        origins: set[str] = set()
+        for r in ok:
+            figure = _request_energy(r, joined)
+            if figure is not None:
+                energy_j += figure[0]
+                metered_tokens += r["output_tokens"]
+                metered += 1
+                sources.add(figure[1])
+                origins.add(figure[2])
+        variants: dict[str, int] = defaultdict(int)
+        for r in ok:
+            variants[r.get("variant") or "(unnamed)"] += 1
+        judged = [r for r in ok if r.get("budget_met") is not None]
+        met = sum(bool(r["budget_met"]) for r in judged)
+        out[name] = {
+            "requests": len(sent),
+            "ok": len(ok),
+            "errors": dict(errors),
+            "output_tokens": sum(r["output_tokens"] for r in ok),
+            "ttft_s": quantiles([r["ttft_s"] for r in ok if r.get("ttft_s") is not None]),
+            "tpot_s": quantiles([r["tpot_s"] for r in ok if r.get("tpot_s") is not None]),
+            "e2e_s": quantiles([r["e2e_s"] for r in ok]),
+            "energy_j": energy_j if metered else None,
+            "j_per_token": energy_j / metered_tokens if metered_tokens else None,
+            "energy_source": "+".join(sorted(sources)) or None,
+            "energy_from": "+".join(sorted(origins)) or None,
+            "energy_coverage": metered / len(ok) if ok else None,
+            "budget_judged": len(judged),
+            "budget_met": met,
+            "budget_met_share": met / len(judged) if judged else None,
+            "variants": {v: n / len(ok) for v, n in sorted(variants.items(), key=lambda kv: (-kv[1], kv[0]))},
+        }
+    return out
+
+
 def build(
     rows: list[dict[str, Any]],
     *,
@@ -243,6 +316,7 @@ def build(
         if res.get("aec_w") is not None
         else (energy_j / wall if energy_j is not None and wall > 0 else None)
     )
+    objectives = per_objective(rows, joined)  # empty unless the requests stated objectives
     srv = server or {}
     info = srv.get("model_info", {})
     return {
@@ -275,6 +349,7 @@ def build(
             "requests_per_s": len(good) / wall if wall > 0 else None,
         },
         "per_adapter": per_adapter,
+        **({"per_objective": objectives} if objectives else {}),
         "server": server_cmp,
         "efficientllm": {
             "amu_gb": res.get("amu_gb"),

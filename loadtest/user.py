@@ -1,4 +1,4 @@
-"""The locustfile: Locust users that speak gRPC to effllm servers through effllm's client.
+"""The locustfile: Locust users that speak gRPC to effllm servers (requests and calls: loadtest/wire.py).
 
 Only ever imported by a Locust process: importing locust monkey-patches the stdlib with gevent, and grpc's
 gevent support is initialised here, before any channel exists. Absolute imports only: Locust loads this
@@ -14,8 +14,9 @@ Per request it fires Locust request events (request_type "grpc") with separate n
 CSV and web UI show each: `ttft`, `tpot` (= (E2E − TTFT)/(n − 1), only when n > 1), `itl` (one per output
 token after the first), `e2e`; response_length is the output token count. A failed request fires `e2e`
 with an exception naming the gRPC status code. Each request also leaves one row in
-RUN_DIR/requests-<stream>.jsonl (the report's per-request source) and carries W3C trace context in its
-metadata (through effllm's client), so the server's `generate` span shares this request's trace id.
+RUN_DIR/requests-<pid>.jsonl (the report's per-request source: timings, its objective, the variant that
+served it, budget_met and usage.energy_joules from the final message) and carries W3C trace context in its
+metadata (effllm's client tracing), so the server's `generate` span shares this request's trace id.
 
 Users: `OpenLoopUser` (one per process; arrivals at the workload's rate split over processes, each request
 in its own greenlet, so slow replies never slow arrivals) and `ClosedLoopUser` (send, wait for the reply,
@@ -45,8 +46,10 @@ import grpc  # noqa: E402
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 
 from effllm.client import EffllmClient  # noqa: E402
+from effllm.client.tracing import configured_tracer  # noqa: E402
 from effllm.loadtest.config import ENV, LoadConfig  # noqa: E402
 from effllm.loadtest.options import add_options, config_from_options  # noqa: E402
+from effllm.loadtest.wire import Caller, generate_request, reply_fields  # noqa: E402
 from effllm.loadtest.workload import RequestSpec, RequestStream  # noqa: E402
 
 # EFFLLM_LOAD_CONFIG set: `effllm load` runs us with a whole config; else the --effllm-* options do.
@@ -85,6 +88,7 @@ def _configure(environment: Any, **_: Any) -> None:
 # the trace id, kept in each request row).
 _PROVIDER = TracerProvider()
 _TRACER = _PROVIDER.get_tracer("effllm.loadtest")
+_CLIENT_TRACER = configured_tracer(_PROVIDER)  # the CLIENT span per call, as EffllmClient opens it
 
 
 class GrpcStatusError(Exception):
@@ -99,7 +103,8 @@ class _Process:
     """Per-process state: clients per target, the request stream and the rows file."""
 
     start: float | None = None  # monotonic time the first user started (the campaign clock)
-    clients: ClassVar[dict[str, EffllmClient]] = {}
+    clients: ClassVar[dict[str, EffllmClient]] = {}  # they own the channels
+    callers: ClassVar[dict[str, Caller]] = {}
     rows: Any = None
     users = 0
     inflight = 0
@@ -116,10 +121,12 @@ class _Process:
         return time.monotonic() - cls.start
 
     @classmethod
-    def client(cls, target: str) -> EffllmClient:
-        if target not in cls.clients:
-            cls.clients[target] = EffllmClient(target, timeout=config().timeout_s, tracer_provider=_PROVIDER)
-        return cls.clients[target]
+    def caller(cls, target: str) -> Caller:
+        if target not in cls.callers:
+            client = EffllmClient(target, timeout=config().timeout_s)
+            cls.clients[target] = client
+            cls.callers[target] = Caller(client.channel, target, _CLIENT_TRACER, config().timeout_s)
+        return cls.callers[target]
 
     @classmethod
     def write(cls, row: dict[str, Any]) -> None:
@@ -144,7 +151,8 @@ class _EffllmUser(User):
     abstract = True
 
     def on_start(self) -> None:
-        self.stream = RequestStream(config().workload, _Process.stream_id(self.environment))
+        self.stream_id = _Process.stream_id(self.environment)
+        self.stream = RequestStream(config().workload, self.stream_id)
         _Process.users += 1
         _Process.clock()
 
@@ -171,22 +179,16 @@ class _EffllmUser(User):
     def _send(self, spec: RequestSpec) -> None:
         cfg = config()
         target = cfg.targets[spec.index % len(cfg.targets)]
-        client = _Process.client(target)
+        caller = _Process.caller(target)
         rid = uuid.uuid4().hex
-        p = spec.prompt
-        kw: dict[str, Any] = dict(
-            prompt=p.prompt,
-            messages=list(p.messages) if p.messages else None,
-            adapter=spec.adapter,
-            max_new_tokens=spec.max_new_tokens,
-            temperature=cfg.workload.temperature,
-            ignore_eos=cfg.workload.ignore_eos,
-            request_id=rid,
-        )
+        req = generate_request(spec, cfg.workload, rid)
         row: dict[str, Any] = {
             "rid": rid,
             "target": target,
             "adapter": spec.adapter,
+            "stream": self.stream_id,
+            "index": spec.index,  # (stream, index) names the same request in a replay of the same seed
+            "objective": spec.objective or None,
             "t_start": time.time(),
             "t_campaign": _Process.clock(),
             "max_new_tokens": spec.max_new_tokens,
@@ -201,7 +203,7 @@ class _EffllmUser(User):
             final: Any = None
             try:
                 if cfg.stream:
-                    for chunk in client.stream(**kw):
+                    for chunk in caller.stream(req):
                         now = time.perf_counter()
                         k = len(chunk.token_ids)
                         if k:
@@ -215,7 +217,7 @@ class _EffllmUser(User):
                         if chunk.HasField("final"):
                             final = chunk.final
                 else:
-                    final = client.generate(**kw)
+                    final = caller.generate(req)
                     ttft = None
             except grpc.RpcError as err:
                 code = err.code().name if err.code() else "UNKNOWN"
@@ -240,16 +242,8 @@ class _EffllmUser(User):
         row.update(
             status="OK", e2e_s=e2e, ttft_s=ttft, tpot_s=tpot, output_tokens=n, itl_s=itl, t_end=time.time()
         )
-        if final is not None:
-            t = final.timings
-            row.update(
-                input_tokens=final.usage.input_tokens,
-                finish=int(final.finish_reason),
-                served_adapter=final.adapter,
-                server_ttft_s=t.time_to_first_token_s,
-                server_queue_s=t.queue_s,
-                server_total_s=t.total_s,
-            )
+        if final is not None:  # timings, variant, budget_met, per-request energy (loadtest/wire.py)
+            row.update(reply_fields(final))
         _Process.write(row)
 
     def open_loop(self, share: float) -> None:

@@ -13,6 +13,8 @@ Conventions:
   `round_robin` (one adapter per request, cycling: the worst case for adapter locality); `base_share` of
   requests goes to the base model before any adapter is drawn.
 - shapes give a target (users for closed loop, req/s for open loop) as a function of elapsed time.
+- objectives (loadtest/objectives.py): each request's objective is drawn from the mix on a generator of
+  its own, so adding a mix never changes a seed's prompts, lengths or arrivals.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from .objectives import Budget, ObjectiveMix
 
 # Short, frequent English words: with a Llama-style BPE vocabulary " word" is one token each, so a
 # synthetic prompt of n words is ~n tokens (the server's usage.input_tokens records the exact count).
@@ -374,6 +378,7 @@ class RequestSpec:
     prompt: Prompt
     max_new_tokens: int
     adapter: str
+    objective: str = ""  # from the workload's objective mix; "": the request states none
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,9 @@ class Workload:
     # True: every request decodes exactly its drawn output length (the API's ignore_eos); False: the length
     # is a cap and the model may stop earlier (the report counts the tokens actually generated).
     ignore_eos: bool = False
+    # Each request's objective, drawn from this mix (None: requests state none); the same limits on all.
+    objectives: ObjectiveMix | None = None
+    budget: Budget | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("open", "closed"):
@@ -434,6 +442,8 @@ class Workload:
         a["names"] = tuple(a.get("names", ()))
         d["adapters"] = AdapterMix(**a)
         d["shape"] = Shape(**d["shape"]) if d.get("shape") else None
+        d["objectives"] = ObjectiveMix(**d["objectives"]) if d.get("objectives") else None
+        d["budget"] = Budget(**d["budget"]) if d.get("budget") else None
         return cls(**d)
 
 
@@ -444,6 +454,8 @@ class RequestStream:
         self.workload = workload
         self._rng = workload.rng(stream)
         self._gap_rng = workload.rng(10_000 + stream)  # gaps independent of request contents
+        # objectives from their own generator: with or without a mix, the same prompts and lengths
+        self._objective_rng = workload.rng(20_000 + stream)
         self._jsonl = workload.prompts.load()
         self._index = 0
 
@@ -486,4 +498,5 @@ class RequestStream:
             else:
                 prompt = Prompt(prompt=synthetic_text(rng, n))
         max_new = prompt.max_new_tokens or w.output.one(rng)
-        return RequestSpec(i, prompt, max_new, w.adapters.pick(rng, i))
+        objective = w.objectives.pick(self._objective_rng) if w.objectives else ""
+        return RequestSpec(i, prompt, max_new, w.adapters.pick(rng, i), objective)
