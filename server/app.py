@@ -31,7 +31,7 @@ from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
 from .defaults import SamplingDefaults
-from .engines.base import EffllmError, Engine
+from .engines.base import AdapterHost, EffllmError, Engine
 from .router import OBJECTIVES
 from .runner import Runner
 from .service import GenerationService, Limits
@@ -96,7 +96,7 @@ class EffllmServer:
         self.engines = engines
         self.config = config
         self.telemetry = telemetry
-        host = engines[0] if len(engines) == 1 else VariantAdapters(engines)
+        host: AdapterHost = engines[0] if len(engines) == 1 else VariantAdapters(engines)
         self.adapters = adapters or AdapterRegistry(host, None, RegistryConfig())
         shared = self.adapters.engine
         if len(engines) > 1 and not isinstance(shared, VariantAdapters):

@@ -245,7 +245,7 @@ class VariantSet:
         if self.single and budget.empty:
             name = self.default.name
             return self.default, RouteNote(objective, name, "only variant"), None
-        held = None
+        held: frozenset[str] | None = None
         key = self.peek(adapter) if adapter and self.peek is not None else None
         if key is not None and self.adapters is not None:
             held = frozenset(self.adapters.held.get(key, ()))
