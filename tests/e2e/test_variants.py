@@ -127,24 +127,28 @@ def test_quality_request_never_goes_to_the_worse_variant_while_the_better_meets_
 
 
 def test_latency_requests_move_to_the_other_variant_while_one_is_loaded(server: ServerProcess) -> None:
+    """Long LATENCY streams, one at a time, each running before the next is sent: the first goes to the
+    variant predicted fastest; once its load makes the other one faster, one goes there. None of them
+    finishes meanwhile, so the live figures do not change: only the load moved the choice."""
     with server.client() as c:
         _idle(c)
-        first = c.generate(PROMPT, max_new_tokens=4, objective="latency").variant
-        other = INT4 if first == FP32 else FP32
         streams: list[Iterator[pb.GenerateStreamResponse]] = []
+        first = ""
         running: dict[str, int] = {}
         try:
-            # long LATENCY streams, one at a time, each running before the next is sent
             for i in range(2 * SLOTS):
                 it = c.stream(
-                    PROMPT, max_new_tokens=200, ignore_eos=True, objective="latency", request_id=f"lat-{i}"
+                    PROMPT, max_new_tokens=400, ignore_eos=True, objective="latency", request_id=f"lat-{i}"
                 )
-                next(it)
+                next(it)  # its first token: it holds a slot now
                 streams.append(it)
                 running = {v.name: v.live.running for v in c.model_info().variants}
-                if running[other]:
+                if not first:
+                    (first,) = [name for name, n in running.items() if n]
+                elif any(n for name, n in running.items() if name != first):
                     break
-            assert running[first] >= 1 and running[other] >= 1, running
+            assert running[first] >= 1 and all(running.values()), running
+            assert sum(running.values()) == len(streams)  # none finished: the figures did not move
         finally:
             for it in streams:
                 it.close()  # type: ignore[attr-defined]

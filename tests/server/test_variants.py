@@ -172,3 +172,28 @@ async def test_one_variant_names_itself_and_measures_nothing_at_start_up() -> No
         (only,) = (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)).variants
         assert only.perplexity == 0.0 and only.quality == 1.0 and only.live.requests == 1
         assert [c for c in server.engine.calls if c[1].startswith("warm-up")] == []  # type: ignore[attr-defined]
+
+
+def test_variant_flags_parse_and_bad_ones_are_refused() -> None:
+    from effllm.server.cli import parse_variants
+
+    assert parse_variants(["bf16", "int4:hf", "fp32:auto"]) == [("bf16", ""), ("int4", "hf"), ("fp32", "")]
+    for bad in ("int8", "fp32:tgi", ":hf", "fp32:hf:x"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variants([bad])
+
+
+def test_variants_build_one_engine_each_and_a_duplicate_is_refused() -> None:
+    from effllm.cli.main import build_parser
+    from effllm.server.cli import build_engines
+
+    args = build_parser().parse_args(
+        ["serve", "--device", "cpu", "--variant", "fp32:hf", "--variant", "int4"]
+    )
+    engines = build_engines(args)  # int4 on CPU: --engine auto picks hf
+    assert [(e.info.precision, e.info.engine) for e in engines] == [("fp32", "hf"), ("int4", "hf")]
+    twice = ["serve", "--device", "cpu", "--variant", "fp32:hf", "--variant", "fp32:hf"]
+    with pytest.raises(ValueError, match="twice"):
+        build_engines(build_parser().parse_args(twice))
+    one = build_engines(build_parser().parse_args(["serve", "--device", "cpu", "--engine", "hf"]))
+    assert [(e.info.precision, e.info.engine) for e in one] == [("fp32", "hf")]  # no --variant: as before
