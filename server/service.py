@@ -296,7 +296,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             request = to_request(msg, self.limits, self.runner.engine.info.max_context, self.defaults)
             objective, budget = to_route(msg)
             # NOTE: choosing (which peeks at the adapter's version) and the runner's lease on that version
-            # happen in one event-loop step: no load or unload slips between them.
+            # happen in one event-loop step on Python >= 3.11 (_bounded's timeout_at): no load or unload slips
+            # between them (on 3.10 a version swapped in between is refused by the engine, never mixed up).
             variant, note, met = self.variants.choose(objective, budget, request.adapter, msg.strict_budget)
             async for event in _bounded(variant.runner.run(request, note), cap):
                 yield request, event, variant, met

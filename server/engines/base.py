@@ -173,7 +173,8 @@ class AdapterHost(Protocol):
     """What the adapter registry needs of the engine(s) it loads into: one Engine, or every variant of a
     server with several (server/variants.py VariantAdapters)."""
 
-    info: EngineInfo
+    @property
+    def info(self) -> EngineInfo: ...
 
     async def add_adapter(self, spec: AdapterSpec) -> None: ...
 
