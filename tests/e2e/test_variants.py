@@ -20,7 +20,8 @@ import grpc
 import pytest
 
 from effllm.api.v1 import generation_pb2 as pb
-from effllm.client import EffllmClient
+from effllm.api.v1 import generation_pb2_grpc as pb_grpc
+from effllm.client import EffllmClient, build_request
 from effllm.telemetry.otlpjson import read_spans
 
 from ..adapterroot import AdapterRoot
@@ -126,32 +127,45 @@ def test_quality_request_never_goes_to_the_worse_variant_while_the_better_meets_
                 assert reply.HasField("budget_met") == (budget is not None)
 
 
+def _load(client: EffllmClient) -> dict[str, int]:
+    return {v.name: v.live.running + v.live.queue_depth for v in client.model_info().variants}
+
+
+def _admitted(client: EffllmClient) -> int:
+    """Requests running, queued or finished (the runner counts a request in requests_total when it ends)."""
+    s = client.stats()
+    return s.running + s.queued + s.requests_total
+
+
 def test_latency_requests_move_to_the_other_variant_while_one_is_loaded(server: ServerProcess) -> None:
-    """Long LATENCY streams, one at a time, each running before the next is sent: the first goes to the
-    variant predicted fastest; once its load makes the other one faster, one goes there. None of them
-    finishes meanwhile, so the live figures do not change: only the load moved the choice."""
+    """Long LATENCY streams, sent one at a time, each admitted (running or queued) before the next: the
+    first goes to the variant predicted fastest when idle; as its load grows (rows slowing its steps, then a
+    queue to wait through), one goes to the other variant while the first still holds its requests."""
     with server.client() as c:
         _idle(c)
-        streams: list[Iterator[pb.GenerateStreamResponse]] = []
-        first = ""
-        running: dict[str, int] = {}
+        stub = pb_grpc.GenerationServiceStub(c.channel)
+        calls = []
+        first, load = "", {}
+        base = _admitted(c)
         try:
-            for i in range(2 * SLOTS):
-                it = c.stream(
+            for i in range(2 * SLOTS + 8):
+                req = build_request(
                     PROMPT, max_new_tokens=400, ignore_eos=True, objective="latency", request_id=f"lat-{i}"
                 )
-                next(it)  # its first token: it holds a slot now
-                streams.append(it)
-                running = {v.name: v.live.running for v in c.model_info().variants}
+                calls.append(stub.GenerateStream(req, timeout=600))  # the call starts now; never read
+                deadline = time.monotonic() + 60
+                while _admitted(c) < base + i + 1:
+                    assert time.monotonic() < deadline, "a LATENCY request was not admitted"
+                    time.sleep(0.05)
+                load = _load(c)
                 if not first:
-                    (first,) = [name for name, n in running.items() if n]
-                elif any(n for name, n in running.items() if name != first):
+                    (first,) = [name for name, n in load.items() if n]
+                elif any(n for name, n in load.items() if name != first):
                     break
-            assert running[first] >= 1 and all(running.values()), running
-            assert sum(running.values()) == len(streams)  # none finished: the figures did not move
+            assert load[first] >= 1 and all(load.values()), load
         finally:
-            for it in streams:
-                it.close()  # type: ignore[attr-defined]
+            for call in calls:
+                call.cancel()
         _idle(c)
 
 
