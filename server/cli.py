@@ -204,7 +204,7 @@ def choose_engine(engine: str, precision: str, device: str, adapter_methods: str
 def parse_variants(specs: list[str]) -> list[tuple[str, str]]:
     """["bf16", "int4:hf"] -> [("bf16", ""), ("int4", "hf")] (engine "" = --engine); ValueError names the
     bad one."""
-    out = []
+    out: list[tuple[str, str]] = []
     for spec in specs:
         precision, _, engine = spec.strip().partition(":")
         if precision not in PRECISIONS:
