@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from .channel import ClientSecurity
-from .client import EffllmClient
+from .client import OBJECTIVES, EffllmClient
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_target_args(p)
     p.add_argument("--adapter", default="")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=None,
+        help="what this request cares about; a server with several variants picks one by it "
+        "(default: the server's --default-objective)",
+    )
     add_sampling_args(p)
     p.add_argument("--no-stream", action="store_true", help="one unary call instead of streaming")
     p.set_defaults(func=run)
@@ -145,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
             if args.wait:
                 client.wait_ready(args.wait)
             kw = {**_input(args, client), "adapter": args.adapter, **sampling_from_args(args)}
+            if args.objective:
+                kw["objective"] = args.objective
             if args.no_stream:
                 reply = client.generate(**kw)
                 print(reply.text)
@@ -159,9 +168,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
     u, t = final.usage, final.timings
+    energy = f"; {u.energy_joules:.3g} J ({u.energy_source})" if u.HasField("energy_joules") else ""
+    where = f"{final.variant}: " if final.variant else ""
     print(
-        f"[{u.input_tokens} prompt + {u.output_tokens} new tokens; "
-        f"ttft {t.time_to_first_token_s * 1e3:.0f} ms, total {t.total_s:.2f} s]",
+        f"[{where}{u.input_tokens} prompt + {u.output_tokens} new tokens; "
+        f"ttft {t.time_to_first_token_s * 1e3:.0f} ms, total {t.total_s:.2f} s{energy}]",
         file=sys.stderr,
     )
     return 0

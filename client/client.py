@@ -11,7 +11,7 @@ the server aborts the request when it passes). Errors surface as grpc.RpcError w
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -26,6 +26,8 @@ from .channel import ClientSecurity, Targets, make_aio_channel, make_channel
 from .tracing import call_span, configured_tracer
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
+Budget = Mapping[str, float]  # GenerateRequest.budget fields by name
+OBJECTIVES = ("latency", "energy", "quality", "balanced")
 _GENERATE = "effllm.v1.GenerationService/Generate"
 _STREAM = "effllm.v1.GenerationService/GenerateStream"
 
@@ -44,10 +46,17 @@ def build_request(
     repetition_penalty: float | None = None,
     ignore_eos: bool = False,
     request_id: str = "",
+    objective: str | int = "",
+    budget: Budget | pb.Budget | None = None,
+    strict_budget: bool = False,
 ) -> pb.GenerateRequest:
     """`prompt` (raw text) or `messages` ([(role, content)] or [{"role", "content"}]), not both.
     A sampling argument left None is left unset: the server uses the model's default for it (its
-    generation_config.json, see ModelInfo.sampling_defaults); temperature=0 is greedy."""
+    generation_config.json, see ModelInfo.sampling_defaults); temperature=0 is greedy.
+    `objective`: "latency", "energy", "quality", "balanced" (or an Objective number; "": the server's
+    default); `budget`: {"max_time_to_first_token_s": .., "max_time_per_output_token_s": ..,
+    "max_joules_per_token": .., "min_quality": ..} (any subset) or a pb.Budget; `strict_budget`: refuse
+    (FAILED_PRECONDITION) rather than serve a budget no variant meets."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
     sampling = pb.SamplingParams(max_new_tokens=max_new_tokens or 0, stop=list(stop), ignore_eos=ignore_eos)
@@ -61,13 +70,32 @@ def build_request(
         sampling.seed = seed
     if repetition_penalty is not None:
         sampling.repetition_penalty = repetition_penalty
-    req = pb.GenerateRequest(adapter=adapter, request_id=request_id, sampling=sampling)
+    req = pb.GenerateRequest(
+        adapter=adapter,
+        request_id=request_id,
+        sampling=sampling,
+        objective=objective_value(objective),
+        strict_budget=strict_budget,
+    )
+    if budget is not None:
+        req.budget.CopyFrom(budget if isinstance(budget, pb.Budget) else pb.Budget(**budget))
     if prompt is not None:
         req.prompt = prompt
     else:
         turns = [m if isinstance(m, tuple) else (m["role"], m["content"]) for m in messages or ()]
         req.messages.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in turns)
     return req
+
+
+def objective_value(objective: str | int) -> int:
+    """ "latency" -> pb.OBJECTIVE_LATENCY ...; "" -> OBJECTIVE_UNSPECIFIED; a number passes as is."""
+    if isinstance(objective, int):
+        return objective
+    if not objective:
+        return pb.OBJECTIVE_UNSPECIFIED
+    if objective.lower() not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: one of {', '.join(OBJECTIVES)}")
+    return int(pb.Objective.Value(f"OBJECTIVE_{objective.upper()}"))
 
 
 class EffllmClient:

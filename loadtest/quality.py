@@ -4,7 +4,8 @@ Runs as its own process (`python -m effllm.loadtest.quality MODEL PRECISION`, pr
 torch/transformers never load into the campaign or Locust processes, and each precision gets a fresh
 interpreter. It scores the same weights the server serves with transformers (the reference
 implementation), on a fixed built-in text set (`HELD_OUT`, written for this purpose, so no model saw it
-in training), token-weighted over the texts.
+in training; it lives in common/heldout.py, which the server's own per-variant quality figure
+shares), token-weighted over the texts.
 
 Precisions: fp32 / bf16 / fp16 load the checkpoint in that dtype. int4 uses bitsandbytes NF4 when it can
 run here; otherwise it simulates weight-only int4 — round-to-nearest, asymmetric, groups of 64 along
@@ -20,26 +21,9 @@ import sys
 import time
 from typing import Any
 
-HELD_OUT = (
-    "The harbour town woke slowly. Fishing boats came in before dawn, and by seven the market stalls were "
-    "full of crates of mackerel, crabs and mussels. The baker on the corner opened his shutters, and the "
-    "smell of fresh bread drifted down to the quay, where children waited for the school bus.",
-    "To replace a bicycle tyre, first release the brake and remove the wheel. Push the valve into the rim, "
-    "then use two tyre levers to lift one side of the tyre over the edge. Pull out the old tube, check the "
-    "inside of the tyre for sharp objects, fit the new tube and work the tyre back onto the rim by hand.",
-    "Water boils at a lower temperature at high altitude because the air pressure is lower. Climbers who "
-    "cook pasta on a mountain therefore need more time, since the water never gets as hot as it would at "
-    "sea level. Pressure cookers solve the problem by raising the pressure inside the pot.",
-    "The committee met on Tuesday to discuss the new library. Most members agreed that the building should "
-    "have a quiet reading room, a children's corner and space for evening classes. The budget, however, "
-    "was smaller than expected, so the architects were asked to prepare a simpler design.",
-    "A good night's sleep helps memory. During deep sleep the brain replays what happened during the day "
-    "and stores the important parts. People who sleep too little often find it harder to concentrate, "
-    "and they make more mistakes in tasks that need careful attention.",
-    "She opened the old letter carefully. The paper was yellow and the ink had faded, but the handwriting "
-    "was still clear. It was from her grandmother, written the summer before the war, describing a long "
-    "walk through the hills and a picnic beside a river that no longer exists.",
-)
+from ..common.heldout import HELD_OUT
+
+__all__ = ["HELD_OUT", "load", "perplexity"]
 
 
 def _fake_int4(model: Any, group: int = 64) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,9 +31,11 @@ from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
 from .defaults import SamplingDefaults
-from .engines.base import EffllmError, Engine
+from .engines.base import AdapterHost, EffllmError, Engine
+from .router import OBJECTIVES
 from .runner import Runner
 from .service import GenerationService, Limits
+from .variants import LiveFigures, Variant, VariantAdapters, VariantSet
 
 if TYPE_CHECKING:
     from ..telemetry.serving import ServerTelemetry
@@ -60,6 +62,10 @@ class ServerConfig:
     # What unset sampling fields become (the model's generation_config.json); shown by GetModelInfo.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     chat_template: bool = False  # the model has one (GetModelInfo tells clients chat turns are welcome)
+    # What a request that names no objective gets (router.py). latency: a client that says nothing wants
+    # what a server without variants gives it, the fastest answer, and ranking by predicted latency also
+    # spreads load over the variants.
+    default_objective: str = "latency"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -68,33 +74,54 @@ class ServerConfig:
             raise ValueError("max_concurrency >= 1 and queue_size >= 0 are required")
         if self.max_message_bytes < 1024 or self.grace_s < 0:
             raise ValueError("max_message_bytes >= 1024 and grace_s >= 0 are required")
+        if self.default_objective not in OBJECTIVES:
+            raise ValueError(f"default_objective {self.default_objective!r} is not one of {OBJECTIVES}")
 
 
 class EffllmServer:
-    """One gRPC server around one engine. `start()` returns once the port is bound."""
+    """One gRPC server around one engine, or several (variants of one model, the first the default).
+    `start()` returns once the port is bound."""
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | Sequence[Engine],
         config: ServerConfig,
         adapters: AdapterRegistry | None = None,
         telemetry: ServerTelemetry | None = None,
     ) -> None:
-        self.engine = engine
+        engines: list[Engine] = list(engine) if isinstance(engine, Sequence) else [engine]
+        if not engines:
+            raise ValueError("a server needs at least one engine")
+        self.engine = engines[0]
+        self.engines = engines
         self.config = config
         self.telemetry = telemetry
-        self.adapters = adapters or AdapterRegistry(engine, None, RegistryConfig())
-        self.runner = Runner(
-            engine,
-            config.max_concurrency,
-            config.queue_size,
-            self.adapters,
-            observer=telemetry.observer if telemetry else None,
+        host: AdapterHost = engines[0] if len(engines) == 1 else VariantAdapters(engines)
+        self.adapters = adapters or AdapterRegistry(host, None, RegistryConfig())
+        shared = self.adapters.engine
+        if len(engines) > 1 and not isinstance(shared, VariantAdapters):
+            raise ValueError("several variants need an AdapterRegistry over VariantAdapters(engines)")
+        variants = []
+        for e in engines:
+            figures = LiveFigures()
+            runner = Runner(
+                e,
+                config.max_concurrency,
+                config.queue_size,
+                self.adapters,
+                observer=telemetry.observer if telemetry else None,
+                on_finish=figures.observe,
+            )
+            variants.append(Variant(e, runner, figures))
+        self.variants = VariantSet(
+            variants, config.default_objective, shared if isinstance(shared, VariantAdapters) else None
         )
+        self.variants.peek = self.adapters.peek
+        self.runner = self.variants.default.runner
         self.generation = GenerationService(
-            self.runner, config.limits, config.sampling_defaults, config.chat_template, telemetry
+            self.variants, config.limits, config.sampling_defaults, config.chat_template, telemetry
         )
-        self.adapter_service = AdapterService(self.adapters)
+        self.adapter_service = AdapterService(self.adapters, self.variants.holders)
         self.health = HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -141,7 +168,9 @@ class EffllmServer:
         return self.port
 
     async def load(self) -> None:
-        await self.engine.start()
+        for engine in self.engines:  # one at a time: each loads its weights (memory peaks stay apart)
+            await engine.start()
+        await self.variants.measure(self.config.limits.default_max_new_tokens)
         for ref in self.config.preload:
             try:
                 await self.adapters.load(*parse_ref(ref))
@@ -155,11 +184,9 @@ class EffllmServer:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
         info = self.engine.info
         log.info(
-            "ready: %s (%s, %s, %s) on %s:%d",
+            "ready: %s (%s) on %s:%d",
             info.model,
-            info.engine,
-            info.precision,
-            info.device,
+            ", ".join(f"{v.name} on {v.engine.info.device}" for v in self.variants.variants),
             self.config.host,
             self.port,
         )
@@ -170,11 +197,18 @@ class EffllmServer:
         while self._server is not None:
             await asyncio.sleep(self.watch_interval_s)
             # A draining server shuts its engine down on purpose: that is not a death.
-            if self._server is not None and not self.generation.draining and not self.engine.alive():
+            if self._server is not None and not self.generation.draining and not self._alive():
                 self.failure = "the engine died"
                 log.error("engine died: health NOT_SERVING, stopping (exit code %d)", ENGINE_DIED_EXIT)
                 await self.drain(grace_s=0.0)
                 return
+
+    def _alive(self) -> bool:
+        return all(e.alive() for e in self.engines)
+
+    async def shutdown_engines(self) -> None:
+        for engine in self.engines:
+            await engine.shutdown()
 
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -188,18 +222,18 @@ class EffllmServer:
         self.generation.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info(
-            "draining: %d running, %d queued, grace %.1fs", self.runner.running, self.runner.queued, grace
+            "draining: %d running, %d queued, grace %.1fs", self.variants.running, self.variants.queued, grace
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + grace
-        while self.runner.running + self.runner.queued > 0 and loop.time() < deadline:
+        while self.variants.running + self.variants.queued > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        left = self.runner.running + self.runner.queued
+        left = self.variants.running + self.variants.queued
         if left:
             log.warning("grace period over: cancelling %d requests", left)
         await self._server.stop(grace=0.5)
-        await self.engine.shutdown()
+        await self.shutdown_engines()
         if self.telemetry is not None:
             self.telemetry.shutdown()  # flush spans and metrics before the process exits
         self._server = None
@@ -220,15 +254,17 @@ def _kill_children() -> None:
 
 
 async def serve(
-    engine: Engine,
+    engine: Engine | Sequence[Engine],
     config: ServerConfig,
     adapters: AdapterRegistry | None = None,
     telemetry_config: TelemetryConfig | None = None,
 ) -> int:
-    """Build the server around `engine` and `run` it; returns the process's exit code."""
-    # The gauges read the runner lazily, so they may be registered before the server exists.
+    """Build the server around `engine` (or its variants: several engines) and `run` it; returns the
+    process's exit code."""
+    # The gauges read the runners lazily, so they may be registered before the server exists.
+    first = engine[0] if isinstance(engine, Sequence) else engine
     telemetry = start_telemetry(
-        engine, telemetry_config, lambda: (server.runner.queued, server.runner.running)
+        first, telemetry_config, lambda: (server.variants.queued, server.variants.running)
     )
     server = EffllmServer(engine, config, adapters, telemetry)
     return await run(server)
@@ -264,7 +300,7 @@ async def run(server: EffllmServer) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     if not server.generation.ready:  # drained while loading: the engine came up after drain's shutdown
-        await server.engine.shutdown()
+        await server.shutdown_engines()
     log.info("stopped")
     return ENGINE_DIED_EXIT if server.failure else 0
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..common.auth import add_flags as add_security_flags
 from ..common.auth import security_config
@@ -19,11 +19,13 @@ from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .defaults import has_chat_template, load_sampling_defaults
-from .engines.base import PRECISIONS, Engine, Precision
+from .engines.base import PRECISIONS, AdapterHost, Engine, Precision
 from .faults import maybe_inject
 from .logs import route_transformers
 from .logs import setup as setup_logging
+from .router import OBJECTIVES
 from .service import Limits
+from .variants import VariantAdapters
 
 # The flags' defaults are the Limits defaults: one source of truth (a request limit seen through the CLI
 # and through ServerConfig() is the same number).
@@ -60,6 +62,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=("auto", *PRECISIONS),
         default="auto",
         help="auto: fp32 on CPU (fastest here), bf16 on CUDA",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="PRECISION[:ENGINE]",
+        help="host this variant of the model (repeatable; ENGINE defaults to --engine): each is its own "
+        "engine with its own batch, and the router picks one per request by its objective; none: one "
+        "variant from --precision and --engine",
+    )
+    p.add_argument(
+        "--default-objective",
+        choices=OBJECTIVES,
+        default="latency",
+        help="the objective of a request that names none (latency: what a server without variants gives)",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together (batch slots)")
@@ -184,16 +201,39 @@ def choose_engine(engine: str, precision: str, device: str, adapter_methods: str
     return "hf" if (precision == "int4" and device == "cpu") or "dora" in methods else "vllm"
 
 
-def build_engine(args: argparse.Namespace) -> Engine:
+def parse_variants(specs: list[str]) -> list[tuple[str, str]]:
+    """["bf16", "int4:hf"] -> [("bf16", ""), ("int4", "hf")] (engine "" = --engine); ValueError names the
+    bad one."""
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        precision, _, engine = spec.strip().partition(":")
+        if precision not in PRECISIONS:
+            raise ValueError(f"--variant {spec!r}: precision is one of {', '.join(PRECISIONS)}")
+        if engine not in ("", "auto", "vllm", "hf"):
+            raise ValueError(f"--variant {spec!r}: engine is one of auto, vllm, hf")
+        out.append((precision, "" if engine == "auto" else engine))
+    return out
+
+
+def build_engines(args: argparse.Namespace) -> list[Engine]:
+    """One engine per --variant (none given: one from --precision and --engine); refuses duplicates."""
+    specs = parse_variants(args.variant) if args.variant else [("", "")]
+    engines = [build_engine(args, precision, engine) for precision, engine in specs]
+    names = [f"{e.info.precision}:{e.info.engine}" for e in engines]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variant: {', '.join(names)} names a variant twice")
+    return engines
+
+
+def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: str = "") -> Engine:
     from ..common.model import resolve_model
     from .engines.vllm_engine import VllmConfig, VllmEngine
 
     device = resolve_device(args.device)
-    precision: Precision = (
-        args.precision if args.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    )
+    wanted = precision_arg or args.precision
+    precision = cast(Precision, wanted if wanted != "auto" else ("bf16" if device == "cuda" else "fp32"))
     model = resolve_model(args.model)
-    if choose_engine(args.engine, precision, device, args.adapter_methods) == "hf":
+    if choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods) == "hf":
         from .engines.hf_engine import HfConfig, HfEngine
 
         hf = HfConfig(
@@ -234,7 +274,7 @@ def _vllm_lora_options(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def build_registry(args: argparse.Namespace, engine: Engine) -> AdapterRegistry:
+def build_registry(args: argparse.Namespace, engine: AdapterHost) -> AdapterRegistry:
     root = args.adapter_root
     if root is not None:
         root = root.expanduser().resolve()
@@ -262,7 +302,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         auth, tls = security_config(args)
         lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
-        engine = maybe_inject(build_engine(args))
+        engines = [maybe_inject(e) for e in build_engines(args)]
+        engine = engines[0]
+        host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
         model = getattr(engine, "model", None)  # ResolvedModel on both engines
         model_dir = model.path if model is not None else None
         defaults = load_sampling_defaults(model_dir)
@@ -286,6 +328,7 @@ def run(args: argparse.Namespace) -> int:
             preload=tuple(args.preload),
             sampling_defaults=defaults,
             chat_template=has_chat_template(model_dir),
+            default_objective=args.default_objective,
         )
     except (ValueError, OSError) as err:
         log.error("bad configuration: %s", err)
@@ -313,4 +356,10 @@ def run(args: argparse.Namespace) -> int:
         else "the model's generation_config.json sets none",
     )
     route_transformers()
-    return asyncio.run(serve(engine, config, build_registry(args, engine), telemetry))
+    if len(engines) > 1:
+        log.info(
+            "variants: %s (default objective %s)",
+            ", ".join(f"{e.info.precision}:{e.info.engine}" for e in engines),
+            args.default_objective,
+        )
+    return asyncio.run(serve(engines, config, build_registry(args, host), telemetry))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from ..telemetry.genai import RequestEnd, RequestObserver, RequestStart, RequestTrace
-from .engines.base import EffllmError, Engine, GenerationRequest, Timings, TokenEvent
+from ..telemetry.genai import RequestEnd, RequestObserver, RequestStart, RequestTrace, RouteNote
+from .engines.base import EffllmError, Engine, GenerationRequest, Timings, TokenEvent, Usage
 
 if TYPE_CHECKING:
     from .adapters.registry import AdapterRegistry
@@ -39,8 +39,13 @@ class Runner:
         queue_size: int,
         adapters: AdapterRegistry | None = None,
         observer: RequestObserver | None = None,
+        on_finish: Callable[[TokenEvent, int], None] | None = None,
     ) -> None:
         self.engine = engine
+        info = engine.info
+        self.label = (f"{info.precision}:{info.engine}", info.precision, info.engine)  # variant, its parts
+        # called with each finished request's final event and the batch size it was scheduled into
+        self.on_finish = on_finish
         self.adapters = adapters
         self.observer = observer  # telemetry: span, metrics and energy per request (None: off)
         self.max_concurrency = max_concurrency
@@ -62,10 +67,14 @@ class Runner:
                 f"(max_concurrency {self.max_concurrency}, queue_size {self.queue_size})",
             )
 
-    async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def run(
+        self, request: GenerationRequest, route: RouteNote | None = None
+    ) -> AsyncIterator[TokenEvent]:
         """Render the prompt, resolve the adapter (a lease on one version, held until the request ends), then
-        admit and run."""
-        trace = self.observer.begin(_start(request)) if self.observer is not None else None
+        admit and run. `route`: why the request runs on this runner's variant (on its span)."""
+        trace = self.observer.begin(_start(request, self.label)) if self.observer is not None else None
+        if trace is not None and route is not None:
+            trace.routed(route)
         lease = None
         try:
             request = self.engine.prepare(request)  # INVALID_ARGUMENT before the request takes a slot
@@ -114,6 +123,7 @@ class Runner:
         finally:
             self.queued -= 1
         self.running += 1
+        batch = self.running  # rows in this variant's batch once it joins (the router's batch_seen)
         scheduled = time.perf_counter()
         if trace is not None:
             trace.scheduled()
@@ -143,6 +153,9 @@ class Runner:
                         )
                         if trace is not None:
                             trace.finish(_end(event))
+                            event = _with_energy(event, trace)
+                        if self.on_finish is not None:
+                            self.on_finish(event, batch)
                     yield event
         except (asyncio.CancelledError, GeneratorExit):
             self.counters.requests_cancelled += 1
@@ -154,7 +167,7 @@ class Runner:
             self._slots.release()
 
 
-def _start(request: GenerationRequest) -> RequestStart:
+def _start(request: GenerationRequest, label: tuple[str, str, str]) -> RequestStart:
     s = request.sampling
     return RequestStart(
         request.request_id,
@@ -163,7 +176,17 @@ def _start(request: GenerationRequest) -> RequestStart:
         s.temperature,
         s.top_p,
         request.adapter,
+        *label,
     )
+
+
+def _with_energy(event: TokenEvent, trace: RequestTrace) -> TokenEvent:
+    """The final event with the request's attributed energy in its usage (when telemetry measured it)."""
+    share = trace.energy
+    if share is None:
+        return event
+    usage = event.usage or Usage(0, 0)
+    return replace(event, usage=replace(usage, energy_joules=share.joules, energy_source=share.source))
 
 
 def _end(event: TokenEvent) -> RequestEnd:

@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -24,8 +24,10 @@ from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..telemetry.genai import mark_error
 from .defaults import SamplingDefaults
 from .engines.base import ChatTurn, EffllmError, EngineInfo, GenerationRequest, Sampling, TokenEvent
+from .router import Budget
 from .runner import Runner
 from .telemetry_rpc import telemetry_reply
+from .variants import Variant, VariantSet
 
 if TYPE_CHECKING:
     from ..telemetry.serving import ServerTelemetry as TelemetrySource
@@ -40,6 +42,13 @@ FINISH = {
     "error": pb.FINISH_REASON_ERROR,
 }
 ROLES = ("system", "user", "assistant")
+OBJECTIVES = {
+    pb.OBJECTIVE_UNSPECIFIED: "",
+    pb.OBJECTIVE_LATENCY: "latency",
+    pb.OBJECTIVE_ENERGY: "energy",
+    pb.OBJECTIVE_QUALITY: "quality",
+    pb.OBJECTIVE_BALANCED: "balanced",
+}
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -162,12 +171,42 @@ def _bad(message: str) -> NoReturn:
     raise EffllmError("invalid_argument", message)
 
 
+def to_route(msg: pb.GenerateRequest) -> tuple[str, Budget]:
+    """(objective, budget) of a request: "" = the server's default objective. Raises invalid_argument
+    naming the field: an unknown objective number, a budget figure that is not finite, negative (a zero
+    time or energy limit can be met by nothing) or a min_quality outside 0..1."""
+    objective = OBJECTIVES.get(msg.objective)
+    if objective is None:
+        _bad(f"objective: {msg.objective} is not a known Objective (0-{len(OBJECTIVES) - 1})")
+    if not msg.HasField("budget"):
+        return objective, Budget()
+    b = msg.budget
+    values: dict[str, float | None] = {}
+    for wire, name in (
+        ("max_time_to_first_token_s", "max_ttft_s"),
+        ("max_time_per_output_token_s", "max_tpot_s"),
+        ("max_joules_per_token", "max_j_per_token"),
+        ("min_quality", "min_quality"),
+    ):
+        if not b.HasField(wire):
+            values[name] = None
+            continue
+        value = getattr(b, wire)
+        if not math.isfinite(value) or value < 0 or (wire != "min_quality" and value == 0):
+            _bad(f"budget.{wire}: {value} must be a finite number > 0")
+        if wire == "min_quality" and value > 1:
+            _bad(f"budget.min_quality: {value} must be in 0..1 (relative to the best variant)")
+        values[name] = value
+    return objective, Budget(**values)
+
+
 def model_info(
     info: EngineInfo,
     runner: Runner,
     limits: Limits | None = None,
     defaults: SamplingDefaults | None = None,
     chat_template: bool = False,
+    variants: Sequence[Variant] = (),
 ) -> pb.ModelInfo:
     d, lim = defaults or SamplingDefaults(), limits or Limits()
     return pb.ModelInfo(
@@ -197,19 +236,47 @@ def model_info(
             from_model=list(d.from_model),
         ),
         chat_template=chat_template,
+        variants=[variant_info(v) for v in variants],
+    )
+
+
+def variant_info(v: Variant) -> pb.VariantInfo:
+    info, f = v.engine.info, v.figures
+    return pb.VariantInfo(
+        name=v.name,
+        precision=info.precision,
+        engine=info.engine,
+        weight_bytes=info.weight_bytes,
+        perplexity=v.perplexity,
+        quality=v.quality,
+        live=pb.VariantFigures(
+            time_to_first_token_s=f.ttft_s,
+            time_per_output_token_s=f.tpot_s,
+            joules_per_token=f.j_per_token,
+            energy_source=f.energy_source,
+            queue_depth=v.runner.queued,
+            running=v.runner.running,
+            requests=f.requests,
+        ),
+        adapter_methods=list(info.adapter_methods),
     )
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
+    """`variants`: the server's VariantSet, or one Runner (a server with a single variant)."""
+
     def __init__(
         self,
-        runner: Runner,
+        variants: VariantSet | Runner,
         limits: Limits,
         defaults: SamplingDefaults | None = None,
         chat_template: bool = False,
         telemetry: TelemetrySource | None = None,
     ) -> None:
-        self.runner = runner
+        if isinstance(variants, Runner):
+            variants = VariantSet([Variant(variants.engine, variants)])
+        self.variants = variants
+        self.runner = variants.default.runner  # the default variant's (its engine answers model questions)
         self.limits = limits
         self.defaults = defaults or SamplingDefaults()
         self.chat_template = chat_template
@@ -219,7 +286,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _events(
         self, msg: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[GenerationRequest, TokenEvent]]:
+    ) -> AsyncIterator[tuple[GenerationRequest, TokenEvent, Variant, bool | None]]:
         if not self.ready or self.draining:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "server is draining" if self.draining else "model is loading"
@@ -227,8 +294,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         cap = self.limits.max_request_s
         try:
             request = to_request(msg, self.limits, self.runner.engine.info.max_context, self.defaults)
-            async for event in _bounded(self.runner.run(request), cap):
-                yield request, event
+            objective, budget = to_route(msg)
+            # NOTE: choosing (which peeks at the adapter's version) and the runner's lease on that version
+            # happen in one event-loop step on Python >= 3.11 (_bounded's timeout_at): no load or unload slips
+            # between them (on 3.10 a version swapped in between is refused by the engine, never mixed up).
+            variant, note, met = self.variants.choose(objective, budget, request.adapter, msg.strict_budget)
+            async for event in _bounded(variant.runner.run(request, note), cap):
+                yield request, event, variant, met
         except EffllmError as err:
             mark_error(err.code, err.message)  # the request's span (if traced) says why it failed
             await context.abort(STATUS[err.code], err.message)
@@ -251,26 +323,32 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         reply = pb.GenerateResponse()
-        async for req, event in self._events(request, context):
+        async for req, event, variant, met in self._events(request, context):
             reply.request_id = req.request_id
             reply.text += event.text
             reply.token_ids.extend(event.token_ids)
             if event.finish_reason is not None:
                 reply.finish_reason = FINISH[event.finish_reason]
                 reply.adapter = event.adapter
+                reply.variant = variant.name
+                if met is not None:
+                    reply.budget_met = met
                 _fill_final(reply.usage, reply.timings, event)
         return reply
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for req, event in self._events(request, context):
+        async for req, event, variant, met in self._events(request, context):
             out = pb.GenerateStreamResponse(
                 request_id=req.request_id, text=event.text, token_ids=list(event.token_ids)
             )
             if event.finish_reason is not None:
                 out.final.finish_reason = FINISH[event.finish_reason]
                 out.final.adapter = event.adapter
+                out.final.variant = variant.name
+                if met is not None:
+                    out.final.budget_met = met
                 _fill_final(out.final.usage, out.final.timings, event)
             yield out
 
@@ -280,7 +358,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
         return model_info(
-            self.runner.engine.info, self.runner, self.limits, self.defaults, self.chat_template
+            self.runner.engine.info,
+            self.runner,
+            self.limits,
+            self.defaults,
+            self.chat_template,
+            self.variants.variants,
         )
 
     async def GetTelemetry(
@@ -301,16 +384,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerStats:
-        r = self.runner
-        c = r.counters
+        runners = [v.runner for v in self.variants.variants]
         return pb.ServerStats(
-            running=r.running,
-            queued=r.queued,
-            engine_running=r.engine.running() if self.ready else 0,
-            requests_total=c.requests_total,
-            requests_cancelled=c.requests_cancelled,
-            requests_rejected=c.requests_rejected,
-            output_tokens_total=c.output_tokens_total,
+            running=sum(r.running for r in runners),
+            queued=sum(r.queued for r in runners),
+            engine_running=sum(r.engine.running() for r in runners) if self.ready else 0,
+            requests_total=sum(r.counters.requests_total for r in runners),
+            requests_cancelled=sum(r.counters.requests_cancelled for r in runners),
+            requests_rejected=sum(r.counters.requests_rejected for r in runners),
+            output_tokens_total=sum(r.counters.output_tokens_total for r in runners),
         )
 
 
@@ -341,6 +423,9 @@ def _fill_final(usage: pb.Usage, timings: pb.Timings, event: TokenEvent) -> None
     if event.usage:
         usage.input_tokens = event.usage.input_tokens
         usage.output_tokens = event.usage.output_tokens
+        if event.usage.energy_joules is not None:
+            usage.energy_joules = event.usage.energy_joules
+            usage.energy_source = event.usage.energy_source
     if event.timings:
         timings.queue_s = event.timings.queue_s
         timings.time_to_first_token_s = event.timings.time_to_first_token_s

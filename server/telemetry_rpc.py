@@ -85,6 +85,8 @@ def telemetry_reply(
             decode_s=float(a.get("effllm.decode_s", 0.0)),
             energy_source=str(a.get("effllm.energy.source", "")),
             error=str(a.get("error.type", "")),
+            variant=str(a.get("effllm.route.variant", "")),
+            objective=str(a.get("effllm.route.objective", "")),
         )
         if "effllm.energy_j" in a:
             figures.energy_j = float(a["effllm.energy_j"])

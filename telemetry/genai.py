@@ -24,7 +24,7 @@ from typing import Any
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from .attribution import EnergyAttributor
+from .attribution import Attributed, EnergyAttributor
 from .otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, SpanRecord
 
 PROVIDER = "effllm"
@@ -58,6 +58,21 @@ class RequestStart:
     temperature: float
     top_p: float
     adapter: str  # as the client named it: "", NAME or NAME@VERSION
+    # The variant the request runs on (a server with several: PRECISION:ENGINE); "" = the served model.
+    variant: str = ""
+    precision: str = ""
+    engine: str = ""
+
+
+@dataclass(frozen=True)
+class RouteNote:
+    """Why a request runs on its variant: the router's decision, for the span and the metrics."""
+
+    objective: str  # latency | energy | quality | balanced
+    variant: str
+    reason: str
+    candidates: str = ""  # the candidates' predicted figures, one JSON object
+    budget_met: bool | None = None  # None: the request had no budget
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,11 @@ class Instruments:
         self.energy = meter.create_counter(
             "effllm.energy", unit="J", description="Energy attributed to requests (see effllm.energy.source)"
         )
+        self.routes = meter.create_counter(
+            "effllm.route.decisions",
+            unit="{request}",
+            description="Requests routed to each variant, by objective and whether the budget was met",
+        )
 
 
 Gauge = Callable[[], float]
@@ -159,11 +179,16 @@ class RequestTrace:
         self.attributes: dict[str, Any] = {}  # what the span got: kept for GetTelemetry (see recent())
         self._error = False
         name, version = split_adapter(start.adapter)
+        s = observer.served
+        precision, engine = start.precision or s.precision, start.engine or s.engine
         self.labels = {
             **observer.labels,
+            "effllm.precision": precision,
+            "effllm.variant": start.variant or f"{precision}:{engine}",
             "gen_ai.operation.name": _operation(start.chat),
             "effllm.adapter": name,
         }
+        self.energy: Attributed | None = None  # the attributed share, once the request has finished
         span = trace.get_current_span()
         self._own = not (span.is_recording() and getattr(span, "kind", None) == SpanKind.SERVER)
         if self._own:
@@ -174,7 +199,6 @@ class RequestTrace:
         self._running = False
         self._done = False
         # The figures are kept (GetTelemetry) even when the span does not record.
-        s = observer.served
         self._set(
             {
                 "gen_ai.operation.name": _operation(start.chat),
@@ -186,8 +210,8 @@ class RequestTrace:
                 "gen_ai.response.id": start.request_id,
                 "effllm.adapter.name": name,
                 "effllm.adapter.version": version,
-                "effllm.precision": s.precision,
-                "effllm.engine": s.engine,
+                "effllm.precision": precision,
+                "effllm.engine": engine,
                 "effllm.model.parameters": s.parameters,
             }
         )
@@ -205,6 +229,24 @@ class RequestTrace:
                 {"effllm.adapter.version": version, "effllm.adapter.sha256": content_sha256}
             )
 
+    def routed(self, note: RouteNote) -> None:
+        """The router's decision on the span; the objective becomes a label of this request's metrics."""
+        attributes: dict[str, Any] = {
+            "effllm.route.objective": note.objective,
+            "effllm.route.variant": note.variant,
+            "effllm.route.reason": note.reason,
+        }
+        if note.candidates:
+            attributes["effllm.route.candidates"] = note.candidates
+        if note.budget_met is not None:
+            attributes["effllm.route.budget_met"] = note.budget_met
+        self._set(attributes)
+        self.labels["effllm.objective"] = note.objective
+        met = "none" if note.budget_met is None else str(note.budget_met).lower()
+        # no adapter label: the name is the client's until the registry resolves it (see the module doc)
+        labels = {k: v for k, v in self.labels.items() if k != "effllm.adapter"}
+        self.o.instruments.routes.add(1, {**labels, "effllm.route.budget_met": met})
+
     def scheduled(self) -> None:
         """The request holds a batch slot: from now on it shares the energy."""
         if self.o.attributor is not None:
@@ -214,6 +256,7 @@ class RequestTrace:
     def _energy(self) -> None:
         if self._running and self.o.attributor is not None:
             share = self.o.attributor.finish(self.start.request_id)
+            self.energy = share
             self._set({"effllm.energy_j": share.joules, "effllm.energy.source": share.source})
             self.o.instruments.energy.add(share.joules, {**self.labels, "effllm.energy.source": share.source})
         self._running = False

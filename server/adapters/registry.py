@@ -34,7 +34,7 @@ from ...common.adapter_paths import (
 from ...common.manifest import content_hash
 from ...telemetry.genai import set_resident_adapters_source
 from ...telemetry.tracing import adapter_span
-from ..engines.base import AdapterSpec, EffllmError, Engine
+from ..engines.base import AdapterHost, AdapterSpec, EffllmError
 from .snapshot import Snapshots, sweep_stale
 from .validate import BaseModules, Validated, validate
 
@@ -115,7 +115,7 @@ class Lease:
 
 
 class AdapterRegistry:
-    def __init__(self, engine: Engine, base_path: Path | None, config: RegistryConfig) -> None:
+    def __init__(self, engine: AdapterHost, base_path: Path | None, config: RegistryConfig) -> None:
         """`base_path`: the served base checkpoint (target modules and shapes are checked against it)."""
         self.engine = engine
         self.base_path = base_path
@@ -142,6 +142,16 @@ class AdapterRegistry:
             hint = f" (loaded: {', '.join(loaded)})" if loaded else " (LoadAdapter it first)"
             raise EffllmError("not_found", f"adapter: {ref!r} is not loaded{hint}")
         return Lease(entry)
+
+    def peek(self, ref: str) -> str | None:
+        """The NAME@VERSION a request naming `ref` would get now (no lease), None when none is loaded or
+        `ref` is malformed: lets the router pick a variant holding it in the same step as `acquire`."""
+        try:
+            name, version = parse_ref(ref)
+        except (EffllmError, ValueError):
+            return None
+        entry = self.latest(name) if version in ("", "latest") else self._routable(f"{name}@{version}")
+        return entry.key if entry is not None else None
 
     def _routable(self, key: str) -> Entry | None:
         entry = self._entries.get(key)

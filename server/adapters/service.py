@@ -3,6 +3,7 @@ codes; no torch, no file access of its own (the registry validates and resolves 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NoReturn
 
 import grpc
@@ -16,8 +17,14 @@ from .registry import AdapterRegistry, Entry
 SERVICE_NAME = apb.DESCRIPTOR.services_by_name["AdapterService"].full_name
 
 
-def adapter_info(entry: Entry, latest: bool) -> apb.AdapterInfo:
+def adapter_info(
+    entry: Entry,
+    latest: bool,
+    holders: Callable[[str], tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
+) -> apb.AdapterInfo:
+    """`holders`: NAME@VERSION -> (variants holding it, skipped variants with why)."""
     spec, manifest = entry.spec, entry.validated.manifest
+    held, skipped = holders(spec.key) if holders is not None else ((), ())
     return apb.AdapterInfo(
         name=spec.name,
         version=spec.version,
@@ -34,12 +41,19 @@ def adapter_info(entry: Entry, latest: bool) -> apb.AdapterInfo:
         in_flight=entry.in_flight,
         latest=latest,
         content_sha256=spec.content_sha256,
+        variants=list(held),
+        skipped_variants=list(skipped),
     )
 
 
 class AdapterService(apb_grpc.AdapterServiceServicer):
-    def __init__(self, registry: AdapterRegistry) -> None:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        holders: Callable[[str], tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
+    ) -> None:
         self.registry = registry
+        self.holders = holders  # which variants hold a version (VariantSet.holders)
         self.ready = False  # set once the engine has started
 
     async def _abort(self, context: grpc.aio.ServicerContext, err: EffllmError) -> NoReturn:
@@ -60,7 +74,7 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
             entry = await self.registry.load(request.name, request.version, request.path)
         except EffllmError as err:
             await self._abort(context, err)
-        return adapter_info(entry, self.registry.is_latest(entry))
+        return adapter_info(entry, self.registry.is_latest(entry), self.holders)
 
     async def UnloadAdapter(
         self, request: apb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
@@ -79,7 +93,7 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
     ) -> apb.ListAdaptersResponse:
         entries = self.registry.entries()
         return apb.ListAdaptersResponse(
-            adapters=[adapter_info(e, self.registry.is_latest(e)) for e in entries]
+            adapters=[adapter_info(e, self.registry.is_latest(e), self.holders) for e in entries]
         )
 
     async def PinAdapter(
@@ -90,4 +104,4 @@ class AdapterService(apb_grpc.AdapterServiceServicer):
             entry = await self.registry.pin(request.name, request.version, request.pinned)
         except EffllmError as err:
             await self._abort(context, err)
-        return adapter_info(entry, self.registry.is_latest(entry))
+        return adapter_info(entry, self.registry.is_latest(entry), self.holders)

@@ -8,7 +8,7 @@ slot, and `generate` only with a prepared request; `Engine` lists everything the
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -83,6 +83,9 @@ class GenerationRequest:
 class Usage:
     input_tokens: int
     output_tokens: int
+    # Set by the runner from telemetry: this request's attributed energy and the meter's source.
+    energy_joules: float | None = None
+    energy_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,25 @@ class Engine(Protocol):
     async def remove_adapter(self, key: str) -> None:
         """Forget `key`; only called once no request runs on it."""
 
+    async def score(self, token_ids: Sequence[int]) -> list[float]:
+        """Natural-log probability of each of `token_ids[1:]` given the ids before it, on this engine's own
+        weights and kernels (one forward; the base model, no adapter): len(token_ids) - 1 values. The
+        server's per-variant quality figure (perplexity on common/heldout.py) comes from it."""
+        ...
+
     async def shutdown(self) -> None: ...
+
+
+class AdapterHost(Protocol):
+    """What the adapter registry needs of the engine(s) it loads into: one Engine, or every variant of a
+    server with several (server/variants.py VariantAdapters)."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    async def add_adapter(self, spec: AdapterSpec) -> None: ...
+
+    async def remove_adapter(self, key: str) -> None: ...
 
 
 class AdapterProbe(Protocol):

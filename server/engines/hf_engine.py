@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -240,6 +240,23 @@ class HfEngine:
         with torch.inference_mode():
             logits, _cache = batch._prefill(row)  # [1, vocab] fp32
         return bool(torch.isfinite(logits).all())
+
+    async def score(self, token_ids: Sequence[int]) -> list[float]:
+        """Log-probabilities of `token_ids[1:]`: one base-model forward on the worker, between steps."""
+        if len(token_ids) < 2:
+            raise EffllmError("invalid_argument", "score: needs at least 2 tokens")
+        return list(await self._on_worker(self._score, list(token_ids)))
+
+    def _score(self, ids: list[int]) -> list[float]:
+        import torch
+
+        batch = self._started_batch()
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=batch.device)  # [1, T]
+            logits = batch.base(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)  # [T-1, vocab]: position t predicts ids[t+1]
+            picked = logprobs.gather(1, x[0, 1:, None])[:, 0]  # [T-1]
+        return [float(v) for v in picked.cpu()]
 
     def adapters(self) -> tuple[str, ...]:
         return tuple(self._batch.adapters) if self._batch else ()

@@ -14,7 +14,7 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,43 @@ class VllmEngine:
         if not with_logprobs:
             return produced > 0
         return bool(values) and all(math.isfinite(v) for v in values)
+
+    async def score(self, token_ids: Sequence[int]) -> list[float]:
+        """Log-probabilities of `token_ids[1:]` from vLLM's `prompt_logprobs` (max_tokens=1), on the base
+        model (the null adapter on CPU, which changes nothing). NOTE: on CPU the first logprobs request
+        compiles vLLM's logprobs op with Inductor (see probe_adapter): the server only scores when it hosts
+        several variants."""
+        import uuid
+
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = list(token_ids)
+        if len(ids) < 2:
+            raise EffllmError("invalid_argument", "score: needs at least 2 tokens")
+        if self._llm is None:
+            raise EffllmError("unavailable", "engine is not running")
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        values: list[float] = []
+        async for out in self._llm.generate(
+            TokensPrompt(prompt_token_ids=ids),
+            params,
+            f"score-{uuid.uuid4().hex}",
+            lora_request=self._null_lora,
+        ):
+            if out.finished:
+                # prompt_logprobs[t]: {token id: Logprob} for position t (None at t = 0); the prompt's own
+                # token is always among them
+                values = [
+                    float(step[tok].logprob)
+                    for tok, step in zip(ids[1:], (out.prompt_logprobs or [])[1:], strict=False)
+                ]
+        if len(values) != len(ids) - 1:
+            raise EffllmError("internal", f"score: vLLM returned {len(values)} of {len(ids) - 1} logprobs")
+        return values
 
     async def _add_null_adapter(self) -> None:
         """A rank-1 LoRA of zeros on one q_proj: it changes nothing, but it gives base rows a slot."""

@@ -12,7 +12,7 @@ stream was closed before it finished (the abort a real engine does to free its b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from effllm.server.engines.base import (
     AdapterSpec,
@@ -128,3 +128,7 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self.shut_down = True
+
+    async def score(self, token_ids: Sequence[int]) -> list[float]:
+        """Every token gets `self.logprob` (tests set it per engine to tell variants' quality apart)."""
+        return [float(getattr(self, "logprob", -1.0))] * (len(token_ids) - 1)

@@ -21,6 +21,7 @@ from effllm.telemetry.genai import (
     RequestEnd,
     RequestObserver,
     RequestStart,
+    RouteNote,
     ServedModel,
     split_adapter,
 )
@@ -120,3 +121,25 @@ def test_refused_adapter_names_do_not_become_metric_labels(setup) -> None:  # ty
     names = {p.attributes["effllm.adapter"] for p in _points(reader)["gen_ai.server.request.duration"]}
     assert names == {"(invalid)", "sql"}  # a refusal for load keeps its (valid) adapter's label
     assert spans.get_finished_spans()[0].attributes["effllm.adapter.name"] == "random-name-123"
+
+
+def test_a_routed_request_carries_its_variant_and_objective(setup) -> None:  # type: ignore[no-untyped-def]
+    observer, spans, reader, energy_file = setup
+    t = observer.begin(RequestStart("r5", False, 8, 1.0, 1.0, "", "int4:hf", "int4", "hf"))
+    t.routed(RouteNote("energy", "int4:hf", "energy: lowest joules per token", '{"int4:hf":{}}', True))
+    t.scheduled()
+    energy_file.write_text("2000000\n")  # 2 J while it ran alone
+    t.finish(RequestEnd(3, 4, "length", "", 0.0, 0.1, 0.3, 0.4))
+    assert t.energy is not None and t.energy.joules == pytest.approx(2.0)  # the runner puts it on usage
+    a = spans.get_finished_spans()[0].attributes
+    assert a["effllm.route.objective"] == "energy" and a["effllm.route.variant"] == "int4:hf"
+    assert a["effllm.route.reason"].startswith("energy") and a["effllm.route.candidates"] == '{"int4:hf":{}}'
+    assert a["effllm.route.budget_met"] is True
+    assert a["effllm.precision"] == "int4" and a["effllm.engine"] == "hf"  # the variant's, not the server's
+    points = _points(reader)
+    (ttft,) = points["gen_ai.server.time_to_first_token"]
+    assert ttft.attributes["effllm.variant"] == "int4:hf" and ttft.attributes["effllm.objective"] == "energy"
+    assert ttft.attributes["effllm.precision"] == "int4"
+    (decision,) = points["effllm.route.decisions"]
+    assert decision.value == 1 and decision.attributes["effllm.route.budget_met"] == "true"
+    assert "effllm.adapter" not in decision.attributes

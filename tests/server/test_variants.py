@@ -1,0 +1,199 @@
+"""Variants in-process on the scripted FakeEngine (seconds, no model): adapters go to every variant that
+can serve them and a failure on one leaves none half-loaded; live figures fold finished requests in; a
+two-variant server routes, reports its variants, refuses a strict budget without running anything and
+names bad objective/budget fields."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from effllm.api.errors import EffllmError
+from effllm.api.v1 import generation_pb2 as pb
+from effllm.api.v1 import generation_pb2_grpc as pb_grpc
+from effllm.client import build_request
+from effllm.server.app import EffllmServer, ServerConfig, run
+from effllm.server.engines.base import AdapterSpec, Timings, TokenEvent, Usage
+from effllm.server.variants import LiveFigures, VariantAdapters
+
+from .fakeengine import FakeEngine
+
+
+def fake(
+    precision: str, methods: tuple[str, ...] = ("lora", "rslora", "dora"), logprob: float = -1.0
+) -> FakeEngine:
+    engine = FakeEngine(max_context=256)  # room for the held-out texts (one id per word)
+    engine.info = replace(engine.info, precision=precision, adapter_methods=methods, max_adapter_rank=16)  # type: ignore[arg-type]
+    engine.logprob = logprob  # type: ignore[attr-defined]  # what its score() gives every token
+    return engine
+
+
+def spec(method: str = "lora", key: str = "a@1") -> AdapterSpec:
+    name, version = key.split("@")
+    return AdapterSpec(name, version, Path("/nonexistent"), method, 8, 16.0, ("q_proj",))  # type: ignore[arg-type]
+
+
+class Refusing(FakeEngine):
+    async def add_adapter(self, spec: AdapterSpec) -> None:
+        raise EffllmError("failed_precondition", "scripted refusal")
+
+
+async def test_an_adapter_goes_to_every_variant_that_serves_its_method() -> None:
+    full, int4 = fake("fp32"), fake("int4", ("lora", "rslora"))
+    host = VariantAdapters([full, int4])
+    assert set(host.info.adapter_methods) == {"lora", "rslora", "dora"}  # the registry validates the union
+    await host.add_adapter(spec("dora", "d@1"))
+    assert host.held["d@1"] == ("fp32:fake",) and full.adapters == {"d@1"} and not int4.adapters
+    (why,) = host.skipped["d@1"]
+    assert why.startswith("int4:fake: dora is not served") and "lora, rslora" in why
+    await host.add_adapter(spec("lora", "l@1"))
+    assert host.held["l@1"] == ("fp32:fake", "int4:fake") and host.skipped["l@1"] == ()
+    await host.remove_adapter("l@1")
+    assert "l@1" not in host.held and full.adapters == {"d@1"} and not int4.adapters
+
+
+async def test_a_failed_load_on_one_variant_leaves_none_holding_it() -> None:
+    good, bad = fake("fp32"), Refusing()
+    bad.info = replace(bad.info, precision="bf16", adapter_methods=("lora",), max_adapter_rank=16)
+    host = VariantAdapters([good, bad])
+    with pytest.raises(EffllmError, match="scripted refusal"):
+        await host.add_adapter(spec("lora", "x@1"))
+    assert not good.adapters and "x@1" not in host.held
+
+
+async def test_an_adapter_no_variant_serves_is_refused() -> None:
+    host = VariantAdapters([fake("int4", ("lora",)), fake("bf16", ("lora",))])
+    with pytest.raises(EffllmError) as err:
+        await host.add_adapter(spec("dora", "d@1"))
+    assert err.value.code == "failed_precondition" and "no variant serves it" in err.value.message
+
+
+def _final(ttft: float, queue: float, decode: float, out: int, joules: float | None) -> TokenEvent:
+    return TokenEvent(
+        "",
+        (),
+        finish_reason="length",
+        usage=Usage(3, out, energy_joules=joules, energy_source="estimated" if joules is not None else ""),
+        timings=Timings(queue_s=queue, time_to_first_token_s=ttft, decode_s=decode, total_s=ttft + decode),
+    )
+
+
+def test_live_figures_replace_the_start_up_estimate_then_average() -> None:
+    f = LiveFigures(ttft_s=9.0, prefill_s=9.0, tpot_s=9.0, j_per_token=9.0)
+    f.observe(_final(ttft=0.5, queue=0.1, decode=0.9, out=10, joules=2.0), batch=2)
+    assert (f.ttft_s, f.prefill_s, f.tpot_s, f.j_per_token, f.batch_seen) == pytest.approx(
+        (0.5, 0.4, 0.1, 0.2, 2.0)
+    )
+    f.observe(_final(ttft=1.5, queue=0.1, decode=0.9, out=10, joules=None), batch=1)
+    assert f.ttft_s == pytest.approx(0.5 + 0.2 * 1.0) and f.j_per_token == pytest.approx(
+        0.2
+    )  # no meter: kept
+    assert f.requests == 2
+    cancelled = replace(_final(1, 0, 1, 5, 1.0), finish_reason="cancelled")
+    f.observe(cancelled, batch=1)
+    assert f.requests == 2  # a cancelled request says nothing about the variant's speed
+
+
+@asynccontextmanager
+async def two_variants(
+    engines: Sequence[FakeEngine],
+) -> AsyncIterator[tuple[EffllmServer, pb_grpc.GenerationServiceStub]]:
+    server = EffllmServer(list(engines), ServerConfig(port=0, grace_s=1.0))  # type: ignore[arg-type]
+    done = asyncio.create_task(run(server))
+    async with asyncio.timeout(10):
+        while not server.generation.ready:
+            await asyncio.sleep(0.01)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, pb_grpc.GenerationServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.drain(grace_s=0.0)
+        await asyncio.wait_for(done, 10)
+
+
+async def test_two_variants_route_report_and_refuse() -> None:
+    # fp32 scores better (quality 1.0), int4 worse; both start with warm-up figures
+    async with two_variants([fake("fp32", logprob=-1.0), fake("int4", logprob=-1.2)]) as (server, stub):
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        v = {x.name: x for x in info.variants}
+        assert list(v) == ["fp32:fake", "int4:fake"]
+        assert v["fp32:fake"].quality == pytest.approx(1.0)
+        assert v["int4:fake"].quality == pytest.approx(2.718281828**-0.2, rel=1e-6)
+        reply = await stub.Generate(build_request("a b", max_new_tokens=3, objective="quality"), timeout=5)
+        assert reply.variant == "fp32:fake" and not reply.HasField("budget_met")
+        reply = await stub.Generate(
+            build_request("a b", max_new_tokens=3, objective="quality", budget={"min_quality": 0.5}),
+            timeout=5,
+        )
+        assert reply.variant == "fp32:fake" and reply.budget_met is True
+        before = await stub.GetStats(pb.GetStatsRequest(), timeout=5)
+        calls = [len(e.calls) for e in server.engines]  # type: ignore[attr-defined]
+        impossible = {"max_time_per_output_token_s": 1e-12}
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(
+                build_request("a b", max_new_tokens=3, budget=impossible, strict_budget=True), timeout=5
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "budget.max_time_per_output_token_s" in (err.value.details() or "")
+        after = await stub.GetStats(pb.GetStatsRequest(), timeout=5)
+        assert after.requests_total == before.requests_total == 2
+        assert [len(e.calls) for e in server.engines] == calls  # not even prepared  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"objective": 9}, "objective:"),
+        ({"budget": {"max_time_to_first_token_s": -1.0}}, "budget.max_time_to_first_token_s:"),
+        ({"budget": {"max_joules_per_token": float("nan")}}, "budget.max_joules_per_token:"),
+        ({"budget": {"max_time_per_output_token_s": 0.0}}, "budget.max_time_per_output_token_s:"),
+        ({"budget": {"min_quality": 1.5}}, "budget.min_quality:"),
+    ],
+)
+async def test_bad_objective_or_budget_is_refused_naming_the_field(kw: dict[str, object], field: str) -> None:
+    async with two_variants([fake("fp32"), fake("int4")]) as (_server, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Generate(build_request("a b", max_new_tokens=2, **kw), timeout=5)  # type: ignore[arg-type]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (err.value.details() or "").startswith(field)
+
+
+async def test_one_variant_names_itself_and_measures_nothing_at_start_up() -> None:
+    async with two_variants([fake("fp32")]) as (server, stub):
+        reply = await stub.Generate(build_request("a b", max_new_tokens=2, objective="energy"), timeout=5)
+        assert reply.variant == "fp32:fake"
+        (only,) = (await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)).variants
+        assert only.perplexity == 0.0 and only.quality == 1.0 and only.live.requests == 1
+        assert [c for c in server.engine.calls if c[1].startswith("warm-up")] == []  # type: ignore[attr-defined]
+
+
+def test_variant_flags_parse_and_bad_ones_are_refused() -> None:
+    from effllm.server.cli import parse_variants
+
+    assert parse_variants(["bf16", "int4:hf", "fp32:auto"]) == [("bf16", ""), ("int4", "hf"), ("fp32", "")]
+    for bad in ("int8", "fp32:tgi", ":hf", "fp32:hf:x"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variants([bad])
+
+
+def test_variants_build_one_engine_each_and_a_duplicate_is_refused() -> None:
+    from effllm.cli.main import build_parser
+    from effllm.server.cli import build_engines
+
+    args = build_parser().parse_args(
+        ["serve", "--device", "cpu", "--variant", "fp32:hf", "--variant", "int4"]
+    )
+    engines = build_engines(args)  # int4 on CPU: --engine auto picks hf
+    assert [(e.info.precision, e.info.engine) for e in engines] == [("fp32", "hf"), ("int4", "hf")]
+    twice = ["serve", "--device", "cpu", "--variant", "fp32:hf", "--variant", "fp32:hf"]
+    with pytest.raises(ValueError, match="twice"):
+        build_engines(build_parser().parse_args(twice))
+    one = build_engines(build_parser().parse_args(["serve", "--device", "cpu", "--engine", "hf"]))
+    assert [(e.info.precision, e.info.engine) for e in one] == [("fp32", "hf")]  # no --variant: as before
