@@ -22,12 +22,13 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,24 @@ class LoadLatency:
     p50_s: float
     p95_s: float
     mean_s: float
+    # median ms per load phase, from the server's "loaded adapter ..." log lines (registry.LoadPhases)
+    phases_ms: dict[str, float] = field(default_factory=dict)
+
+
+_LOADED = re.compile(r"loaded adapter (?P<key>\S+) .* in [0-9.]+s: (?P<phases>(\w+=[0-9.]+ms ?)+)$")
+
+
+def load_phases(log: str, keys: set[str]) -> dict[str, float]:
+    """Median milliseconds per phase over the loads of `keys` that the server log reports."""
+    spent: dict[str, list[float]] = {}
+    for line in log.splitlines():
+        m = _LOADED.search(line.rstrip())
+        if m is None or m["key"] not in keys:
+            continue
+        for token in m["phases"].split():
+            phase, ms = token.split("=")
+            spent.setdefault(phase, []).append(float(ms[: -len("ms")]))
+    return {phase: statistics.median(v) for phase, v in spent.items()}
 
 
 # -- adapters ----------------------------------------------------------------------------------------------
@@ -263,6 +282,7 @@ def bench_load(a: argparse.Namespace, root: Path, precision: str, logs: Path) ->
                     c.unload_adapter(f"r{rank}-{i}", "1")
                 times.sort()
                 p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+                keys = {f"r{rank}-{i}@1" for i in range(a.load_trials)}
                 row = LoadLatency(
                     a.engine,
                     precision,
@@ -271,10 +291,12 @@ def bench_load(a: argparse.Namespace, root: Path, precision: str, logs: Path) ->
                     statistics.median(times),
                     p95,
                     statistics.fmean(times),
+                    load_phases(server.log(), keys),
                 )
+                phases = ", ".join(f"{k} {v:.1f}" for k, v in row.phases_ms.items())
                 print(
                     f"  {precision} load r={rank}: p50 {row.p50_s * 1e3:.1f} ms, "
-                    f"p95 {row.p95_s * 1e3:.1f} ms",
+                    f"p95 {row.p95_s * 1e3:.1f} ms; median ms per phase: {phases or 'not in the log'}",
                     flush=True,
                 )
                 out.append(row)
@@ -297,13 +319,14 @@ def table(tput: list[Throughput], loads: list[LoadLatency]) -> str:
         )
     lines += [
         "",
-        "| engine | precision | rank | trials | load p50 ms | load p95 ms |",
-        "|---|---|---:|---:|---:|---:|",
+        "| engine | precision | rank | trials | load p50 ms | load p95 ms | median ms per phase (server) |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for q in loads:
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in q.phases_ms.items()) or "-"
         lines.append(
             f"| {q.engine} | {q.precision} | {q.rank} | {q.trials} | {q.p50_s * 1e3:.1f} | "
-            f"{q.p95_s * 1e3:.1f} |"
+            f"{q.p95_s * 1e3:.1f} | {phases} |"
         )
     return "\n".join(lines)
 

@@ -11,6 +11,8 @@ Invariants:
   and only once the new version is loaded and has passed its probe (a failed load evicts nothing).
 - Identity: NAME@VERSION means one content (sha256 of its config and weights) for the life of the
   server: loading it again with other bytes is refused, so no cache keyed by the name can mix versions.
+- A load's log line ("loaded adapter ...") ends with the wall time of each of its phases (`LoadPhases`):
+  where a LoadAdapter's milliseconds go, without a profiler (bench/adapters.py reads them back).
 - Every failure of a load is an EffllmError (anything unforeseen is logged and becomes
   failed_precondition): nothing about an adapter can surface as UNKNOWN or INTERNAL.
 """
@@ -18,9 +20,12 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +58,27 @@ class RegistryConfig:
             raise ValueError("max_resident >= 1, max_rank >= 1 and unload_wait_s >= 0 are required")
 
 
+class LoadPhases:
+    """Wall time per phase of one load, in the order they ran: validate (in place), snapshot (copy and
+    content hash), scan (the snapshot validated again, every weight read for NaN/inf), lock (waiting
+    for other mutations), engine_add, probe, evict."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[phase] = self.spent.get(phase, 0.0) + time.perf_counter() - t0
+
+    def text(self) -> str:
+        """`validate=1.2ms snapshot=0.8ms ...`: the log line's tail, one token per phase."""
+        return " ".join(f"{phase}={s * 1e3:.1f}ms" for phase, s in self.spent.items())
+
+
 @dataclass(eq=False)
 class Entry:
     """One resident version and its statistics."""
@@ -69,6 +95,7 @@ class Entry:
     routable: bool = True  # False while unloading or evicting: new requests no longer get it
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     source: Path | None = None  # the folder in the root; spec.path is the private snapshot the engine reads
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per load phase (LoadPhases)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -187,7 +214,9 @@ class AdapterRegistry:
         version, folder = resolve_version_dir(root, name, version)
         return name, version, folder
 
-    def _validate(self, folder: Path, root: Path | None = None, values: bool = False) -> Validated:
+    def _validate(
+        self, folder: Path, root: Path | None = None, values: bool = False, content_sha256: str = ""
+    ) -> Validated:
         if self._base is None:
             if self.base_path is None:
                 raise EffllmError(
@@ -204,6 +233,7 @@ class AdapterRegistry:
             max_rank=max_rank,
             methods=tuple(info.adapter_methods),
             values=values,
+            content_sha256=content_sha256,
         )
 
     async def load(self, name: str, version: str = "", path: str = "") -> Entry:
@@ -245,16 +275,24 @@ class AdapterRegistry:
     async def _load(self, name: str, version: str, folder: Path) -> Entry:
         key = f"{name}@{version}"
         t0 = time.perf_counter()
+        phase = LoadPhases()
         root = self._root()
-        await asyncio.to_thread(self._validate, folder)  # in place: path rules, then content
+        with phase("validate"):
+            await asyncio.to_thread(self._validate, folder)  # in place: path rules, then content
         # The engine gets a private copy, validated again with every weight read (see snapshot.py):
-        # damage to the root after this point cannot reach the engine.
-        copy = await asyncio.to_thread(self._snapshots.take, folder, key, root)
+        # damage to the root after this point cannot reach the engine. The copy is hashed as it is made.
+        with phase("snapshot"):
+            hashing = hashlib.sha256()
+            copy = await asyncio.to_thread(self._snapshots.take, folder, key, root, hashing)
+            digest = hashing.hexdigest()
         kept = False
         try:
-            validated = await asyncio.to_thread(self._validate, copy, self._snapshots.root, True)
+            with phase("scan"):
+                validated = await asyncio.to_thread(self._validate, copy, self._snapshots.root, True, digest)
             self._check_identity(key, validated.content_sha256)
+            waited = time.perf_counter()
             async with self._lock:
+                phase.spent["lock"] = time.perf_counter() - waited
                 if (existing := self._routable(key)) is not None:
                     self._check_identity(key, validated.content_sha256)
                     return existing
@@ -274,14 +312,20 @@ class AdapterRegistry:
                     target_modules=validated.target_modules,
                     content_sha256=validated.content_sha256,
                 )
-                await self._engine_add(spec)
+                await self._engine_add(spec, phase)
                 try:
-                    await self._make_room()  # the new one is good: only now may another one leave
+                    with phase("evict"):
+                        await self._make_room()  # the new one is good: only now may another one leave
                 except BaseException:
                     await self.engine.remove_adapter(key)
                     raise
                 entry = Entry(
-                    spec, validated, load_s=time.perf_counter() - t0, seq=next(self._seq), source=folder
+                    spec,
+                    validated,
+                    load_s=time.perf_counter() - t0,
+                    seq=next(self._seq),
+                    source=folder,
+                    phases=dict(phase.spent),
                 )
                 entry.last_touch = time.monotonic()
                 self._entries[key] = entry  # from here on `NAME` resolves to the highest loaded version
@@ -291,21 +335,24 @@ class AdapterRegistry:
             if not kept:  # refused, or already loaded by a concurrent call: this copy is not needed
                 self._snapshots.drop(copy)
         log.info(
-            "loaded adapter %s (%s, r=%d, sha256 %s) in %.3fs",
+            "loaded adapter %s (%s, r=%d, sha256 %s) in %.3fs: %s",
             key,
             spec.method,
             spec.rank,
             spec.content_sha256[:12],
             entry.load_s,
+            phase.text(),
         )
         return entry
 
-    async def _engine_add(self, spec: AdapterSpec) -> None:
+    async def _engine_add(self, spec: AdapterSpec, phase: LoadPhases | None = None) -> None:
         """Load into the engine, then probe it: an adapter whose logits are not finite never becomes
         routable (it would poison every row batched with it). Caller holds the lock."""
         key = spec.key
+        phase = phase or LoadPhases()
         try:
-            await self.engine.add_adapter(spec)
+            with phase("engine_add"):
+                await self.engine.add_adapter(spec)
         except EffllmError:
             raise
         except Exception as exc:  # the engine refused it; keep the server and the others going
@@ -315,7 +362,8 @@ class AdapterRegistry:
         if probe is None:
             return
         try:
-            finite = bool(await probe(spec))
+            with phase("probe"):
+                finite = bool(await probe(spec))
             problem = "" if finite else "its logits on a probe prompt are not finite (NaN or inf)"
         except Exception as exc:
             log.exception("probe of adapter %s failed", key)

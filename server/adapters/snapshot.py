@@ -12,6 +12,9 @@ with O_NOFOLLOW (a link swapped in after the check fails the open), and must be 
 The staging folder is named `effllm-adapters-<pid>-*`: a server removes its own at exit and, at start,
 those of servers that are gone (killed before they could clean up).
 
+The copy is also where the version's content hash is taken (common/manifest.py content_hash, over the bytes
+as they are written): each file is read once per load, not once to copy and again to hash.
+
 Invariant: nothing outside this process writes to a snapshot, so what the engine loads is what was checked.
 """
 
@@ -26,13 +29,15 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from ...common.adapter_paths import file_inside
+from ...common.manifest import CONTENT_FILES
 from ..engines.base import EffllmError
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
+REQUIRED = CONTENT_FILES  # adapter_config.json, adapter_model.safetensors: what the content hash covers
 OPTIONAL = ("manifest.json",)
 PREFIX = "effllm-adapters-"
 _LEGACY_STALE_S = 24 * 3600.0  # folders named before the pid was in the name: removed once this old
@@ -73,14 +78,32 @@ def sweep_stale(parent: Path | None = None) -> list[Path]:
     return gone
 
 
-def _copy_file(src: Path, dest: Path) -> None:
-    """Copy one regular file without following a final symlink (O_NOFOLLOW) nor blocking on a FIFO."""
+def _copy_file(src: Path, dest: Path, digest: Any = None) -> None:
+    """Copy one regular file without following a final symlink (O_NOFOLLOW) nor blocking on a FIFO.
+    With `digest` (a hashlib object), feed it content_hash's record of the file: its name, a NUL, its
+    length (8 bytes, little endian), then the bytes exactly as written to `dest`."""
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     with os.fdopen(fd, "rb") as fin:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise EffllmError("failed_precondition", f"{src.name}: is not a regular file")
         with dest.open("xb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
+            if digest is None:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+                return
+            # The length goes into the hash before the bytes: a file that grows or shrinks while it is
+            # copied would hash as something it never was, so it is refused (a retry copies it whole).
+            digest.update(dest.name.encode() + b"\0" + st.st_size.to_bytes(8, "little"))
+            copied = 0
+            while chunk := fin.read(1 << 20):
+                fout.write(chunk)
+                digest.update(chunk)
+                copied += len(chunk)
+            if copied != st.st_size:
+                raise EffllmError(
+                    "failed_precondition",
+                    f"{src.name}: changed size while it was being loaded ({st.st_size} -> {copied} bytes)",
+                )
 
 
 class Snapshots:
@@ -96,16 +119,18 @@ class Snapshots:
             atexit.register(self.close)
         return self._root
 
-    def take(self, folder: Path, key: str, root: Path) -> Path:
+    def take(self, folder: Path, key: str, root: Path, digest: Any = None) -> Path:
         """Copy `folder`'s adapter files (already validated in place under `root`) into a new private
-        folder. A file that now resolves outside `root` or is no longer a regular file is refused."""
+        folder. A file that now resolves outside `root` or is no longer a regular file is refused.
+        `digest` (hashlib.sha256()): fed the copy's content as it is written, so that its hexdigest()
+        is manifest.content_hash of the new folder without reading it again."""
         dest = self.root / f"{key.replace('@', '-')}-{uuid.uuid4().hex[:8]}"
         dest.mkdir()
         try:
             for name in (*REQUIRED, *OPTIONAL):
                 src = file_inside(root, folder, name)
                 try:
-                    _copy_file(src, dest / name)
+                    _copy_file(src, dest / name, digest if name in REQUIRED else None)
                 except FileNotFoundError as exc:
                     if name in OPTIONAL:
                         continue

@@ -336,11 +336,14 @@ def validate(
     max_rank: int,
     methods: tuple[str, ...],
     values: bool = False,
+    content_sha256: str = "",
 ) -> Validated:
     """All checks, cheapest first; raise on the first failure. `values`: also read every weight (NaN/inf)
-    and take the content hash (done on the snapshot the engine reads, not in the shared root)."""
+    and take the content hash (done on the snapshot the engine reads, not in the shared root).
+    `content_sha256`: the folder's content hash when the caller already has it (the snapshot is hashed
+    as it is copied, see snapshot.py): it is not read again for it."""
     try:
-        return _validate(folder, root, base, base_fingerprint, max_rank, methods, values)
+        return _validate(folder, root, base, base_fingerprint, max_rank, methods, values, content_sha256)
     except EffllmError:
         raise
     except Exception as exc:  # a case no check foresaw: still the adapter's fault, never UNKNOWN
@@ -356,6 +359,7 @@ def _validate(
     max_rank: int,
     methods: tuple[str, ...],
     values: bool,
+    known_digest: str,
 ) -> Validated:
     config = _read_config(folder, root)
     weights = file_inside(root, folder, WEIGHTS)
@@ -409,7 +413,7 @@ def _validate(
     digest = ""
     if values:
         check_weight_values(weights, header)
-        digest = content_hash(folder, root)
+        digest = known_digest or content_hash(folder, root)
         if manifest and manifest.content_sha256 and manifest.content_sha256 != digest:
             raise _fail(
                 f"{MANIFEST}: content_sha256 {manifest.content_sha256[:12]}… does not match the adapter's "

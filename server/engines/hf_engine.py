@@ -115,6 +115,9 @@ class HfEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
+        # probe results of adapters just added (add_adapter probes in the same worker job), kept for the
+        # registry's probe_adapter call that follows: adapter key -> finite, or the probe's exception
+        self._probed: dict[str, bool | Exception] = {}
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -216,15 +219,35 @@ class HfEngine:
                 f"adapter {spec.key}: rank {spec.rank} is over the "
                 f"engine's max_adapter_rank {self.config.max_adapter_rank}",
             )
-        await self._on_worker(self._started_batch().add_adapter, spec)
+        self._probed[spec.key] = await self._on_worker(self._add_and_probe, spec, self._probe_ids())
+
+    def _add_and_probe(self, spec: AdapterSpec, ids: list[int]) -> bool | Exception:
+        """Add, then probe, in ONE worker job: each job waits for the decode step in progress, so the
+        load costs one wait instead of two. A failed add raises; the probe's outcome is returned."""
+        self._started_batch().add_adapter(spec)
+        try:
+            return self._probe(spec, ids)
+        except Exception as exc:  # reported by probe_adapter, as if the probe had run there
+            return exc
 
     async def remove_adapter(self, key: str) -> None:
+        self._probed.pop(key, None)
         await self._on_worker(self._started_batch().remove_adapter, key)
 
     async def probe_adapter(self, spec: AdapterSpec) -> bool:
-        """One prefill of a few tokens on `spec` (between steps, on the worker): are its logits finite?"""
-        ids = list(self._tokenizer.encode("The capital of France is"))
-        return bool(await self._on_worker(self._probe, spec, ids))
+        """One prefill of one or two tokens on `spec` (between steps, on the worker): are its logits
+        finite? Every adapted Linear of every layer runs on them, which is what the check needs. Right
+        after add_adapter this is the probe that ran with the add (same worker job)."""
+        result = self._probed.pop(spec.key, None)
+        if result is None:
+            result = await self._on_worker(self._probe, spec, self._probe_ids())
+        if isinstance(result, Exception):
+            raise result
+        return bool(result)
+
+    def _probe_ids(self) -> list[int]:
+        # the shortest prompt: the cost of a forward grows with its tokens, the check does not need them
+        return list(self._tokenizer.encode("The capital of France is"))[:2]
 
     def _probe(self, spec: AdapterSpec, ids: list[int]) -> bool:
         import torch

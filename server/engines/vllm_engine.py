@@ -330,7 +330,9 @@ class VllmEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        ids = list(self.renderer.tokenizer.encode("The capital of France is"))
+        # one or two tokens: a prefill's cost grows with its tokens, and every adapted module of every
+        # layer already runs on the first one
+        ids = list(self.renderer.tokenizer.encode("The capital of France is"))[:2]
         with_logprobs = self.config.device != "cpu"
         params = SamplingParams(
             max_tokens=1,

@@ -34,6 +34,26 @@ def test_copies_regular_files_and_links_inside_the_root(adapter_root, tmp_path: 
     assert not copy.exists()
 
 
+def test_the_copy_is_hashed_as_it_is_written(adapter_root, tmp_path: Path) -> None:
+    """One read per file: the digest fed during the copy is manifest.content_hash of the copy (and of
+    the source, byte for byte), manifest.json left out as content_hash leaves it out."""
+    import hashlib
+
+    from effllm.common.manifest import content_hash
+
+    root, folder = _folder(adapter_root, tmp_path)
+    (folder / "manifest.json").write_text('{"method": "lora"}')
+    snaps = Snapshots(tmp_path)
+    digest = hashlib.sha256()
+    copy = snaps.take(folder, "x@1", root, digest)
+    assert digest.hexdigest() == content_hash(copy) == content_hash(folder, root)
+    (folder / "manifest.json").write_text('{"method": "rslora"}')  # not content: the hash stays
+    again = hashlib.sha256()
+    snaps.take(folder, "x@1", root, again)
+    assert again.hexdigest() == digest.hexdigest()
+    snaps.close()
+
+
 def test_link_out_of_the_root_is_not_copied(adapter_root, tmp_path: Path) -> None:
     root, folder = _folder(adapter_root, tmp_path)
     secret = tmp_path / "secret.json"

@@ -244,6 +244,35 @@ async def test_remove_then_add_again(engine: HfEngine, specs: dict[str, AdapterS
     assert tokens(again) == reference(PROMPTS[0], spec.key)
 
 
+async def test_probe_runs_with_the_add_and_sees_non_finite_weights(
+    engine: HfEngine, specs: dict[str, AdapterSpec], reference: Any, tmp_path: Any
+) -> None:
+    """The probe is a real forward on the engine's kernels: an adapter whose weights hold a NaN (placed
+    behind the registry's back, which would refuse it) gets non-finite logits; a good one does not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    good = specs["lora1"]
+    bad_path = shutil.copytree(good.path, tmp_path / "nan" / "1")
+    weights = load_file(bad_path / "adapter_model.safetensors")
+    # in v_proj: a NaN there reaches the output through attention's weighted sum (one in q_proj can be
+    # dropped by the CPU attention kernel's running max, so the logits stay finite)
+    key = next(k for k in sorted(weights) if k.endswith("v_proj.lora_B.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, bad_path / "adapter_model.safetensors")
+    bad = AdapterSpec("nan", "1", bad_path, "lora", 8, 16.0, ("q_proj", "v_proj"))
+    await engine.add_adapter(bad)  # probed in the same worker job; the result waits for probe_adapter
+    try:
+        assert await engine.probe_adapter(bad) is False
+        assert await engine.probe_adapter(bad) is False  # the kept result is used once, then a fresh probe
+    finally:
+        await engine.remove_adapter(bad.key)
+    assert await engine.probe_adapter(good) is True
+    after = await collect(engine, request(PROMPTS[0], good, rid="after-nan"))  # the NaN left nothing behind
+    assert tokens(after) == reference(PROMPTS[0], good.key)
+
+
 async def test_adapters_per_batch_limit_holds_rows_back(specs: dict[str, AdapterSpec]) -> None:
     config = HfConfig(precision="fp32", max_concurrency=4, max_adapters_per_batch=1, max_context=512)
     eng = HfEngine(MODEL, config)
