@@ -26,6 +26,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -110,14 +111,18 @@ class Snapshots:
     def __init__(self, parent: Path | None = None) -> None:
         self._parent = parent
         self._root: Path | None = None
+        # Loads run in worker threads: without the lock two first loads at once each made a root, and the
+        # copy taken under the first was then refused as "outside" the second (a spurious INVALID_ARGUMENT).
+        self._made = threading.Lock()
 
     @property
     def root(self) -> Path:
-        if self._root is None:  # made on first use: a server without adapters never creates it
-            sweep_stale(self._parent)
-            self._root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self._parent))
-            atexit.register(self.close)
-        return self._root
+        with self._made:
+            if self._root is None:  # made on first use: a server without adapters never creates it
+                sweep_stale(self._parent)
+                self._root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self._parent))
+                atexit.register(self.close)
+            return self._root
 
     def take(self, folder: Path, key: str, root: Path, digest: Any = None) -> Path:
         """Copy `folder`'s adapter files (already validated in place under `root`) into a new private

@@ -88,3 +88,36 @@ def test_a_server_process_removes_its_own_folder_at_exit(tmp_path: Path) -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     made = Path(out.stdout.strip())
     assert made.parent == tmp_path and made.name.startswith(PREFIX) and not made.exists()
+
+
+def test_concurrent_first_loads_share_one_snapshot_root(tmp_path: Path, monkeypatch) -> None:
+    """Eight loads starting at once (worker threads) must see one root: with two, a copy made under the
+    first was refused as outside the second (spurious INVALID_ARGUMENT under concurrent LoadAdapter)."""
+    import threading
+    import time
+
+    import effllm.server.adapters.snapshot as snapshot
+
+    made = snapshot.tempfile.mkdtemp
+
+    def slow_mkdtemp(*args, **kwargs):  # widen the window the race needs
+        time.sleep(0.05)
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot.tempfile, "mkdtemp", slow_mkdtemp)
+    snaps = Snapshots(tmp_path)
+    seen: list[Path] = []
+    start = threading.Barrier(8)
+
+    def first_use() -> None:
+        start.wait()
+        seen.append(snaps.root)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 1
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(PREFIX)]) == 1
+    snaps.close()
