@@ -3,21 +3,24 @@ HfConfig.compile_decode: hf_static's step under torch.compile (inductor; C++ ker
 cache whose slots rows own from join to leave, and bucketed batch sizes.
 
 A step runs cache slots 0..bucket-1, the bucket being the smallest of 1, 2, 4, ..., max_rows that holds
-the highest slot in use (a joining row takes the lowest free slot, so buckets stay small); a slot without
-a row is padding (token 0 at position 0 of a free slot; its logits are dropped). Dynamo specialises size
-1, so B=1 is one graph and every other bucket shares a second one with the batch dimension dynamic; the
-attention length (the longest row rounded up to 64) is dynamic in both. Warm-up runs every bucket once at
-start-up, so those two graphs are compiled before the server turns SERVING, and a step never compiles.
-The stacked adapters' storage shapes (hf_lora: the set of targeted Linears, slot count, largest rank) are
-part of a graph: when an adapter load changes them, `refresh` re-warms every bucket then, on the worker
-thread, before that adapter serves a token. Joining rows are prefilled on the eager path (hf_batch) and
-their DynamicCache copied into their slot; DoRA groups stay on the eager path entirely.
+the rows. A joining row takes the lowest free slot; a row left above the bucket when rows below it have
+gone is moved down once (its K/V copied, nobody else touched), so a step never runs more slots than its
+bucket. A slot without a row is padding (token 0 at position 0 of a free slot; its logits are dropped).
+Dynamo specialises size 1, so B=1 is one graph and every other bucket shares a second one with the
+batch dimension dynamic; the attention length (the longest row rounded up to 64) is dynamic in both.
+Warm-up runs every bucket once at start-up, so those two graphs are compiled before the server turns
+SERVING, and a step never compiles. The stacked adapters' storage shapes (hf_lora: the set of targeted
+Linears, slot count, largest rank) are part of a graph: when an adapter load changes them, `refresh`
+re-warms every bucket then, on the worker thread, before that adapter serves a token. Joining rows are
+prefilled on the eager path (hf_batch) and their DynamicCache copied into their slot; DoRA groups stay
+on the eager path entirely.
 
 If inductor cannot compile (a model, dtype or tensor subclass it does not handle) the same static step
 runs eagerly: correct, slower, and the log says so. `mode` says which one runs.
 
-Invariant: a row holds exactly one cache slot from join to leave and no other row writes to it; warm-up
-writes only at position max_len-1, which any row writes before it reads it.
+Invariant: a row holds exactly one cache slot from join to leave (moved only by _compact, K/V with it)
+and no other row writes to it; warm-up writes only at position max_len-1, which any row writes before
+it reads it.
 """
 
 from __future__ import annotations
@@ -87,12 +90,24 @@ class CompiledDecoder:
     def reset(self) -> None:
         self.kv.reset()
 
+    def _compact(self, rows: list[Row], bucket: int) -> None:
+        """Move every row at a slot >= bucket into the lowest free slot (all below bucket, since fewer
+        than `bucket` rows sit there): one row's K/V copied, up to its length; no other row moves."""
+        for row in sorted(rows, key=lambda r: -r.kv_slot):
+            if row.kv_slot < bucket:
+                break
+            old, new = row.kv_slot, self.kv.take()
+            self.kv.move(old, new, row.length)
+            self.kv.release(old)
+            row.kv_slot = new
+
     # --- steps -----------------------------------------------------------------------------------------
     def decode(self, rows: list[Row]) -> torch.Tensor:
         """One token for each row (each holds a slot; its last generated token goes in at row.length)
         -> fp32 logits [len(rows), vocab] in `rows` order; every row's length grows by one."""
-        top = max(r.kv_slot for r in rows) + 1
-        b = next(x for x in self.buckets if x >= top)
+        b = next(x for x in self.buckets if x >= len(rows))
+        if max(r.kv_slot for r in rows) >= b:  # rows left below a high one: move it down, run a small bucket
+            self._compact(rows, b)
         ids, pos, adapters = [0] * b, [0] * b, [0] * b
         for r in rows:
             ids[r.kv_slot], pos[r.kv_slot] = r.generated[-1], r.length

@@ -148,6 +148,12 @@ class StaticKV:
     def in_use(self) -> int:
         return self.slots - len(self._free)
 
+    def move(self, old: int, new: int, length: int) -> None:
+        """Copy a row's first `length` positions from slot `old` to slot `new` (every layer)."""
+        for kc, vc in zip(self.k, self.v, strict=True):
+            kc[new, :, :length].copy_(kc[old, :, :length])
+            vc[new, :, :length].copy_(vc[old, :, :length])
+
     def write(self, slot: int, cache: Any) -> int:
         """Copy a prefilled row's DynamicCache (per layer keys/values [1, kv_heads, P, head_dim]) into
         `slot`; return P. The rest of the slot keeps stale values that no step reads before writing."""

@@ -51,7 +51,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> ResolvedModel:
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (source / name).is_file():
             shutil.copy(source / name, path / name)
     return resolve_model(str(path))
@@ -68,7 +68,7 @@ def specs(tiny: ResolvedModel, tmp_path_factory: pytest.TempPathFactory) -> dict
     out = {}
     for name, (method, rank, seed, targets) in plan.items():
         path = make_adapter(
-            tiny.path, root / name / "1", method=method, rank=rank, seed=seed, targets=targets, scale=2.0
+            tiny.path, root / name / "1", method=method, rank=rank, seed=seed, targets=targets, scale=1.0
         )
         out[name] = AdapterSpec(name, "1", path, method, rank, 2.0 * rank, targets)  # type: ignore[arg-type]
     return out
@@ -232,26 +232,35 @@ async def wait_for(condition: Any, seconds: float = 60.0) -> None:
     raise AssertionError("condition not reached")
 
 
-async def test_slots_are_freed_reused_and_sampling_stop_cancel_work(
+def slot_of(engine: HfEngine, rid: str) -> int | None:
+    return next((r.kv_slot for r in engine._batch.rows() if r.request_id == rid), None)
+
+
+async def test_slots_are_freed_compacted_reused_and_sampling_stop_cancel_work(
     eager: HfEngine, compiled: HfEngine, specs: dict[str, AdapterSpec]
 ) -> None:
     decoder = compiled._batch.compiled
     long = compiled.generate(request(PROMPTS[0], specs["lo"], n=200, rid="long"))
-    await long.__anext__()
+    first = [await long.__anext__()]
     other = compiled.generate(request(PROMPTS[1], n=200, rid="other"))
-    await other.__anext__()
-    assert decoder.kv.in_use() == 2
-    await long.aclose()  # cancelled: the engine drops the row before its next step and frees slot 0
-    await wait_for(lambda: decoder.kv.in_use() == 1)
+    other_events = [await other.__anext__()]
+    assert (slot_of(compiled, "long"), slot_of(compiled, "other"), decoder.kv.in_use()) == (0, 1, 2)
+    first.append(await long.__anext__())
+    await long.aclose()  # cancelled: dropped before the next step, its slot 0 freed
+    # the next step has one row: it moves from slot 1 to slot 0 (its K/V with it) and runs bucket 1
+    other_events.append(await other.__anext__())
+    await wait_for(lambda: slot_of(compiled, "other") == 0)
     late = compiled.generate(request(PROMPTS[2], specs["rs"], n=6, rid="late"))
     late_events = [await late.__anext__()]
-    assert [r.kv_slot for r in compiled._batch.rows() if r.request_id == "late"] == [
-        0
-    ]  # the lowest free slot
+    assert slot_of(compiled, "late") == 1 and decoder.kv.in_use() == 2  # the lowest free slot
     late_events += [e async for e in late]
-    await other.aclose()
-    again = await collect(eager, request(PROMPTS[2], specs["rs"], n=6, rid="late-e"))
-    assert tokens(late_events) == tokens(again)
+    other_events += [e async for e in other]
+    alone = [
+        await collect(eager, request(PROMPTS[2], specs["rs"], n=6, rid="late-e")),
+        await collect(eager, request(PROMPTS[1], n=200, rid="other-e")),
+    ]
+    assert tokens(late_events) == tokens(alone[0])
+    assert tokens(other_events) == tokens(alone[1])  # the moved row decodes on as if never moved
     await wait_for(lambda: decoder.kv.in_use() == 0 and compiled.running() == 0)
 
     def sampled(rid: str) -> GenerationRequest:
