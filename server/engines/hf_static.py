@@ -80,18 +80,20 @@ def unsupported(model: Any, linears: dict[str, nn.Linear]) -> str | None:
 
 
 def read_weights(model: Any, linears: dict[str, nn.Linear]) -> DecodeWeights:
-    """References to the model's own tensors (the Linears as hf_lora found them, before PEFT wraps any)."""
+    """The model's own tensors (the Linears as hf_lora found them, before PEFT wraps any), detached: the
+    same storage, but with requires_grad False for good, so PEFT freezing the base later (it flips the
+    flag) does not change what a compiled graph was guarded on."""
     cfg = model.config
     inner = model.model
 
     def linear(name: str) -> Linear:
         module = linears[name]
-        return Linear(module.weight, module.bias)
+        return Linear(module.weight.detach(), None if module.bias is None else module.bias.detach())
 
     layers = tuple(
         Layer(
-            layer.input_layernorm.weight,
-            layer.post_attention_layernorm.weight,
+            layer.input_layernorm.weight.detach(),
+            layer.post_attention_layernorm.weight.detach(),
             tuple(linear(f"model.layers.{i}.{name}") for name in LINEARS),
         )
         for i, layer in enumerate(inner.layers)
@@ -99,7 +101,7 @@ def read_weights(model: Any, linears: dict[str, nn.Linear]) -> DecodeWeights:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return DecodeWeights(
         layers=layers,
-        norm=inner.norm.weight,
+        norm=inner.norm.weight.detach(),
         head=linear("lm_head"),
         eps=float(inner.norm.variance_epsilon),
         heads=int(cfg.num_attention_heads),
@@ -122,7 +124,9 @@ class StaticKV:
     """The preallocated cache and who owns which slot. A slot is taken at join and freed at leave."""
 
     def __init__(self, weights: DecodeWeights, slots: int, max_len: int, dtype: Any, device: Any) -> None:
-        shape = (slots, weights.kv_heads, max_len, weights.head_dim)
+        # one spare position past max_len, never a row's: a step's attention length L <= max_len is then
+        # always below the cache's size, so dynamo keeps L symbolic (at L == size it specialises the slice)
+        shape = (slots, weights.kv_heads, max_len + 1, weights.head_dim)
         layers = len(weights.layers)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
