@@ -16,6 +16,7 @@ LABELS = {
     "vllm-offline": "vLLM offline LLM.generate",
     "effllm-vllm": "effllm gRPC, vllm engine",
     "effllm-hf": "effllm gRPC, hf engine",
+    "effllm-hf-compiled": "effllm gRPC, hf engine, compiled decode",
     "hf-generate": "transformers static-batch generate",
 }
 BASELINE = "vllm-offline"

@@ -2,9 +2,11 @@
 
 Each case decodes ROWS rows for STEPS steps after a warm-up and prints ms/step; then torch.profiler lists the
 ops that took the most host time in the mixed LoRA+DoRA case. With --tiny the model keeps its 30 layers and
-vocabulary but is 64 wide, so compute is negligible and what is left is per-step host overhead.
+vocabulary but is 64 wide, so compute is negligible and what is left is per-step host overhead. With
+--compiled, the compiled decode path (hf_compiled, what `effllm serve --compile-decode` runs) is timed too,
+base rows and base+LoRA rows, after its compile warm-up, whose seconds it reports.
 
-    python bench/hf_step.py [--device cuda] [--tiny] [--precision bf16]
+    python bench/hf_step.py [--device cuda] [--tiny] [--precision bf16] [--compiled]
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time Batch.step with the compiled decode path (hf_compiled, as --compile-decode)",
+    )
     ap.add_argument("--cudnn-sdp", action="store_true", help="keep cuDNN attention (the engine turns it off)")
     args = ap.parse_args()
     if not args.cudnn_sdp:
@@ -134,11 +141,24 @@ def main() -> int:
         return out
 
     def batch_case(
-        label: str, adapters: list[AdapterSpec | None], load: list[str], profile_it: bool = False
+        label: str,
+        adapters: list[AdapterSpec | None],
+        load: list[str],
+        profile_it: bool = False,
+        compiled: bool = False,
     ) -> None:
         batch = Batch(model, set(), args.device)
+        t0 = time.perf_counter()
+        if compiled:  # as the engine does with compile_decode: warm-up, then the adapters (re-warm)
+            from effllm.server.engines.hf_compiled import CompiledDecoder
+
+            max_len = 128 + args.steps  # prompt + the steps timed below
+            batch.compiled = CompiledDecoder(model, batch.stack, args.device, len(adapters), max_len)
+            batch.compiled.warm_up()
         for name in load:
             batch.add_adapter(specs[name])
+        if compiled:
+            warm[label] = (time.perf_counter() - t0, batch.compiled.graphs, batch.compiled.mode)
         batch.step([], [])
         batch.step(rows(adapters), [])
         results[label] = timed(args.device, lambda: batch.step([], []), args.steps)
@@ -157,12 +177,21 @@ def main() -> int:
             for key in list(batch.adapters):
                 batch.remove_adapter(key)
 
+    warm: dict[str, tuple[float, int, str]] = {}  # compiled cases: warm-up seconds, graphs, mode
     n = args.rows
     launches = count_launches(args.device, model, nxt, cache)
     batch_case("Batch.step base rows, no adapters", [None] * n, [])
     batch_case(
         "Batch.step base+lora (1 group)", [None if i % 2 else specs["lora"] for i in range(n)], ["lora"]
     )
+    if args.compiled:  # before the DoRA case: PEFT then wraps the Linears the compiled step reads
+        batch_case("compiled: base rows, no adapters", [None] * n, [], compiled=True)
+        batch_case(
+            "compiled: base+lora (1 group)",
+            [None if i % 2 else specs["lora"] for i in range(n)],
+            ["lora"],
+            compiled=True,
+        )
     batch_case(
         "Batch.step base+lora+dora (2 groups)",
         [(None, specs["lora"], specs["dora"])[i % 3] for i in range(n)],
@@ -175,8 +204,11 @@ def main() -> int:
     print(f"kernels launched per base step (profiler): {launches}")
     for k, v in results.items():
         print(f"{k:<{width}}  {v:8.2f} ms/step")
+    for k, (seconds, graphs, mode) in warm.items():
+        print(f"{k}: warm-up {seconds:.1f} s, {graphs} graphs compiled, step runs {mode}")
     if args.out:
-        args.out.write_text(json.dumps({"device": args.device, "tiny": args.tiny, "ms_per_step": results}))
+        out = {"device": args.device, "tiny": args.tiny, "ms_per_step": results, "compiled_warmup": warm}
+        args.out.write_text(json.dumps(out))
     return 0
 
 

@@ -5,6 +5,8 @@ Sides (each in its own child process, one at a time, so none competes with anoth
                 max_num_seqs, KV cache bytes, max_model_len, OpenMP threads and thread binding)
   effllm-vllm   `effllm serve --engine vllm`, driven over gRPC by `c` closed-loop streaming clients
   effllm-hf     `effllm serve --engine hf` (the only side that also runs int4 on CPU)
+  effllm-hf-compiled  the same with --compile-decode (static KV cache, one torch.compile'd step; its
+                warm-up is paid at start-up, before the server turns SERVING, outside the timings)
   hf-generate   plain transformers `generate` in static batches of `c`
 Every side gets the same completion-style prompts (the same token ids), greedy decoding and a fixed
 N new tokens (ignore_eos + min_tokens on vLLM, min_new_tokens == max_new_tokens on transformers,
@@ -45,11 +47,12 @@ TOPICS = [
     "the life of a honeybee",
     "an old sailing ship",
 ]
-SIDES = ("vllm-offline", "effllm-vllm", "effllm-hf", "hf-generate")
+SIDES = ("vllm-offline", "effllm-vllm", "effllm-hf", "effllm-hf-compiled", "hf-generate")
 PRECISIONS = {  # side -> precisions it runs on CPU
     "vllm-offline": ("fp32", "bf16", "fp16"),
     "effllm-vllm": ("fp32", "bf16", "fp16"),
     "effllm-hf": ("fp32", "bf16", "fp16", "int4"),
+    "effllm-hf-compiled": ("fp32", "bf16", "fp16", "int4"),
     "hf-generate": ("fp32", "bf16", "fp16"),
 }
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -213,9 +216,10 @@ async def drive(target: str, c: int, texts: list[str], max_new: int) -> tuple[li
     return counts, {"ttft_p50_s": statistics.median(ttfts) if ttfts else None}
 
 
-def side_effllm(args: argparse.Namespace, engine: str) -> dict[str, Any]:
+def side_effllm(args: argparse.Namespace, side: str) -> dict[str, Any]:
     from effllm.client.launch import start_server
 
+    engine = "hf" if side.startswith("effllm-hf") else "vllm"
     log_dir = Path(args.out).parent
     flags = [
         "--engine",
@@ -227,7 +231,9 @@ def side_effllm(args: argparse.Namespace, engine: str) -> dict[str, Any]:
     ]
     flags += ["--max-context", str(MAX_CONTEXT), "--kv-cache-gib", str(args.kv_cache_gib)]
     flags += ["--vllm-compile"] if args.vllm_compile and engine == "vllm" else []
-    flags += ["--run-dir", str(log_dir / f"serve-{engine}-{args.precision}"), *args.server_arg]
+    flags += ["--compile-decode"] if side == "effllm-hf-compiled" else []
+    run_dir = log_dir / f"serve-{side.removeprefix('effllm-')}-{args.precision}"
+    flags += ["--run-dir", str(run_dir), *args.server_arg]
     server = start_server(*flags, log_dir=log_dir, ready_timeout=900)
     try:
         return timed_levels(
@@ -248,7 +254,7 @@ def run_side(args: argparse.Namespace) -> dict[str, Any]:
         return side_vllm_offline(args, model)
     if side == "hf-generate":
         return side_hf_generate(args, model)
-    return side_effllm(args, side.removeprefix("effllm-"))
+    return side_effllm(args, side)
 
 
 # --- the parent -------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ Where to look:
   faults.py    failpoints for the fault tests (off unless EFFLLM_FAILPOINTS is set)
   engines/     base.py the Engine protocol and the dataclasses crossing it; prompting.py render + length
                check; vllm_engine.py (default); hf_engine.py + hf_batch.py (one step for all rows) +
-               hf_lora.py (stacked LoRA/rsLoRA, batched per-row deltas) + hf_text.py + hf_int4.py (hf)
+               hf_lora.py (stacked LoRA/rsLoRA, batched per-row deltas) + hf_text.py + hf_int4.py (hf);
+               hf_compiled.py + hf_static.py (--compile-decode: static KV cache, one compiled step)
   adapters/    validate, snapshot, registry, AdapterService (see adapters/__init__.py)
 The request path, layer by layer: docs/architecture.md. Nothing above engines/ imports torch.
 """

@@ -111,6 +111,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pays the compile. vLLM turns it off itself on CPU when adapters are enabled",
     )
     p.add_argument(
+        "--compile-decode",
+        action="store_true",
+        help="hf engine: decode base and LoRA/rsLoRA rows on a static KV cache with one torch.compile'd "
+        "step (batch buckets 1, 2, 4, ... up to --max-concurrency), compiled at start-up before SERVING; "
+        "DoRA rows stay eager",
+    )
+    p.add_argument(
         "--stream-interval",
         type=int,
         default=1,
@@ -242,6 +249,7 @@ def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: 
             max_concurrency=args.max_concurrency,
             device=device,
             seed=args.seed,
+            compile_decode=getattr(args, "compile_decode", False),
         )
         # adapter limits come from the adapter flags where this server has them
         names = ("max_adapter_rank", "max_adapters_per_batch", "max_adapters_resident")

@@ -5,7 +5,9 @@ LoRA/rsLoRA adapter together (hf_lora's stacked adapters: each row reads its own
 batched forward), and one group per adapter only PEFT can serve (DoRA and other variants, on PEFT's
 `set_adapter`). Each group owns a left-padded KV cache: a joining row is prefilled alone and its
 cache is padded into the group's; a leaving row is dropped from it. Positions are per row (real tokens
-so far), so padding never changes what a row computes.
+so far), so padding never changes what a row computes. With `compiled` set (HfConfig.compile_decode),
+the main group instead decodes on hf_compiled: a static KV cache slot per row, one compiled step; joining
+rows are still prefilled here, and PEFT-only groups keep the path above.
 
 Invariant: only the worker thread touches the model, the adapters and the caches; the event loop hands
 in joiners and cancelled rows and gets (row, TokenEvent) pairs back.
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .base import AdapterSpec, EffllmError, FinishReason, Sampling, TokenEvent, Usage
 from .hf_lora import StackedLora, read_lora
 from .hf_text import TextStream
+
+if TYPE_CHECKING:
+    from .hf_compiled import CompiledDecoder
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class Row:
     finished: bool = False
 
     group: str = ""  # "" for the shared base/stacked group; the key of a PEFT-served adapter's own group
+    kv_slot: int = -1  # its slot in the compiled path's static KV cache (hf_compiled), while it holds one
 
     @property
     def key(self) -> str:
@@ -65,6 +71,9 @@ class Batch:
         self.eos_ids = eos_ids
         self.device = torch.device(device)
         self.groups: dict[str, Group] = {}
+        # HfConfig.compile_decode: the main group decodes on hf_compiled (static KV, compiled step);
+        # None: the eager path below, exactly as without the switch
+        self.compiled: CompiledDecoder | None = None
 
     # --- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, spec: AdapterSpec) -> None:
@@ -73,6 +82,8 @@ class Batch:
         lora = None if spec.method == "dora" else read_lora(spec.path, self.stack.linears)
         if lora is not None:
             self.stack.add(spec.key, lora)
+            if self.compiled is not None:  # new stacked shapes: compile them now, not mid-decode
+                self.compiled.refresh()
         else:
             self._add_peft(spec)
         self.adapters[spec.key] = spec
@@ -131,6 +142,8 @@ class Batch:
 
     def reset(self) -> None:
         self.groups.clear()
+        if self.compiled is not None:
+            self.compiled.reset()
 
     def _forward(self, group_key: str, rows: list[Row], **inputs: Any) -> torch.Tensor:
         """Last-position logits [B, vocab] in fp32 for `rows`, all on the same adapter group."""
@@ -160,6 +173,8 @@ class Batch:
         return logits[0], cache
 
     def _decode(self, group: Group) -> torch.Tensor:
+        if self.compiled is not None and not group.key:
+            return self.compiled.decode(group.rows)
         assert group.mask is not None
         ids = torch.tensor([[r.generated[-1]] for r in group.rows], device=self.device)
         positions = torch.tensor([[r.length] for r in group.rows], device=self.device)  # [B, 1]
@@ -178,6 +193,10 @@ class Batch:
 
     def _join(self, row: Row, cache: Any) -> None:
         """Pad the row's [1, H, P, D] cache and the group's [B, H, T, D] on the left to one length."""
+        if self.compiled is not None and not row.group:  # its own slot of the static cache: nothing moves
+            self.compiled.join(row, cache)
+            self.groups.setdefault("", Group("")).rows.append(row)
+            return
         group = self.groups.get(row.group)
         mask = torch.ones((1, row.length), dtype=torch.long, device=self.device)
         if group is None:
@@ -195,6 +214,12 @@ class Batch:
     def _drop(self, row: Row) -> None:
         group = self.groups.get(row.group)
         if group is None or row not in group.rows:
+            return
+        if self.compiled is not None and not group.key:  # the slot is free again; other rows stay put
+            self.compiled.leave(row)
+            group.rows.remove(row)
+            if not group.rows:
+                del self.groups[group.key]
             return
         keep = [i for i, r in enumerate(group.rows) if r is not row]
         group.rows = [group.rows[i] for i in keep]

@@ -4,7 +4,9 @@ One asyncio task drives iteration-level batching: between two decode steps it ad
 (up to `max_concurrency` rows and `max_adapters_per_batch` distinct adapters) and drops cancelled ones;
 each step (model forwards, sampling, detokenizing) runs on a single worker thread (see hf_batch), so the
 event loop stays free and the model is never touched by two threads. Adapter loads and unloads go
-through the same thread, so they happen between steps, never inside one.
+through the same thread, so they happen between steps, never inside one. With `compile_decode`, base and
+stacked-LoRA rows decode on hf_compiled (a static KV cache, one torch.compile'd step, batch buckets
+warmed up inside start(), so the server turns SERVING only once they are compiled).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -51,6 +54,9 @@ class HfConfig:
     max_adapters_per_batch: int = 8  # distinct adapters among the running rows
     max_adapters_resident: int = 16  # stacked LoRA slots preallocated (they grow if the registry holds more)
     int4_group_size: int = 64
+    # the main group decodes on a static KV cache with one torch.compile'd step (hf_compiled), warmed up
+    # at start-up; False: the eager path, untouched
+    compile_decode: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -174,7 +180,39 @@ class HfEngine:
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if self._tokenizer.eos_token_id is not None:
             eos_ids.add(self._tokenizer.eos_token_id)
-        return Batch(model, eos_ids, c.device, slots=c.max_adapters_resident)
+        batch = Batch(model, eos_ids, c.device, slots=c.max_adapters_resident)
+        if c.compile_decode:
+            self._compile_decode(batch)
+        return batch
+
+    def _compile_decode(self, batch: Any) -> None:
+        """Build the compiled decode path and warm every batch bucket up (start() returns after: SERVING
+        comes only once the graphs exist). A model the static step cannot run keeps the eager path."""
+        from .hf_compiled import CompiledDecoder
+
+        c = self.config
+        try:
+            decoder = CompiledDecoder(
+                batch.base, batch.stack, c.device, c.max_concurrency, self.info.max_context
+            )
+        except ValueError as exc:
+            log.warning("hf engine: compile_decode is off for this model (%s); decoding eagerly", exc)
+            return
+        t0 = time.perf_counter()
+        for bucket, seconds in decoder.warm_up().items():
+            log.info("hf engine: compiled decode warm-up, batch bucket %d: %.1f s", bucket, seconds)
+        total = time.perf_counter() - t0
+        log.info(
+            "hf engine: compiled decode %s, buckets %s, %d graphs, static KV cache %.0f MiB; warm-up %.1f s",
+            decoder.mode,
+            ",".join(map(str, decoder.buckets)),
+            decoder.graphs,
+            decoder.kv.nbytes / 2**20,
+            total,
+        )
+        batch.compiled = decoder
+        extra = {"decode": decoder.mode, "decode_warmup_s": f"{total:.1f}"}
+        self.info = replace(self.info, extra={**self.info.extra, **extra})
 
     async def shutdown(self) -> None:
         self._closing = True
