@@ -23,10 +23,15 @@ from effllm.tuner import tasks
 from ..adapterroot import AdapterRoot
 from ..serverproc import ServerProcess
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("effllm.server.adapters") is None,
-    reason="AdapterService (server/adapters, the `adapters` branch) is not in this checkout yet",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("effllm.server.adapters") is None,
+        reason="AdapterService (server/adapters, the `adapters` branch) is not in this checkout yet",
+    ),
+    # Two tuning runs and four rounds of answers: over the default 600 s on a loaded 2-core box (and, run
+    # alone, the session adapter server's start-up counts too).
+    pytest.mark.timeout(1800),
+]
 
 NAME = "tuned"
 TRAIN = [  # the bench reached 4/4 held-out exact match on json_extract after 4 steps of batch 4 at lr 1e-3
