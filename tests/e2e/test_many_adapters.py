@@ -67,19 +67,6 @@ def zipf_traffic(names: list[str], n: int, seed: int = 0) -> list[str]:
     return picks
 
 
-async def _load_all(target: str, names: list[str], at_once: int = 8) -> None:
-    """LoadAdapter for every name, `at_once` in flight: the server validates and snapshots one adapter (in
-    its threads) while the engine loads and probes another, instead of one after the other."""
-    gate = asyncio.Semaphore(at_once)
-    async with AsyncEffllmClient(target, timeout=600.0) as ac:
-
-        async def load(name: str) -> None:
-            async with gate:
-                await ac.load_adapter(name, "1")
-
-        await asyncio.gather(*(load(name) for name in names))
-
-
 async def _drive(target: str, traffic: list[str]) -> list[Any]:
     """STREAMS closed-loop workers; a failed request is kept as its exception."""
     results: list[Any] = [None] * len(traffic)
@@ -110,8 +97,9 @@ def test_64_adapters_zipf_plus_base_on_32_streams(
 ) -> None:
     server: ServerProcess = request.getfixturevalue(f"{engine}_many_server")
     names = [name for name, _, _ in many_adapters.adapters]
-    asyncio.run(_load_all(server.target, names))
     with server.client(timeout=600.0) as c:
+        for name in names:
+            c.load_adapter(name, "1")
         assert len(c.list_adapters()) == len(names)
         assert c.model_info().capabilities.max_adapters_per_batch == 8
     traffic = zipf_traffic(names, REQUESTS)
