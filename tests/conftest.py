@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pytest
 
 from .adapterroot import AdapterRoot, build_adapter_root
 from .serverproc import ServerProcess, start_server
+
+# Every server a test starts inherits this: OpenTelemetry's BatchSpanProcessor exports every 0.2 s instead of
+# every 5 s (the SDK's default), so tests and load campaigns waiting for a request's span wait that much less.
+os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ import pytest
 
 from effllm.client import ClientSecurity
 
+from ..adapterroot import AdapterRoot
 from ..certs import Pki, make_pki
 from ..serverproc import ServerProcess, start_server
 
@@ -117,6 +118,40 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         ready_timeout=900,  # start-up takes minutes on a shared, oversubscribed box
     )
     yield Hardened(server, pki, admin, generate, adapter_root)
+    server.stop()
+
+
+# --- adapters: one vLLM server on the session's adapter root, for test_adapters_e2e and test_tune_publish ---
+@pytest.fixture(scope="session")
+def adapter_server(adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[ServerProcess]:
+    """vLLM on tests/adapterroot.py's root: resident limit 4, 4 adapters per batch, max rank 16, 32 batch
+    slots, demo@1 preloaded. Shared so that tune -> publish -> serve needs no server of its own (a vLLM
+    start-up is half a minute on 2 cores); each user leaves only demo@1 loaded."""
+    server = start_server(
+        "--engine",
+        "vllm",
+        "--adapter-root",
+        str(adapter_root.root),
+        "--max-adapter-rank",
+        "16",
+        "--max-adapters-resident",
+        "4",
+        "--max-adapters-per-batch",
+        "4",
+        "--max-concurrency",
+        "32",
+        "--queue-size",
+        "64",
+        "--max-context",
+        "512",
+        "--kv-cache-gib",
+        "0.25",
+        "--preload",
+        "demo@1",
+        log_dir=logs_dir,
+        ready_timeout=900,
+    )
+    yield server
     server.stop()
 
 

@@ -3,8 +3,8 @@
 On the session's hardened vLLM server (TLS, admin token, adapter root with good/1): hostile folders are
 refused with FAILED_PRECONDITION (INVALID_ARGUMENT for links out of the root), never UNKNOWN/INTERNAL, and
 greedy base output is byte-identical before and after every attempt; a 50-folder hypothesis fuzz goes
-through LoadAdapter. Identity and churn run on the module server of test_adapters_e2e (prefix caching
-is on by default in vLLM)."""
+through LoadAdapter. Identity and churn run on the session's adapter server in test_adapters_e2e
+(prefix caching is on by default in vLLM)."""
 
 from __future__ import annotations
 

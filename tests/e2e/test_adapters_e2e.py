@@ -1,7 +1,8 @@
 """Adapters end to end: a real `effllm serve --engine vllm --adapter-root ...` and real PEFT adapters.
 
-One module-scoped server (resident limit 4, max rank 16, demo@1 preloaded). Every test leaves the server
-with only demo@1 loaded, so the tests do not depend on each other's order.
+The session's adapter server (tests/e2e/conftest.py: resident limit 4, max rank 16, demo@1 preloaded; also
+test_tune_publish's). Every test leaves the server with only demo@1 loaded, so the tests do not depend on
+each other's order.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from effllm.client import AsyncEffllmClient, EffllmClient
 
-from ..serverproc import ServerProcess, start_server
+from ..serverproc import ServerProcess
 
 # Generous: on a 2-core machine shared with other jobs one 8-token request has taken over a minute.
 pytestmark = pytest.mark.timeout(1800)
@@ -29,32 +30,8 @@ SWAP_NEW = 16
 
 
 @pytest.fixture(scope="module")
-def server(adapter_root, logs_dir) -> Iterator[ServerProcess]:
-    proc = start_server(
-        "--engine",
-        "vllm",
-        "--adapter-root",
-        str(adapter_root.root),
-        "--max-adapter-rank",
-        "16",
-        "--max-adapters-resident",
-        "4",
-        "--max-adapters-per-batch",
-        "4",
-        "--max-concurrency",
-        "32",
-        "--queue-size",
-        "64",
-        "--max-context",
-        "512",
-        "--kv-cache-gib",
-        "0.25",
-        "--preload",
-        "demo@1",
-        log_dir=logs_dir,
-    )
-    yield proc
-    proc.stop()
+def server(adapter_server: ServerProcess) -> ServerProcess:
+    return adapter_server
 
 
 @pytest.fixture(scope="module")
@@ -340,43 +317,54 @@ def test_identity_one_content_per_version_with_prefix_caching(client, reference,
 
 
 CHURN_ROUNDS = 30
+CHURN_NEW = 4  # tokens per churn request: enough to tell the alternating contents apart (asserted below)
 
 
 def test_adapter_churn_under_8_streams(client, server, reference, adapter_root) -> None:
     """8 streams on two adapter names while each is re-versioned 30 times (load the next version, then
-    unload the previous): zero failed requests, and every reply comes from the version its request
-    resolved — the version named in its final message, whose tokens it must carry."""
+    unload the previous; the two names churn at the same time): zero failed requests, and every reply comes
+    from the version its request resolved — the version named in its final message, whose tokens it must
+    carry."""
     root = adapter_root.root
     sources = {"ca": ("demo/1", "demo/2"), "cb": ("rs/1", "wide/1")}
     expected: dict[str, list[int]] = {}
     for name, (odd, even) in sources.items():
+        first = {src: reference[src.replace("/", "@")][:CHURN_NEW] for src in (odd, even)}
+        # consecutive versions differ in their first tokens: a reply from the wrong version cannot pass
+        assert first[odd] != first[even], (name, first)
         shutil.rmtree(root / name, ignore_errors=True)
         for v in range(1, CHURN_ROUNDS + 2):
             src = odd if v % 2 else even
             _link_version(root, name, v, src)
-            expected[f"{name}@{v}"] = reference[src.replace("/", "@")]
+            expected[f"{name}@{v}"] = first[src]
+    # ca and cb hold up to 4 versions between them, the resident limit: demo@1 makes way (only_demo_left
+    # loads it again), so no eviction can take a version the test still uses.
+    client.unload_adapter("demo", "1")
     for name in sources:
         client.load_adapter(name, "1")
 
-    async def run() -> tuple[list, int]:
+    async def run() -> tuple[list, list[int]]:
         async with AsyncEffllmClient(server.target, timeout=600.0) as ac:
             done = asyncio.Event()
             results: list = []
 
             async def stream(name: str) -> None:
                 while not done.is_set():
-                    reply = await ac.generate(PROMPT, adapter=name, max_new_tokens=NEW, temperature=0.0)
+                    reply = await ac.generate(PROMPT, adapter=name, max_new_tokens=CHURN_NEW, temperature=0.0)
                     results.append((reply.adapter, list(reply.token_ids)))
 
-            streams = [asyncio.create_task(stream(n)) for n in ("ca", "cb") * 4]
-            rounds = 0
-            try:
+            async def churn(name: str) -> int:
+                rounds = 0
                 for v in range(1, CHURN_ROUNDS + 1):
-                    for name in sources:
-                        info = await ac.load_adapter(name, str(v + 1))
-                        assert info.latest and len(info.content_sha256) == 64
-                        await ac.unload_adapter(name, str(v), wait_s=300)
+                    info = await ac.load_adapter(name, str(v + 1))
+                    assert info.latest and len(info.content_sha256) == 64
+                    await ac.unload_adapter(name, str(v), wait_s=300)
                     rounds += 1
+                return rounds
+
+            streams = [asyncio.create_task(stream(n)) for n in ("ca", "cb") * 4]
+            try:
+                rounds = await asyncio.gather(*(churn(n) for n in sources))
             finally:
                 done.set()
                 outcome = await asyncio.gather(*streams, return_exceptions=True)
@@ -387,7 +375,7 @@ def test_adapter_churn_under_8_streams(client, server, reference, adapter_root) 
     started = time.monotonic()
     results, rounds = asyncio.run(run())
     print(f"churn: {rounds} rounds, {len(results)} requests in {time.monotonic() - started:.1f}s")
-    assert rounds == CHURN_ROUNDS and len(results) >= 8
+    assert rounds == [CHURN_ROUNDS] * len(sources) and len(results) >= 8
     versions = {adapter for adapter, _ in results}
     assert len(versions) >= 4  # the streams really saw the churn
     for adapter, tokens in results:

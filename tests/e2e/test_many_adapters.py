@@ -1,8 +1,8 @@
 """Many adapters at once (issue 12): 64 distinct adapters with Zipf popularity plus base rows over 32
 concurrent streams, on the vLLM engine with --max-adapters-per-batch 8 (more distinct adapters than the
 worker has slots: later ones must wait their turn, never crash the engine core) and on the hf engine
-(stacked LoRA). Zero failed requests, the server SERVING after, and one row per adapter equal to PEFT
-run alone (greedy)."""
+(stacked LoRA). Zero failed requests, the server SERVING after, and a sample of rows (base, and of
+each adapter kind the most and the least requested adapter) equal to PEFT run alone (greedy)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from .conftest import ManyAdapters
 pytestmark = pytest.mark.timeout(1800)
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Once upon a time,")
-NEW = 6
+NEW = 4  # greedy tokens per request: parity needs a few, the traffic and PEFT pay for each
 REQUESTS = 128
 STREAMS = 32
 BASE_SHARE = 0.15
@@ -112,9 +112,10 @@ def test_64_adapters_zipf_plus_base_on_32_streams(
         assert c.health() == "SERVING"
         stats = c.stats()
         assert stats.running == 0 and stats.queued == 0
-    # one row for every third adapter (all four kinds: LoRA/rsLoRA x r8/r16) and a base row against PEFT
-    # run alone; every adapter would be 65 PEFT loads, most of this test's CI time
-    sample = {"", *names[::3]}
+    # Against PEFT run alone: a base row, and of each kind (LoRA/rsLoRA x r8/r16; names cycle through the
+    # four kinds, Zipf weight falls with the index) the most and the least requested adapter. Every
+    # adapter would be 65 PEFT loads, most of this test's CI time.
+    sample = {"", *names[:4], *names[-4:]}
     checked: set[str] = set()
     for i, name in enumerate(traffic):
         if name in checked or name not in sample:
