@@ -169,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
             return 1
     u, t = final.usage, final.timings
     energy = f"; {u.energy_joules:.3g} J ({u.energy_source})" if u.HasField("energy_joules") else ""
-    where = f"{final.variant}: " if final.variant else ""
+    where = f" on {final.variant}" if final.variant else ""
     print(
-        f"[{where}{u.input_tokens} prompt + {u.output_tokens} new tokens; "
+        f"[{u.input_tokens} prompt + {u.output_tokens} new tokens{where}; "
         f"ttft {t.time_to_first_token_s * 1e3:.0f} ms, total {t.total_s:.2f} s{energy}]",
         file=sys.stderr,
     )

@@ -183,13 +183,12 @@ class EffllmServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
         info = self.engine.info
-        log.info(
-            "ready: %s (%s) on %s:%d",
-            info.model,
-            ", ".join(f"{v.name} on {v.engine.info.device}" for v in self.variants.variants),
-            self.config.host,
-            self.port,
+        # "(ENGINE, PRECISION, DEVICE)" per variant, "; " between them: one variant reads as before
+        hosted = "; ".join(
+            f"({v.engine.info.engine}, {v.engine.info.precision}, {v.engine.info.device})"
+            for v in self.variants.variants
         )
+        log.info("ready: %s %s on %s:%d", info.model, hosted, self.config.host, self.port)
 
     async def _watch_engine(self) -> None:
         """An engine that died (vLLM's engine core can) serves nothing again: stop being SERVING at once so
