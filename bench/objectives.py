@@ -32,7 +32,8 @@ from typing import Any
 
 import _objectives_table as table
 
-from effllm.loadtest.objectives import Budget, ObjectiveMix
+from effllm.common.budget import Budget
+from effllm.loadtest.objectives import ObjectiveMix
 from effllm.loadtest.workload import LengthDist, PromptSource, Workload
 
 

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from ..common.budget import Budget
 from .config import LoadConfig
-from .objectives import Budget, ObjectiveMix
+from .objectives import ObjectiveMix
 from .report import Slo
 from .workload import AdapterMix, Arrivals, LengthDist, PromptSource, Shape, Workload
 

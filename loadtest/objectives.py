@@ -1,12 +1,13 @@
-"""Objective mixes and budgets for load campaigns: what each simulated request asks the server to optimise.
+"""Objective mixes for load campaigns: what each simulated request asks the server to optimise.
 
 `effllm load --objectives latency=0.4,energy=0.4,quality=0.2` gives every request one objective, drawn
 from the mix by weight (`ObjectiveMix`); `--budget max_ttft_s=0.5,min_quality=0.9` gives every request the
-same limits (`Budget`). Both travel inside the Workload (JSON, to every Locust process) and map onto
-`GenerateRequest.objective` / `GenerateRequest.budget` (loadtest/wire.py). The draw uses its own seeded
-generator, separate from prompts, lengths and arrival gaps: the same seed gives the same arrivals, the
-same prompts AND the same objectives, with or without a mix (so a campaign with objectives sends exactly
-the requests of the same campaign without them, each with an objective added).
+same limits (`Budget`, common/budget.py: the same dataclass the server's router reads). Both travel inside
+the Workload (JSON, to every Locust process) and map onto `GenerateRequest.objective` /
+`GenerateRequest.budget` (loadtest/wire.py). The draw uses its own seeded generator, separate from
+prompts, lengths and arrival gaps: the same seed gives the same arrivals, the same prompts AND the same
+objectives, with or without a mix (so a campaign with objectives sends exactly the requests of the same
+campaign without them, each with an objective added).
 
 Pure: no locust, no grpc. Invariant: a bad value raises ValueError naming the flag and the part at fault.
 """
@@ -14,31 +15,15 @@ Pure: no locust, no grpc. Invariant: a bad value raises ValueError naming the fl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
+
+from ..common.budget import finite_number
 
 # What a request may state (the proto's `Objective` enum is OBJECTIVE_<NAME.upper()>); "unspecified"
 # leaves the choice to the server's default policy.
 OBJECTIVES = ("latency", "energy", "quality", "balanced", "unspecified")
-
-# Budget keys on the command line -> GenerateRequest.budget fields.
-BUDGET_FIELDS = {
-    "max_ttft_s": "max_time_to_first_token_s",
-    "max_tpot_s": "max_time_per_output_token_s",
-    "max_j_per_token": "max_joules_per_token",
-    "min_quality": "min_quality",
-}
-
-
-def _number(flag: str, part: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{flag} {part!r}: {text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{flag} {part!r}: the value must be finite")
-    return value
 
 
 @dataclass(frozen=True)
@@ -73,7 +58,7 @@ class ObjectiveMix:
                 raise ValueError(f"{flag} {part!r}: unknown objective {name!r}; use {', '.join(OBJECTIVES)}")
             if name in names:
                 raise ValueError(f"{flag} {part!r}: {name} is given twice")
-            weight = _number(flag, part, value) if eq else 1.0
+            weight = finite_number(flag, part, value) if eq else 1.0
             if weight < 0:
                 raise ValueError(f"{flag} {part!r}: a weight must be >= 0")
             names.append(name)
@@ -95,45 +80,3 @@ class ObjectiveMix:
         cumulative = np.cumsum(self.probabilities())
         i = int(np.searchsorted(cumulative, rng.random(), side="right"))
         return self.names[min(i, len(self.names) - 1)]  # min: rounding may leave cumulative[-1] < 1
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Limits every request carries (GenerateRequest.budget); None = no limit on that figure."""
-
-    max_ttft_s: float | None = None
-    max_tpot_s: float | None = None
-    max_j_per_token: float | None = None
-    min_quality: float | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("max_ttft_s", "max_tpot_s", "max_j_per_token"):
-            value = getattr(self, key)
-            if value is not None and (value <= 0 or not math.isfinite(value)):
-                raise ValueError(f"budget {key}: must be > 0, got {value}")
-        if self.min_quality is not None and not 0.0 <= self.min_quality <= 1.0:
-            raise ValueError(f"budget min_quality: must be in [0, 1], got {self.min_quality}")
-
-    @classmethod
-    def parse(cls, text: str, flag: str = "--budget") -> Budget | None:
-        """`max_ttft_s=0.5,max_tpot_s=0.1,max_j_per_token=2,min_quality=0.9`; empty text: None."""
-        kw: dict[str, float] = {}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            key, eq, value = (s.strip() for s in part.partition("="))
-            if key not in BUDGET_FIELDS or not eq:
-                raise ValueError(f"{flag} {part!r}: use {', '.join(f'{k}=X' for k in BUDGET_FIELDS)}")
-            if key in kw:
-                raise ValueError(f"{flag} {part!r}: {key} is given twice")
-            kw[key] = _number(flag, part, value)
-        if not kw:
-            if text.strip():
-                raise ValueError(f"{flag} {text!r}: use KEY=VALUE,... e.g. max_ttft_s=0.5")
-            return None
-        try:
-            return cls(**kw)
-        except ValueError as err:
-            raise ValueError(f"{flag}: {err}") from None
-
-    def fields(self) -> dict[str, float]:
-        """The proto's Budget fields that are set (GenerateRequest.budget)."""
-        return {BUDGET_FIELDS[k]: v for k, v in asdict(self).items() if v is not None}

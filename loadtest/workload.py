@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .objectives import Budget, ObjectiveMix
+from ..common.budget import Budget
+from .objectives import ObjectiveMix
 
 # Short, frequent English words: with a Llama-style BPE vocabulary " word" is one token each, so a
 # synthetic prompt of n words is ~n tokens (the server's usage.input_tokens records the exact count).

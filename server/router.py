@@ -1,6 +1,7 @@
 """Pick the variant that serves a request best for its objective, from live figures and the current load.
 
-`route(objective, budget, adapter_variants, candidates)` is pure: plain data in, a `Decision` out.
+`route(objective, budget, adapter_variants, candidates)` is pure: plain data in, a `Decision` out. The
+`Budget` is common/budget.py's (load campaigns send the same one).
 
 Prediction under load (what each candidate would deliver to this request if it were sent there now):
 - A batched engine's step time grows with the rows in the batch: step(n) = s1 * (1 + k * (n - 1)), with
@@ -31,34 +32,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..api.errors import EffllmError
+from ..common.budget import WIRE_FIELDS, Budget
 
 OBJECTIVES = ("latency", "energy", "quality", "balanced")
 _EPS = 1e-12
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Each field None: no limit."""
-
-    max_ttft_s: float | None = None
-    max_tpot_s: float | None = None
-    max_j_per_token: float | None = None
-    min_quality: float | None = None
-
-    @property
-    def empty(self) -> bool:
-        return all(
-            v is None for v in (self.max_ttft_s, self.max_tpot_s, self.max_j_per_token, self.min_quality)
-        )
-
-
 # The wire names of the budget fields (GenerateRequest.budget.*): refusals name them.
-BUDGET_FIELDS = {
-    "max_ttft_s": "budget.max_time_to_first_token_s",
-    "max_tpot_s": "budget.max_time_per_output_token_s",
-    "max_j_per_token": "budget.max_joules_per_token",
-    "min_quality": "budget.min_quality",
-}
+BUDGET_FIELDS = {name: f"budget.{wire}" for name, wire in WIRE_FIELDS.items()}
 
 
 @dataclass(frozen=True)

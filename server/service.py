@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -21,10 +21,10 @@ from ..api.refs import is_ref
 from ..api.status import STATUS
 from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
+from ..common.budget import WIRE_FIELDS, Budget
 from ..telemetry.genai import mark_error
 from .defaults import SamplingDefaults
-from .engines.base import ChatTurn, EffllmError, EngineInfo, GenerationRequest, Sampling, TokenEvent
-from .router import Budget
+from .engines.base import ChatTurn, EffllmError, GenerationRequest, Sampling, TokenEvent
 from .runner import Runner
 from .telemetry_rpc import telemetry_reply
 from .variants import Variant, VariantSet
@@ -182,12 +182,7 @@ def to_route(msg: pb.GenerateRequest) -> tuple[str, Budget]:
         return objective, Budget()
     b = msg.budget
     values: dict[str, float | None] = {}
-    for wire, name in (
-        ("max_time_to_first_token_s", "max_ttft_s"),
-        ("max_time_per_output_token_s", "max_tpot_s"),
-        ("max_joules_per_token", "max_j_per_token"),
-        ("min_quality", "min_quality"),
-    ):
+    for name, wire in WIRE_FIELDS.items():
         if not b.HasField(wire):
             values[name] = None
             continue
@@ -201,14 +196,15 @@ def to_route(msg: pb.GenerateRequest) -> tuple[str, Budget]:
 
 
 def model_info(
-    info: EngineInfo,
-    runner: Runner,
+    variants: VariantSet,
     limits: Limits | None = None,
     defaults: SamplingDefaults | None = None,
     chat_template: bool = False,
-    variants: Sequence[Variant] = (),
 ) -> pb.ModelInfo:
+    """The server's top-level figures are its default variant's; `variants` lists each one
+    (`variant_info`), the default included, so both read the same engine and runner."""
     d, lim = defaults or SamplingDefaults(), limits or Limits()
+    info, runner = variants.default.engine.info, variants.default.runner
     return pb.ModelInfo(
         model=info.model,
         fingerprint=info.fingerprint,
@@ -236,7 +232,7 @@ def model_info(
             from_model=list(d.from_model),
         ),
         chat_template=chat_template,
-        variants=[variant_info(v) for v in variants],
+        variants=[variant_info(v) for v in variants.variants],
     )
 
 
@@ -357,14 +353,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> pb.ModelInfo:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
-        return model_info(
-            self.runner.engine.info,
-            self.runner,
-            self.limits,
-            self.defaults,
-            self.chat_template,
-            self.variants.variants,
-        )
+        return model_info(self.variants, self.limits, self.defaults, self.chat_template)
 
     async def GetTelemetry(
         self, request: pb.GetTelemetryRequest, context: grpc.aio.ServicerContext

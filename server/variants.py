@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from ..common.budget import Budget
 from ..common.heldout import HELD_OUT, perplexity, relative_quality
 from ..telemetry.energy import DEFAULT_WATTS_PER_CORE, WATTS_PER_CORE_ENV
 from ..telemetry.genai import RouteNote
@@ -36,7 +37,7 @@ from .engines.base import (
     Sampling,
     TokenEvent,
 )
-from .router import Budget, Candidate, Decision, route
+from .router import Candidate, Decision, route
 
 if TYPE_CHECKING:
     from .runner import Runner

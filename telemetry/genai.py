@@ -181,10 +181,11 @@ class RequestTrace:
         name, version = split_adapter(start.adapter)
         s = observer.served
         precision, engine = start.precision or s.precision, start.engine or s.engine
+        self.variant = start.variant or f"{precision}:{engine}"  # its engine: the energy group
         self.labels = {
             **observer.labels,
             "effllm.precision": precision,
-            "effllm.variant": start.variant or f"{precision}:{engine}",
+            "effllm.variant": self.variant,
             "gen_ai.operation.name": _operation(start.chat),
             "effllm.adapter": name,
         }
@@ -248,14 +249,15 @@ class RequestTrace:
         self.o.instruments.routes.add(1, {**labels, "effllm.route.budget_met": met})
 
     def scheduled(self) -> None:
-        """The request holds a batch slot: from now on it shares the energy."""
+        """The request holds a batch slot: from now on it shares the energy, with its variant's engine as
+        its group (telemetry/attribution.py: an interval is split per busy engine, then per request)."""
         if self.o.attributor is not None:
-            self.o.attributor.start(self.start.request_id)
+            self.o.attributor.start(self.start.request_id, group=self.variant)
         self._running = True
 
     def _energy(self) -> None:
         if self._running and self.o.attributor is not None:
-            share = self.o.attributor.finish(self.start.request_id)
+            share = self.o.attributor.finish(self.start.request_id, group=self.variant)
             self.energy = share
             self._set({"effllm.energy_j": share.joules, "effllm.energy.source": share.source})
             self.o.instruments.energy.add(share.joules, {**self.labels, "effllm.energy.source": share.source})

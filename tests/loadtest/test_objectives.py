@@ -16,10 +16,11 @@ import pytest
 
 from effllm.api.v1 import generation_pb2 as pb
 from effllm.cli.main import build_parser
+from effllm.common.budget import Budget
 from effllm.loadtest.campaign import Campaign, run
 from effllm.loadtest.cli import workload_from_args
 from effllm.loadtest.config import LoadConfig
-from effllm.loadtest.objectives import OBJECTIVES, Budget, ObjectiveMix
+from effllm.loadtest.objectives import OBJECTIVES, ObjectiveMix
 from effllm.loadtest.options import config_from_options
 from effllm.loadtest.render import markdown, variant_shares
 from effllm.loadtest.report import build, per_objective, read_rows

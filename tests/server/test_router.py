@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from effllm.api.errors import EffllmError
-from effllm.server.router import Budget, Candidate, predict, route
+from effllm.common.budget import Budget
+from effllm.server.router import Candidate, predict, route
 
 # Two variants shaped like fp32 vs int4 on a CPU: fp32 faster and better, int4 cheaper per token.
 FP32 = Candidate(
@@ -133,9 +134,13 @@ def test_strict_budget_nobody_meets_is_refused_naming_the_field() -> None:
         route("latency", Budget(max_tpot_s=0.001), None, BOTH, strict=True)
     assert err.value.code == "failed_precondition"
     assert "budget.max_time_per_output_token_s" in err.value.message and "strict_budget" in err.value.message
+    # quality is relative to the best variant, so only a pool without it (the adapter is on int4 only,
+    # quality 0.93) can miss a min_quality in 0..1 (a Budget refuses anything else)
     with pytest.raises(EffllmError) as err:
-        route("quality", Budget(min_quality=1.5), None, BOTH, strict=True)
-    assert "budget.min_quality" in err.value.message
+        route("quality", Budget(min_quality=0.95), frozenset({"int4:hf"}), BOTH, strict=True)
+    assert "budget.min_quality" in err.value.message and "int4:hf" in err.value.message
+    with pytest.raises(ValueError, match="min_quality"):
+        Budget(min_quality=1.5)
 
 
 def test_strict_budget_someone_meets_is_served() -> None:

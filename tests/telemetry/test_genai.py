@@ -143,3 +143,26 @@ def test_a_routed_request_carries_its_variant_and_objective(setup) -> None:  # t
     (decision,) = points["effllm.route.decisions"]
     assert decision.value == 1 and decision.attributes["effllm.route.budget_met"] == "true"
     assert "effllm.adapter" not in decision.attributes
+
+
+def test_requests_on_two_variants_share_energy_per_engine(setup) -> None:  # type: ignore[no-untyped-def]
+    """The trace passes its variant to the attributor: one int4 request beside three fp32 ones gets half
+    of an interval (its engine's share), each fp32 one a sixth; a server's own variant is its group."""
+    observer, _spans, _reader, energy_file = setup
+    fp32 = [
+        observer.begin(RequestStart(f"f{i}", False, 8, 1.0, 1.0, "", "fp32:hf", "fp32", "hf"))
+        for i in range(3)
+    ]
+    int4 = observer.begin(RequestStart("i0", False, 8, 1.0, 1.0, "", "int4:hf", "int4", "hf"))
+    plain = observer.begin(RequestStart("p0", False, 8, 1.0, 1.0, ""))  # no variant: the server's fp32:vllm
+    for t in (*fp32, int4):
+        t.scheduled()
+    energy_file.write_text("6000000\n")  # 6 J with both engines busy: 3 J each
+    end = RequestEnd(3, 4, "length", "", 0.0, 0.1, 0.3, 0.4)
+    for t in (*fp32, int4):
+        t.finish(end)
+    plain.scheduled()
+    assert observer.attributor is not None and observer.attributor.busy_groups() == ("fp32:vllm",)
+    plain.finish(end)
+    assert int4.energy is not None and int4.energy.joules == pytest.approx(3.0)
+    assert all(t.energy is not None and t.energy.joules == pytest.approx(1.0) for t in fp32)
