@@ -5,9 +5,9 @@ The vLLM variant's quality comes from `VllmEngine.score` (vLLM's prompt_logprobs
 held-out perplexity must agree with transformers' (loadtest/quality.py, the reference) on the same text,
 and int4 scores worse. Every objective is served and names its variant (QUALITY: fp32:vllm); LATENCY
 requests admitted one after another spread over both variants and every one finishes; a DoRA adapter is
-refused (neither vLLM nor int4 on CPU serves DoRA) and a LoRA goes to both. One server for the module: a
-vLLM start-up and its first logprobs request (vLLM compiles its logprobs op with Inductor on CPU) cost
-a minute or two on 2 cores; the routing cases on two hf variants live in test_variants.py.
+refused (neither vLLM nor int4 on CPU serves DoRA) and a LoRA goes to both; the engine core runs eager
+without torch.compile, so scoring compiles nothing with Inductor. One server for the module (a vLLM
+start-up is a minute or two on 2 cores); the routing cases on two hf variants live in test_variants.py.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 SLOTS = 2
 VLLM, INT4 = "fp32:vllm", "int4:hf"
 # vLLM fp32 against transformers fp32 on the same ids: both float32 forwards of the same weights, apart
-# only in kernels (vLLM's CPU attention, a zero LoRA on base rows) and summation order. Measured: see
-# test_the_vllm_variants_perplexity_agrees_with_transformers.
-PARITY_REL = 0.005
+# only in kernels (vLLM's CPU attention, a zero LoRA on base rows) and summation order. Measured on the
+# 347 held-out tokens: 30.9563 against 30.95627 (under 1e-5 apart); 1e-3 leaves room for other CPUs'
+# kernels, and an off-by-one token or a bf16 forward would move it by far more.
+PARITY_REL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,16 @@ def test_dora_is_refused_and_a_lora_goes_to_both_variants(server: ServerProcess)
         reply = c.generate(PROMPT, max_new_tokens=3, adapter="demo@1", objective="energy")
         assert reply.variant in (VLLM, INT4) and reply.adapter == "demo@1"
         c.unload_adapter("demo", "1", wait_s=30)
+
+
+def test_the_vllm_engine_core_runs_eager_without_inductor(server: ServerProcess) -> None:
+    """The engine core (a spawned child) got TORCH_COMPILE_DISABLE, so scoring compiled nothing."""
+    import psutil
+
+    environs = []
+    for child in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            environs.append(child.environ())
+        except psutil.Error:  # a helper process that exited meanwhile
+            continue
+    assert any(env.get("TORCH_COMPILE_DISABLE") == "1" for env in environs)

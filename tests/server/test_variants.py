@@ -168,7 +168,7 @@ class ChildWorker(FakeEngine):
 
     def __init__(self) -> None:
         super().__init__(max_context=256)
-        self.info = replace(self.info, precision="bf16")  # type: ignore[arg-type]
+        self.info = replace(self.info, precision="bf16")
         self.child = subprocess.Popen(
             [sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
