@@ -97,7 +97,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="max_new_tokens of a request that sets none; default: the model's generation_config.json "
         f"max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}",
     )
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM CPU KV cache size")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=1.0,
+        help="vLLM CPU KV cache size (GiB), reserved up front by each vLLM variant",
+    )
     p.add_argument(
         "--tensor-parallel-size",
         type=int,
@@ -128,7 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="vLLM on CPU: OpenMP thread binding (VLLM_CPU_OMP_THREADS_BIND): nobind, auto (one pinned "
         "thread per core, one core kept for the scheduler and gRPC) or CPU lists like 0-3|4-7; "
-        "default: the environment's, else nobind",
+        "default: the environment's, else nobind. Every vLLM variant's engine core binds the same CPUs",
     )
     lim = p.add_argument_group("limits (a request over one is refused at once, naming it)")
     lim.add_argument(

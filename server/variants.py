@@ -3,8 +3,8 @@ with its own batch, KV cache and Runner (admission), plus what the router needs 
 
 - `LiveFigures`: a variant's exponentially weighted figures (TTFT, prefill, TPOT, J/token, time holding a
   slot, batch size seen), updated by its Runner from every finished request; until the first one, the
-  start-up estimates of `measure()` (a few warm-up tokens on an idle engine; J/token from the process's
-  CPU time x watts per core, "estimated").
+  start-up estimates of `measure()` (a few warm-up tokens on an idle engine; J/token from the CPU time
+  of this process and its children x watts per core, "estimated": vLLM's engine core is a child).
 - `VariantAdapters`: the adapter registry's engine when there are several variants: a version goes to
   every variant that can serve it (method and rank), the others are recorded as skipped with why; a
   failure on one variant removes it again from those that took it, so no variant is left half-loaded.
@@ -28,6 +28,7 @@ from ..common.budget import Budget
 from ..common.heldout import HELD_OUT, perplexity, relative_quality
 from ..telemetry.energy import DEFAULT_WATTS_PER_CORE, WATTS_PER_CORE_ENV
 from ..telemetry.genai import RouteNote
+from ..telemetry.proctree import ProcessTree
 from .engines.base import (
     AdapterSpec,
     EffllmError,
@@ -265,18 +266,19 @@ class VariantSet:
         for v in self.variants:
             t0 = time.perf_counter()
             ppl[v.name] = await _perplexity(v.engine)
+            t1 = time.perf_counter()  # scoring's own time: vLLM's first logprobs request may compile
             await _warm_up(v, default_max_new_tokens)
             f = v.figures
             log.info(
-                "variant %s: perplexity %.3f on the held-out set; warm-up TTFT %.3fs, TPOT %.4fs, "
-                "~%.3g J/token "
-                "(estimated) (%.1fs)",
+                "variant %s: perplexity %.4f on the held-out set (scored in %.1fs); warm-up TTFT %.3fs, "
+                "TPOT %.4fs, ~%.3g J/token (estimated) (%.1fs)",
                 v.name,
                 ppl[v.name],
+                t1 - t0,
                 f.prefill_s,
                 f.tpot_s,
                 f.j_per_token,
-                time.perf_counter() - t0,
+                time.perf_counter() - t1,
             )
         for name, quality in relative_quality(ppl).items():
             self.by_name[name].perplexity = ppl[name]
@@ -300,18 +302,21 @@ def _prepared(engine: Engine, prompt: str, max_new_tokens: int) -> GenerationReq
 
 async def _warm_up(v: Variant, default_max_new_tokens: int) -> None:
     """Two short greedy generations straight on the engine (not through the runner: not a served request);
-    the second one is measured (the first pays lazy initialisation)."""
+    the second one is measured (the first pays lazy initialisation). Its CPU time is that of this process
+    and its children: vLLM decodes in its engine-core process, and this process's own CPU time would
+    leave out nearly all of it (only the other variants' idle engines share the figure)."""
     watts = float(os.environ.get(WATTS_PER_CORE_ENV) or DEFAULT_WATTS_PER_CORE)
     for measured in (False, True):
         request = _prepared(v.engine, HELD_OUT[0][:200], WARMUP_TOKENS)
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        tree = ProcessTree()  # CPU seconds from now on, this process and every child
+        t0 = time.perf_counter()
         first: float | None = None
         tokens = 0
         async for event in v.engine.generate(request):
             if event.token_ids and first is None:
                 first = time.perf_counter()
             tokens += len(event.token_ids)
-        end, cpu = time.perf_counter(), time.process_time() - cpu0
+        end, cpu = time.perf_counter(), tree.cpu_seconds()
         if not measured or first is None or tokens < 2:
             continue
         f = v.figures

@@ -8,13 +8,14 @@ so a cancelled gRPC call frees its batch slot even if vLLM's own cleanup is skip
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,39 @@ def apply_cpu_omp_bind(bind: str | None) -> str:
     return os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+def engine_core_env(config: VllmConfig) -> dict[str, str]:
+    """Environment for vLLM's engine-core process only. Eager on CPU: torch.compile off in it, so the one
+    compiled op on our path, the rank count behind every logprobs request (vllm/v1/sample/ops/logprobs.py:
+    `score`, hence every variant's start-up quality), runs eager instead of compiling C++ with Inductor at
+    the first such request (minutes on a busy 2-core box, and an engine core that dies if that compile
+    fails, as it can on a shared Inductor cache). Eager, the op is one comparison over [tokens, vocab]."""
+    if config.device == "cpu" and config.enforce_eager:
+        return {"TORCH_COMPILE_DISABLE": "1"}
+    return {}
+
+
+@contextlib.contextmanager
+def child_environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ while vLLM spawns its engine core (a spawned child inherits them), then the
+    previous values back. torch._dynamo is imported first: this process has read its own setting already,
+    so an hf engine in the same server (its --compile-decode) keeps torch.compile."""
+    if not values:
+        yield
+        return
+    import torch._dynamo  # noqa: F401  # reads TORCH_COMPILE_DISABLE once, at import
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+
+
 def _vllm_rank(rank: int) -> Any:
     """vLLM sizes its LoRA buffers for one of a few ranks: the smallest that holds `rank`."""
     return next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
@@ -204,7 +238,8 @@ class VllmEngine:
             apply_cpu_omp_bind(c.cpu_omp_bind),
             os.environ.get("OMP_NUM_THREADS", "unset"),
         )
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        with child_environment(engine_core_env(c)):  # the engine core is spawned inside from_engine_args
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         if self._null_slots:
             await self._add_null_adapter()
         tokenizer = AutoTokenizer.from_pretrained(self.model.path)
@@ -357,8 +392,8 @@ class VllmEngine:
     async def score(self, token_ids: Sequence[int]) -> list[float]:
         """Log-probabilities of `token_ids[1:]` from vLLM's `prompt_logprobs` (max_tokens=1), on the base
         model (the null adapter on CPU, which changes nothing). NOTE: on CPU the first logprobs request
-        compiles vLLM's logprobs op with Inductor (see probe_adapter): the server only scores when it hosts
-        several variants."""
+        would compile vLLM's logprobs op with Inductor (see probe_adapter), but an eager engine core runs
+        it eager (engine_core_env); the server only scores when it hosts several variants."""
         import uuid
 
         from vllm import SamplingParams

@@ -5,7 +5,11 @@ named `fault-*` raise mid-stream,
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,3 +221,21 @@ def hf_many_server(many_adapters: ManyAdapters, logs_dir: Path) -> Iterator[Serv
     server = _many_server("hf", many_adapters, logs_dir)
     yield server
     server.stop()
+
+
+# --- variants: the reference every engine's held-out perplexity (Engine.score) must agree with ----------
+@pytest.fixture(scope="session")
+def reference_perplexity() -> float:
+    """The default model's held-out perplexity at fp32 by transformers (loadtest/quality.py, the reference
+    implementation), in a process of its own so this one never loads torch for it."""
+    from effllm.common.model import resolve_model
+
+    out = subprocess.run(
+        [sys.executable, "-m", "effllm.loadtest.quality", str(resolve_model(None).path), "fp32"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env={"OMP_NUM_THREADS": "1", **os.environ},
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["perplexity"])

@@ -30,6 +30,7 @@ from ..serverproc import ServerProcess, start_server
 PROMPT = "Once upon a time, in a small village by the sea,"
 SLOTS = 4
 FP32, INT4 = "fp32:hf", "int4:hf"
+HF_PARITY_REL = 1e-3  # the same float32 forward as loadtest/quality.py; see test_variants_vllm.py for vLLM
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,9 @@ def _idle(client: EffllmClient, timeout: float = 60.0) -> None:
     raise AssertionError("the server did not go idle")
 
 
-def test_model_info_lists_both_variants_with_start_up_quality(server: ServerProcess) -> None:
+def test_model_info_lists_both_variants_with_start_up_quality(
+    server: ServerProcess, reference_perplexity: float
+) -> None:
     with server.client() as c:
         info = c.model_info()
         v = _variants(c)
@@ -86,6 +89,8 @@ def test_model_info_lists_both_variants_with_start_up_quality(server: ServerProc
     # quality: measured on each variant's own kernels, relative to the best (fp32 here)
     assert v[FP32].quality == pytest.approx(1.0) and 0 < v[INT4].quality < 1.0
     assert 1.0 < v[FP32].perplexity < v[INT4].perplexity
+    # the hf engine's score is transformers' forward on the same ids: it agrees with the reference
+    assert v[FP32].perplexity == pytest.approx(reference_perplexity, rel=HF_PARITY_REL)
     assert v[INT4].weight_bytes < v[FP32].weight_bytes / 2
     assert "dora" in v[FP32].adapter_methods and "dora" not in v[INT4].adapter_methods
     for name in (FP32, INT4):  # start-up estimates until requests arrive

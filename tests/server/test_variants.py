@@ -1,11 +1,14 @@
 """Variants in-process on the scripted FakeEngine (seconds, no model): adapters go to every variant that
 can serve them and a failure on one leaves none half-loaded; live figures fold finished requests in; a
 two-variant server routes, reports its variants, refuses a strict budget without running anything and
-names bad objective/budget fields."""
+names bad objective/budget fields; the start-up J/token estimate counts the CPU time of an engine's child
+process (where vLLM decodes)."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -19,8 +22,8 @@ from effllm.api.v1 import generation_pb2 as pb
 from effllm.api.v1 import generation_pb2_grpc as pb_grpc
 from effllm.client import build_request
 from effllm.server.app import EffllmServer, ServerConfig, run
-from effllm.server.engines.base import AdapterSpec, Timings, TokenEvent, Usage
-from effllm.server.variants import LiveFigures, VariantAdapters
+from effllm.server.engines.base import AdapterSpec, GenerationRequest, Timings, TokenEvent, Usage
+from effllm.server.variants import LiveFigures, Variant, VariantAdapters, VariantSet
 
 from .fakeengine import FakeEngine
 
@@ -145,6 +148,64 @@ async def test_two_variants_route_report_and_refuse() -> None:
         after = await stub.GetStats(pb.GetStatsRequest(), timeout=5)
         assert after.requests_total == before.requests_total == 2
         assert [len(e.calls) for e in server.engines] == calls  # not even prepared  # type: ignore[attr-defined]
+
+
+# A child that burns the CPU seconds it reads from each stdin line, then answers "ok".
+BURNER = (
+    "import sys, time\n"
+    "for line in sys.stdin:\n"
+    "    end = time.process_time() + float(line)\n"
+    "    while time.process_time() < end:\n"
+    "        pass\n"
+    "    print('ok', flush=True)\n"
+)
+CHILD_CPU_PER_TOKEN_S = 0.05
+
+
+class ChildWorker(FakeEngine):
+    """Decodes in a long-lived child process, as vLLM's engine core does: every token costs the child
+    CPU_PER_TOKEN_S of CPU and this process next to nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(max_context=256)
+        self.info = replace(self.info, precision="bf16")
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def _one_token(self) -> None:
+        assert self.child.stdin is not None and self.child.stdout is not None
+        self.child.stdin.write(f"{CHILD_CPU_PER_TOKEN_S}\n")
+        self.child.stdin.flush()
+        assert self.child.stdout.readline().strip() == "ok"
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        n = request.sampling.max_new_tokens
+        for i in range(n):
+            await asyncio.to_thread(self._one_token)
+            last = i == n - 1
+            usage = Usage(len(request.prompt_ids or ()), n) if last else None
+            yield TokenEvent(" b", (2,), finish_reason="length" if last else None, usage=usage)
+
+
+async def test_start_up_joules_per_token_count_the_engines_child_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM decodes in its engine-core process: a warm-up estimate from this process's CPU time alone
+    made a vLLM variant look nearly free, and ENERGY requests (with no meter, for good) went to it."""
+    watts = 10.0
+    monkeypatch.setenv("EFFLLM_WATTS_PER_CORE", str(watts))
+    child = ChildWorker()
+    try:
+        variants = VariantSet([Variant(child, None), Variant(fake("fp32"), None)])  # type: ignore[arg-type]
+        await variants.measure(default_max_new_tokens=16)
+        figures = variants.by_name["bf16:fake"].figures
+        # the child's CPU per token at `watts`; this process's share only adds to it
+        assert figures.j_per_token >= 0.8 * CHILD_CPU_PER_TOKEN_S * watts, figures
+        assert figures.energy_source == "estimated" and figures.tpot_s > 0
+    finally:
+        child.child.kill()
+        child.child.wait()
 
 
 @pytest.mark.parametrize(
