@@ -1,16 +1,18 @@
 """bench/objectives.py's comparison: the refusal rule, per-objective table, ratios and the issue's targets.
 
-Pure functions over plain dicts (stdlib only; unit-tested in tests/bench/test_objectives.py). One "server"
-is one campaign's results: its per-request rows (loadtest rows: stream, index, objective, max_new_tokens,
-status, input_tokens, output_tokens), its report's `per_objective` table, the variants its GetModelInfo
-lists (name, perplexity, quality) and, for a single-variant server, `variant`: the one it serves.
+Pure functions over plain dicts (stdlib and effllm.common only; unit-tested in
+tests/bench/test_objectives.py). One "server" is one campaign's results: its per-request rows (loadtest
+rows: stream, index, objective, max_new_tokens, status, input_tokens, output_tokens), its report's
+`per_objective` table, the variants its GetModelInfo lists (name, perplexity, quality) and, for a
+single-variant server, `variant`: the one it serves.
 
 Quality of a variant = the lowest perplexity measured for any variant / its own (VariantInfo.perplexity,
 each scored by a server on that variant's own kernels at start-up; the mixed server's figure wins where
 several servers measured one); an objective's quality = Σ over variants of (share of its requests
 served there) × quality. Targets (issue 14): ENERGY J/token ≤ 0.7 × the reference single-variant
 server's on the same requests; LATENCY TTFT p50 ≤ 1.1 × the fastest single-variant server's; QUALITY: every
-QUALITY request on the best-quality variant (judged only without a budget: with one, the client cannot
+QUALITY request on a best-quality variant (one within common/heldout.QUALITY_RESOLUTION of the best:
+the held-out set cannot rank fp32 and bf16) (judged only without a budget: with one, the client cannot
 tell whether the best variant met it).
 
 Invariant: no ratio and no verdict unless every server answered the same requests (same stream and
@@ -20,6 +22,8 @@ index, objective, prompt tokens) and decoded exactly the same tokens (check_same
 from __future__ import annotations
 
 from typing import Any
+
+from effllm.common.heldout import equally_good
 
 MIXED = "mixed"
 ENERGY_BOUND = 0.7  # × the reference server's J/token
@@ -135,10 +139,12 @@ def compare(servers: dict[str, dict[str, Any]], reference: str, budget: bool) ->
                 "j_per_token": _ratio(row["j_per_token"], other.get("j_per_token")),
                 "ttft_p50": _ratio(row["ttft_p50_s"], other.get("ttft_p50_s")),
             }
-    best = max(sorted(quality), key=lambda n: quality[n]) if quality else None
+    top = max(quality.values(), default=None)
+    best = sorted(n for n, q in quality.items() if equally_good(q, top)) if top is not None else []
     return {
         "quality": quality,
-        "best_variant": best,
+        "best_variant": ", ".join(best) or None,
+        "best_variants": best,
         "reference": reference,
         "rows": rows,
         "targets": {
@@ -179,17 +185,17 @@ def _latency_target(cell: dict[tuple[str, str], dict[str, Any]], singles: list[s
 
 
 def _quality_target(
-    cell: dict[tuple[str, str], dict[str, Any]], best: str | None, budget: bool
+    cell: dict[tuple[str, str], dict[str, Any]], best: list[str], budget: bool
 ) -> dict[str, Any]:
     mixed = cell.get((MIXED, "quality"))
     if mixed is None:
         return _na("needs QUALITY requests on the mixed server")
-    if best is None:
+    if not best:
         return _na("no server reported its variants' perplexity")
     if budget:
         return _na("requests carried a budget: the client cannot tell whether the best variant met it")
-    share = mixed["variants"].get(best, 0.0)
-    return _verdict(share >= 1.0, share_on_best=share, best=best)
+    share = sum(mixed["variants"].get(name, 0.0) for name in best)
+    return _verdict(share >= 1.0 - 1e-9, share_on_best=share, best=", ".join(best))
 
 
 def _f(x: float | None, scale: float = 1.0, digits: int = 3) -> str:

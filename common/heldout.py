@@ -49,6 +49,18 @@ def perplexity(logprobs_per_text: Iterable[Sequence[float]]) -> tuple[float, int
     return math.exp(total / count), count
 
 
+# Quality differences smaller than this are not differences: the held-out set is ~350 tokens, and on it
+# fp32 and bf16 differ by ~0.05 % in perplexity, in either direction from one CPU's kernels to another's,
+# while a real loss (int4) costs ~30 %. The router treats variants within this of the best as equally good
+# (and then picks the faster); the objectives bench counts them all as "the best-quality variant".
+QUALITY_RESOLUTION = 0.01
+
+
+def equally_good(quality: float, best: float) -> bool:
+    """`quality` is as good as `best` at the resolution the held-out set can measure."""
+    return quality >= best - QUALITY_RESOLUTION
+
+
 def relative_quality(perplexities: dict[str, float]) -> dict[str, float]:
     """name -> best (lowest) perplexity / this one's: 1.0 for the best, lower for the others."""
     if not perplexities:

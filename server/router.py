@@ -19,9 +19,11 @@ Before a variant has served anything its figures are the start-up estimates (a f
 
 Then: keep the variants holding the request's adapter; of those, the ones whose prediction meets every
 budget field; rank them by the objective (LATENCY: TTFT then TPOT; ENERGY: J/token then TTFT; QUALITY:
-quality then TTFT; BALANCED: the product of TTFT, TPOT, J/token and 1/quality, each relative to the best
-candidate). None meets the budget: the closest one (smallest summed relative excess) with
-budget_met=False, or, with `strict`, FAILED_PRECONDITION naming the budget field and nothing runs.
+the variants as good as the best one (within common/heldout.QUALITY_RESOLUTION: the held-out set cannot
+tell fp32 from bf16) by TTFT then TPOT, then the rest by quality; BALANCED: the product of TTFT, TPOT,
+J/token and 1/quality, each relative to the best candidate). None meets the budget: the closest one
+(smallest summed relative excess) with budget_met=False, or, with `strict`, FAILED_PRECONDITION naming
+the budget field and nothing runs.
 Invariant: no torch, no I/O, no clock; the same inputs give the same decision.
 """
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 
 from ..api.errors import EffllmError
 from ..common.budget import WIRE_FIELDS, Budget
+from ..common.heldout import equally_good
 
 OBJECTIVES = ("latency", "energy", "quality", "balanced")
 _EPS = 1e-12
@@ -139,7 +142,13 @@ def _rank_key(objective: str, preds: Sequence[Prediction]) -> dict[str, tuple[fl
     if objective == "energy":
         return {p.name: (p.j_per_token, p.ttft_s) for p in preds}
     if objective == "quality":
-        return {p.name: (-p.quality, p.ttft_s, p.tpot_s) for p in preds}
+        top = max(p.quality for p in preds)
+        return {
+            p.name: (0.0, p.ttft_s, p.tpot_s)
+            if equally_good(p.quality, top)
+            else (1.0 - p.quality, p.ttft_s, p.tpot_s)
+            for p in preds
+        }
     # balanced: each figure relative to the best candidate's, multiplied (1.0 = best at everything)
     best_ttft = min(p.ttft_s for p in preds)
     best_tpot = min(p.tpot_s for p in preds)
@@ -164,7 +173,7 @@ def _rank_key(objective: str, preds: Sequence[Prediction]) -> dict[str, tuple[fl
 _WHAT = {
     "latency": "lowest predicted time to first token",
     "energy": "lowest joules per token",
-    "quality": "highest quality",
+    "quality": "highest quality (ties within the held-out resolution: lowest predicted time to first token)",
     "balanced": "best product of relative latency, energy and quality",
 }
 

@@ -98,6 +98,23 @@ def _servers() -> dict[str, dict[str, Any]]:
     }
 
 
+def test_quality_target_counts_every_variant_as_good_as_the_best(tab: ModuleType) -> None:
+    # bf16 0.05 % better than fp32 on the held-out set: both are "the best-quality variant"
+    servers = _servers()
+    servers["mixed"]["variants"] = [
+        {"name": "fp32:hf", "perplexity": 10.005},
+        {"name": "bf16:hf", "perplexity": 10.0},
+        {"name": "int4:hf", "perplexity": 12.5},
+    ]
+    servers["mixed"]["per_objective"]["quality"] = _objective(1.0, 0.2, {"fp32:hf": 0.75, "bf16:hf": 0.25})
+    out = tab.compare(servers, reference="fp32:hf", budget=False)
+    assert out["best_variants"] == ["bf16:hf", "fp32:hf"]
+    assert out["targets"]["quality"]["verdict"] == "PASS"
+    servers["mixed"]["per_objective"]["quality"] = _objective(1.0, 0.2, {"fp32:hf": 0.9, "int4:hf": 0.1})
+    t = tab.compare(servers, reference="fp32:hf", budget=False)["targets"]["quality"]
+    assert t["verdict"] == "MISS" and t["share_on_best"] == pytest.approx(0.9)
+
+
 def test_compare_quality_ratios_and_targets(tab: ModuleType) -> None:
     out = tab.compare(_servers(), reference="fp32:hf", budget=False)
     assert out["quality"] == pytest.approx({"fp32:hf": 1.0, "int4:hf": 0.8})
