@@ -10,13 +10,15 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from effllm.client import ClientSecurity
+from effllm.api.v1 import generation_pb2 as pb
+from effllm.client import ClientSecurity, EffllmClient
 
 from ..adapterroot import AdapterRoot
 from ..certs import Pki, make_pki
@@ -239,3 +241,19 @@ def reference_perplexity() -> float:
         env={"OMP_NUM_THREADS": "1", **os.environ},
     )
     return float(json.loads(out.stdout.strip().splitlines()[-1])["perplexity"])
+
+
+def variants_by_name(client: EffllmClient) -> dict[str, pb.VariantInfo]:
+    """GetModelInfo's variants, by name (the variants e2e modules)."""
+    return {v.name: v for v in client.model_info().variants}
+
+
+def wait_idle(client: EffllmClient, timeout: float = 60.0) -> None:
+    """Until the server has nothing running or queued; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = client.stats()
+        if s.running == 0 and s.queued == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the server did not go idle")

@@ -26,6 +26,7 @@ from effllm.telemetry.otlpjson import read_spans
 
 from ..adapterroot import AdapterRoot
 from ..serverproc import ServerProcess, start_server
+from .conftest import variants_by_name, wait_idle
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 SLOTS = 4
@@ -64,26 +65,12 @@ def server(adapter_root: AdapterRoot, run_dir: Path, logs_dir: Path) -> Iterator
     assert proc.stop() == 0
 
 
-def _variants(client: EffllmClient) -> dict[str, pb.VariantInfo]:
-    return {v.name: v for v in client.model_info().variants}
-
-
-def _idle(client: EffllmClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = client.stats()
-        if s.running == 0 and s.queued == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the server did not go idle")
-
-
 def test_model_info_lists_both_variants_with_start_up_quality(
     server: ServerProcess, reference_perplexity: float
 ) -> None:
     with server.client() as c:
         info = c.model_info()
-        v = _variants(c)
+        v = variants_by_name(c)
     assert set(v) == {FP32, INT4} and info.variants[0].name == FP32  # the first --variant is the default
     assert info.precision == "fp32" and info.engine == "hf"
     # quality: measured on each variant's own kernels, relative to the best (fp32 here)
@@ -103,13 +90,13 @@ def test_energy_request_goes_to_the_lowest_live_joules_per_token_meeting_its_bud
 ) -> None:
     with server.client() as c:
         for i in range(3):
-            v = _variants(c)
+            v = variants_by_name(c)
             cheapest = min(v, key=lambda n: v[n].live.joules_per_token)
             reply = c.generate(PROMPT, max_new_tokens=6, ignore_eos=True, objective="energy")
             assert reply.variant == cheapest, (i, {n: v[n].live.joules_per_token for n in v})
             assert not reply.HasField("budget_met")  # no budget
         # a budget only fp32 meets (quality 1.0): served there, budget met
-        v = _variants(c)
+        v = variants_by_name(c)
         reply = c.generate(PROMPT, max_new_tokens=4, objective="energy", budget={"min_quality": 0.9999})
         assert reply.variant == FP32 and reply.budget_met is True
         # a J/token budget both meet: the cheaper one still
@@ -147,7 +134,7 @@ def test_latency_requests_move_to_the_other_variant_while_one_is_loaded(server: 
     first goes to the variant predicted fastest when idle; as its load grows (rows slowing its steps, then a
     queue to wait through), one goes to the other variant while the first still holds its requests."""
     with server.client() as c:
-        _idle(c)
+        wait_idle(c)
         stub = pb_grpc.GenerationServiceStub(c.channel)
         calls = []
         first, load = "", {}
@@ -171,13 +158,13 @@ def test_latency_requests_move_to_the_other_variant_while_one_is_loaded(server: 
         finally:
             for call in calls:
                 call.cancel()
-        _idle(c)
+        wait_idle(c)
 
 
 def test_strict_budget_nobody_meets_is_refused_and_runs_nothing(server: ServerProcess) -> None:
     impossible = {"max_time_per_output_token_s": 1e-9}
     with server.client() as c:
-        _idle(c)
+        wait_idle(c)
         before = c.stats()
         with pytest.raises(grpc.RpcError) as err:
             c.generate(PROMPT, max_new_tokens=4, objective="latency", budget=impossible, strict_budget=True)
@@ -212,7 +199,7 @@ def test_an_adapter_only_some_variants_hold_routes_only_to_them(server: ServerPr
             reply = c.generate(PROMPT, max_new_tokens=3, adapter="dora", objective=objective)
             assert reply.variant == FP32 and reply.adapter == "dora@1"
         # the LoRA may go to either; with the energy objective to the cheaper one
-        v = _variants(c)
+        v = variants_by_name(c)
         cheapest = min(v, key=lambda n: v[n].live.joules_per_token)
         assert c.generate(PROMPT, max_new_tokens=3, adapter="demo@1", objective="energy").variant == cheapest
 
@@ -234,7 +221,7 @@ def test_per_request_energy_sums_to_the_meters_energy_over_the_run(server: Serve
                     finals[rid] = chunk.final
 
     with server.client() as c:
-        _idle(c)
+        wait_idle(c)
     # quality pins fp32, energy goes to the cheaper: both variants busy
     threads = [
         threading.Thread(target=one, args=(rid, ("quality", "energy")[i % 2])) for i, rid in enumerate(ids)

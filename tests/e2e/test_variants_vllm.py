@@ -25,6 +25,7 @@ from effllm.client import EffllmClient
 
 from ..adapterroot import AdapterRoot
 from ..serverproc import ServerProcess, start_server
+from .conftest import variants_by_name, wait_idle
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 SLOTS = 2
@@ -62,26 +63,12 @@ def server(adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[ServerProcess]
     assert proc.stop() == 0
 
 
-def _variants(client: EffllmClient) -> dict[str, pb.VariantInfo]:
-    return {v.name: v for v in client.model_info().variants}
-
-
-def _idle(client: EffllmClient, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = client.stats()
-        if s.running == 0 and s.queued == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the server did not go idle")
-
-
 def test_the_vllm_variants_perplexity_agrees_with_transformers(
     server: ServerProcess, reference_perplexity: float
 ) -> None:
     with server.client() as c:
         info = c.model_info()
-        v = _variants(c)
+        v = variants_by_name(c)
     assert [x.name for x in info.variants] == [VLLM, INT4]  # the first --variant is the default
     assert (info.engine, info.precision) == ("vllm", "fp32")
     ppl = v[VLLM].perplexity
@@ -98,7 +85,7 @@ def test_the_vllm_variants_perplexity_agrees_with_transformers(
 
 def test_every_objective_is_served_and_names_its_variant(server: ServerProcess) -> None:
     with server.client() as c:
-        _idle(c)
+        wait_idle(c)
         for objective in ("", "latency", "energy", "balanced", "quality"):
             reply = c.generate(PROMPT, max_new_tokens=5, ignore_eos=True, objective=objective)
             assert reply.variant in (VLLM, INT4), objective
@@ -134,7 +121,7 @@ def test_latency_requests_spread_over_both_variants_and_each_finishes(server: Se
 
     threads = []
     with server.client() as c:
-        _idle(c)
+        wait_idle(c)
         base = _admitted(c)
         for i in range(n):
             t = threading.Thread(target=one, args=(f"spread-{i}-{time.time_ns()}",))
