@@ -143,7 +143,6 @@ def compare(servers: dict[str, dict[str, Any]], reference: str, budget: bool) ->
     best = sorted(n for n, q in quality.items() if equally_good(q, top)) if top is not None else []
     return {
         "quality": quality,
-        "best_variant": ", ".join(best) or None,
         "best_variants": best,
         "reference": reference,
         "rows": rows,
@@ -235,7 +234,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"- ENERGY J/token ≤ {ENERGY_BOUND}× the {result['reference']} server: {_target_text(t['energy'])}",
         f"- LATENCY TTFT p50 ≤ {LATENCY_BOUND}× the fastest single-variant server: "
         f"{_target_text(t['latency'])}",
-        f"- QUALITY on the best-quality variant ({result['best_variant'] or '?'}) 100 %: "
+        f"- QUALITY on the best-quality variant ({', '.join(result['best_variants']) or '?'}) 100 %: "
         f"{_target_text(t['quality'])}",
     ]
     return "\n".join(lines)

@@ -118,7 +118,7 @@ def test_quality_target_counts_every_variant_as_good_as_the_best(tab: ModuleType
 def test_compare_quality_ratios_and_targets(tab: ModuleType) -> None:
     out = tab.compare(_servers(), reference="fp32:hf", budget=False)
     assert out["quality"] == pytest.approx({"fp32:hf": 1.0, "int4:hf": 0.8})
-    assert out["best_variant"] == "fp32:hf"
+    assert out["best_variants"] == ["fp32:hf"]
     cell = {(r["server"], r["objective"]): r for r in out["rows"]}
     assert cell[("mixed", "energy")]["quality"] == pytest.approx(0.8)
     assert cell[("mixed", "latency")]["quality"] == pytest.approx(0.9)  # half on each
