@@ -1,4 +1,12 @@
-"""Shared fixtures: one real vLLM-engine server for the whole session (starting one costs ~25 s)."""
+"""Shared fixtures: one real vLLM-engine server for the whole session (starting one costs ~25 s), and the
+test tiers.
+
+Tiers: a test that needs the real model, a real engine or a real server is marked `model` — every test
+under tests/e2e/ and every test using a fixture of MODEL_FIXTURES is marked here; a module that loads the
+model itself says `pytestmark = pytest.mark.model`. `bash scripts/test.sh --fast` runs the rest
+(`-m "not model"`) with EFFLLM_TEST_TIER=fast, under which resolving the default model fails the test:
+Invariant: a fast-tier test that would load the model fails (naming the marker) instead of running slowly.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +22,27 @@ from .serverproc import ServerProcess, start_server
 # Every server a test starts inherits this: OpenTelemetry's BatchSpanProcessor exports every 0.2 s instead of
 # every 5 s (the SDK's default), so tests and load campaigns waiting for a request's span wait that much less.
 os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
+
+# Fixtures that start a real server or load the real model: a test using one is in the `model` tier.
+MODEL_FIXTURES = frozenset({"vllm_server", "adapter_root"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "e2e" in item.path.parts or fixtures & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("EFFLLM_TEST_TIER") != "fast":
+        return
+    from effllm.common import model
+
+    def refuse() -> Path:
+        raise RuntimeError("the fast tier loads no model: mark this test (or its module) `pytest.mark.model`")
+
+    model._ensure_default_checkpoint = refuse  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")

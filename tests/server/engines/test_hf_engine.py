@@ -4,13 +4,14 @@ stop strings, cancellation, and precisions (fp32, bf16, fp16, int4 with an adapt
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import torch
 
-from effllm.common.model import resolve_model
+from effllm.common.model import ResolvedModel, resolve_model
 from effllm.server.engines.base import (
     AdapterSpec,
     ChatTurn,
@@ -23,7 +24,15 @@ from effllm.server.engines.hf_engine import HfConfig, HfEngine
 
 from ...adaptertools import make_adapter, make_many_adapters
 
-MODEL = resolve_model(None)
+pytestmark = pytest.mark.model
+
+
+@functools.cache
+def model() -> ResolvedModel:
+    """The default model, resolved on first use (not at import: the fast tier collects this module)."""
+    return resolve_model(None)
+
+
 N = 10  # new tokens per parity row
 PROMPTS = ("The three primary colors are", "def fibonacci(n):")
 METHODS = {"lora1": ("lora", 1), "rs": ("rslora", 2), "dora": ("dora", 3), "lora2": ("lora", 4)}
@@ -34,14 +43,14 @@ def specs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, AdapterSpec]:
     root = tmp_path_factory.mktemp("adapters")
     out = {}
     for name, (method, seed) in METHODS.items():
-        path = make_adapter(MODEL.path, root / name / "1", method=method, rank=8, seed=seed, scale=1.0)
+        path = make_adapter(model().path, root / name / "1", method=method, rank=8, seed=seed, scale=1.0)
         out[name] = AdapterSpec(name, "1", path, method, 8, 16.0, ("q_proj", "v_proj"))  # type: ignore[arg-type]
     return out
 
 
 @pytest.fixture(scope="module")
 async def engine(specs: dict[str, AdapterSpec]) -> AsyncIterator[HfEngine]:
-    eng = HfEngine(MODEL, HfConfig(precision="fp32", max_concurrency=8, max_context=512))
+    eng = HfEngine(model(), HfConfig(precision="fp32", max_concurrency=8, max_context=512))
     await eng.start()
     for spec in specs.values():
         await eng.add_adapter(spec)
@@ -55,8 +64,8 @@ def reference(specs: dict[str, AdapterSpec]) -> Any:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(MODEL.path)
-    base = AutoModelForCausalLM.from_pretrained(MODEL.path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model().path)
+    base = AutoModelForCausalLM.from_pretrained(model().path, dtype=torch.float32).eval()
     first, *rest = specs.values()
     peft = PeftModel.from_pretrained(base, str(first.path), adapter_name=first.key)
     for spec in rest:
@@ -195,7 +204,7 @@ async def test_stop_string_cuts_text_and_deltas_add_up(engine: HfEngine) -> None
 
 
 async def test_cancel_frees_the_slot(specs: dict[str, AdapterSpec]) -> None:
-    eng = HfEngine(MODEL, HfConfig(precision="fp32", max_concurrency=2, max_context=512))
+    eng = HfEngine(model(), HfConfig(precision="fp32", max_concurrency=2, max_context=512))
     await eng.start()
     try:
         gens = [eng.generate(request(PROMPTS[0], n=200, rid=f"long{i}")) for i in range(2)]
@@ -275,7 +284,7 @@ async def test_probe_runs_with_the_add_and_sees_non_finite_weights(
 
 async def test_adapters_per_batch_limit_holds_rows_back(specs: dict[str, AdapterSpec]) -> None:
     config = HfConfig(precision="fp32", max_concurrency=4, max_adapters_per_batch=1, max_context=512)
-    eng = HfEngine(MODEL, config)
+    eng = HfEngine(model(), config)
     await eng.start()
     try:
         for name in ("lora1", "rs"):
@@ -294,7 +303,7 @@ async def test_adapters_per_batch_limit_holds_rows_back(specs: dict[str, Adapter
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 async def test_half_precisions_answer(precision: str) -> None:
-    eng = HfEngine(MODEL, HfConfig(precision=precision, max_concurrency=2, max_context=256))  # type: ignore[arg-type]
+    eng = HfEngine(model(), HfConfig(precision=precision, max_concurrency=2, max_context=256))  # type: ignore[arg-type]
     await eng.start()
     try:
         chat = (ChatTurn("user", "What is the capital of France?"),)
@@ -308,7 +317,7 @@ async def test_half_precisions_answer(precision: str) -> None:
 
 
 async def test_int4_serves_an_adapter_at_under_a_third_of_bf16(specs: dict[str, AdapterSpec]) -> None:
-    eng = HfEngine(MODEL, HfConfig(precision="int4", max_concurrency=4, max_context=256))
+    eng = HfEngine(model(), HfConfig(precision="int4", max_concurrency=4, max_context=256))
     await eng.start()
     try:
         ratio = eng.info.weight_ratio_to_bf16
@@ -361,7 +370,7 @@ MANY = 12  # LoRA r8, rsLoRA r16, LoRA r16, rsLoRA r8, ... (tests/adaptertools.m
 @pytest.fixture(scope="module")
 def many(tmp_path_factory: pytest.TempPathFactory) -> list[AdapterSpec]:
     root = tmp_path_factory.mktemp("many") / "root"
-    made = make_many_adapters(MODEL.path, root, MANY)
+    made = make_many_adapters(model().path, root, MANY)
     return [
         AdapterSpec(name, "1", root / name / "1", method, rank, 2.0 * rank, ("q_proj", "v_proj"))  # type: ignore[arg-type]
         for name, method, rank in made
@@ -373,8 +382,8 @@ def peft_reference(specs: list[AdapterSpec], dtype: torch.dtype = torch.float32,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(MODEL.path)
-    base = AutoModelForCausalLM.from_pretrained(MODEL.path, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(model().path)
+    base = AutoModelForCausalLM.from_pretrained(model().path, dtype=dtype).eval()
     if int4:
         from effllm.server.engines.hf_int4 import quantize_int4
 
@@ -405,7 +414,7 @@ async def test_many_distinct_adapters_in_one_step_match_peft(many: list[AdapterS
     """12 distinct adapters (LoRA and rsLoRA, ranks 8 and 16) and base rows in one batch, some joining
     mid-decode: every row equals PEFT run alone, and no adapter load touched PEFT."""
     eng = HfEngine(
-        MODEL, HfConfig(precision="fp32", max_concurrency=16, max_adapters_per_batch=16, max_context=256)
+        model(), HfConfig(precision="fp32", max_concurrency=16, max_adapters_per_batch=16, max_context=256)
     )
     await eng.start()
     try:
@@ -447,7 +456,7 @@ async def test_stacked_adapters_match_peft_at_low_precision(many: list[AdapterSp
     the batch size (true for base rows as well), so there only the adapter's effect is checked."""
     chosen = many[:5]
     rows = [None, *chosen]
-    eng = HfEngine(MODEL, HfConfig(precision=precision, max_concurrency=8, max_context=256))  # type: ignore[arg-type]
+    eng = HfEngine(model(), HfConfig(precision=precision, max_concurrency=8, max_context=256))  # type: ignore[arg-type]
     await eng.start()
     try:
         for spec in chosen:
