@@ -1,4 +1,8 @@
-"""`effllm adapters list|load|unload|pin`: manage the adapters resident in a running server."""
+"""`effllm adapters list|load|unload|pin`: manage the adapters resident in a running server.
+
+Invariant: the target, TLS and token flags (and $EFFLLM_AUTH_TOKEN) are `effllm generate`'s own
+(client/cli.py `add_security_args` / `security_from_args`): an operator reaches a server with auth the
+same way with every client command."""
 
 from __future__ import annotations
 
@@ -11,12 +15,14 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from ..api.v1 import adapters_pb2 as apb
+from .cli import add_security_args, security_from_args
 from .client import EffllmClient
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapters", help="list, load, unload or pin adapters on a running server")
     p.add_argument("--target", default="127.0.0.1:50051")
+    add_security_args(p)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -84,7 +90,12 @@ def _show(args: argparse.Namespace, adapters: list[apb.AdapterInfo]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with EffllmClient(args.target, timeout=args.timeout) as client:
+    try:
+        security = security_from_args(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with EffllmClient(args.target, timeout=args.timeout, security=security) as client:
         try:
             if args.verb == "list":
                 _show(args, client.list_adapters())

@@ -120,8 +120,7 @@ def test_adapter_damaged_while_loading(hardened: Hardened, how: str) -> None:
     """Load an adapter while its files are deleted / cut short / overwritten, at a few offsets into the
     load. Each load either succeeds on a complete copy or is refused cleanly; whatever is listed afterwards
     serves; the server keeps serving; the rest of the adapter root is untouched."""
-    if hardened.adapter_root is None:
-        pytest.skip("needs AdapterService and --adapter-root (branch adapters)")
+    assert hardened.adapter_root is not None, "the hardened server runs with --adapter-root"
     root = hardened.adapter_root
     good = root / "good" / "1"
     untouched = _tree_digest(good)
@@ -172,8 +171,7 @@ def test_tuner_killed_while_publishing(hardened: Hardened, tmp_path: Path) -> No
     """SIGKILL a publishing process (the tuner's publish: copy to ROOT/NAME/.tmp-*, fsync, rename) at
     several points. Only whole versions ever appear in the root: each one loads and serves; leftovers are
     hidden temp folders no request can name; the server keeps serving."""
-    if hardened.adapter_root is None:
-        pytest.skip("needs AdapterService and --adapter-root (branch adapters)")
+    assert hardened.adapter_root is not None, "the hardened server runs with --adapter-root"
     root = hardened.adapter_root
     src = tmp_path / "tuned-out"
     shutil.copytree(root / "good" / "1", src)

@@ -144,12 +144,7 @@ def test_fuzz_adapter_service(hardened: Hardened) -> None:
 
     client = EffllmClient(hardened.server.target, security=hardened.security("admin"), timeout=30)
     stub = apb_grpc.AdapterServiceStub(client.channel)
-    try:
-        stub.ListAdapters(apb.ListAdaptersRequest(), timeout=10)
-    except grpc.RpcError as err:
-        if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip("this build serves no AdapterService yet (branch adapters not merged)")
-        raise
+    stub.ListAdapters(apb.ListAdaptersRequest(), timeout=10)  # the service is there: no skip can hide it
     codes: Counter[str] = Counter()
     adapter_names = st.one_of(names, st.sampled_from(["good", "good@1", "../good", "good/../good"]))
     paths = st.one_of(names, st.sampled_from(["good/1", "/etc", "../../etc/passwd", "good/1/../../..", "."]))

@@ -7,7 +7,6 @@ adapters, so the test publishes under a name of its own and leaves only demo@1 l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -24,10 +23,6 @@ from ..adapterroot import AdapterRoot
 from ..serverproc import ServerProcess
 
 pytestmark = [
-    pytest.mark.skipif(
-        importlib.util.find_spec("effllm.server.adapters") is None,
-        reason="AdapterService (server/adapters, the `adapters` branch) is not in this checkout yet",
-    ),
     # Two tuning runs and four rounds of answers: over the default 600 s on a loaded 2-core box (and, run
     # alone, the session adapter server's start-up counts too).
     pytest.mark.timeout(1800),
