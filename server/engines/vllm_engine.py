@@ -127,6 +127,11 @@ def apply_cpu_omp_bind(bind: str | None) -> str:
     return os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
+def probe_checks_logits(config: VllmConfig) -> bool:
+    """Does `probe_adapter` read logprobs (finiteness), or only see a token come out? See probe_adapter."""
+    return config.device != "cpu" or config.enforce_eager
+
+
 def engine_core_env(config: VllmConfig) -> dict[str, str]:
     """Environment for vLLM's engine-core process only. Eager on CPU: torch.compile off in it, so the one
     compiled op on our path, the rank count behind every logprobs request (vllm/v1/sample/ops/logprobs.py:
@@ -355,9 +360,11 @@ class VllmEngine:
 
         On vLLM's CPU backend logprobs run a torch.compile'd op (v1/sample/ops/logprobs.py): the first
         request asking for them compiles C++ with Inductor, minutes on a busy 2-core box (seen to push
-        start-up with --preload past 300 s, and to fail on a shared Inductor cache). There the probe is a
-        smoke test only (the adapter runs one token); registry validation already refused non-finite
-        config numbers and weights, which is what poisons the output."""
+        start-up with --preload past 300 s, and to fail on a shared Inductor cache). An eager engine core
+        (the CPU default, `engine_core_env`) runs that op eager, so the probe checks finiteness there as
+        on CUDA. Only a compiled engine core on CPU (`enforce_eager=False`) keeps the probe a smoke test
+        (the adapter runs one token); registry validation already refused non-finite config numbers and
+        weights, which is what poisons the output most often."""
         import math
         import uuid
 
@@ -368,7 +375,7 @@ class VllmEngine:
         # one or two tokens: a prefill's cost grows with its tokens, and every adapted module of every
         # layer already runs on the first one
         ids = list(self.renderer.tokenizer.encode("The capital of France is"))[:2]
-        with_logprobs = self.config.device != "cpu"
+        with_logprobs = probe_checks_logits(self.config)
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,

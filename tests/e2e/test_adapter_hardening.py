@@ -84,6 +84,21 @@ def test_nan_adapter_is_refused_and_base_output_is_unchanged(hardened: Hardened,
     del torch
 
 
+def test_vllm_probe_refuses_finite_weights_whose_logits_overflow(hardened: Hardened, admin) -> None:
+    """Weights every scan passes (finite, 1e30) whose product overflows fp32: only the probe can see it.
+    On the eager vLLM engine core on CPU (the default) the probe reads logprobs, so it refuses them."""
+    from safetensors.torch import load_file, save_file
+
+    before = _base(admin)
+    huge = _copy_good(hardened, "overflow")
+    tensors = load_file(huge / "adapter_model.safetensors")
+    save_file({k: v.fill_(1e30) for k, v in tensors.items()}, huge / "adapter_model.safetensors")
+    code, details = _code(admin.load_adapter, "overflow", "1")
+    assert code == "FAILED_PRECONDITION" and "not finite" in details, details
+    assert not any(a.name == "overflow" for a in admin.list_adapters())
+    assert _base(admin) == before
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
