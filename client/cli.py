@@ -13,8 +13,9 @@ from typing import Any
 
 import grpc
 
+from ..api.objectives import OBJECTIVES
 from .channel import ClientSecurity
-from .client import OBJECTIVES, EffllmClient
+from .client import EffllmClient
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import TracerProvider
 
+from ..api.objectives import objective_value
 from ..api.v1 import adapters_pb2 as apb
 from ..api.v1 import adapters_pb2_grpc as apb_grpc
 from ..api.v1 import generation_pb2 as pb
@@ -27,7 +28,6 @@ from .tracing import call_span, configured_tracer
 
 Messages = Sequence[tuple[str, str] | dict[str, str]]
 Budget = Mapping[str, float]  # GenerateRequest.budget fields by name
-OBJECTIVES = ("latency", "energy", "quality", "balanced")
 _GENERATE = "effllm.v1.GenerationService/Generate"
 _STREAM = "effllm.v1.GenerationService/GenerateStream"
 
@@ -85,17 +85,6 @@ def build_request(
         turns = [m if isinstance(m, tuple) else (m["role"], m["content"]) for m in messages or ()]
         req.messages.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in turns)
     return req
-
-
-def objective_value(objective: str | int) -> int:
-    """ "latency" -> pb.OBJECTIVE_LATENCY ...; "" -> OBJECTIVE_UNSPECIFIED; a number passes as is."""
-    if isinstance(objective, int):
-        return objective
-    if not objective:
-        return pb.OBJECTIVE_UNSPECIFIED
-    if objective.lower() not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r}: one of {', '.join(OBJECTIVES)}")
-    return int(pb.Objective.Value(f"OBJECTIVE_{objective.upper()}"))
 
 
 class EffllmClient:

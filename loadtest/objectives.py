@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..api.objectives import OBJECTIVES as WIRE_OBJECTIVES
 from ..common.budget import finite_number
 
-# What a request may state (the proto's `Objective` enum is OBJECTIVE_<NAME.upper()>); "unspecified"
-# leaves the choice to the server's default policy.
-OBJECTIVES = ("latency", "energy", "quality", "balanced", "unspecified")
+# What a request may state (api/objectives.py, from the proto's `Objective` enum); "unspecified" leaves the
+# choice to the server's default policy.
+OBJECTIVES = (*WIRE_OBJECTIVES, "unspecified")
 
 
 @dataclass(frozen=True)

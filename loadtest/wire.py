@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from opentelemetry.trace import Tracer
 
+from ..api.objectives import objective_value
 from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..client import build_request
@@ -27,11 +28,6 @@ from .workload import RequestSpec, Workload
 
 GENERATE = "effllm.v1.GenerationService/Generate"
 STREAM = "effllm.v1.GenerationService/GenerateStream"
-
-
-def objective_value(name: str) -> pb.Objective:
-    """`energy` -> pb.OBJECTIVE_ENERGY (names as loadtest/objectives.py OBJECTIVES)."""
-    return pb.Objective.Value("OBJECTIVE_" + name.upper())
 
 
 def generate_request(spec: RequestSpec, workload: Workload, request_id: str) -> pb.GenerateRequest:

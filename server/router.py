@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..api.errors import EffllmError
+from ..api.objectives import OBJECTIVES
 from ..common.budget import WIRE_FIELDS, Budget
 from ..common.heldout import equally_good
 
-OBJECTIVES = ("latency", "energy", "quality", "balanced")
 _EPS = 1e-12
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 
+from ..api.objectives import OBJECTIVES, objective_name
 from ..api.refs import is_ref
 from ..api.status import STATUS
 from ..api.v1 import generation_pb2 as pb
@@ -42,13 +43,6 @@ FINISH = {
     "error": pb.FINISH_REASON_ERROR,
 }
 ROLES = ("system", "user", "assistant")
-OBJECTIVES = {
-    pb.OBJECTIVE_UNSPECIFIED: "",
-    pb.OBJECTIVE_LATENCY: "latency",
-    pb.OBJECTIVE_ENERGY: "energy",
-    pb.OBJECTIVE_QUALITY: "quality",
-    pb.OBJECTIVE_BALANCED: "balanced",
-}
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
 
@@ -175,9 +169,9 @@ def to_route(msg: pb.GenerateRequest) -> tuple[str, Budget]:
     """(objective, budget) of a request: "" = the server's default objective. Raises invalid_argument
     naming the field: an unknown objective number, a budget figure that is not finite, negative (a zero
     time or energy limit can be met by nothing) or a min_quality outside 0..1."""
-    objective = OBJECTIVES.get(msg.objective)
+    objective = objective_name(msg.objective)
     if objective is None:
-        _bad(f"objective: {msg.objective} is not a known Objective (0-{len(OBJECTIVES) - 1})")
+        _bad(f"objective: {msg.objective} is not a known Objective (0-{len(OBJECTIVES)})")
     if not msg.HasField("budget"):
         return objective, Budget()
     b = msg.budget
