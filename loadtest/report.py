@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +92,12 @@ def read_locust_stats(prefix: Path) -> dict[str, dict[str, float | None]]:
 
 
 def quantiles(xs: list[float]) -> dict[str, float | None]:
+    """n, mean, p50/p90/p99 and max; percentiles are telemetry's (`effllm report` reads the same data the
+    same way: linear interpolation between closest ranks)."""
     if not xs:
         return {"n": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
-    s = sorted(xs)
-
-    def q(p: float) -> float:
-        return s[min(len(s) - 1, max(0, math.ceil(p * len(s)) - 1))]
-
-    return {"n": len(s), "mean": sum(s) / len(s), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": s[-1]}
+    q = {f"p{p}": metrics.percentile(xs, p) for p in (50, 90, 99)}
+    return {"n": len(xs), "mean": sum(xs) / len(xs), **q, "max": max(xs)}
 
 
 def _wall(rows: list[dict[str, Any]]) -> tuple[float, float]:

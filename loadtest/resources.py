@@ -3,23 +3,21 @@
 The load side's own view of the server, for when the server's telemetry (spans with attributed energy,
 its sampler) is absent: a background thread samples the process and its children (vLLM's CPU engine runs
 in a child process) every `interval_s` with psutil. Energy from CPU time is an estimate and is labelled
-so: `estimated(cpu-time x W/core)`; a RAPL counter is used instead where readable (`measured(rapl)`,
-whole package, so other load on the machine counts too).
+so (`estimated`, watts per core resolved as everywhere: `telemetry.energy.resolve_watts_per_core`); a RAPL
+counter is used instead where readable (`measured-rapl`, whole package, so other load on the machine counts
+too). The process-tree walk, the meters and their labels are telemetry's (one measurement library).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 
-# NOTE: an assumption, not a measurement: a busy modern server core draws roughly 10 W at the package.
-WATTS_PER_BUSY_CORE = 10.0
-_RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
+from ..telemetry.energy import CpuTimeEstimateMeter, RaplMeter, resolve_watts_per_core
+from ..telemetry.proctree import ProcessTree
 
 
 @dataclass
@@ -34,30 +32,28 @@ class Sample:
 class ResourceWatch:
     pid: int
     interval_s: float = 0.2
+    watts_per_core: float | None = None  # None: $EFFLLM_WATTS_PER_CORE, else the default
     samples: list[Sample] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _tree: ProcessTree | None = None
+    _rapl: RaplMeter | None = None
 
-    def _tree(self) -> list[psutil.Process]:
-        root = psutil.Process(self.pid)
-        return [root, *root.children(recursive=True)]
+    def __post_init__(self) -> None:
+        self.watts_per_core = resolve_watts_per_core(self.watts_per_core)
+        try:
+            self._rapl = RaplMeter()
+        except OSError:
+            self._rapl = None
 
     def sample(self) -> Sample | None:
-        rss, cpu = 0, 0.0
         try:
-            procs = self._tree()
+            if self._tree is None:  # CPU seconds count from the first sample; children refreshed each 1 s
+                self._tree = ProcessTree(self.pid, refresh_s=1.0, coalesce_s=0.0)
+            cpu, rss = self._tree.read()
         except psutil.Error:
             return None
-        for p in procs:
-            try:
-                rss += p.memory_info().rss
-                t = p.cpu_times()
-                cpu += t.user + t.system
-            except psutil.Error:
-                continue  # a child that just exited
-        rapl = None
-        with contextlib.suppress(OSError, ValueError):
-            rapl = int(_RAPL.read_text()) / 1e6
+        rapl = self._rapl.read().joules if self._rapl is not None else None
         return Sample(time.time(), rss, cpu, rapl)
 
     def _run(self) -> None:
@@ -86,12 +82,10 @@ class ResourceWatch:
         span = s[-1].t - s[0].t
         cpu_s = s[-1].cpu_s - s[0].cpu_s
         if s[0].rapl_j is not None and s[-1].rapl_j is not None and s[-1].rapl_j >= s[0].rapl_j:
-            energy, source = s[-1].rapl_j - s[0].rapl_j, "measured(rapl)"
+            energy, source = s[-1].rapl_j - s[0].rapl_j, RaplMeter.source
         else:
-            energy, source = (
-                cpu_s * WATTS_PER_BUSY_CORE,
-                f"estimated(cpu-time x {WATTS_PER_BUSY_CORE:g} W/core)",
-            )
+            assert self.watts_per_core is not None  # resolved in __post_init__
+            energy, source = cpu_s * self.watts_per_core, CpuTimeEstimateMeter.source
         return {
             "samples": len(s),
             "window_s": span,

@@ -1,23 +1,16 @@
 """What a training run costs: memory, utilisation and energy over the run, from a background sampler.
 
-`start_meter()` uses effllm.telemetry's `Measurement` (NVML / RAPL / CPU-time estimate, 10 Hz sampler, the
-EfficientLLM formulas) when that package is present, else the minimal stand-in `RunMeter` below; the tuner
-sees only `start_meter().stop() -> Usage` either way.
+`start_meter()` uses effllm.telemetry's `Measurement` (NVML / RAPL / CPU-time estimate with watts per core
+resolved as everywhere, the sampler, the EfficientLLM formulas): one measurement library; the tuner sees only
+`start_meter().stop() -> Usage`.
 Invariant: energy carries its source; with no hardware counter readable it is `estimated` (process CPU time
 x watts per core) and is never reported as measured.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import psutil
-
-WATTS_PER_CORE = float(os.environ.get("EFFLLM_WATTS_PER_CORE", "10.0"))
 
 
 @dataclass(frozen=True)
@@ -33,71 +26,6 @@ class Usage:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class RunMeter:
-    """start(); ...work...; stop() -> Usage. Samples every `interval_s` in a daemon thread."""
-
-    def __init__(self, interval_s: float = 0.5) -> None:
-        self.interval_s = interval_s
-        self._proc = psutil.Process()
-        self._ncpu = max(
-            1,
-            len(self._proc.cpu_affinity() or [])
-            if hasattr(self._proc, "cpu_affinity")
-            else psutil.cpu_count() or 1,
-        )
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._mem: list[float] = []
-        self._util: list[float] = []
-        self._peak = 0.0
-
-    def start(self) -> RunMeter:
-        self._t0 = time.perf_counter()
-        self._cpu0 = self._cpu_seconds()
-        self._last = (self._t0, self._cpu0)
-        self._sample()
-        self._thread = threading.Thread(target=self._run, name="effllm-tuner-meter", daemon=True)
-        self._thread.start()
-        return self
-
-    def _cpu_seconds(self) -> float:
-        t = self._proc.cpu_times()
-        return float(t.user + t.system)
-
-    def _sample(self) -> None:
-        now, cpu = time.perf_counter(), self._cpu_seconds()
-        rss = self._proc.memory_info().rss / 1e9
-        self._mem.append(rss)
-        self._peak = max(self._peak, rss)
-        t_prev, cpu_prev = self._last
-        if now > t_prev:
-            self._util.append(min(1.0, (cpu - cpu_prev) / (now - t_prev) / self._ncpu))
-        self._last = (now, cpu)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def stop(self) -> Usage:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
-        duration = time.perf_counter() - self._t0
-        cpu = self._cpu_seconds() - self._cpu0
-        energy = cpu * WATTS_PER_CORE
-        return Usage(
-            duration_s=duration,
-            peak_memory_gb=self._peak,
-            amu_gb=sum(self._mem) / len(self._mem),
-            pcu=sum(self._util) / len(self._util) if self._util else 0.0,
-            energy_j=energy,
-            mean_power_w=energy / duration if duration > 0 else 0.0,
-            energy_source="estimated",
-            samples=len(self._mem),
-        )
 
 
 class TelemetryMeter:
@@ -125,9 +53,7 @@ class TelemetryMeter:
         )
 
 
-def start_meter() -> RunMeter | TelemetryMeter:
-    try:
-        from effllm.telemetry.sampler import Measurement
-    except ImportError:  # telemetry/ not in this checkout: the stand-in
-        return RunMeter().start()
+def start_meter() -> TelemetryMeter:
+    from ..telemetry.sampler import Measurement
+
     return TelemetryMeter(Measurement).start()

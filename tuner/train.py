@@ -1,8 +1,9 @@
 """The training loop: one config in, a trained model and its measurements out. CPU or CUDA, plain torch.
 
 Order of a run: resolve the base, load data (all of it validated first), prepare the method, evaluate the
-held-out split, train `total_steps` optimizer steps while a RunMeter samples memory/utilisation/energy,
-evaluate again. Nothing is written to disk here (see export.py), so a run killed at any point leaves nothing.
+held-out split, train `total_steps` optimizer steps while telemetry's sampler (tuner/measure.py) samples
+memory/utilisation/energy, evaluate again. Nothing is written to disk here (see export.py), so a run killed
+at any point leaves nothing.
 Loss is the mean over response tokens of a whole optimizer step: micro-batches of an accumulated step are
 summed and divided once by the step's token count, so grad_accum does not change what is optimised.
 Each step's wall time is split into collate / forward / backward / optimizer (speed.StepClock) and its token
