@@ -10,6 +10,7 @@ import pytest
 from effllm.common import model
 
 
+@pytest.mark.model
 def test_default_converts_once_and_deterministically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shared = model.resolve_model(None)  # the cache every other test uses
     monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
@@ -26,6 +27,7 @@ def test_default_converts_once_and_deterministically(tmp_path: Path, monkeypatch
     )
 
 
+@pytest.mark.model
 def test_local_dir_and_parameter_count() -> None:
     import torch
     from safetensors.torch import load_file

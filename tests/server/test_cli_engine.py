@@ -37,6 +37,7 @@ def test_choose_engine(engine: str, precision: str, device: str, methods: str, w
         (["--cpu-omp-bind", "0-1|2,3"], True, 1, "0-1|2,3"),
     ],
 )
+@pytest.mark.model
 def test_vllm_speed_flags_reach_the_engine(
     flags: list[str], eager: bool, interval: int, bind: str | None
 ) -> None:
@@ -53,6 +54,7 @@ def test_vllm_speed_flags_reach_the_engine(
     assert engine.config.cpu_omp_bind == bind
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("flags", [["--stream-interval", "0"], ["--cpu-omp-bind", "all; rm -rf /"]])
 def test_bad_vllm_speed_flags_are_refused(flags: list[str]) -> None:
     from effllm.cli.main import build_parser

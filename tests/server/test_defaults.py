@@ -57,6 +57,7 @@ def test_load_from_dir(tmp_path: Path) -> None:
     assert has_chat_template(tmp_path)
 
 
+@pytest.mark.model
 def test_the_embedded_model_ships_a_chat_template() -> None:
     from effllm.common.model import resolve_model
 

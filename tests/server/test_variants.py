@@ -244,6 +244,7 @@ def test_variant_flags_parse_and_bad_ones_are_refused() -> None:
             parse_variants([bad])
 
 
+@pytest.mark.model
 def test_variants_build_one_engine_each_and_a_duplicate_is_refused() -> None:
     from effllm.cli.main import build_parser
     from effllm.server.cli import build_engines

@@ -62,6 +62,7 @@ def test_table_prints_refusal_not_a_ratio() -> None:
     )
 
 
+@pytest.mark.model
 def test_a_tiny_bench_gives_both_sides_the_same_tokens(tmp_path: Path) -> None:
     """Our loop and PEFT + HF Trainer each in its own process, on a tiny random Llama: same tokens, target
     tokens and first-step loss (same batches, same init), so the ratio is printed."""

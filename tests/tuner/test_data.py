@@ -67,6 +67,7 @@ def test_file_split_is_deterministic_and_hashed(tmp_path: Path) -> None:
     assert a.sha256 == b.sha256 and not {r["prompt"] for r in a.train} & {r["prompt"] for r in a.eval}
 
 
+@pytest.mark.model
 def test_chat_loss_covers_assistant_turn_only(tokenizer: Any) -> None:
     enc = data.Encoder(tokenizer, 512)
     record = {
@@ -88,6 +89,7 @@ def test_chat_loss_covers_assistant_turn_only(tokenizer: Any) -> None:
     assert all(x == data.IGNORE for x in e.labels[: len(first)])
 
 
+@pytest.mark.model
 def test_prompt_response_and_text_masks(tokenizer: Any) -> None:
     enc = data.Encoder(tokenizer, 512)
     e = enc.encode({"prompt": "The capital of France is", "response": " Paris"})

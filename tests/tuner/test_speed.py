@@ -15,6 +15,8 @@ from effllm.tuner.events import ProgressEvent
 
 from .tiny import save_tiny_llama, tiny_llama
 
+pytestmark = pytest.mark.model  # loads the real model (deselected by scripts/test.sh --fast)
+
 CPU = torch.device("cpu")
 
 

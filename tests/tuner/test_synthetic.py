@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from effllm.common.model import resolve_model
 from effllm.tuner.synthetic import make_adapter
+
+pytestmark = pytest.mark.model  # loads the real model (deselected by scripts/test.sh --fast)
 
 
 def test_make_adapter_writes_a_peft_folder_that_changes_the_model(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from effllm.tuner import export, methods, train
 from effllm.tuner.config import TuneConfig
 from effllm.tuner.events import Event, PhaseEvent, ProgressEvent
 
+pytestmark = pytest.mark.model  # loads the real model (deselected by scripts/test.sh --fast)
+
 # 4 examples and batch 4: every step sees the same batch, so the loss must fall as the weights move.
 FEW = dict(
     data="task:json_extract",

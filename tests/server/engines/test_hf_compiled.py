@@ -24,6 +24,8 @@ from effllm.server.engines.hf_engine import HfConfig, HfEngine
 
 from ...adaptertools import make_adapter
 
+pytestmark = pytest.mark.model  # loads the real model (deselected by scripts/test.sh --fast)
+
 PROMPTS = ("The three primary colors are", "def fibonacci(n):", "Once upon a time, in a small village")
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 N = 10

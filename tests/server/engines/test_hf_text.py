@@ -8,6 +8,8 @@ from transformers import AutoTokenizer
 from effllm.common.model import resolve_model
 from effllm.server.engines.hf_text import TextStream
 
+pytestmark = pytest.mark.model  # loads the real model (deselected by scripts/test.sh --fast)
+
 TEXT = "Café ☕ costs 3€ — 日本語のテキスト 🚀🎉 done."
 
 
