@@ -15,8 +15,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from ..api.v1 import adapters_pb2 as apb
-from .cli import add_security_args, security_from_args
-from .client import EffllmClient
+from .cli import add_security_args, client_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -90,12 +89,10 @@ def _show(args: argparse.Namespace, adapters: list[apb.AdapterInfo]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        security = security_from_args(args)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    client = client_from_args(args)
+    if client is None:
         return 2
-    with EffllmClient(args.target, timeout=args.timeout, security=security) as client:
+    with client:
         try:
             if args.verb == "list":
                 _show(args, client.list_adapters())

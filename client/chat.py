@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import grpc
 
-from .cli import add_sampling_args, add_target_args, sampling_from_args, security_from_args
+from .cli import add_sampling_args, add_target_args, client_from_args, sampling_from_args
 from .client import EffllmClient
 
 PROMPT = "you> "
@@ -73,12 +73,10 @@ def chat_loop(
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        security = security_from_args(args)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    client = client_from_args(args)
+    if client is None:
         return 2
-    with EffllmClient(args.target, timeout=args.timeout, security=security) as client:
+    with client:
         try:
             if args.wait:
                 client.wait_ready(args.wait)

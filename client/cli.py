@@ -113,6 +113,17 @@ def security_from_args(args: argparse.Namespace) -> ClientSecurity:
     )
 
 
+def client_from_args(args: argparse.Namespace) -> EffllmClient | None:
+    """The client the target, security and timeout flags describe (every client command's way in); None,
+    after saying why on stderr, when a TLS or token file cannot be read."""
+    try:
+        security = security_from_args(args)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+    return EffllmClient(args.target, timeout=args.timeout, security=security)
+
+
 def _turns(chat: list[str]) -> list[tuple[str, str]]:
     turns = []
     for item in chat:
@@ -143,12 +154,10 @@ def run(args: argparse.Namespace) -> int:
     if args.chat and args.raw:
         print("--raw sends a prompt, not --chat turns", file=sys.stderr)
         return 2
-    try:
-        security = security_from_args(args)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    client = client_from_args(args)
+    if client is None:
         return 2
-    with EffllmClient(args.target, timeout=args.timeout, security=security) as client:
+    with client:
         try:
             if args.wait:
                 client.wait_ready(args.wait)
