@@ -27,6 +27,7 @@ from effllm.api.v1 import tuning_pb2 as pb
 from effllm.api.v1 import tuning_pb2_grpc as pb_grpc
 from effllm.common.auth import AuthConfig
 from effllm.tuner.jobs import JobManager
+from effllm.tuner.limits import TunerLimits
 from effllm.tuner.policy import TunerPolicy
 from effllm.tuner.service import start_server
 
@@ -122,7 +123,7 @@ class _Tuner:
         policy = TunerPolicy.create(
             self.root / "data", self.root / "out", self.root / "adapters", ("local=127.0.0.1:1",)
         )
-        manager = JobManager(self.root / "jobs", max_running=0)
+        manager = JobManager(self.root / "jobs", TunerLimits(max_running=0, max_finished_jobs=10 * EXAMPLES))
         auth = AuthConfig((("admin", ADMIN),))
         server, port, _ = await start_server("127.0.0.1", 0, manager, policy, auth=auth)
         return manager, server, port
