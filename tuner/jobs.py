@@ -69,6 +69,7 @@ class Job:
     started: bool = False  # holds a running slot (its worker is starting or running)
     staging: list[str] = field(default_factory=list)
     proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task[None] | None = None  # its _run, waiting for a slot while queued
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
@@ -115,7 +116,7 @@ class JobManager:
             config = config.replace(output_dir=str((workdir / "output").resolve()))
         job = Job(job_id, config, publish, workdir)
         self.jobs[job_id] = job
-        self._spawn(self._run(job))
+        job.task = self._spawn(self._run(job))
         return job
 
     async def _record(self, job: Job, event: Event, state: str | None = None) -> None:
@@ -196,6 +197,8 @@ class JobManager:
         job.cancel_requested = True
         if not job.started:  # queued: it ends now, not when a running job frees a slot
             await self._record(job, CancelledEvent(), CANCELLED)
+            if job.task is not None:
+                job.task.cancel()  # it waits for a slot: no need to take one
             return
         if job.proc is None:
             return  # starting: _run stops it once the process exists
@@ -220,10 +223,11 @@ class JobManager:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def watch(self, job: Job) -> AsyncIterator[Record]:
         """Every event of the job from the first, then live ones, until the terminal one."""
