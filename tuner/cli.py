@@ -86,13 +86,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     lim = s.add_argument_group("limits: jobs held and kept, and the size of one job (past one: refused)")
     for f in fields(TunerLimits):
+        what = _LIMIT_HELP.get(f.name, f"upper bound of a job field, {f.name[4:]}")
         lim.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=type(f.default),
             default=f.default,
             metavar=type(f.default).__name__.upper(),
-            help=f"{_LIMIT_HELP.get(f.name, 'upper bound of that job field')} (default: {f.default})",
+            help=f"{what} (default: {f.default})",
         )
     pub = s.add_argument_group("publishing (with the tuner's own credentials)")
     pub.add_argument(
