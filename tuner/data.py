@@ -11,9 +11,9 @@ model for the same prompt (the chat template with add_generation_prompt, tokeniz
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -154,9 +154,14 @@ def _load_hf(name: str) -> list[Record]:
             f"data hf:{name}: the `datasets` package is not installed (pip install datasets)"
         ) from exc
     repo, _, split = name.partition(":")
+    here = os.getcwd()
     try:
-        with tempfile.TemporaryDirectory(prefix="effllm-hf-") as empty, contextlib.chdir(empty):
-            rows: Iterable[Any] = list(datasets.load_dataset(repo, split=split or "train"))
+        with tempfile.TemporaryDirectory(prefix="effllm-hf-") as empty:
+            os.chdir(empty)  # contextlib.chdir is 3.11+; the package runs on 3.10
+            try:
+                rows: Iterable[Any] = list(datasets.load_dataset(repo, split=split or "train"))
+            finally:
+                os.chdir(here)
     except Exception as exc:  # no internet, unknown name, ...
         raise DataError(f"data hf:{name}: could not load ({exc})") from exc
     return [validate_record(dict(row), f"hf:{name}[{i}]") for i, row in enumerate(rows)]
