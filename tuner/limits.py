@@ -34,7 +34,7 @@ class TunerLimits:
     memory_budget_mb: int = 0  # data a job may hold (rule above); 0: half the memory available at submit
     max_n_train: int = 1_000_000
     max_n_eval: int = 2_000
-    max_steps: int = 100_000  # max_steps, warmup_steps
+    max_steps: int = 1_000_000  # max_steps, warmup_steps, and epochs x steps per epoch
     max_epochs: int = 100
     max_length: int = 8192  # max_length; pack_length up to twice it
     max_batch_size: int = 256
@@ -95,4 +95,11 @@ class TunerLimits:
                 f"n_train: (n_train {config.n_train} + n_eval {config.n_eval}) x ({RECORD_BYTES} B + "
                 f"{TOKEN_BYTES} B x max_length {config.max_length}) = {need / _MIB:.0f} MiB of data "
                 f"is over this tuner's budget of {budget / _MIB:.0f} MiB ({source})"
+            )
+        per_step = config.batch_size * config.grad_accum
+        steps = config.epochs * -(-config.n_train // per_step)  # what epochs mean when max_steps is 0
+        if not config.max_steps and steps > self.max_steps:
+            raise ConfigError(
+                f"epochs: {config.epochs} epochs of n_train {config.n_train} at {per_step} examples a step "
+                f"are {steps} steps, over this tuner's limit {self.max_steps}; set max_steps"
             )

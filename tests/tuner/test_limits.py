@@ -28,13 +28,18 @@ def test_defaults_and_sizes_under_the_bounds_pass() -> None:
 
 
 def test_lengths_and_batch_tokens_are_bounded() -> None:
-    limits = TunerLimits(memory_budget_mb=1 << 20, max_length=1024, max_batch_tokens=4096)
+    limits = TunerLimits(memory_budget_mb=1 << 20, max_length=1024, max_batch_tokens=4096, max_steps=100_000)
     with pytest.raises(ConfigError, match=r"^max_length: 2048 is over this tuner's limit 1024"):
         limits.check_job(TuneConfig(max_length=2048))
     with pytest.raises(ConfigError, match=r"^batch_size: 64 rows x 128 tokens is over .* 4096 tokens"):
         limits.check_job(TuneConfig(batch_size=64, max_length=128))
     with pytest.raises(ConfigError, match=r"^batch_size: 8 rows x 1024 tokens"):  # packing: the row is 2x
         limits.check_job(TuneConfig(batch_size=8, max_length=512, packing=True))
+    with pytest.raises(
+        ConfigError, match=r"^epochs: 100 epochs of n_train 80000 at 8 examples a step are 1000000"
+    ):
+        limits.check_job(TuneConfig(n_train=80_000, epochs=100, max_length=64))
+    limits.check_job(TuneConfig(n_train=80_000, epochs=100, max_steps=1000, max_length=64))  # max_steps rules
     with pytest.raises(ConfigError, match=r"^target_modules: more than 4 items"):
         TunerLimits(max_list_items=4).check_job(TuneConfig(target_modules=tuple("abcde")))
 

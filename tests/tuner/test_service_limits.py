@@ -127,7 +127,7 @@ def test_job_sizes_past_the_bounds_are_invalid_argument_naming_the_field(
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith(f"{field}: {value} is over this tuner's limit"), err.details()
     # under the count bound but over the memory budget (256 MiB): refused with the rule
-    err = _refusal(client, data="task:json_extract", n_train=900_000, max_length=128)
+    err = _refusal(client, data="task:json_extract", n_train=900_000, max_length=128, max_steps=10)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details().startswith(
         "n_train: (n_train 900000 + n_eval 64) x (2048 B + 80 B x max_length 128)"
@@ -142,7 +142,12 @@ def test_cancel_during_data_generation_stops_a_real_worker_within_5s(tmp_path: P
     try:
         # ~30 s of generation on a free core, 2 GiB if it ran to the end; under the bound (3.4 GiB of 8)
         job = client.submit(
-            data="task:json_extract", n_train=1_000_000, n_eval=0, max_length=16, eval_before=False
+            data="task:json_extract",
+            n_train=1_000_000,
+            n_eval=0,
+            max_length=16,
+            max_steps=10,
+            eval_before=False,
         )
         phases = []
         for event in client.watch(job.job_id, timeout=120):
