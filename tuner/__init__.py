@@ -7,6 +7,7 @@ Where to look:
   train.py    the training loop, evaluation (held-out loss, exact match), measurement
   export.py   atomic output dir with manifest.json + metrics.json; publish.py into a server's adapter root
   worker.py   one job end to end (also a child-process entry); jobs.py + service.py: TuningService
+  policy.py   the roots a job's paths must stay in; limits.py the bounds on jobs held and on one job's size
   events.py   the typed events a run sends (worker stdout -> JobManager -> WatchJob), one JSON line each
   synthetic.py random PEFT adapters on a real base, for benchmarks and tests (no training)
   bench.py    every method side by side (`effllm tuner bench`)

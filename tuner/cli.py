@@ -19,14 +19,30 @@ from effllm.common.auth import ENV_ADMIN, AuthConfig, security_config
 from effllm.common.auth import add_flags as add_security_flags
 
 from .config import METHODS, ConfigError, TuneConfig
+from .limits import TunerLimits
 
 _HELP = {
     "method": f"one of {', '.join(METHODS)}",
-    "data": "JSONL path, task:NAME (built-in: see `effllm tuner tasks`) or hf:NAME[:SPLIT]",
+    "data": "JSONL path, task:NAME (built-in: see `effllm tuner tasks`) or hf:ID[:SPLIT] (a hub dataset id)",
     "model": "local HF dir or hub id; default: the embedded SmolLM2-135M-Instruct",
     "layers": "freeze: decoder layers that train, e.g. -2,-1",
     "max_steps": "optimizer steps; 0: run `epochs` over the data",
     "output_dir": "where the adapter/checkpoint goes (must not exist); default runs/tune/METHOD-TIME",
+}
+
+
+_LIMIT_HELP = {
+    "max_running": "jobs training at once; the rest wait",
+    "max_jobs": "jobs queued or running; SubmitJob past it: RESOURCE_EXHAUSTED",
+    "max_finished_jobs": "finished jobs kept for WatchJob/ListJobs (oldest forgotten first; files stay)",
+    "finished_job_ttl_s": "seconds a finished job is kept",
+    "cancel_grace_s": "CancelJob: seconds from SIGTERM to SIGKILL",
+    "memory_budget_mb": "data one job may hold: (n_train + n_eval) x (2 KiB + 80 B x max_length); "
+    "0: half the memory available at submit",
+    "max_steps": "upper bound of max_steps and warmup_steps",
+    "max_length": "upper bound of max_length (pack_length: twice it)",
+    "max_batch_tokens": "upper bound of batch_size x row length (max_length, or pack_length when packing)",
+    "max_list_items": "upper bound of the length of target_modules and layers",
 }
 
 
@@ -58,12 +74,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = tsub.add_parser("serve", help="serve TuningService over gRPC (jobs run in child processes)")
     s.add_argument("--host", default="127.0.0.1", help="loopback unless told otherwise")
     s.add_argument("--port", type=int, default=50061)
-    s.add_argument("--max-running", type=int, default=1, help="jobs training at once; the rest wait")
     s.add_argument("--log-dir", default="runs/tuner", help="one folder per job (log, default output)")
     r = s.add_argument_group("roots: every path in a job must resolve inside its root (links followed)")
     r.add_argument("--data-root", default=".", help="data, eval_data and model paths")
     r.add_argument("--output-root", default="runs/tune", help="output_dir paths (created if missing)")
     r.add_argument("--adapter-root", default=None, help="publish.adapter_root paths; none: no publishing")
+    r.add_argument(
+        "--allow-hub-data",
+        action="store_true",
+        help="accept data/eval_data hf:ID (a hub dataset id, fetched for the caller); off: refused",
+    )
+    lim = s.add_argument_group("limits: jobs held and kept, and the size of one job (past one: refused)")
+    for f in fields(TunerLimits):
+        what = _LIMIT_HELP.get(f.name, f"upper bound of a job field, {f.name[4:]}")
+        lim.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=type(f.default),
+            default=f.default,
+            metavar=type(f.default).__name__.upper(),
+            help=f"{what} (default: {f.default})",
+        )
     pub = s.add_argument_group("publishing (with the tuner's own credentials)")
     pub.add_argument(
         "--publish-server",
@@ -169,8 +200,13 @@ def run_serve(args: argparse.Namespace) -> int:
         auth, tls = security_config(args)
         Path(args.output_root).mkdir(parents=True, exist_ok=True)
         policy = TunerPolicy.create(
-            args.data_root, args.output_root, args.adapter_root, tuple(args.publish_server)
+            args.data_root,
+            args.output_root,
+            args.adapter_root,
+            tuple(args.publish_server),
+            hub_data=args.allow_hub_data,
         )
+        limits = TunerLimits(**{f.name: getattr(args, f.name) for f in fields(TunerLimits)})
         publish_tls, worker_env = _publish_credentials(args, auth)
     except (ValueError, OSError) as err:
         logging.getLogger("effllm.tuner").error("bad configuration: %s", err)
@@ -180,7 +216,7 @@ def run_serve(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             policy,
-            max_running=args.max_running,
+            limits=limits,
             log_dir=args.log_dir,
             auth=auth,
             tls=tls,

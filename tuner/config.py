@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,13 @@ LORA_FAMILY = ("lora", "lora_plus", "rslora", "dora")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("fp32", "bf16")
 AUTOCASTS = ("auto", "bf16", "off")  # auto: bf16 where the CPU has BF16 instructions (or a CUDA GPU does)
+# A hub dataset id as the hub spells them (huggingface_hub's validate_repo_id): NAME or OWNER/NAME, each part
+# letters, digits, `_`, `-`, `.`, starting and ending with a letter, digit or `_`, no `--` or `..`, at most
+# 96 characters; then an optional :SPLIT (a split name, maybe sliced: train[:10%]). Nothing path-like passes:
+# no leading `/`, `.` or `~`, no backslash, no second `/`.
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+_HUB_SPEC = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}(?::[A-Za-z0-9_]{{1,64}}(?:\[[0-9%:+-]{{0,32}}\])?)?")
+_HUB_MAX = 96
 # The paper's PEFT setup targets all linear layers; these are their names in Llama-style models.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -29,11 +37,9 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class TuneConfig:
     method: str = "lora"
-    # Data: a JSONL path, "task:NAME" (built-in synthetic task) or "hf:NAME[:SPLIT]" (needs internet).
+    # Data: a JSONL path, "task:NAME" (built-in synthetic task) or "hf:ID[:SPLIT]" (a hub id, needs internet).
     data: str = "task:json_extract"
-    eval_data: str = (
-        ""  # JSONL path; empty: synthetic tasks bring their own split, files hold out eval_fraction
-    )
+    eval_data: str = ""  # JSONL path or hf:ID; empty: a task's own split, or eval_fraction of the file
     eval_fraction: float = 0.1
     n_train: int = 256  # synthetic tasks: examples generated; files: 0 = all lines
     n_eval: int = 64  # held-out examples evaluated (loss and exact match)
@@ -83,6 +89,15 @@ class TuneConfig:
             f"{self.pack_length} must be 0 or >= max_length {self.max_length} (an example must fit a row)",
         )
         _check(bool(self.data), "data", "is required (a JSONL path, task:NAME or hf:NAME)")
+        for name in ("data", "eval_data"):
+            value = getattr(self, name)
+            if value.startswith("hf:"):
+                check_hub_spec(name, value)
+        _check(
+            not self.eval_data.startswith("task:"),
+            "eval_data",
+            "a task:NAME brings its own held-out split; eval_data takes a JSONL path or hf:ID",
+        )
         _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"{self.eval_fraction} is not in [0, 1)")
         for name in ("n_train", "n_eval", "warmup_steps", "max_steps", "eval_max_new_tokens", "pack_length"):
             _check(getattr(self, name) >= 0, name, f"{getattr(self, name)} must be >= 0")
@@ -156,6 +171,22 @@ class TuneConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def check_hub_spec(name: str, value: str) -> None:
+    """`value` ("hf:ID[:SPLIT]") names a hub dataset, not a path; the refusal never repeats the value, so it
+    reads the same whether or not a like-named path exists (and no path is looked at)."""
+    repo = value[3:].partition(":")[0]
+    _check(
+        bool(_HUB_SPEC.fullmatch(value[3:])) and len(repo) <= _HUB_MAX and not {"..", "--"} & _pairs(repo),
+        name,
+        "hf: takes a hub dataset id, NAME or OWNER/NAME (letters, digits, '_', '-', '.'; at most 96 "
+        "characters) with an optional :SPLIT, never a path; local data is a JSONL path",
+    )
+
+
+def _pairs(text: str) -> set[str]:
+    return {text[i : i + 2] for i in range(len(text) - 1)}
+
+
 def _check(ok: bool, name: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: {why}")
@@ -197,6 +228,7 @@ __all__ = [
     "METHODS",
     "ConfigError",
     "TuneConfig",
+    "check_hub_spec",
     "default_output_dir",
     "field",
 ]

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import tasks
+from .events import Cancelled
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 _ROLES = ("system", "user", "assistant")
@@ -111,14 +114,15 @@ def load_dataset(
     n_train: int = 0,
     n_eval: int = 32,
     seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Dataset:
-    """`spec`: "task:NAME", "hf:NAME[:SPLIT]" or a JSONL path."""
+    """`spec`: "task:NAME", "hf:ID[:SPLIT]" or a JSONL path; `eval_data`: "hf:ID[:SPLIT]" or a JSONL path."""
     if spec.startswith("task:"):
-        train, held = tasks.generate(spec[5:], n_train or 256, n_eval, seed)
+        train, held = tasks.generate(spec[5:], n_train or 256, n_eval, seed, should_stop)
     else:
-        records = _load_hf(spec[3:]) if spec.startswith("hf:") else read_jsonl(Path(spec))
+        records = _load(spec)
         if eval_data:
-            train, held = records, read_jsonl(Path(eval_data))
+            train, held = records, _load(eval_data)
         else:
             # A deterministic hold-out: every k-th record, so the split does not depend on file order tricks.
             k = max(2, round(1 / eval_fraction)) if eval_fraction > 0 else 0
@@ -135,7 +139,14 @@ def load_dataset(
     return Dataset(spec, digest.hexdigest(), train, held)
 
 
+def _load(spec: str) -> list[Record]:
+    return _load_hf(spec[3:]) if spec.startswith("hf:") else read_jsonl(Path(spec))
+
+
 def _load_hf(name: str) -> list[Record]:
+    """A hub dataset (TuneConfig checked `name` is a hub id, not a path). NOTE: `datasets.load_dataset`
+    takes a local folder, or a packaged builder ("json", "csv"...) that globs the current folder, before the
+    hub; it runs from an empty temporary folder, so a hub id never reads a file of ours."""
     try:
         import datasets
     except ImportError as exc:
@@ -143,8 +154,14 @@ def _load_hf(name: str) -> list[Record]:
             f"data hf:{name}: the `datasets` package is not installed (pip install datasets)"
         ) from exc
     repo, _, split = name.partition(":")
+    here = os.getcwd()
     try:
-        rows: Iterable[Any] = datasets.load_dataset(repo, split=split or "train")
+        with tempfile.TemporaryDirectory(prefix="effllm-hf-") as empty:
+            os.chdir(empty)  # contextlib.chdir is 3.11+; the package runs on 3.10
+            try:
+                rows: Iterable[Any] = list(datasets.load_dataset(repo, split=split or "train"))
+            finally:
+                os.chdir(here)
     except Exception as exc:  # no internet, unknown name, ...
         raise DataError(f"data hf:{name}: could not load ({exc})") from exc
     return [validate_record(dict(row), f"hf:{name}[{i}]") for i, row in enumerate(rows)]
@@ -211,8 +228,14 @@ class Encoder:
         return segments
 
 
-def encode_all(encoder: Encoder, records: Sequence[Record], what: str) -> list[Encoded]:
-    out = [encoder.encode(r) for r in records]
+def encode_all(
+    encoder: Encoder, records: Sequence[Record], what: str, should_stop: Callable[[], bool] | None = None
+) -> list[Encoded]:
+    out = []
+    for i, r in enumerate(records):
+        if i % 256 == 0 and should_stop is not None and should_stop():  # a tokenizer call is ~0.1-1 ms
+            raise Cancelled()
+        out.append(encoder.encode(r))
     kept = [e for e in out if e.n_target > 0]
     if not kept:
         raise DataError(f"{what}: no example has a response token within max_length {encoder.max_length}")

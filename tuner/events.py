@@ -15,6 +15,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+
+class Cancelled(Exception):
+    """Raised by a run (data generation, encoding, training, evaluation) once its `should_stop()` is true;
+    the worker reports it as a CancelledEvent."""
+
+
 # A run's phases in order (publishing only when asked to publish); "started" is the JobManager's own.
 PHASES = ("started", "loading", "eval_before", "training", "eval_after", "saving", "publishing")
 

@@ -3,7 +3,8 @@
 A job comes from the network, so every path in it is hostile: `data`, `eval_data` and `model` must resolve
 (symlinks followed, `..` collapsed, relative paths taken from their root) inside the data root,
 `output_dir` inside the output root, `publish.adapter_root` inside the adapter root; a publish names one of
-the servers this tuner was configured with (`--publish-server NAME=HOST:PORT`), never an address.
+the servers this tuner was configured with (`--publish-server NAME=HOST:PORT`), never an address. `hf:` data
+is a hub dataset id (TuneConfig refuses anything path-like) and only with `--allow-hub-data`.
 Invariant: a refused path gets the same message whether or not it exists, and nothing outside a root is
 opened, listed or stat-ed before the refusal (`Path.resolve` only reads the links along the way).
 """
@@ -41,6 +42,7 @@ class TunerPolicy:
     output_root: Path
     adapter_root: Path | None = None  # None: publishing is off
     servers: tuple[PublishServer, ...] = field(default=())
+    hub_data: bool = False  # `hf:ID` data (fetched from the hub on a caller's behalf) is allowed
 
     @classmethod
     def create(
@@ -49,6 +51,7 @@ class TunerPolicy:
         output_root: str | Path,
         adapter_root: str | Path | None = None,
         servers: tuple[str, ...] = (),
+        hub_data: bool = False,
     ) -> TunerPolicy:
         """Roots resolved now (a root that is itself a link is followed once, at start); `servers` are
         `NAME=HOST:PORT` strings. Raises ValueError with a message for the operator."""
@@ -72,6 +75,7 @@ class TunerPolicy:
             output_root=Path(output_root).expanduser().resolve(),
             adapter_root=Path(adapter_root).expanduser().resolve() if adapter_root else None,
             servers=tuple(named.values()),
+            hub_data=hub_data,
         )
 
     def server(self, name: str) -> PublishServer:
@@ -89,7 +93,12 @@ class TunerPolicy:
         changes: dict[str, str] = {}
         for name in ("data", "eval_data"):
             value = getattr(config, name)
-            if value and not value.startswith(("task:", "hf:")):
+            if value.startswith("hf:") and not self.hub_data:
+                raise PathRefused(
+                    f"{name}: hub data (hf:) is off in this tuner (--allow-hub-data turns it on); "
+                    "local data is a path inside the tuner's --data-root"
+                )
+            if value and not value.startswith(("task:", "hf:")):  # hf: ids: TuneConfig checked the grammar
                 changes[name] = str(confine(name, value, self.data_root))
         if config.model:  # a local checkpoint dir; hub ids are not fetched on a caller's behalf
             changes["model"] = str(confine("model", config.model, self.data_root))

@@ -1,8 +1,9 @@
 """TuningService over gRPC (grpc.aio) in the tuner's own process; the jobs themselves run in child processes.
 
-Validation happens here, before a job exists: the config (TuneConfig, INVALID_ARGUMENT naming the field),
-every path confined to its root (policy.py), the output dir (ALREADY_EXISTS), the publish spec (a server
-named in the tuner's configuration), and JSONL data files line by line. No torch is imported.
+Validation happens here, before a job exists: room for it (RESOURCE_EXHAUSTED past `--max-jobs`), the config
+(TuneConfig, then the tuner's bounds on its sizes, limits.py: INVALID_ARGUMENT naming the field), every path
+confined to its root (policy.py), the output dir (ALREADY_EXISTS), the publish spec (a server named in the
+tuner's configuration), and JSONL data files line by line. No torch is imported.
 Invariant: with a token configured, no RPC but health and reflection runs without the admin role
 (common/auth.py's interceptor); no file outside the roots is read or written on a caller's behalf.
 """
@@ -23,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from effllm.api.errors import EffllmError
+from effllm.api.status import grpc_status
 from effllm.api.v1 import tuning_pb2 as pb
 from effllm.api.v1 import tuning_pb2_grpc as pb_grpc
 from effllm.common.auth import AuthConfig, AuthInterceptor, TlsConfig
@@ -31,6 +34,7 @@ from . import data, events
 from .config import ConfigError, TuneConfig
 from .events import CancelledEvent, DoneEvent, ErrorEvent, PhaseEvent, ProgressEvent, Record, StagingEvent
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job, JobManager
+from .limits import TunerLimits
 from .policy import TunerPolicy
 
 log = logging.getLogger("effllm.tuner.service")
@@ -79,7 +83,10 @@ class TuningService(pb_grpc.TuningServiceServicer):
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.JobInfo:
         try:
-            config = self.policy.confine_job(config_from_proto(request.config))
+            self.manager.check_capacity()  # before any work; submit() checks again, atomically
+            config = config_from_proto(request.config)
+            self.manager.limits.check_job(config)
+            config = self.policy.confine_job(config)
             publish = None
             if request.HasField("publish"):
                 from .worker import PublishTarget
@@ -94,6 +101,8 @@ class TuningService(pb_grpc.TuningServiceServicer):
                 publish = {"server": target.server, "name": target.name, "adapter_root": target.adapter_root}
                 publish.update(self.publish_tls)
             await asyncio.to_thread(_check_data, config)
+        except EffllmError as exc:
+            await context.abort(grpc_status(exc.code), exc.message)
         except (ConfigError, data.DataError, ValueError, OSError, RecursionError) as exc:
             # ValueError covers PathRefused and UnicodeDecodeError; OSError: a file inside the root that
             # cannot be read. A caller's string can be megabytes: the status message is capped.
@@ -102,7 +111,10 @@ class TuningService(pb_grpc.TuningServiceServicer):
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, _capped(f"output_dir: {config.output_dir} already exists")
             )
-        job = self.manager.submit(config, publish)
+        try:
+            job = self.manager.submit(config, publish)
+        except EffllmError as exc:  # another SubmitJob took the last place while this one was checked
+            await context.abort(grpc_status(exc.code), exc.message)
         log.info("job %s: %s on %s", job.id, config.method, config.data)
         return job_info(job)
 
@@ -234,7 +246,7 @@ async def serve(
     port: int,
     policy: TunerPolicy,
     *,
-    max_running: int = 1,
+    limits: TunerLimits | None = None,
     log_dir: str = "runs/tuner",
     auth: AuthConfig | None = None,
     tls: TlsConfig | None = None,
@@ -243,7 +255,7 @@ async def serve(
     ready: asyncio.Event | None = None,
 ) -> None:
     """Run until SIGTERM/SIGINT; running jobs are cancelled (and leave nothing) on the way out."""
-    manager = JobManager(Path(log_dir), max_running=max_running, worker_env=worker_env)
+    manager = JobManager(Path(log_dir), limits, worker_env=worker_env)
     server, _, _ = await start_server(
         host, port, manager, policy, auth=auth, tls=tls, publish_tls=publish_tls
     )

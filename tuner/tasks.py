@@ -17,7 +17,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .events import Cancelled
+
 Record = dict[str, object]
+_POLL = 1024  # examples between two should_stop() polls (~30 ms on a busy core)
 
 _NAMES = (
     "Alice",
@@ -163,8 +166,11 @@ TASKS: dict[str, Task] = {
 }
 
 
-def generate(task: str, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[Record], list[Record]]:
-    """Train and held-out chat records ({"messages": [user, assistant]}); no eval prompt is in train."""
+def generate(
+    task: str, n_train: int, n_eval: int, seed: int = 0, should_stop: Callable[[], bool] | None = None
+) -> tuple[list[Record], list[Record]]:
+    """Train and held-out chat records ({"messages": [user, assistant]}); no eval prompt is in train.
+    `should_stop` is polled every _POLL examples (a few ms): a cancel stops a large n_train at once."""
     if task not in TASKS:
         raise ValueError(f"data: unknown task {task!r} (built-in tasks: {', '.join(sorted(TASKS))})")
     if TASKS[task].records is not None:
@@ -173,7 +179,11 @@ def generate(task: str, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[
     assert make is not None
     # Separate streams per split: the train set does not change when n_eval does, and vice versa.
     train_rng, eval_rng = random.Random(f"{task}/train/{seed}"), random.Random(f"{task}/eval/{seed}")
-    train = [make(train_rng) for _ in range(n_train)]
+    train = []
+    for i in range(n_train):
+        if i % _POLL == 0 and should_stop is not None and should_stop():
+            raise Cancelled()
+        train.append(make(train_rng))
     seen = {p for p, _ in train}
     held: list[tuple[str, str]] = []
     attempts = 0

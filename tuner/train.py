@@ -9,8 +9,8 @@ summed and divided once by the step's token count, so grad_accum does not change
 Each step's wall time is split into collate / forward / backward / optimizer (speed.StepClock) and its token
 slots into real and padding; the switches of speed.py (packing, target-only logits, bf16 autocast, compile,
 gradient checkpointing) change how a step is computed, never which examples it sees or in what order.
-Invariant: `should_stop()` is polled between micro-batches and eval batches; when it turns true the run raises
-Cancelled within one micro-batch.
+Invariant: `should_stop()` is polled while data is generated and encoded, after the model loads, and between
+micro-batches and eval batches; when it turns true the run raises Cancelled within one micro-batch.
 """
 
 from __future__ import annotations
@@ -29,14 +29,10 @@ from tqdm import tqdm
 
 from . import data, methods, speed
 from .config import TuneConfig
-from .events import Event, PhaseEvent, ProgressEvent
+from .events import Cancelled, Event, PhaseEvent, ProgressEvent
 from .measure import start_meter
 
 EventSink = Callable[[Event], None]
-
-
-class Cancelled(Exception):
-    pass
 
 
 @dataclass
@@ -182,10 +178,13 @@ def greedy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, p
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
-def prepare(config: TuneConfig) -> tuple[data.Dataset, Any, Any, data.Encoder, list[data.Encoded], Any]:
+def prepare(
+    config: TuneConfig, should_stop: Callable[[], bool] | None = None
+) -> tuple[data.Dataset, Any, Any, data.Encoder, list[data.Encoded], Any]:
     """Data, base, tokenizer, encoded train set and the method-wrapped model, in one fixed order of RNG use:
     `run` and the bench's Trainer side (tuner/bench_run.py) both call this after seeding, so both start
     from the same adapter initialisation."""
+    stop = should_stop or (lambda: False)
     dataset = data.load_dataset(
         config.data,
         eval_data=config.eval_data,
@@ -193,10 +192,13 @@ def prepare(config: TuneConfig) -> tuple[data.Dataset, Any, Any, data.Encoder, l
         n_train=config.n_train,
         n_eval=config.n_eval,
         seed=config.seed,
+        should_stop=stop,
     )
     resolved, tokenizer, base = load_base(config)
+    if stop():
+        raise Cancelled()
     encoder = data.Encoder(tokenizer, config.max_length)
-    train_set = data.encode_all(encoder, dataset.train, f"data {config.data}")
+    train_set = data.encode_all(encoder, dataset.train, f"data {config.data}", should_stop=stop)
     return dataset, resolved, tokenizer, encoder, train_set, methods.prepare(base, config)
 
 
@@ -213,7 +215,7 @@ def run(
     t_start = time.perf_counter()
 
     emit(PhaseEvent("loading"))
-    dataset, resolved, tokenizer, encoder, train_set, model = prepare(config)
+    dataset, resolved, tokenizer, encoder, train_set, model = prepare(config, stop)
     params = methods.count_params(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device

@@ -2,8 +2,10 @@
 
 `execute` is what `effllm tune` runs in-process. `python -m effllm.tuner.worker SPEC_JSON` runs the same in a
 child process for the TuningService: it prints one event per line on stdout (events.py: progress, phases,
-the staging dir while saving, the final result or the error) and stops at the next micro-batch on SIGTERM,
-removing anything it had started to write.
+the staging dir while saving, the final result or the error). On SIGTERM it stops where the run next polls
+(every ~1,000 examples generated, 256 encoded, after the model loads, each micro-batch), removing anything
+it had started to write; where a phase does not poll (a model load, a save, a compile) the JobManager
+SIGKILLs it after a short grace and removes the staging dir it announced.
 Invariant: the last stdout line of a worker is a DoneEvent, CancelledEvent or ErrorEvent.
 """
 
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import events
 from .config import ConfigError, TuneConfig, default_output_dir
-from .events import CancelledEvent, DoneEvent, ErrorEvent, Event, PhaseEvent, StagingEvent
+from .events import Cancelled, CancelledEvent, DoneEvent, ErrorEvent, Event, PhaseEvent, StagingEvent
 
 if TYPE_CHECKING:
     from effllm.client.channel import ClientSecurity
@@ -81,7 +83,7 @@ def execute(
         progress_bar=progress_bar,
     )
     if should_stop is not None and should_stop():
-        raise train.Cancelled()
+        raise Cancelled()
     sink(PhaseEvent("saving"))
     saved = export.save(result, output, on_staging=lambda p: sink(StagingEvent(str(p))))
     done = DoneEvent(output_dir=str(saved), metrics=_brief(result.metrics))
@@ -142,8 +144,6 @@ def main(argv: list[str]) -> int:
         emit(execute(config, publish=target, emit=emit, should_stop=stop.is_set, progress_bar=False))
         return 0
     except Exception as exc:
-        from .train import Cancelled
-
         if isinstance(exc, Cancelled) or stop.is_set():
             emit(CancelledEvent())
             return 3

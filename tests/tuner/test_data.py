@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from effllm.tuner import data, tasks
+from effllm.tuner.events import Cancelled
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,40 @@ def test_tasks_are_deterministic_and_held_out_is_unseen() -> None:
         assert tasks.generate(name, 200, 40, seed=4)[0] != train
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         tasks.generate("nope", 1, 1)
+
+
+def test_hub_data_never_reads_a_local_folder_of_the_same_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`datasets.load_dataset` takes a local folder (or a packaged builder globbing the current folder)
+    before the hub: the tuner calls it from an empty folder. A fake `datasets` records what it would see."""
+    import os
+    import sys
+    import types
+
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    (tmp_path / "owner" / "name" / "train.jsonl").write_text('{"text": "local secret"}\n')
+    monkeypatch.chdir(tmp_path)
+    seen: dict[str, Any] = {}
+
+    def load_dataset(path: str, split: str) -> list[dict[str, str]]:
+        seen.update(path=path, split=split, cwd=os.getcwd(), local=os.path.exists(path), ls=os.listdir())
+        return [{"text": "from the hub"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    ds = data.load_dataset("hf:owner/name:validation", eval_data="hf:owner/held", n_eval=4)
+    assert ds.train == [{"text": "from the hub"}] and ds.eval == [{"text": "from the hub"}]
+    assert seen["path"] == "owner/held" and not seen["local"] and seen["ls"] == []
+    assert Path(seen["cwd"]) != tmp_path and Path.cwd() == tmp_path  # and the folder is given back
+
+
+def test_task_generation_stops_when_asked() -> None:
+    polls = []
+
+    def stop() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    with pytest.raises(Cancelled):
+        tasks.generate("json_extract", 10_000_000, 0, should_stop=stop)
+    assert len(polls) == 4  # one poll per 1,024 examples: stopped after ~3,000, not 10 million

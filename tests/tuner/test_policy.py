@@ -92,3 +92,32 @@ def test_publish_names_a_configured_server_and_an_adapter_root_inside(policy: Tu
 def test_bad_publish_server_flags_are_refused(tmp_path: Path, spec: str) -> None:
     with pytest.raises(ValueError, match="--publish-server"):
         TunerPolicy.create(tmp_path, tmp_path, tmp_path, (spec,))
+
+
+PATH_LIKE_HF = ["hf:/etc", "hf:/nonexistent/dir", "hf:../../..", "hf:../../nonexistent", "hf:./x", "hf:~/x"]
+PATH_LIKE_HF += ["hf:a/b/c", "hf:a\\b", "hf:.hidden", "hf:C:/x", "hf:a/..", "hf:" + "x" * 97, "hf:"]
+
+
+@pytest.mark.parametrize("field", ["data", "eval_data"])
+def test_hf_takes_hub_ids_never_paths_with_one_message(field: str, tmp_path: Path) -> None:
+    (tmp_path / "exists").mkdir()
+    answers = set()
+    for value in [*PATH_LIKE_HF, f"hf:{tmp_path}/exists", f"hf:{tmp_path}/missing"]:
+        with pytest.raises(ConfigError) as err:
+            TuneConfig(**{field: value})
+        assert str(err.value).startswith(f"{field}: hf: takes a hub dataset id"), value
+        answers.add(str(err.value))
+    assert len(answers) == 1  # nothing of the value comes back: existing and missing paths read the same
+    for hub_id in ("hf:squad", "hf:rajpurkar/squad", "hf:owner/name.v2:validation", "hf:o/n:train[:10%]"):
+        assert getattr(TuneConfig(**{field: hub_id}), field) == hub_id
+    with pytest.raises(ConfigError, match=r"^eval_data: a task:NAME brings its own held-out split"):
+        TuneConfig(eval_data="task:json_extract")
+
+
+def test_hub_data_is_off_in_the_service_unless_the_tuner_allows_it(policy: TunerPolicy) -> None:
+    for field in ("data", "eval_data"):
+        with pytest.raises(PathRefused, match=rf"^{field}: hub data \(hf:\) is off in this tuner"):
+            policy.confine_job(TuneConfig(**{field: "hf:rajpurkar/squad"}))
+    allowed = TunerPolicy.create(policy.data_root, policy.output_root, hub_data=True)
+    config = allowed.confine_job(TuneConfig(data="hf:rajpurkar/squad", eval_data="hf:owner/held:test"))
+    assert (config.data, config.eval_data) == ("hf:rajpurkar/squad", "hf:owner/held:test")

@@ -10,9 +10,7 @@ queued until its cancel — nothing trains (the real worker path is covered by t
 
 from __future__ import annotations
 
-import asyncio
 import string
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +24,9 @@ from hypothesis import strategies as st
 from effllm.api.v1 import tuning_pb2 as pb
 from effllm.api.v1 import tuning_pb2_grpc as pb_grpc
 from effllm.common.auth import AuthConfig
-from effllm.tuner.jobs import JobManager
-from effllm.tuner.policy import TunerPolicy
-from effllm.tuner.service import start_server
+from effllm.tuner.limits import TunerLimits
+
+from .inprocess import InProcessTuner
 
 ADMIN = "fuzz-admin-token-0123456789"
 EXAMPLES = 2000
@@ -106,47 +104,17 @@ publish_specs = st.one_of(
 )
 
 
-class _Tuner:
-    """The server on its own loop in a daemon thread; `root` holds data/, out/, adapters/."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.manager, self.server, self.port = asyncio.run_coroutine_threadsafe(
-            self._start(), self.loop
-        ).result(60)
-
-    async def _start(self) -> tuple[JobManager, grpc.aio.Server, int]:
-        policy = TunerPolicy.create(
-            self.root / "data", self.root / "out", self.root / "adapters", ("local=127.0.0.1:1",)
-        )
-        manager = JobManager(self.root / "jobs", max_running=0)
-        auth = AuthConfig((("admin", ADMIN),))
-        server, port, _ = await start_server("127.0.0.1", 0, manager, policy, auth=auth)
-        return manager, server, port
-
-    async def _stop(self) -> None:
-        for task in list(self.manager._tasks):  # queued forever (no slot): nothing to wait for
-            task.cancel()
-        await self.server.stop(grace=1.0)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
-def tuner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[_Tuner, grpc.Channel]]:
+def tuner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[InProcessTuner, grpc.Channel]]:
     root = tmp_path_factory.mktemp("fuzz-tuner")
     for name in ("data", "out", "adapters", "out/sub"):
         (root / name).mkdir()
     (root / "data" / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n' * 4)
     (root / "data" / "bad.jsonl").write_text('{"prompt": "a"}\n[[[[\n')
     (root / "data" / "link.jsonl").symlink_to("/etc/passwd")
-    tuner = _Tuner(root)
+    # no running slot: an accepted job stays queued until its cancel; every one is kept for the final check
+    limits = TunerLimits(max_running=0, max_jobs=10, max_finished_jobs=10 * EXAMPLES)
+    tuner = InProcessTuner(root, limits, auth=AuthConfig((("admin", ADMIN),)))
     channel = grpc.insecure_channel(f"127.0.0.1:{tuner.port}")
     try:
         yield tuner, channel
@@ -182,7 +150,7 @@ def _code(call: object) -> str:
 # One case in eight also probes WatchJob/CancelJob with a random job id.
 @given(config=tune_configs(), publish=publish_specs, job_id=st.one_of(*[st.none()] * 7, st.text(max_size=20)))
 def test_tuning_service_never_answers_unknown_or_internal(
-    tuner: tuple[_Tuner, grpc.Channel],
+    tuner: tuple[InProcessTuner, grpc.Channel],
     config: pb.TuneConfig,
     publish: pb.PublishSpec | None,
     job_id: str | None,
@@ -211,7 +179,9 @@ def test_tuning_service_never_answers_unknown_or_internal(
         CODES["cancel:" + _code(lambda: stub.CancelJob(cancel, metadata=MD, timeout=30))] += 1
 
 
-def test_after_the_fuzz_the_tuner_is_healthy_and_nothing_escaped(tuner: tuple[_Tuner, grpc.Channel]) -> None:
+def test_after_the_fuzz_the_tuner_is_healthy_and_nothing_escaped(
+    tuner: tuple[InProcessTuner, grpc.Channel],
+) -> None:
     server, channel = tuner
     assert sum(CODES[c] for c in ALLOWED) >= EXAMPLES, CODES  # the fuzz above ran in this session
     assert CODES["OK"] >= 50 and CODES["INVALID_ARGUMENT"] >= 500, CODES  # both paths were exercised
