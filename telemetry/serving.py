@@ -28,7 +28,7 @@ from .attribution import EnergyAttributor
 from .energy import select_meter
 from .genai import Instruments, RequestObserver, ServedModel, register_gauges, resident_adapters
 from .otlpjson import SpanRecord
-from .sampler import ResourceSampler, Sample
+from .sampler import ResourceSampler, Sample, WindowSummary
 from .tracing import SAMPLES_FILE, Providers, TelemetryConfig, default_run_dir, install, make_providers
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,10 @@ class ServerTelemetry:
         sampler = None
         if config.sample_hz > 0:
             sampler = ResourceSampler(
-                config.sample_hz, path=run_dir / SAMPLES_FILE, watts_per_core=config.watts_per_core
+                config.sample_hz,
+                path=run_dir / SAMPLES_FILE,
+                watts_per_core=config.watts_per_core,
+                max_file_bytes=config.run_file_max_bytes,
             ).start()
             meter = sampler.meter
         else:
@@ -86,6 +89,14 @@ class ServerTelemetry:
         what GetTelemetry returns and telemetry/report.py summarises."""
         samples = self.sampler.samples_between(start_s, end_s) if self.sampler is not None else []
         return samples, self.observer.recent(start_s, end_s)
+
+    def resources(self, start_s: float | None, end_s: float | None) -> WindowSummary | None:
+        """AMU, PCU, AEC and energy over [start_s, end_s] in O(log n) samples (None: no sampler, no
+        sample in the window, or mixed energy sources)."""
+        return self.sampler.window_summary(start_s, end_s) if self.sampler is not None else None
+
+    def sample_count(self, start_s: float | None, end_s: float | None) -> int:
+        return self.sampler.count_between(start_s, end_s) if self.sampler is not None else 0
 
     def interceptors(self) -> list[Any]:
         """The OpenTelemetry aio server interceptor: SERVER spans parented by the W3C context in metadata."""
