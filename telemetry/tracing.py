@@ -130,7 +130,9 @@ def config_from(
         run_dir=Path(run_dir) if run_dir else None,
         trace_file=Path(trace_file) if trace_file else None,
         prometheus_port=prometheus_port,
-        prometheus_host=prometheus_host or env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip() or "127.0.0.1",
+        prometheus_host=prometheus_host
+        or env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip()
+        or "127.0.0.1",
         otlp_metrics=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() != "none",
         sample_hz=10.0 if sample_hz is None else sample_hz,
         watts_per_core=watts_per_core,

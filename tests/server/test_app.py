@@ -181,6 +181,7 @@ async def test_requests_cancelled_while_queued_are_counted() -> None:
     """20 streams, one running and 19 queued, all cancelled: GetStats counts 20 (main counted the running one
     only; the outside test saw 8 of 20)."""
     async with serving(max_concurrency=1, queue_size=32) as live:
+
         def stream(i: int) -> Any:
             return live.stub.GenerateStream(
                 build_request("x", max_new_tokens=4, request_id=f"hold-{i}"), timeout=10

@@ -117,7 +117,9 @@ async def test_minted_names_and_hours_of_samples_neither_freeze_the_server_nor_m
         history(live.tel.sampler, 3 * 3600 * 10)  # type: ignore[arg-type]  # 3 h at 10 Hz
         await minted(live, 4000)
         live.engine.token_interval_s = 0.02
-        stream = live.stub.GenerateStream(build_request("x", max_new_tokens=60, request_id="slow-1"), timeout=60)
+        stream = live.stub.GenerateStream(
+            build_request("x", max_new_tokens=60, request_id="slow-1"), timeout=60
+        )
         arrivals: list[float] = []
 
         async def read() -> None:
@@ -183,7 +185,9 @@ async def test_windows_are_checked_and_replies_capped(tmp_path: Path) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await live.telemetry(include_samples=True)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "include_samples" in (err.value.details() or "") and "start_unix_s" in (err.value.details() or "")
+        assert "include_samples" in (err.value.details() or "") and "start_unix_s" in (
+            err.value.details() or ""
+        )
         assert (await live.telemetry()).resources.samples == MAX_SAMPLES + 10  # the summary alone is fine
         await minted(live, 100)  # ~100 request figures: more than a 4 KiB message holds
         with pytest.raises(grpc.aio.AioRpcError) as err:
