@@ -278,6 +278,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.telemetry = telemetry  # answers GetTelemetry; None: the server runs without telemetry
         self.auth = auth or AuthConfig()  # who sees per-request telemetry (the interceptor does the rest)
         self.max_reply_bytes = max_reply_bytes  # the server's message cap (GetTelemetry refuses past it)
+        self._telemetry_turn = asyncio.Lock()
         self.ready = False  # set once the engine has started
         self.draining = False
 
@@ -375,18 +376,20 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         full = caller_role(self.auth, context.invocation_metadata()) == "admin"
         info = self.runner.engine.info
         try:
-            # Off the event loop: summarising a long history must not stall the streams.
-            return await asyncio.to_thread(
-                telemetry_reply,
-                self.telemetry,
-                request,
-                info.model,
-                info.precision,
-                info.engine,
-                now=now,
-                full=full,
-                max_bytes=self.max_reply_bytes,
-            )
+            # Off the event loop: summarising a long history must not stall the streams; one at a time, so
+            # callers that pile up wait their turn instead of sharing the GIL with the streams.
+            async with self._telemetry_turn:
+                return await asyncio.to_thread(
+                    telemetry_reply,
+                    self.telemetry,
+                    request,
+                    info.model,
+                    info.precision,
+                    info.engine,
+                    now=now,
+                    full=full,
+                    max_bytes=self.max_reply_bytes,
+                )
         except EffllmError as err:
             await context.abort(STATUS[err.code], err.message)
 

@@ -19,7 +19,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from ..api.v1 import generation_pb2 as pb
-from ..telemetry.report import ALL, group_reports
+from ..telemetry.report import group_reports
 from .engines.base import EffllmError
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def telemetry_reply(
     if full:
         out.requests.extend(_figures(span.attributes, span.start_ns, span.end_ns) for span in spans)
     groups = group_reports(spans, window=tel.resources, max_groups=MAX_GROUPS if full else 0)
-    for g in groups if full else [g for g in groups if g.adapter == ALL]:
+    for g in groups:  # per adapter (full), then ALL
         row = pb.GroupFigures(
             adapter=g.adapter,
             precision=precision,

@@ -164,11 +164,11 @@ def group_reports(
 ) -> list[GroupReport]:
     """One GroupReport per adapter name (sorted), then ALL; from spans read back or kept in memory.
     `window`: the resource summary of a time window (default: over `samples`, indexed once);
-    `max_groups`: keep the names with the most requests, the rest go into one OTHER group."""
+    `max_groups`: keep the names with the most requests, the rest go into one OTHER group (0: ALL only)."""
     if window is None:
         window = SampleIndex(samples).summary
     by_adapter: dict[str, list[SpanRecord]] = {}
-    for s in spans:
+    for s in spans if max_groups != 0 else ():  # 0: no per-adapter buckets at all
         by_adapter.setdefault(str(s.attributes.get("effllm.adapter.name", "")), []).append(s)
     if max_groups is not None and len(by_adapter) > max_groups:
         kept = set(sorted(by_adapter, key=lambda name: (-len(by_adapter[name]), name))[:max_groups])

@@ -183,3 +183,4 @@ def test_groups_are_capped_with_the_rest_as_other(run_dir: Path) -> None:
     assert [(g.adapter, g.requests) for g in groups] == [("(base)", 2), ("sql", 2), (OTHER, 50), (ALL, 54)]
     assert groups[0].amu is not None and groups[2].amu is not None
     assert [g.adapter for g in group_reports(spans, samples)] == ["(base)", "sql", ALL]
+    assert [(g.adapter, g.requests) for g in group_reports(spans, samples, max_groups=0)] == [(ALL, 4)]
