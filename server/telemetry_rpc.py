@@ -67,7 +67,9 @@ def telemetry_reply(
     spans = tel.observer.recent(start, end)
     if full and len(spans) > MAX_REQUESTS:
         raise _too_many("requests", len(spans), MAX_REQUESTS)
-    w = tel.resources(start, end)
+    w, samples = (
+        tel.resources_and_samples(start, end) if req.include_samples else (tel.resources(start, end), [])
+    )
     out.start_unix_s = start or (w.start if w is not None else end)
     if w is not None:
         out.resources.CopyFrom(
@@ -94,7 +96,7 @@ def telemetry_reply(
                 energy_j=s.energy_j,
                 memory_used_bytes=s.memory_used_bytes,
             )
-            for s in (tel.sampler.samples_between(start, end) if tel.sampler is not None else [])
+            for s in samples
         )
     if full:
         out.requests.extend(_figures(span.attributes, span.start_ns, span.end_ns) for span in spans)

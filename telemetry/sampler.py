@@ -364,6 +364,12 @@ class ResourceSampler:
         with self._lock:
             return self.index.summary(start, end)
 
+    def window(self, start: float | None, end: float | None) -> tuple[WindowSummary | None, list[Sample]]:
+        """The window's summary and its samples, read together (a sample taken meanwhile is in both or
+        in neither)."""
+        with self._lock:
+            return self.index.summary(start, end), self.index.between(start, end)
+
     def summary(self, start: float | None = None, end: float | None = None) -> WindowSummary:
         with self._lock:
             samples = self.index.between(start, end)

@@ -27,7 +27,7 @@ from opentelemetry.instrumentation.grpc.filters import any_of, health_check, neg
 from .attribution import EnergyAttributor
 from .energy import select_meter
 from .genai import Instruments, RequestObserver, ServedModel, register_gauges, resident_adapters
-from .sampler import ResourceSampler, WindowSummary
+from .sampler import ResourceSampler, Sample, WindowSummary
 from .tracing import SAMPLES_FILE, Providers, TelemetryConfig, default_run_dir, install, make_providers
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,12 @@ class ServerTelemetry:
         sample in the window, or mixed energy sources): what GetTelemetry returns with the observer's
         `recent()` requests, and telemetry/report.py's `window` for their groups."""
         return self.sampler.window_summary(start_s, end_s) if self.sampler is not None else None
+
+    def resources_and_samples(
+        self, start_s: float | None, end_s: float | None
+    ) -> tuple[WindowSummary | None, list[Sample]]:
+        """`resources()` and the samples it summarises, read together."""
+        return self.sampler.window(start_s, end_s) if self.sampler is not None else (None, [])
 
     def sample_count(self, start_s: float | None, end_s: float | None) -> int:
         return self.sampler.count_between(start_s, end_s) if self.sampler is not None else 0

@@ -194,6 +194,9 @@ async def test_windows_are_checked_and_replies_capped(tmp_path: Path) -> None:
             err.value.details() or ""
         )
         assert (await live.telemetry()).resources.samples == MAX_SAMPLES + 10  # the summary alone is fine
+        last = live.tel.sampler.latest.t  # type: ignore[union-attr]
+        narrow = await live.telemetry(include_samples=True, start_unix_s=last - 2, end_unix_s=last)
+        assert len(narrow.samples) == narrow.resources.samples in (20, 21)  # 2 s at 10 Hz (float ends)
         await minted(live, 100)  # ~100 request figures: more than a 4 KiB message holds
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await live.telemetry()
