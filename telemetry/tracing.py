@@ -197,11 +197,16 @@ def config_from_args(args: argparse.Namespace, service_name: str = "effllm-serve
         run_dir=args.run_dir,
         trace_file=args.trace_file,
         prometheus_port=args.prometheus_port,
-        prometheus_host=args.prometheus_host,  # never the gRPC --host: /metrics has no auth
+        # never the gRPC --host: /metrics has no auth (getattr: a namespace built before these flags)
+        prometheus_host=getattr(args, "prometheus_host", None),
         sample_hz=args.sample_hz,
         watts_per_core=args.watts_per_core,
         service_name=service_name,
-        run_file_max_bytes=int(args.run_file_max_mb * (1 << 20)),
+        run_file_max_bytes=(
+            int(args.run_file_max_mb * (1 << 20))
+            if getattr(args, "run_file_max_mb", None) is not None
+            else None
+        ),
     )
 
 
