@@ -119,7 +119,14 @@ class EffllmServer:
         self.variants.peek = self.adapters.peek
         self.runner = self.variants.default.runner
         self.generation = GenerationService(
-            self.variants, config.limits, config.sampling_defaults, config.chat_template, telemetry
+            self.variants,
+            config.limits,
+            config.sampling_defaults,
+            config.chat_template,
+            telemetry,
+            config.auth,
+            # a margin under the message cap for the frame and the metadata
+            max_reply_bytes=config.max_message_bytes - 512,
         )
         self.adapter_service = AdapterService(self.adapters, self.variants.holders)
         self.health = HealthServicer()

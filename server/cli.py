@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..common.auth import add_flags as add_security_flags
-from ..common.auth import security_config
+from ..common.auth import is_loopback, security_config
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
 from ..telemetry.tracing import default_run_dir
@@ -304,7 +304,11 @@ def build_registry(args: argparse.Namespace, engine: AdapterHost) -> AdapterRegi
 
 
 def run(args: argparse.Namespace) -> int:
-    telemetry = telemetry_config(args, service_name="effllm-server")
+    try:
+        telemetry = telemetry_config(args, service_name="effllm-server")
+    except ValueError as err:
+        print(f"effllm serve: {err}", file=sys.stderr)
+        return 2
     run_dir = Path(telemetry.run_dir or default_run_dir("serve"))
     try:
         log_file = setup_logging(run_dir, args.log_level, args.verbose)
@@ -314,6 +318,11 @@ def run(args: argparse.Namespace) -> int:
     telemetry = replace(telemetry, run_dir=run_dir)
     try:
         auth, tls = security_config(args)
+        if telemetry.prometheus_port is not None and not is_loopback(telemetry.prometheus_host):
+            log.warning(
+                "--prometheus-host %s: /metrics is served without auth or TLS (see docs/security.md)",
+                telemetry.prometheus_host,
+            )
         lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
         engines = [maybe_inject(e) for e in build_engines(args)]
         engine = engines[0]

@@ -117,8 +117,10 @@ class Runner:
         self.queued += 1
         try:
             await self._slots.acquire()
-        except BaseException:  # cancelled while queued
+        except BaseException:  # cancelled while queued: counted as the ones cancelled while running are
             self._in_flight.discard(request.request_id)
+            self.counters.requests_cancelled += 1
+            self.counters.requests_total += 1
             raise
         finally:
             self.queued -= 1

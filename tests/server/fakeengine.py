@@ -4,6 +4,7 @@ The prompt goes through the real PromptRenderer (with a one-id-per-word tokenize
 exactly what a real engine refuses. What generate does is chosen by the request id's prefix:
 - `hold-*`: one token, then wait until `release()` (a request that holds its slot as long as a test wants);
 - `fail-*`: one token, then RuntimeError (an engine fault on that request);
+- `slow-*`: `max_new_tokens` tokens, one every `token_interval_s` (a paced stream whose gaps a test measures);
 - anything else: `max_new_tokens` tokens at once, finish "length".
 Invariant: `inside` holds exactly the requests whose generate stream is open; `closed_early` the ones whose
 stream was closed before it finished (the abort a real engine does to free its batch slot).
@@ -62,6 +63,7 @@ class FakeEngine:
         self.inside: set[str] = set()
         self.closed_early: list[str] = []
         self.adapters: set[str] = set()
+        self.token_interval_s = 0.02  # `slow-*` requests
 
     # --- test controls ----------------------------------------------------------------------------------
     def release(self) -> None:
@@ -103,7 +105,7 @@ class FakeEngine:
                 await self._released.wait()
                 n -= 1
             for i in range(n):
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.token_interval_s if rid.startswith("slow-") else 0)
                 last = i == n - 1
                 yield TokenEvent(
                     text=" b",
