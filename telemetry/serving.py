@@ -26,7 +26,14 @@ from opentelemetry.instrumentation.grpc.filters import any_of, health_check, neg
 
 from .attribution import EnergyAttributor
 from .energy import select_meter
-from .genai import Instruments, RequestObserver, ServedModel, register_gauges, resident_adapters
+from .genai import (
+    Instruments,
+    RequestObserver,
+    ServedModel,
+    register_gauges,
+    register_variant_gauge,
+    resident_adapters,
+)
 from .otlpjson import SpanRecord
 from .sampler import ResourceSampler, Sample
 from .tracing import SAMPLES_FILE, Providers, TelemetryConfig, default_run_dir, install, make_providers
@@ -86,6 +93,10 @@ class ServerTelemetry:
         what GetTelemetry returns and telemetry/report.py summarises."""
         samples = self.sampler.samples_between(start_s, end_s) if self.sampler is not None else []
         return samples, self.observer.recent(start_s, end_s)
+
+    def watch_variants(self, states: Callable[[], dict[str, bool]]) -> None:
+        """The `effllm.variant.alive` gauge over the server's variants (name -> alive)."""
+        register_variant_gauge(metrics.get_meter("effllm.server"), states)
 
     def interceptors(self) -> list[Any]:
         """The OpenTelemetry aio server interceptor: SERVER spans parented by the W3C context in metadata."""

@@ -175,3 +175,16 @@ async def test_engine_death_turns_health_not_serving_and_exits_non_zero() -> Non
         assert seen.status == NOT_SERVING
         assert await asyncio.wait_for(live.exit, 10) == ENGINE_DIED_EXIT
         assert live.server.failure == "the engine died" and live.engine.shut_down
+
+
+async def test_a_request_the_dying_engine_held_ends_unavailable_not_internal() -> None:
+    """vLLM's EngineDeadError reached clients as INTERNAL, which they do not retry."""
+    async with serving() as live:
+        held = live.stub.GenerateStream(build_request("x", max_new_tokens=4, request_id="hold-1"), timeout=10)
+        await first_message(held)
+        live.engine.die()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await the_rest(held)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "variant fp32:fake: its engine died (ScriptedEngineDead)" in (err.value.details() or "")
+        assert await asyncio.wait_for(live.exit, 10) == ENGINE_DIED_EXIT  # one variant: as before
