@@ -127,6 +127,9 @@ def test_sigkill_of_the_vllm_engine_core_leaves_int4_serving(server: ServerProce
 
     failed = [o for o in outcomes if o.code != "OK"]
     after = [o for o in outcomes if o.started > killed]
+    served = {name: sum(o.variant == name for o in outcomes) for name in (VLLM, INT4)}
+    codes = sorted({o.code for o in failed})
+    print(f"served {served}, failed {len(failed)} {codes}, begun after the kill {len(after)}")
     assert failed, "no request was on fp32:vllm when its engine died"
     # The dead variant's requests only, each retryable and naming it: those it held, and those routed to it
     # before vLLM itself noticed the death (its monitor thread; routing asks it at every choice).
