@@ -252,6 +252,7 @@ def variant_info(v: Variant) -> pb.VariantInfo:
             requests=f.requests,
         ),
         adapter_methods=list(info.adapter_methods),
+        state=pb.VARIANT_STATE_SERVING if v.alive else pb.VARIANT_STATE_DEAD,
     )
 
 

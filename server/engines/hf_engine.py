@@ -131,6 +131,23 @@ class HfEngine:
         self._batch = await loop.run_in_executor(self._executor, self._load)
         self._renderer = PromptRenderer(self._tokenizer, self.info.max_context)
         self._loop_task = asyncio.create_task(self._run(), name="hf-engine-loop")
+        self._loop_task.add_done_callback(self._on_loop_end)
+
+    def _on_loop_end(self, task: asyncio.Task[None]) -> None:
+        """The step loop ended outside shutdown(): the engine died. Every request it holds ends now
+        (`unavailable`: the runner names the variant) instead of waiting on its queue for ever."""
+        if self._closing:
+            return
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("hf engine: the step loop died (%s); ending its %d requests", why, self.running())
+        self._fail_held(EffllmError("unavailable", f"the hf engine's step loop died ({why})"))
+
+    def _fail_held(self, error: EffllmError) -> None:
+        for row in [*self._active, *self._waiting]:
+            if not row.finished:
+                row.finished = True
+                row.sink.put_nowait(error)
+        self._active, self._waiting = [], []
 
     def _load(self) -> Any:
         import torch
@@ -220,12 +237,7 @@ class HfEngine:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
-        # requests still held would otherwise wait forever on their queues
-        for row in [*self._active, *self._waiting]:
-            if not row.finished:
-                row.finished = True
-                row.sink.put_nowait(EffllmError("unavailable", "engine shut down"))
-        self._active, self._waiting = [], []
+        self._fail_held(EffllmError("unavailable", "engine shut down"))  # else they wait on their queues
         self._executor.shutdown(wait=True)
 
     def running(self) -> int:
@@ -415,7 +427,8 @@ class HfEngine:
         return joiners
 
     def _started_batch(self) -> Any:
-        if self._batch is None or self._closing:
+        dead = self._loop_task is not None and self._loop_task.done()  # the step loop died
+        if self._batch is None or self._closing or dead:
             raise EffllmError("unavailable", "engine is not running")
         return self._batch
 
