@@ -266,8 +266,9 @@ def _from_hardware(
     if p == "int4" and not machine.gpu:
         e = engine or "hf"  # vLLM's CPU backend has no int4
     c = bool(compiled) and e == "hf"
-    note = "" if precision is None else " (--precision)"
-    reason = f"{p}{note} {e}{' compiled' if c else ''}: {why}"
+    if precision is not None:
+        why = f"--precision {precision}"
+    reason = f"{p} {e}{' compiled' if c else ''}: {why}"
     if calibration is None:
         reason += "; no calibration for this machine, model and versions (effllm calibrate)"
     else:

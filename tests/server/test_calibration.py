@@ -50,7 +50,8 @@ def test_auto_from_the_hardware(flags: str, gpu: str, precision: str, engine: st
 
 def test_fixed_flags_stay_fixed_without_calibration() -> None:
     amx = cpu("amx_bf16")
-    assert choose_auto(amx, precision="fp32").engine == "vllm"
+    fixed = choose_auto(amx, precision="fp32")
+    assert fixed.engine == "vllm" and fixed.reason.startswith("fp32 vllm: --precision fp32; no calibration")
     assert choose_auto(amx, engine="vllm").precision == "bf16"
     assert choose_auto(amx, precision="int4").engine == "hf"  # vLLM's CPU backend has no int4
     assert choose_auto(amx, compiled=True).compile_decode is True  # bf16 hf, the flag asked for it
