@@ -303,10 +303,14 @@ def _calibrated(
     runner = next((m for m in others if m.config == plain), None) or max(
         others, key=lambda m: m.c1.median if m.c1 else 0.0, default=None
     )
-    against = f" against {runner.config.describe()} {runner.c1.median:.0f}" if runner and runner.c1 else ""
+    against = f" against {runner.config.describe()} {_rate(runner.c1.median)}" if runner and runner.c1 else ""
     reason = (
-        f"{pick.config.describe()}: calibrated {pick.c1.median:.0f} tok/s at c=1 and "
-        f"{pick.cmax.median:.0f} at c={cal.max_concurrency}{against}, {cal.taken[:10]}"
+        f"{pick.config.describe()}: calibrated {_rate(pick.c1.median)} tok/s at c=1 and "
+        f"{_rate(pick.cmax.median)} at c={cal.max_concurrency}{against}, {cal.taken[:10]}"
     )
     c = pick.config
     return Choice(c.precision, c.engine, c.compiled, reason)
+
+
+def _rate(tok_s: float) -> str:
+    return f"{tok_s:.0f}" if tok_s >= 10 else f"{tok_s:.1f}"
