@@ -205,9 +205,11 @@ class HfEngine:
     def _compile_decode(self, batch: Any) -> None:
         """Build the compiled decode path and warm every batch bucket up (start() returns after: SERVING
         comes only once the graphs exist). A model the static step cannot run keeps the eager path."""
+        from . import compile_cache
         from .hf_compiled import CompiledDecoder
 
         c = self.config
+        cache = compile_cache.persist()
         try:
             decoder = CompiledDecoder(
                 batch.base, batch.stack, c.device, c.max_concurrency, self.info.max_context
@@ -215,7 +217,7 @@ class HfEngine:
         except ValueError as exc:
             log.warning("hf engine: compile_decode is off for this model (%s); decoding eagerly", exc)
             return
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), compile_cache.counters()
         for bucket, seconds in decoder.warm_up().items():
             log.info("hf engine: compiled decode warm-up, batch bucket %d: %.1f s", bucket, seconds)
         total = time.perf_counter() - t0
@@ -226,6 +228,11 @@ class HfEngine:
             decoder.graphs,
             decoder.kv.nbytes / 2**20,
             total,
+        )
+        log.info(
+            "hf engine: compile caches in %s: %s",
+            cache,
+            compile_cache.describe(before, compile_cache.counters()),
         )
         batch.compiled = decoder
         extra = {"decode": decoder.mode, "decode_warmup_s": f"{total:.1f}"}
