@@ -82,7 +82,7 @@ class Batch:
         lora = None if spec.method == "dora" else read_lora(spec.path, self.stack.linears)
         if lora is not None:
             self.stack.add(spec.key, lora)
-            if self.compiled is not None:  # new stacked shapes: compile them now, not mid-decode
+            if self.compiled is not None:  # new stacked shapes: compiled off this thread, eager meanwhile
                 self.compiled.refresh()
         else:
             self._add_peft(spec)
