@@ -129,7 +129,8 @@ def main() -> int:
         f"load avg {info['load_avg'][0]:.2f} -> {info['load_avg_end'][0]:.2f}; "
         f"{args.tokens} tokens, median of {args.rounds}"
     )
-    print(f"{'variant':<12} {'busy':>4} {'eager s/tok':>12} {'compiled s/tok':>15} {'ratio':>6} {'decode':>9}")
+    head = f"{'variant':<12} {'busy':>4} {'eager s/tok':>12} {'compiled s/tok':>15} {'ratio':>6}"
+    print(f"{head} {'decode':>9}")
     for name, res in results.items():
         for busy, cond in res["conditions"].items():
             e, c = cond["s_per_token"]["eager"], cond["s_per_token"]["compiled"]

@@ -132,16 +132,11 @@ class StepWatch:
             return None
         self.current, self.verdicts, self.every = path, 0, self.base_every
         self.switches += 1
-        self.reason = (
-            f"contention: compiled {compiled:.3f} s/step vs eager {eager:.3f} at batch {bucket}"
-            if path == "eager"
-            else ""
-        )
-        return (
-            f"compiled decode falls back to eager ({self.reason})"
-            if path == "eager"
-            else f"compiled decode resumes: compiled {compiled:.3f} s/step vs eager {eager:.3f} at batch {bucket}"
-        )
+        figures = f"compiled {compiled:.3f} s/step vs eager {eager:.3f} at batch {bucket}"
+        self.reason = f"contention: {figures}" if path == "eager" else ""
+        if path == "eager":
+            return f"compiled decode falls back to eager ({self.reason})"
+        return f"compiled decode resumes: {figures}"
 
 
 class CompiledDecoder:

@@ -3,10 +3,12 @@
 One asyncio task drives iteration-level batching: between two decode steps it admits waiting requests
 (up to `max_concurrency` rows and `max_adapters_per_batch` distinct adapters) and drops cancelled ones;
 each step (model forwards, sampling, detokenizing) runs on a single worker thread (see hf_batch), so the
-event loop stays free and the model is never touched by two threads. Adapter loads and unloads go
-through the same thread, so they happen between steps, never inside one. With `compile_decode`, base and
+event loop stays free and the model is never run by two threads (hf_compiled's compile thread only
+reads weights and writes its static cache's spare position). Adapter loads and unloads go through the
+same thread, so they happen between steps, never inside one. With `compile_decode`, base and
 stacked-LoRA rows decode on hf_compiled (a static KV cache, one torch.compile'd step, batch buckets
-warmed up inside start(), so the server turns SERVING only once they are compiled).
+warmed up inside start(), so the server turns SERVING only once they are compiled; shapes that a later
+adapter load brings compile on a thread of their own while steps run eagerly).
 """
 
 from __future__ import annotations
