@@ -26,10 +26,6 @@ from opentelemetry.instrumentation.grpc.filters import any_of, health_check, neg
 
 from .attribution import EnergyAttributor
 from .energy import select_meter
-<<<<<<< HEAD
-from .genai import Instruments, RequestObserver, ServedModel, register_gauges, resident_adapters
-from .sampler import ResourceSampler, Sample, WindowSummary
-=======
 from .genai import (
     Instruments,
     RequestObserver,
@@ -38,9 +34,7 @@ from .genai import (
     register_variant_gauge,
     resident_adapters,
 )
-from .otlpjson import SpanRecord
-from .sampler import ResourceSampler, Sample
->>>>>>> deadvar
+from .sampler import ResourceSampler, Sample, WindowSummary
 from .tracing import SAMPLES_FILE, Providers, TelemetryConfig, default_run_dir, install, make_providers
 
 log = logging.getLogger(__name__)

@@ -3,10 +3,12 @@
 One asyncio task drives iteration-level batching: between two decode steps it admits waiting requests
 (up to `max_concurrency` rows and `max_adapters_per_batch` distinct adapters) and drops cancelled ones;
 each step (model forwards, sampling, detokenizing) runs on a single worker thread (see hf_batch), so the
-event loop stays free and the model is never touched by two threads. Adapter loads and unloads go
-through the same thread, so they happen between steps, never inside one. With `compile_decode`, base and
+event loop stays free and the model is never run by two threads (hf_compiled's compile thread only
+reads weights and writes its static cache's spare position). Adapter loads and unloads go through the
+same thread, so they happen between steps, never inside one. With `compile_decode`, base and
 stacked-LoRA rows decode on hf_compiled (a static KV cache, one torch.compile'd step, batch buckets
-warmed up inside start(), so the server turns SERVING only once they are compiled).
+warmed up inside start(), so the server turns SERVING only once they are compiled; shapes that a later
+adapter load brings compile on a thread of their own while steps run eagerly).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class HfConfig:
     # the main group decodes on a static KV cache with one torch.compile'd step (hf_compiled), warmed up
     # at start-up; False: the eager path, untouched
     compile_decode: bool = False
+    # OpenMP threads of inductor's C++ kernels in the compiled step (0: torch.get_num_threads()). 1: a
+    # kernel never waits at a barrier for a thread another process pushed off its core (issue 27); the
+    # matrix products are extern calls on ATen's threads either way
+    compile_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -67,6 +73,8 @@ class HfConfig:
             raise ValueError("max_context >= 16 and max_concurrency >= 1 are required")
         if self.max_adapter_rank < 1 or self.max_adapters_per_batch < 1:
             raise ValueError("max_adapter_rank and max_adapters_per_batch must be >= 1")
+        if self.compile_threads < 0:
+            raise ValueError("compile_threads must be >= 0 (0: torch's thread count)")
 
 
 def avoid_cudnn_attention(device: str) -> None:
@@ -212,7 +220,12 @@ class HfEngine:
         cache = compile_cache.persist()
         try:
             decoder = CompiledDecoder(
-                batch.base, batch.stack, c.device, c.max_concurrency, self.info.max_context
+                batch.base,
+                batch.stack,
+                c.device,
+                c.max_concurrency,
+                self.info.max_context,
+                threads=c.compile_threads,
             )
         except ValueError as exc:
             log.warning("hf engine: compile_decode is off for this model (%s); decoding eagerly", exc)
@@ -235,8 +248,24 @@ class HfEngine:
             compile_cache.describe(before, compile_cache.counters()),
         )
         batch.compiled = decoder
-        extra = {"decode": decoder.mode, "decode_warmup_s": f"{total:.1f}"}
-        self.info = replace(self.info, extra={**self.info.extra, **extra})
+        self.info = replace(self.info, extra={**self.info.extra, "decode_warmup_s": f"{total:.1f}"})
+
+    @property
+    def info(self) -> EngineInfo:
+        """With compile_decode, extra "decode" says what the main group's steps run now (compiled or
+        eager) and "decode_eager_reason" why eager (compiling new adapter shapes, CPU contention...),
+        read from the decoder at each call."""
+        compiled = self._batch.compiled if self._batch is not None else None
+        if compiled is None:
+            return self._info
+        decode, reason = compiled.status()
+        return replace(
+            self._info, extra={**self._info.extra, "decode": decode, "decode_eager_reason": reason}
+        )
+
+    @info.setter
+    def info(self, value: EngineInfo) -> None:
+        self._info = value
 
     async def shutdown(self) -> None:
         self._closing = True

@@ -11,7 +11,7 @@ import pytest
 from effllm.cli.main import build_parser, main
 
 
-@pytest.mark.slow
+@pytest.mark.model
 @pytest.mark.timeout(1200)
 def test_calibrate_stores_what_auto_then_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from effllm.common.model import resolve_model
