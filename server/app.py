@@ -27,10 +27,10 @@ from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..common.adapter_paths import parse_ref
 from ..common.auth import AuthConfig, AuthInterceptor, TlsConfig
+from ..telemetry.energy import resolve_watts_per_core
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
-from ..telemetry.energy import resolve_watts_per_core
 from .defaults import SamplingDefaults
 from .engines.base import AdapterHost, EffllmError, Engine
 from .router import OBJECTIVES
