@@ -88,14 +88,15 @@ class ProcessTree:
 
 class EngineThreads:
     """CPU seconds of this process's threads, shared out among the engines that run in it (the hf engine's
-    batching worker; one instance per process, `THREADS`).
+    batching worker; one instance per process: `engine_threads()`).
 
     An owner claims its worker threads (`claim`, from inside the thread). Every other thread but the main
-    one (the event loop, gRPC, detokenizing) is taken for the shared torch intra-op (OpenMP) pool, which
-    computes for whichever worker called into torch: over each interval between two reads, the pool's CPU
-    is divided among the owners in proportion to their claimed threads' CPU in that interval (their busy
-    time), and goes to nobody when no owner was busy. So a thread another owner claimed never counts for
-    an owner, and a neighbour spinning in another process never does either.
+    one (the event loop: gRPC aio, vLLM's output processing) is taken for the shared torch intra-op
+    (OpenMP) pool; helper threads (the resource sampler, gRPC's pollers) fall in with it and burn
+    little. The pool computes for whichever worker called into torch: over each interval between two
+    reads, the pool's CPU is divided among the owners in proportion to their claimed threads' CPU in that
+    interval (their busy time), and goes to nobody when no owner was busy. So a thread another owner
+    claimed never counts for an owner, and a neighbour spinning in another process never does either.
     Invariant: `seconds(owner)` never decreases; times count from the owner's first claim.
     """
 

@@ -352,6 +352,13 @@ def test_exploration_never_breaks_a_budget_and_zero_turns_it_off() -> None:
         _, notes = _routed(0.5, n=100, budget=Budget(max_j_per_token=2.5), strict=strict)
         explored = {n.variant for n in notes if n.reason.startswith("explore")}
         assert explored == {"bf16:fake"} and all(n.budget_met for n in notes)
+    # an adapter only fp32 and bf16 hold: int4, though stalest, is never explored
+    vs, _ = _routed(0.5, n=0)
+    assert vs.adapters is not None
+    vs.adapters.held["a@1"] = ("fp32:fake", "bf16:fake")
+    vs.peek = lambda name: "a@1"
+    picked = {vs.choose("energy", Budget(), "a", False)[0].name for _ in range(100)}
+    assert picked == {"fp32:fake", "bf16:fake"} and vs.by_name["bf16:fake"].explored == 50
     # none but fp32 meets 1.5: nothing to explore
     _, notes = _routed(0.5, n=100, budget=Budget(max_j_per_token=1.5), strict=True)
     assert {n.variant for n in notes} == {"fp32:fake"}
