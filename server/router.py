@@ -33,7 +33,8 @@ the budget field and nothing runs.
 `explore(decision, candidates, staleness)` names the variant a request may go to instead, to refresh
 figures the router has stopped renewing (the caller bounds how often it asks, server/variants.py): one
 that holds the adapter, meets the request's budget (nothing when no variant meets it), has a free slot
-and nobody queued; of those, the fewest samples, then the oldest newest sample.
+and nobody queued, and for QUALITY is as good as the chosen one; of those, the fewest samples, then the
+oldest newest sample.
 Invariant: no torch, no I/O, no clock; the same inputs give the same decision.
 """
 
@@ -269,15 +270,25 @@ def _tied(objective: str, best: Prediction, meeting: Sequence[Prediction]) -> li
 
 
 def explore(
-    decision: Decision, candidates: Sequence[Candidate], staleness: Mapping[str, tuple[int, float]]
+    objective: str,
+    decision: Decision,
+    candidates: Sequence[Candidate],
+    staleness: Mapping[str, tuple[int, float]],
 ) -> str | None:
     """A variant other than `decision.variant` worth sending this request to, to refresh its figures, or
     None (see the module docstring). `staleness`: name -> (samples so far, age of the newest in s)."""
     if decision.budget_met is False:  # no variant meets the budget: never trade a miss for freshness
         return None
     free = {c.name for c in candidates if c.queued == 0 and c.running < max(c.slots, 1)}
+    chosen = next(p for p in decision.predicted if p.name == decision.variant)
     eligible = [
-        p.name for p in decision.predicted if p.name != decision.variant and p.meets and p.name in free
+        p.name
+        for p in decision.predicted
+        if p.name != decision.variant
+        and p.meets
+        and p.name in free
+        # a QUALITY request is never sent to a variant the held-out set can tell is worse
+        and (objective != "quality" or equally_good(p.quality, chosen.quality))
     ]
     if not eligible:
         return None

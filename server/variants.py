@@ -110,12 +110,16 @@ class LiveFigures:
     startup: dict[str, Spread] = field(default_factory=dict)  # measure()'s, until the first request
 
     def spread(self, name: str) -> Spread:
-        """Figure `name`'s spread (one of SPREAD_FIGURES): the recent requests', else the start-up one;
-        the interval always holds the figure the router uses."""
+        """Figure `name`'s spread (one of SPREAD_FIGURES): the recent requests', else the start-up one
+        (with fewer than 4 requests, the interval spans both); it always holds the figure the router
+        uses."""
         point = float(getattr(self, name))
-        s = spread_of(self.window[name]) if self.window[name] else self.startup.get(name)
+        live, start = self.window[name], self.startup.get(name)
+        s = spread_of(live) if live else start
         if s is None:
             return Spread(point, point, point, 0)
+        if live and start is not None and len(live) < 4:  # a young live figure: no narrower than start-up
+            s = replace(s, lo=min(s.lo, start.lo), hi=max(s.hi, start.hi))
         return replace(s, lo=min(s.lo, point), hi=max(s.hi, point))
 
     def interval(self, name: str) -> tuple[float, float]:
@@ -323,13 +327,13 @@ class VariantSet:
             held = frozenset(self.adapters.held.get(key, ()))
         candidates = [v.candidate() for v in self.variants]
         decision: Decision = route(objective, budget, held, candidates, strict)
-        decision = self._explore(decision, candidates)
+        decision = self._explore(objective, decision, candidates)
         note = RouteNote(
             objective, decision.variant, decision.reason, decision.candidates_json(), decision.budget_met
         )
         return self.by_name[decision.variant], note, decision.budget_met
 
-    def _explore(self, decision: Decision, candidates: Sequence[Candidate]) -> Decision:
+    def _explore(self, objective: str, decision: Decision, candidates: Sequence[Candidate]) -> Decision:
         """`decision`, or the same request sent to a stale variant instead (router.explore) while that
         keeps the explored requests at most `explore_share` of the routed ones."""
         if len(decision.predicted) < 2:
@@ -342,7 +346,7 @@ class VariantSet:
             v.name: (v.figures.requests, now - v.figures.newest_s if v.figures.newest_s else float("inf"))
             for v in self.variants
         }
-        name = explore(decision, candidates, staleness)
+        name = explore(objective, decision, candidates, staleness)
         if name is None:
             return decision
         self.explored += 1

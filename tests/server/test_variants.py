@@ -359,6 +359,11 @@ def test_exploration_never_breaks_a_budget_and_zero_turns_it_off() -> None:
     vs.peek = lambda name: "a@1"
     picked = {vs.choose("energy", Budget(), "a", False)[0].name for _ in range(100)}
     assert picked == {"fp32:fake", "bf16:fake"} and vs.by_name["bf16:fake"].explored == 50
+    # QUALITY is never explored on a variant the held-out set tells is worse
+    vs, _ = _routed(0.5, n=0)
+    vs.by_name["int4:fake"].quality = 0.8
+    picked = {vs.choose("quality", Budget(), "", False)[0].name for _ in range(100)}
+    assert "int4:fake" not in picked and vs.explored == 50
     # none but fp32 meets 1.5: nothing to explore
     _, notes = _routed(0.5, n=100, budget=Budget(max_j_per_token=1.5), strict=True)
     assert {n.variant for n in notes} == {"fp32:fake"}
@@ -373,6 +378,13 @@ def test_live_figures_carry_their_median_spread_and_sample_count() -> None:
     # the quartiles (one outlier does not widen them), stretched to hold the EWMA figure the router uses
     assert s.lo == pytest.approx(0.2) and s.hi == pytest.approx(max(0.4, f.ttft_s))
     assert f.spread("j_per_token").samples == 5 and f.spread("j_per_token").median == pytest.approx(0.1)
+    # a young live figure keeps the start-up interval's width; from 4 requests on, its own quartiles
+    young = LiveFigures(startup={"ttft_s": variants_mod.Spread(0.3, 0.1, 0.9, 3)})
+    young.observe(_final(ttft=0.3, queue=0.0, decode=0.9, out=10, joules=1.0), batch=1)
+    assert young.interval("ttft_s") == (0.1, 0.9) and young.spread("ttft_s").samples == 1
+    for _ in range(3):
+        young.observe(_final(ttft=0.3, queue=0.0, decode=0.9, out=10, joules=1.0), batch=1)
+    assert young.interval("ttft_s") == pytest.approx((0.3, 0.3))
     for _ in range(variants_mod.WINDOW):
         f.observe(_final(ttft=0.1, queue=0.0, decode=0.9, out=10, joules=1.0), batch=1)
     assert f.spread("ttft_s").samples == variants_mod.WINDOW  # a running window of the last requests
