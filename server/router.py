@@ -26,7 +26,8 @@ tell fp32 from bf16) by TTFT then TPOT, then the rest by quality; BALANCED: the 
 J/token and 1/quality, each relative to the best candidate). Ties: for LATENCY and ENERGY the ranked
 figure (predicted TTFT; J/token) is a measurement with an error bar, so every candidate whose interval
 overlaps the best one's is as good, and the tie goes by the other figures (LATENCY: TPOT, then J/token;
-ENERGY: TTFT, then TPOT), as QUALITY's ties already do. None meets the budget: the closest one
+ENERGY: TTFT, then TPOT), as QUALITY's ties already do; a variant that would wait for a free slot never
+ties with one that would not (queueing is load, not noise). None meets the budget: the closest one
 (smallest summed relative excess) with budget_met=False, or, with `strict`, FAILED_PRECONDITION naming
 the budget field and nothing runs.
 
@@ -87,6 +88,7 @@ class Prediction:
     misses: tuple[str, ...]  # the Budget field names it would not meet
     ttft_range: tuple[float, float] = (0.0, 0.0)
     j_range: tuple[float, float] = (0.0, 0.0)
+    waits: bool = False  # every slot is taken: it would first wait for a departure
 
     @property
     def meets(self) -> bool:
@@ -141,7 +143,9 @@ def predict(c: Candidate, budget: Budget) -> Prediction:
     ttft_range = (min(lo * factor + wait, ttft), max(hi * factor + wait, ttft))
     j_lo, j_hi = c.j_range or (c.j_per_token, c.j_per_token)
     j_range = (min(j_lo, c.j_per_token), max(j_hi, c.j_per_token))
-    return Prediction(c.name, ttft, tpot, c.j_per_token, c.quality, tuple(misses), ttft_range, j_range)
+    return Prediction(
+        c.name, ttft, tpot, c.j_per_token, c.quality, tuple(misses), ttft_range, j_range, ahead > 0
+    )
 
 
 def _excess(p: Prediction, budget: Budget) -> float:
@@ -266,7 +270,8 @@ def _tied(objective: str, best: Prediction, meeting: Sequence[Prediction]) -> li
     if interval is None:
         return [best]
     lo, hi = interval(best)
-    return [p for p in meeting if interval(p)[0] <= hi and lo <= interval(p)[1]]
+    # waiting for a slot is not measurement noise: a variant that would wait never ties with a free one
+    return [p for p in meeting if interval(p)[0] <= hi and lo <= interval(p)[1] and p.waits == best.waits]
 
 
 def explore(

@@ -221,3 +221,7 @@ def test_overlapping_intervals_tie_and_the_other_figures_break_the_tie() -> None
     steady = replace(INT4, prefill_s=0.25, prefill_range=(0.22, 0.28), tpot_s=0.03)
     assert route("latency", NO_BUDGET, None, [fast, steady]).variant == steady.name
     assert route("latency", NO_BUDGET, None, [replace(fast, prefill_range=None), steady]).variant == fast.name
+    # a variant that would first wait for a slot never ties with a free one, however wide the intervals
+    wide = replace(fast, prefill_range=(0.01, 5.0))
+    full = replace(steady, slots=1, running=1, service_s=0.2)  # its TPOT alone would win the tie
+    assert route("latency", NO_BUDGET, None, [wide, full]).variant == wide.name
