@@ -4,9 +4,11 @@ Where to look:
   app.py       assemble and run: services, interceptors, health, reflection, start-up, drain, the watchdog
   service.py   GenerationService: validation (Limits), proto <-> GenerationRequest, errors -> status
   runner.py    admission (slots, bounded queue), prompt preparation and adapter lease before it, timings
-  variants.py  the variants one server hosts (--variant): engine + runner + live EWMA figures each, start-up
-               quality and warm-up, adapters loaded into every variant that can serve them
-  router.py    pick a variant per request: predicted TTFT/TPOT under load, budget, objective (pure)
+  variants.py  the variants one server hosts (--variant): engine + runner + live figures with their spread
+               each, start-up quality and figures, bounded exploration, adapters loaded into every variant
+               that can serve them
+  router.py    pick a variant per request: predicted TTFT/TPOT under load, budget, objective, ties within
+               the figures' spread (pure)
   cli.py       flags -> ServerConfig + engine (auth flags and the interceptor: common/auth.py)
   defaults.py  the model's sampling defaults (generation_config.json, read as untrusted input)
   logs.py      the quiet console: effllm's lines on stderr, every library's records in RUN_DIR/server.log

@@ -28,6 +28,7 @@ from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..common.adapter_paths import parse_ref
 from ..common.auth import AuthConfig, AuthInterceptor, TlsConfig
+from ..telemetry.energy import resolve_watts_per_core
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
@@ -36,7 +37,7 @@ from .engines.base import AdapterHost, EffllmError, Engine
 from .router import OBJECTIVES
 from .runner import Runner
 from .service import GenerationService, Limits
-from .variants import LiveFigures, Variant, VariantAdapters, VariantSet
+from .variants import EXPLORE_SHARE, LiveFigures, Variant, VariantAdapters, VariantSet
 
 if TYPE_CHECKING:
     from ..telemetry.serving import ServerTelemetry
@@ -67,6 +68,11 @@ class ServerConfig:
     # what a server without variants gives it, the fastest answer, and ranking by predicted latency also
     # spreads load over the variants.
     default_objective: str = "latency"
+    # The CPU energy estimate's watts per core (serve --watts-per-core); None: EFFLLM_WATTS_PER_CORE or
+    # the default. Resolved once, in EffllmServer, for the start-up J/token figures.
+    watts_per_core: float | None = None
+    # At most this share of routed requests goes to a stale variant to refresh its figures (0: never).
+    explore_share: float = EXPLORE_SHARE
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -77,6 +83,8 @@ class ServerConfig:
             raise ValueError("max_message_bytes >= 1024 and grace_s >= 0 are required")
         if self.default_objective not in OBJECTIVES:
             raise ValueError(f"default_objective {self.default_objective!r} is not one of {OBJECTIVES}")
+        if not 0.0 <= self.explore_share <= 1.0:
+            raise ValueError(f"explore_share {self.explore_share} is not in 0..1")
 
 
 class EffllmServer:
@@ -115,8 +123,12 @@ class EffllmServer:
             )
             variants.append(Variant(e, runner, figures))
         self.variants = VariantSet(
-            variants, config.default_objective, shared if isinstance(shared, VariantAdapters) else None
+            variants,
+            config.default_objective,
+            shared if isinstance(shared, VariantAdapters) else None,
+            config.explore_share,
         )
+        self.watts_per_core = resolve_watts_per_core(config.watts_per_core)  # flag > env > default
         self.variants.peek = self.adapters.peek
         if telemetry is not None:
             telemetry.watch_variants(self.variants.states)
@@ -180,7 +192,7 @@ class EffllmServer:
     async def load(self) -> None:
         for engine in self.engines:  # one at a time: each loads its weights (memory peaks stay apart)
             await engine.start()
-        await self.variants.measure(self.config.limits.default_max_new_tokens)
+        await self.variants.measure(self.config.limits.default_max_new_tokens, self.watts_per_core)
         for ref in self.config.preload:
             try:
                 await self.adapters.load(*parse_ref(ref))

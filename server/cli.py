@@ -390,6 +390,7 @@ def run(args: argparse.Namespace) -> int:
             sampling_defaults=defaults,
             chat_template=has_chat_template(model_dir),
             default_objective=args.default_objective,
+            watts_per_core=args.watts_per_core,
         )
     except (ValueError, OSError) as err:
         log.error("bad configuration: %s", err)

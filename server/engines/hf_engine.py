@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ...common.model import ResolvedModel, count_parameters, max_position_embeddings
+from ...telemetry.proctree import engine_threads
 from .base import (
     BYTES_PER_PARAM,
     PRECISIONS,
@@ -132,6 +133,7 @@ class HfEngine:
         # probe results of adapters just added (add_adapter probes in the same worker job), kept for the
         # registry's probe_adapter call that follows: adapter key -> finite, or the probe's exception
         self._probed: dict[str, bool | Exception] = {}
+        self._owner = f"hf-{id(self)}"  # its name in engine_threads(): the worker thread is claimed by it
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -164,6 +166,7 @@ class HfEngine:
         from .hf_batch import Batch
         from .hf_int4 import quantize_int4, weight_bytes
 
+        engine_threads().claim(self._owner)  # on the worker: every step runs on this thread
         c = self.config
         torch.manual_seed(c.seed)
         avoid_cudnn_attention(c.device)
@@ -278,6 +281,12 @@ class HfEngine:
 
     def running(self) -> int:
         return len(self._waiting) + len(self._active)
+
+    def cpu_seconds(self) -> float:
+        """The worker thread's CPU, plus the share of torch's intra-op (OpenMP) pool it kept busy: two hf
+        variants in one process share that pool, which is divided between them by their workers' busy
+        CPU time (telemetry/proctree.py EngineThreads)."""
+        return engine_threads().seconds(self._owner)
 
     def alive(self) -> bool:
         """False once the step loop has died (the server's watchdog then turns NOT_SERVING); a loop

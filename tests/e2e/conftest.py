@@ -248,6 +248,18 @@ def variants_by_name(client: EffllmClient) -> dict[str, pb.VariantInfo]:
     return {v.name: v for v in client.model_info().variants}
 
 
+def energy_choices(variants: dict[str, pb.VariantInfo]) -> set[str]:
+    """The variants an ENERGY request may go to on these figures: the lowest J/token, and every variant
+    whose J/token interval overlaps its (a tie within their spread, broken by TTFT: server/router.py)."""
+    best = min(variants.values(), key=lambda v: v.live.joules_per_token).live.joules
+    return {
+        name
+        for name, v in variants.items()
+        if v.live.joules.low <= max(best.high, best.median)
+        and min(best.low, best.median) <= v.live.joules.high
+    }
+
+
 def wait_idle(client: EffllmClient, timeout: float = 60.0) -> None:
     """Until the server has nothing running or queued; AssertionError after `timeout` seconds."""
     deadline = time.monotonic() + timeout

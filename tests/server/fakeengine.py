@@ -25,6 +25,7 @@ from effllm.server.engines.base import (
     Usage,
 )
 from effllm.server.engines.prompting import PromptRenderer
+from effllm.telemetry.proctree import engine_threads
 
 MAX_CONTEXT = 64
 
@@ -71,6 +72,7 @@ class FakeEngine:
         self.closed_early: list[str] = []
         self.adapters: set[str] = set()
         self.token_interval_s = 0.02  # `slow-*` requests
+        self.owner = f"fake-{id(self)}"  # its name in engine_threads()
 
     # --- test controls ----------------------------------------------------------------------------------
     def release(self) -> None:
@@ -142,6 +144,11 @@ class FakeEngine:
 
     def running(self) -> int:
         return len(self.inside)
+
+    def cpu_seconds(self) -> float:
+        """The threads this engine claimed in engine_threads() (none: it decodes on the event loop for
+        free; a test subclass claims the thread it burns CPU on)."""
+        return engine_threads().seconds(self.owner)
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
         self.adapters.add(spec.key)
