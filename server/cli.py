@@ -92,6 +92,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default="latency",
         help="the objective of a request that names none (latency: what a server without variants gives)",
     )
+    p.add_argument(
+        "--explore-share",
+        type=float,
+        default=ServerConfig.explore_share,
+        help="with several variants: at most this share of requests goes to the variant whose figures are "
+        "stalest, so a bad figure corrects itself from served traffic (0: off)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together (batch slots)")
     p.add_argument(
@@ -138,6 +145,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "(Inductor's caches persist under the effllm cache dir: a second start reuses the kernels); "
         "DoRA rows stay eager. Unset: on where a stored calibration says it wins with --engine/--precision "
         "auto, else off",
+    )
+    p.add_argument(
+        "--compile-threads",
+        type=int,
+        default=None,
+        help="hf engine, --compile-decode: threads of each Inductor C++ kernel (default 1: multi-threaded "
+        "kernels stall at OpenMP barriers when another process takes a core; 0: torch's thread count)",
     )
     p.add_argument(
         "--stream-interval",
@@ -294,6 +308,8 @@ def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: 
             seed=args.seed,
             compile_decode=compile_decode,
         )
+        if getattr(args, "compile_threads", None) is not None:  # unset: HfConfig's default
+            hf = replace(hf, compile_threads=args.compile_threads)
         # adapter limits come from the adapter flags where this server has them
         names = ("max_adapter_rank", "max_adapters_per_batch", "max_adapters_resident")
         limits = {k: getattr(args, k) for k in names if getattr(args, k, None)}
@@ -391,6 +407,7 @@ def run(args: argparse.Namespace) -> int:
             chat_template=has_chat_template(model_dir),
             default_objective=args.default_objective,
             watts_per_core=args.watts_per_core,
+            explore_share=args.explore_share,
         )
     except (ValueError, OSError) as err:
         log.error("bad configuration: %s", err)
