@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+from ..common.architecture import require_support
 from ..common.auth import add_flags as add_security_flags
 from ..common.auth import security_config
 from ..telemetry.tracing import add_flags as add_telemetry_flags
@@ -245,7 +246,10 @@ def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: 
     wanted = precision_arg or args.precision
     precision = cast(Precision, wanted if wanted != "auto" else ("bf16" if device == "cuda" else "fp32"))
     model = resolve_model(args.model)
-    if choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods) == "hf":
+    chosen = choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods)
+    # an architecture this engine cannot run is refused here, before it loads, not in traffic
+    require_support(chosen, model.path, precision=precision, max_concurrency=args.max_concurrency)
+    if chosen == "hf":
         from .engines.hf_engine import HfConfig, HfEngine
 
         hf = HfConfig(
