@@ -35,7 +35,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    head = ("name", "installed", "install with", "size", "family", "attention", "KV heads", "layers", "params", "licence")
+    head = (
+        "name",
+        "installed",
+        "install with",
+        "size",
+        "family",
+        "attention",
+        "KV heads",
+        "layers",
+        "params",
+        "licence",
+    )
     rows = []
     for e in CATALOGUE.values():
         rows.append(

@@ -149,9 +149,7 @@ def _moe(config: Mapping[str, Any], family: str, layers: int) -> dict[str, int]:
     dense_first = _int(config, "first_k_dense_replace")
     dense = set(config.get("mlp_only_layers") or ())
     step = max(1, _int(config, "decoder_sparse_step", default=1))
-    moe_layers = sum(
-        1 for i in range(layers) if i >= dense_first and i not in dense and (i + 1) % step == 0
-    )
+    moe_layers = sum(1 for i in range(layers) if i >= dense_first and i not in dense and (i + 1) % step == 0)
     if not moe_layers:
         return {}
     return dict(
