@@ -123,7 +123,7 @@ def describe(config: Mapping[str, Any]) -> Architecture:
             head_dim=_int(config, "qk_nope_head_dim") + rope,
             kv_lora_rank=_int(config, "kv_lora_rank"),
             rope_dim=rope,
-            **_moe(config, family, layers),
+            **_moe(config, layers),
             **common,  # type: ignore[arg-type]
         )
     kv_heads = _int(config, "num_key_value_heads", default=heads)
@@ -137,12 +137,12 @@ def describe(config: Mapping[str, Any]) -> Architecture:
         head_dim=head_dim,
         sliding_window=_int(config, "sliding_window") if sliding else 0,
         sliding_layers=sliding,
-        **_moe(config, family, layers),
+        **_moe(config, layers),
         **common,  # type: ignore[arg-type]
     )
 
 
-def _moe(config: Mapping[str, Any], family: str, layers: int) -> dict[str, int]:
+def _moe(config: Mapping[str, Any], layers: int) -> dict[str, Any]:
     experts = _int(config, "num_experts", "num_local_experts", "n_routed_experts")
     if not experts:
         return {}

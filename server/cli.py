@@ -42,7 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument(
-        "--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct"
+        "--model",
+        default=None,
+        help="a catalogue name (effllm models list), a local HF dir or a hub id; "
+        "default: embedded SmolLM2-135M-Instruct",
     )
     p.add_argument(
         "--engine",
