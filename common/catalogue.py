@@ -29,6 +29,9 @@ class CatalogueEntry:
     layers: int
     parameters: int  # of the converted checkpoint (tied embeddings counted once)
     licence: str
+    # the tokenizer puts BOS before every prompt (Gemma's text is noise without it; the GGUF's tokenizer
+    # loses that setting in transformers' conversion)
+    add_bos_token: bool = False
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(_module(p)) is not None for p in self.packages)
@@ -81,6 +84,7 @@ GEMMA3 = CatalogueEntry(
     layers=18,
     parameters=268_098_176,
     licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms; a copy ships in the package)",
+    add_bos_token=True,
 )
 CATALOGUE: dict[str, CatalogueEntry] = {e.name: e for e in (SMOLLM2, GEMMA3)}
 DEFAULT = SMOLLM2

