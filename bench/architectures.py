@@ -10,7 +10,10 @@ new tokens (greedy, ignore_eos) at each concurrency:
   AEC  joules per token, ESTIMATED: process CPU seconds x watts per core (telemetry/energy.py)
   parameters and active parameters (MoE: the routed experts a token skips are not active)
 
-A member the hf engine cannot run (engine_support: the attention-free ones) is listed with the reason.
+A member the hf engine cannot run (engine_support: the attention-free ones) is listed with the reason and,
+unless --no-transformers-rows, measured with transformers' own `generate` instead (batch of c identical
+prompts, same token counts), in rows marked engine "transformers": the study's attention-free data points,
+which are not the engine's figures.
 
     python bench/architectures.py --max-new 32 --concurrency 1 4 --out runs/bench-architectures.json \
         --html runs/bench-architectures.html
@@ -125,7 +128,9 @@ async def bench_model(name: str, path: Path, args: argparse.Namespace, watts: fl
     }
     ok, reason = engine_support("hf", config, precision=args.precision, max_concurrency=max(args.concurrency))
     if not ok:
-        print(f"  {name}: refused: {reason}", flush=True)
+        print(f"  {name}: refused on the hf engine: {reason}", flush=True)
+        if args.transformers_rows and arch.ssm:
+            return {**row, "refused": reason, **bench_transformers(name, path, arch, args, watts)}
         return {**row, "refused": reason}
     engine = HfEngine(
         resolve_model(str(path)),
@@ -146,6 +151,7 @@ async def bench_model(name: str, path: Path, args: argparse.Namespace, watts: fl
     dtype, dtype_bytes = (torch.float32, 4) if args.precision == "fp32" else (torch.bfloat16, 2)
     return {
         **row,
+        "engine": "hf",
         "parameters": info.parameters,
         "active_parameters": arch.active_parameters(info.parameters),
         "weight_mb": info.weight_bytes / 1e6,
@@ -155,19 +161,97 @@ async def bench_model(name: str, path: Path, args: argparse.Namespace, watts: fl
     }
 
 
+def bench_transformers(
+    name: str, path: Path, arch: Any, args: argparse.Namespace, watts: float
+) -> dict[str, Any]:
+    """A model the hf engine refuses, on transformers' `generate` (its own recurrent state handling)."""
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    from effllm.common.model import count_parameters
+
+    class Clock(BaseStreamer):  # generate() puts the prompt, then each step's new tokens
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+    def level(c: int, n: int) -> dict[str, float]:
+        ids = prompt.repeat(c, 1)
+        clock = Clock()
+        proc = psutil.Process()
+        cpu0 = sum(proc.cpu_times()[:2])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=tokenizer.pad_token_id or 0,
+            )
+        seconds = time.perf_counter() - t0
+        tokens = (out.shape[1] - ids.shape[1]) * c
+        if tokens != c * n:
+            raise RuntimeError(f"{name} c={c}: {tokens} tokens, expected {c * n}")
+        steps = clock.times[1:]  # [0]: the prompt
+        return {
+            "ttft_ms": (steps[0] - t0) * 1e3,
+            "tpot_ms": (steps[-1] - steps[0]) / max(1, len(steps) - 1) * 1e3,
+            "tokens_per_s": tokens / seconds,
+            "cpu_s": sum(proc.cpu_times()[:2]) - cpu0,
+            "tokens": tokens,
+        }
+
+    level(1, 2)  # warm-up
+    levels = {}
+    for c in args.concurrency:
+        lv = level(c, args.max_new)
+        lv["joules_per_token"] = lv["cpu_s"] * watts / lv["tokens"]
+        levels[str(c)] = lv
+        print(f"  {name} c={c} (transformers generate): {lv['tokens_per_s']:.1f} tok/s", flush=True)
+    params = count_parameters(path)
+    return {
+        "engine": "transformers",
+        "parameters": params,
+        "active_parameters": arch.active_parameters(params),
+        "weight_mb": sum(p.nbytes for p in model.parameters()) / 1e6,
+        "kv_bytes_per_token": 0.0,  # a constant recurrent state: nothing grows per token
+        "kv_bytes_per_token_computed": arch.kv_bytes_per_token(4 if args.precision == "fp32" else 2),
+        "levels": levels,
+    }
+
+
 def table(rows: list[dict[str, Any]], concurrency: list[int]) -> str:
-    cols = ["model", "attention", "params (active)", "weights MB", "KV B/token meas./comp."]
+    cols = ["model", "engine", "attention", "params (active)", "weights MB", "KV B/token meas./comp."]
     for c in concurrency:
         cols += [f"TTFT ms c={c}", f"TPOT ms c={c}", f"tok/s c={c}", f"J/token c={c} (est.)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         name = r["name"] + (" (random-init)" if r["random_init"] else "")
-        if "refused" in r:
-            lines.append(f"| {name} | {r['attention']} | refused on the hf engine: {r['refused']} |")
+        if "levels" not in r:
+            lines.append(f"| {name} | refused on the hf engine: {r['refused']} |")
             continue
         moe = f" MoE {r['experts']}" if r["experts"] else ""
         cells = [
             name,
+            r["engine"],
             r["attention"] + moe,
             f"{r['parameters'] / 1e6:.2f}M ({r['active_parameters'] / 1e6:.2f}M)",
             f"{r['weight_mb']:.1f}",
@@ -193,8 +277,8 @@ def html_report(rows: list[dict[str, Any]], report: dict[str, Any], concurrency:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    served = [r for r in rows if "refused" not in r]
-    names = [r["name"] for r in served]
+    served = [r for r in rows if "levels" in r]
+    names = [r["name"] + ("*" if r["engine"] != "hf" else "") for r in served]
     figures = []
     for key, (label, unit) in METRICS.items():
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -219,7 +303,8 @@ def html_report(rows: list[dict[str, Any]], report: dict[str, Any], concurrency:
         f"<h1>effllm architecture table (RANDOM-INIT weights: costs, not quality)</h1>"
         f"<p>CPU {report['cpu_model']}, {os.cpu_count()} cores; load average {report['loadavg_start']} -> "
         f"{report['loadavg_end']}; {report['args']['max_new']} new tokens, {report['args']['precision']}; "
-        f"J/token estimated at {report['watts_per_core']} W per busy core.</p>"
+        f"J/token estimated at {report['watts_per_core']} W per busy core. *: transformers' generate, not "
+        "the hf engine (which refuses attention-free models).</p>"
     )
     return "<html><body>" + head + "\n".join(figures) + "</body></html>"
 
@@ -238,6 +323,12 @@ def main() -> int:
     p.add_argument("--watts-per-core", type=float, default=None, help="default: EFFLLM_WATTS_PER_CORE or 10")
     p.add_argument("--out", default="runs/bench-architectures.json")
     p.add_argument("--html", default="", help="also write an HTML report here (needs matplotlib)")
+    p.add_argument(
+        "--no-transformers-rows",
+        dest="transformers_rows",
+        action="store_false",
+        help="no transformers-generate rows for the attention-free members the hf engine refuses",
+    )
     args = p.parse_args()
 
     import torch
