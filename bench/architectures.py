@@ -38,8 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters import cpu_model  # bench/adapters.py, beside this script
-
 PROMPT = "Write a long, detailed story about a lighthouse keeper and the sea."
 METRICS = {  # JSON key -> (column, unit) of the table and plots
     "weight_mb": ("weights", "MB"),
@@ -336,6 +334,7 @@ def main() -> int:
     from effllm.common.family import MEMBERS, make_family
     from effllm.common.model import resolve_model
     from effllm.telemetry.energy import resolve_watts_per_core
+    from effllm.telemetry.machine import machine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -353,7 +352,7 @@ def main() -> int:
             rows.append(asyncio.run(bench_model(spec, resolve_model(spec).path, args, watts)))
     report = {
         "note": "family members are RANDOM-INIT: their figures are costs, never quality",
-        "cpu_model": cpu_model(),
+        "cpu_model": machine().cpu_model,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": load_start,

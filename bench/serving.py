@@ -68,16 +68,16 @@ def prompts(n: int) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        info["cpu_model"] = fields.get("Model name", "?").strip()
-        flags = fields.get("Flags", "").split()
-        info["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except (OSError, subprocess.SubprocessError):
-        info["cpu_model"] = "?"
-    return info
+    from effllm.telemetry.machine import load_average
+    from effllm.telemetry.machine import machine as this_machine
+
+    m = this_machine()
+    return {
+        "cpu_count": m.cores,
+        "load_avg": load_average(),
+        "cpu_model": m.cpu_model,
+        "cpu_flags": m.cpu_flags,
+    }
 
 
 # --- the sides (child processes) --------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Invariant: every RPC outside the public set (health, reflection, and GenerationS
 `require_for_generate`) needs the `admin` role — an unknown service is admin-only by default, so a service
 added later (AdapterService, TuningService, ...) is protected without touching this module. Tokens are
 compared in constant time against every configured token, and never come from a command-line value
-(they would show in `ps`): from a file or from the environment.
+(they would show in `ps`): from a file or from the environment. A public RPC that answers each role
+differently (GetTelemetry: per-request figures for admin only) asks `caller_role`.
 """
 
 from __future__ import annotations
@@ -108,6 +109,15 @@ class AuthConfig:
         if service == GENERATION_SERVICE:
             return "generate" if self.require_for_generate else None
         return "admin"
+
+
+def caller_role(config: AuthConfig, metadata: Any) -> str | None:
+    """The role of an RPC's caller, for a method that answers each role differently: `admin` when auth is
+    off (anyone may call the admin RPCs then), else its bearer token's role; None without a valid token."""
+    if not config.enabled:
+        return "admin"
+    token = bearer_token(metadata)
+    return config.role_of(token) if token else None
 
 
 def bearer_token(metadata: Any) -> str | None:

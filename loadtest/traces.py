@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..telemetry.jsonlines import generations
+
 _SPAN_KIND_SERVER = (2, "SPAN_KIND_SERVER")
 
 
@@ -124,14 +126,15 @@ def parse_lines(lines: Iterable[str]) -> list[ServerSpan]:
 
 
 def trace_files(paths: Iterable[Path]) -> list[Path]:
-    """Expand directories to their *.jsonl / *.json files that look like traces."""
+    """Expand directories to their *.jsonl / *.json files that look like traces (a rotated `.1` too); a
+    file comes with its rotated PATH.1 (telemetry/jsonlines.py), older first."""
     found: list[Path] = []
     for p in paths:
         if p.is_dir():
             found += sorted(x for x in p.rglob("*.json*") if "trace" in x.name or "span" in x.name)
-        elif p.exists():
-            found.append(p)
-    return found
+        else:
+            found += generations(p)
+    return list(dict.fromkeys(found))
 
 
 def load_spans(paths: Iterable[Path]) -> list[ServerSpan]:

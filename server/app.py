@@ -3,7 +3,8 @@
 Order matters: the port opens first with health NOT_SERVING (so orchestrators can watch the load), the
 engine starts, health turns SERVING. On SIGTERM/SIGINT health turns NOT_SERVING, new requests get
 UNAVAILABLE, in-flight ones finish within the grace period, then the process exits 0; a second signal
-stops at once.
+stops at once. A variant whose engine dies leaves routing and its requests end UNAVAILABLE while the
+others serve on (health stays SERVING); once every variant is dead the server stops with ENGINE_DIED_EXIT.
 """
 
 from __future__ import annotations
@@ -117,9 +118,18 @@ class EffllmServer:
             variants, config.default_objective, shared if isinstance(shared, VariantAdapters) else None
         )
         self.variants.peek = self.adapters.peek
+        if telemetry is not None:
+            telemetry.watch_variants(self.variants.states)
         self.runner = self.variants.default.runner
         self.generation = GenerationService(
-            self.variants, config.limits, config.sampling_defaults, config.chat_template, telemetry
+            self.variants,
+            config.limits,
+            config.sampling_defaults,
+            config.chat_template,
+            telemetry,
+            config.auth,
+            # a margin under the message cap for the frame and the metadata
+            max_reply_bytes=config.max_message_bytes - 512,
         )
         self.adapter_service = AdapterService(self.adapters, self.variants.holders)
         self.health = HealthServicer()
@@ -191,19 +201,38 @@ class EffllmServer:
         log.info("ready: %s %s on %s:%d", info.model, hosted, self.config.host, self.port)
 
     async def _watch_engine(self) -> None:
-        """An engine that died (vLLM's engine core can) serves nothing again: stop being SERVING at once so
-        balancers and round_robin clients go elsewhere, then exit non-zero for the supervisor to restart."""
+        """An engine that died (vLLM's engine core can) serves nothing again. Its variant is marked dead
+        (routing already skips it: `Variant.alive`) while the others serve on; once every variant is dead,
+        stop being SERVING at once so balancers and round_robin clients go elsewhere, then exit non-zero
+        for the supervisor to restart."""
         while self._server is not None:
             await asyncio.sleep(self.watch_interval_s)
-            # A draining server shuts its engine down on purpose: that is not a death.
-            if self._server is not None and not self.generation.draining and not self._alive():
+            # A draining server shuts its engines down on purpose: that is not a death.
+            if self._server is None or self.generation.draining:
+                continue
+            for v in self.variants.variants:
+                if not v.dead and not v.engine.alive():
+                    self.variants.mark_dead(v)
+                    self._variant_died(v)
+            if all(v.dead for v in self.variants.variants):
                 self.failure = "the engine died"
                 log.error("engine died: health NOT_SERVING, stopping (exit code %d)", ENGINE_DIED_EXIT)
                 await self.drain(grace_s=0.0)
                 return
 
-    def _alive(self) -> bool:
-        return all(e.alive() for e in self.engines)
+    def _variant_died(self, dead: Variant) -> None:
+        live = [v.name for v in self.variants.variants if not v.dead]
+        if not live:
+            return  # the last one (or the only one): the server stops, as the caller logs
+        log.error(
+            "variant %s died: its engine serves nothing more, its %d running and %d queued requests end "
+            "UNAVAILABLE; %s keep%s serving (health stays SERVING)",
+            dead.name,
+            dead.runner.running,
+            dead.runner.queued,
+            ", ".join(live),
+            "s" if len(live) == 1 else "",
+        )
 
     async def shutdown_engines(self) -> None:
         for engine in self.engines:

@@ -8,18 +8,21 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..common.architecture import require_support
 from ..common.auth import add_flags as add_security_flags
-from ..common.auth import security_config
+from ..common.auth import is_loopback, security_config
+from ..telemetry.machine import machine
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
 from ..telemetry.tracing import default_run_dir
-from . import lifeline
+from . import calibration, lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
+from .calibration import Choice
 from .defaults import has_chat_template, load_sampling_defaults
+from .engines import compile_cache
 from .engines.base import PRECISIONS, AdapterHost, Engine, Precision
 from .faults import maybe_inject
 from .logs import route_transformers
@@ -27,6 +30,9 @@ from .logs import setup as setup_logging
 from .router import OBJECTIVES
 from .service import Limits
 from .variants import VariantAdapters
+
+if TYPE_CHECKING:
+    from ..common.model import ResolvedModel
 
 # The flags' defaults are the Limits defaults: one source of truth (a request limit seen through the CLI
 # and through ServerConfig() is the same number).
@@ -39,6 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    add_serve_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """Every `effllm serve` flag (`effllm calibrate` takes them too, to measure what this server hosts)."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument(
@@ -51,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--engine",
         choices=("auto", "vllm", "hf"),
         default="auto",
-        help="auto: vllm, unless the precision or an adapter method needs hf "
+        help="auto: the stored `effllm calibrate` figures' best for this machine, else hf for bf16 on CPU "
+        "and vllm otherwise; hf whenever the precision or an adapter method needs it "
         "(int4 on CPU, or dora in --adapter-methods); int4 on CUDA: vllm runs the checkpoint's AWQ/GPTQ "
         "weights or bitsandbytes in-flight, hf runs bitsandbytes NF4",
     )
@@ -65,7 +78,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--precision",
         choices=("auto", *PRECISIONS),
         default="auto",
-        help="auto: fp32 on CPU (fastest here), bf16 on CUDA",
+        help="auto: the stored `effllm calibrate` figures' best for this machine (int4 never), else bf16 "
+        "on CUDA or a CPU with native bf16 (amx_bf16, avx512_bf16) and fp32 otherwise",
     )
     p.add_argument(
         "--variant",
@@ -121,10 +135,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--compile-decode",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="hf engine: decode base and LoRA/rsLoRA rows on a static KV cache with one torch.compile'd "
-        "step (batch buckets 1, 2, 4, ... up to --max-concurrency), compiled at start-up before SERVING; "
-        "DoRA rows stay eager",
+        "step (batch buckets 1, 2, 4, ... up to --max-concurrency), compiled at start-up before SERVING "
+        "(Inductor's caches persist under the effllm cache dir: a second start reuses the kernels); "
+        "DoRA rows stay eager. Unset: on where a stored calibration says it wins with --engine/--precision "
+        "auto, else off",
     )
     p.add_argument(
         "--stream-interval",
@@ -195,7 +212,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="adapter to load before serving (repeatable)",
     )
     add_telemetry_flags(p)
-    p.set_defaults(func=run)
 
 
 def resolve_device(device: str) -> str:
@@ -241,14 +257,36 @@ def build_engines(args: argparse.Namespace) -> list[Engine]:
     return engines
 
 
+def resolve_auto(args: argparse.Namespace, model: ResolvedModel, device: str) -> Choice:
+    """What `--precision auto` / `--engine auto` / an unset `--compile-decode` become for this server: a
+    stored calibration's best when one matches this machine, model and library versions exactly, else the
+    machine's rule (server/calibration.py). The flags the user set stay fixed."""
+    methods = {m.strip() for m in args.adapter_methods.split(",") if m.strip()}
+    engine = args.engine if args.engine != "auto" else ("hf" if "dora" in methods else None)
+    here = machine(device)
+    cal = calibration.load(calibration.Key(here, model.fingerprint, calibration.library_versions()))
+    return calibration.choose_auto(
+        here,
+        cal,
+        precision=None if args.precision == "auto" else args.precision,
+        engine=engine,
+        compiled=getattr(args, "compile_decode", None),
+    )
+
+
 def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: str = "") -> Engine:
     from ..common.model import resolve_model
     from .engines.vllm_engine import VllmConfig, VllmEngine
 
     device = resolve_device(args.device)
-    wanted = precision_arg or args.precision
-    precision = cast(Precision, wanted if wanted != "auto" else ("bf16" if device == "cuda" else "fp32"))
     model = resolve_model(args.model)
+    wanted = precision_arg or args.precision
+    compile_decode = bool(getattr(args, "compile_decode", None))
+    if not precision_arg and "auto" in (args.precision, args.engine):  # one variant from the flags
+        choice = resolve_auto(args, model, device)
+        log.info("auto: %s", choice.reason)
+        wanted, engine_arg, compile_decode = choice.precision, choice.engine, choice.compile_decode
+    precision = cast(Precision, wanted)
     chosen = choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods)
     # an architecture this engine cannot run is refused here, before it loads, not in traffic
     require_support(chosen, model.path, precision=precision, max_concurrency=args.max_concurrency)
@@ -261,7 +299,7 @@ def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: 
             max_concurrency=args.max_concurrency,
             device=device,
             seed=args.seed,
-            compile_decode=getattr(args, "compile_decode", False),
+            compile_decode=compile_decode,
         )
         # adapter limits come from the adapter flags where this server has them
         names = ("max_adapter_rank", "max_adapters_per_batch", "max_adapters_resident")
@@ -311,7 +349,11 @@ def build_registry(args: argparse.Namespace, engine: AdapterHost) -> AdapterRegi
 
 
 def run(args: argparse.Namespace) -> int:
-    telemetry = telemetry_config(args, service_name="effllm-server")
+    try:
+        telemetry = telemetry_config(args, service_name="effllm-server")
+    except ValueError as err:
+        print(f"effllm serve: {err}", file=sys.stderr)
+        return 2
     run_dir = Path(telemetry.run_dir or default_run_dir("serve"))
     try:
         log_file = setup_logging(run_dir, args.log_level, args.verbose)
@@ -319,8 +361,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"effllm serve: {err}", file=sys.stderr)
         return 2
     telemetry = replace(telemetry, run_dir=run_dir)
+    compile_cache.persist()  # before torch: Inductor's kernels kept under the effllm cache dir
     try:
         auth, tls = security_config(args)
+        if telemetry.prometheus_port is not None and not is_loopback(telemetry.prometheus_host):
+            log.warning(
+                "--prometheus-host %s: /metrics is served without auth or TLS (see docs/security.md)",
+                telemetry.prometheus_host,
+            )
         lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
         engines = [maybe_inject(e) for e in build_engines(args)]
         engine = engines[0]

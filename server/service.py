@@ -10,6 +10,7 @@ import asyncio
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ..api.refs import is_ref
 from ..api.status import STATUS
 from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
+from ..common.auth import AuthConfig, caller_role
 from ..common.budget import WIRE_FIELDS, Budget
 from ..telemetry.genai import mark_error
 from .defaults import SamplingDefaults
@@ -181,10 +183,11 @@ def to_route(msg: pb.GenerateRequest) -> tuple[str, Budget]:
             values[name] = None
             continue
         value = getattr(b, wire)
-        if not math.isfinite(value) or value < 0 or (wire != "min_quality" and value == 0):
+        if wire == "min_quality":
+            if not (math.isfinite(value) and 0 <= value <= 1):
+                _bad(f"budget.min_quality: {value} must be in 0..1 (relative to the best variant)")
+        elif not math.isfinite(value) or value <= 0:
             _bad(f"budget.{wire}: {value} must be a finite number > 0")
-        if wire == "min_quality" and value > 1:
-            _bad(f"budget.min_quality: {value} must be in 0..1 (relative to the best variant)")
         values[name] = value
     return objective, Budget(**values)
 
@@ -249,6 +252,7 @@ def variant_info(v: Variant) -> pb.VariantInfo:
             requests=f.requests,
         ),
         adapter_methods=list(info.adapter_methods),
+        state=pb.VARIANT_STATE_SERVING if v.alive else pb.VARIANT_STATE_DEAD,
     )
 
 
@@ -262,6 +266,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         defaults: SamplingDefaults | None = None,
         chat_template: bool = False,
         telemetry: TelemetrySource | None = None,
+        auth: AuthConfig | None = None,
+        max_reply_bytes: int = 16 << 20,
     ) -> None:
         if isinstance(variants, Runner):
             variants = VariantSet([Variant(variants.engine, variants)])
@@ -271,6 +277,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.defaults = defaults or SamplingDefaults()
         self.chat_template = chat_template
         self.telemetry = telemetry  # answers GetTelemetry; None: the server runs without telemetry
+        self.auth = auth or AuthConfig()  # who sees per-request telemetry (the interceptor does the rest)
+        self.max_reply_bytes = max_reply_bytes  # the server's message cap (GetTelemetry refuses past it)
+        self._telemetry_turn = asyncio.Lock()
         self.ready = False  # set once the engine has started
         self.draining = False
 
@@ -352,17 +361,38 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GetTelemetry(
         self, request: pb.GetTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> pb.Telemetry:
-        start, end = request.start_unix_s, request.end_unix_s
+        start, end, now = request.start_unix_s, request.end_unix_s, time.time()
         if not (math.isfinite(start) and math.isfinite(end)) or start < 0 or end < 0:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "start_unix_s, end_unix_s: finite, >= 0 (0: open end)"
             )
-        if end and start > end:
+        if start > (end or now):
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"start_unix_s: {start} is after end_unix_s"
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"start_unix_s: {start} is after end_unix_s ({end:.3f})"
+                if end
+                else f"start_unix_s: {start} is after now ({now:.3f}; end_unix_s 0 means now)",
             )
+        # Per-request figures and adapter names are tenants' data: the admin role's only (docs/security.md).
+        full = caller_role(self.auth, context.invocation_metadata()) == "admin"
         info = self.runner.engine.info
-        return telemetry_reply(self.telemetry, request, info.model, info.precision, info.engine)
+        try:
+            # Off the event loop: summarising a long history must not stall the streams; one at a time, so
+            # callers that pile up wait their turn instead of sharing the GIL with the streams.
+            async with self._telemetry_turn:
+                return await asyncio.to_thread(
+                    telemetry_reply,
+                    self.telemetry,
+                    request,
+                    info.model,
+                    info.precision,
+                    info.engine,
+                    now=now,
+                    full=full,
+                    max_bytes=self.max_reply_bytes,
+                )
+        except EffllmError as err:
+            await context.abort(STATUS[err.code], err.message)
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext

@@ -11,7 +11,8 @@ with its own batch, KV cache and Runner (admission), plus what the router needs 
 - `VariantSet`: the variants in order (the first is the default), start-up quality (perplexity on
   common/heldout.py, scored by each variant's own engine), and `choose()` (server/router.py).
 Invariant: with one variant nothing is measured at start-up and `choose()` is one attribute lookup when
-the request has no budget; no torch here (engines own it).
+the request has no budget; with several, `choose()` only ever picks a live variant (`Variant.alive`, asked
+at choose time; a variant whose engine died never serves again); no torch here (engines own it).
 """
 
 from __future__ import annotations
@@ -96,10 +97,17 @@ class Variant:
     figures: LiveFigures = field(default_factory=LiveFigures)
     perplexity: float = 0.0  # 0: not measured (a server with one variant)
     quality: float = 1.0
+    dead: bool = False  # set by the server's watchdog once its engine died: it never serves again
 
     @property
     def name(self) -> str:
         return variant_name(self.engine.info)
+
+    @property
+    def alive(self) -> bool:
+        """Asked at every choice (engine.alive() is cheap): a death routes nothing more here even before
+        the watchdog has seen it."""
+        return not self.dead and self.engine.alive()
 
     def candidate(self) -> Candidate:
         f, info = self.figures, self.engine.info
@@ -127,6 +135,7 @@ class VariantAdapters:
         self.model = getattr(engines[0], "model", None)  # ResolvedModel: the registry validates against it
         self.held: dict[str, tuple[str, ...]] = {}
         self.skipped: dict[str, tuple[str, ...]] = {}
+        self.dead: set[str] = set()  # variants whose engine died (VariantSet.mark_dead): loads skip them
 
     @property
     def info(self) -> EngineInfo:
@@ -143,6 +152,8 @@ class VariantAdapters:
 
     def _why_not(self, engine: Engine, spec: AdapterSpec) -> str:
         info = engine.info
+        if variant_name(info) in self.dead:
+            return f"{variant_name(info)}: its engine died"
         if spec.method not in info.adapter_methods:
             served = ", ".join(info.adapter_methods) or "none"
             return (
@@ -190,7 +201,7 @@ class VariantAdapters:
         self.skipped.pop(key, None)
         failure: BaseException | None = None
         for engine in self.engines:
-            if variant_name(engine.info) in names:
+            if variant_name(engine.info) in names - self.dead:  # a dead engine has nothing to free
                 try:
                     await engine.remove_adapter(key)
                 except Exception as exc:  # remove it from the others all the same
@@ -229,6 +240,16 @@ class VariantSet:
             return (self.default.name,), ()
         return self.adapters.held.get(key, ()), self.adapters.skipped.get(key, ())
 
+    def mark_dead(self, variant: Variant) -> None:
+        """The watchdog saw `variant`'s engine die: it never serves again, nor takes adapters."""
+        variant.dead = True
+        if self.adapters is not None:
+            self.adapters.dead.add(variant.name)
+
+    def states(self) -> dict[str, bool]:
+        """Variant name -> alive (GetModelInfo, the effllm.variant.alive gauge)."""
+        return {v.name: v.alive for v in self.variants}
+
     @property
     def queued(self) -> int:
         return sum(v.runner.queued for v in self.variants)
@@ -242,16 +263,27 @@ class VariantSet:
     ) -> tuple[Variant, RouteNote, bool | None]:
         """The variant for a request, its route note (span) and whether it met the budget (None: no
         budget). `adapter`: as the request names it ("" base); an adapter not loaded is left to the runner,
-        which refuses it. Raises EffllmError (strict budget, no variant holding the adapter)."""
+        which refuses it. Only live variants are candidates. Raises EffllmError (strict budget, no variant
+        holding the adapter; unavailable when every variant that could serve it is dead)."""
         objective = objective or self.default_objective
-        if self.single and budget.empty:
+        if self.single and budget.empty:  # a dead engine fails the request in the runner, UNAVAILABLE
             name = self.default.name
             return self.default, RouteNote(objective, name, "only variant"), None
         held: frozenset[str] | None = None
         key = self.peek(adapter) if adapter and self.peek is not None else None
         if key is not None and self.adapters is not None:
             held = frozenset(self.adapters.held.get(key, ()))
-        decision: Decision = route(objective, budget, held, [v.candidate() for v in self.variants], strict)
+        live = [v for v in self.variants if v.alive]
+        dead = [v.name for v in self.variants if v not in live and (held is None or v.name in held)]
+        if dead and not [v for v in live if held is None or v.name in held]:
+            names = ", ".join(dead)
+            raise EffllmError(
+                "unavailable",
+                f"adapter: {adapter} is held only by variant {names}, whose engine died; retry later"
+                if held is not None
+                else f"every variant's engine died ({names}); retry later",
+            )
+        decision: Decision = route(objective, budget, held, [v.candidate() for v in live], strict)
         note = RouteNote(
             objective, decision.variant, decision.reason, decision.candidates_json(), decision.budget_met
         )

@@ -8,8 +8,10 @@ an interceptor (or a recording span) the observer starts its own SERVER span.
 Invariant: plain values in, no server types imported (telemetry sits below the server). Metric
 attributes are low-cardinality: model, adapter NAME (not version), precision, operation, error type;
 a request that failed for a reason that may stem from a bad adapter name (not_found,
-invalid_argument, failed_precondition) is labelled `(invalid)` so clients cannot mint label values
-(its span still names the adapter it asked for).
+invalid_argument, failed_precondition) is labelled `(invalid)` so clients cannot mint label values; the
+figures kept for GetTelemetry say `(invalid)` too, so minted names never become its groups (the span still
+names the adapter it asked for). The kept figures are bounded (`keep_last` records of
+the attributes GetTelemetry and telemetry/report.py read, `KEPT`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,26 @@ BASE_ADAPTER = "(base)"  # the adapter label of base-model requests; not a valid
 INVALID_ADAPTER = "(invalid)"  # the label of requests that failed for a possibly bad adapter name
 _NAME_ERRORS = frozenset({"not_found", "invalid_argument", "failed_precondition"})
 SPAN_PREFIX = "generate "
+# The span attributes kept per finished request for GetTelemetry (the rest go only to the exporters).
+KEPT = frozenset(
+    {
+        "gen_ai.request.model",
+        "gen_ai.response.id",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+        "effllm.adapter.name",
+        "effllm.adapter.version",
+        "effllm.model.parameters",
+        "effllm.queue_s",
+        "effllm.time_to_first_token_s",
+        "effllm.decode_s",
+        "effllm.energy_j",
+        "effllm.energy.source",
+        "effllm.route.variant",
+        "effllm.route.objective",
+        "error.type",
+    }
+)
 
 # Explicit bucket boundaries the GenAI semantic conventions advise for each histogram.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -152,6 +174,25 @@ def register_gauges(
             return [] if value is None else [metrics.Observation(value, attrs)]
 
         meter.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
+
+
+def register_variant_gauge(meter: metrics.Meter, states: Callable[[], dict[str, bool]]) -> None:
+    """`effllm.variant.alive`: 1 for each variant whose engine lives, 0 for a dead one, labelled
+    `effllm.variant` (`states`: variant name -> alive)."""
+
+    def observe(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        try:
+            now = states()
+        except Exception:
+            return []
+        return [metrics.Observation(int(alive), {"effllm.variant": name}) for name, alive in now.items()]
+
+    meter.create_observable_gauge(
+        "effllm.variant.alive",
+        callbacks=[observe],
+        unit="1",
+        description="1 while the variant's engine lives, 0 once it died (the others serve on)",
+    )
 
 
 _resident_source: Callable[[], Sequence[str]] | None = None
@@ -305,6 +346,8 @@ class RequestTrace:
         labels = {**self.labels, "error.type": code.upper()}
         if code.lower() in _NAME_ERRORS and self.start.adapter:
             labels["effllm.adapter"] = INVALID_ADAPTER
+            # the kept figures too (GetTelemetry's groups); the span keeps the name it asked for
+            self.attributes.update({"effllm.adapter.name": INVALID_ADAPTER, "effllm.adapter.version": ""})
         self.o.instruments.duration.record(time.perf_counter() - self.started, labels)
         self._end()
 
@@ -324,7 +367,7 @@ class RequestTrace:
                 kind=SPAN_KIND_SERVER,
                 start_ns=self.started_ns,
                 end_ns=time.time_ns(),
-                attributes=dict(self.attributes),
+                attributes={k: v for k, v in self.attributes.items() if k in KEPT},
                 status_code=STATUS_ERROR if self._error else 0,
             )
         )

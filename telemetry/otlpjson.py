@@ -5,6 +5,7 @@ file exporter writes it: lowerCamelCase field names, enums as integers, 64-bit i
 trace/span ids as lowercase hex (not base64, unlike protobuf's canonical JSON). So a collector
 (`otlpjsonfile` receiver) or any OTLP tool can read our files, and we can read theirs.
 Invariant: a line is written whole and flushed per export batch; the reader skips a torn last line.
+The file is rotated to `PATH.1` past its byte cap (telemetry/jsonlines.py) and `read_spans` reads both.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from google.protobuf import json_format
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from .jsonlines import DEFAULT_MAX_BYTES, RotatingLines, generations
 
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
@@ -49,34 +52,30 @@ def to_otlp_json(spans: Sequence[ReadableSpan]) -> str:
 
 
 class OtlpJsonFileExporter(SpanExporter):
-    """Appends one OTLP/JSON line per export batch to `path` (parents are created)."""
+    """Appends one OTLP/JSON line per export batch to `path` (parents are created); past `max_bytes`
+    (0: no cap) the file is rotated to PATH.1."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = self.path.open("a", encoding="utf-8")
+        self._file = RotatingLines(self.path, max_bytes)
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         line = to_otlp_json(spans)
         with self._lock:
-            if self._file is None:
+            if self._file.closed:
                 return SpanExportResult.FAILURE
-            self._file.write(line + "\n")
-            self._file.flush()
+            self._file.write(line)
         return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         with self._lock:
-            if self._file is not None:
-                self._file.flush()
+            self._file.flush()
         return True
 
     def shutdown(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            self._file.close()
 
 
 @dataclass(frozen=True)
@@ -154,17 +153,19 @@ def spans_from_request(request: dict[str, Any]) -> Iterator[SpanRecord]:
 
 
 def read_spans(path: Path) -> list[SpanRecord]:
-    """All spans in an OTLP/JSON lines file; a torn (half-written) last line is skipped."""
+    """All spans in an OTLP/JSON lines file, after those in its rotated PATH.1 (when there is one); a torn
+    (half-written) last line is skipped."""
     out: list[SpanRecord] = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            request = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{i + 1}: not an OTLP/JSON line") from None
-        out.extend(spans_from_request(request))
+    for part in generations(Path(path)) or [Path(path)]:  # none: read PATH for its own error
+        lines = part.read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break
+                raise ValueError(f"{part}:{i + 1}: not an OTLP/JSON line") from None
+            out.extend(spans_from_request(request))
     return out

@@ -1,20 +1,22 @@
 """Turn a run's traces (and its resource samples) into the per-adapter and overall table.
 
 Input: the OTLP/JSON lines a server wrote (or any OTLP/JSON file holding our `generate {model}` spans)
-and, when present, resource-samples.jsonl beside it. Per group (each adapter name, then ALL):
+and, when present, resource-samples.jsonl beside it (each with its rotated `.1`). Per group (each adapter
+name, at most `max_groups` of them by request count with the rest as OTHER, then ALL):
 requests and errors; p50/p90/p99 of TTFT, TPOT (decode_s / (output tokens - 1)) and E2E (arrival to
 last token = TTFT + decode); AL (mean E2E); tokens/s two ways — over the wall clock of the group's
 window, and the paper's IT (Σ tokens / Σ E2E); J per output token from the attributed energy with its
 source; AMU, PCU and AEC from the samples inside the group's window (process-wide figures: adapters
 that ran at the same time share them). Invariant: pure reading, no clock; a figure that cannot be
-computed is NaN/None, never 0.
+computed is NaN/None, never 0; the spans are bucketed in one pass and each group's resource figures come
+from prefix integrals (`SampleIndex`), so the work is O(spans + groups x log samples).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,12 @@ from typing import Any
 from . import metrics
 from .genai import SPAN_PREFIX
 from .otlpjson import SPAN_KIND_SERVER, STATUS_ERROR, SpanRecord, read_spans
-from .sampler import Sample, read_samples, summarize
+from .sampler import Sample, SampleIndex, WindowSummary, read_samples
 from .tracing import SAMPLES_FILE
 
 ALL = "ALL"
+OTHER = "(other)"  # the adapters past max_groups, as one group
+WindowFn = Callable[[float, float], WindowSummary | None]  # (start, end) -> that window's summary
 QUANTILES = (50, 90, 99)
 
 
@@ -82,7 +86,7 @@ def generation_spans(spans: Sequence[SpanRecord]) -> list[SpanRecord]:
     return [s for s in spans if s.kind == SPAN_KIND_SERVER and s.name.startswith(SPAN_PREFIX)]
 
 
-def _group(adapter: str, spans: Sequence[SpanRecord], samples: Sequence[Sample]) -> GroupReport:
+def _group(adapter: str, spans: Sequence[SpanRecord], resources: WindowFn) -> GroupReport:
     ok = [
         s for s in spans if s.status_code != STATUS_ERROR and "effllm.time_to_first_token_s" in s.attributes
     ]
@@ -110,9 +114,8 @@ def _group(adapter: str, spans: Sequence[SpanRecord], samples: Sequence[Sample])
     joules = sum(float(s.attributes["effllm.energy_j"]) for s in energy)
     sources = sorted({str(s.attributes.get("effllm.energy.source", "")) for s in energy})
     amu = pcu = aec = window_j = window_jpt = None
-    window_samples = [x for x in samples if start <= x.t <= end]
-    if len(window_samples) >= 2:
-        w = summarize(window_samples)
+    w = resources(start, end) if spans else None
+    if w is not None and w.samples >= 2:
         amu, pcu, aec, window_j = w.amu, w.pcu, w.aec_w, w.energy_j
         window_jpt = metrics.joules_per_token(w.energy_j, tokens)
     return GroupReport(
@@ -152,14 +155,31 @@ def build_report(trace_file: Path, samples_file: Path | None = None) -> Report:
     )
 
 
-def group_reports(spans: Sequence[SpanRecord], samples: Sequence[Sample]) -> list[GroupReport]:
-    """One GroupReport per adapter name (sorted), then ALL; from spans read back or kept in memory."""
+def group_reports(
+    spans: Sequence[SpanRecord],
+    samples: Sequence[Sample] = (),
+    *,
+    window: WindowFn | None = None,
+    max_groups: int | None = None,
+) -> list[GroupReport]:
+    """One GroupReport per adapter name (sorted), then ALL; from spans read back or kept in memory.
+    `window`: the resource summary of a time window (default: over `samples`, indexed once);
+    `max_groups`: keep the names with the most requests, the rest go into one OTHER group (0: ALL only)."""
+    if window is None:
+        window = SampleIndex(samples).summary
     by_adapter: dict[str, list[SpanRecord]] = {}
-    for s in spans:
+    for s in spans if max_groups != 0 else ():  # 0: no per-adapter buckets at all
         by_adapter.setdefault(str(s.attributes.get("effllm.adapter.name", "")), []).append(s)
-    groups = [_group(name, by_adapter[name], samples) for name in sorted(by_adapter)]
+    if max_groups is not None and len(by_adapter) > max_groups:
+        kept = set(sorted(by_adapter, key=lambda name: (-len(by_adapter[name]), name))[:max_groups])
+        other = [s for name, group in by_adapter.items() if name not in kept for s in group]
+        by_adapter = {name: by_adapter[name] for name in kept}
+        groups = [_group(name, by_adapter[name], window) for name in sorted(by_adapter)]
+        groups.append(_group(OTHER, other, window))
+    else:
+        groups = [_group(name, by_adapter[name], window) for name in sorted(by_adapter)]
     if spans:
-        groups.append(_group(ALL, spans, samples))
+        groups.append(_group(ALL, spans, window))
     return groups
 
 

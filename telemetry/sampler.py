@@ -9,8 +9,10 @@ Power is the energy meter's ΔJ/Δt between samples, so it always has the meter'
 Cost (it runs inside the server): CPU time, energy and GPU figures are read every sample; RSS and
 system memory about once a second, when the JSONL file is also flushed (~0.3 ms a sample on a busy
 2-core machine, i.e. < 0.5 % of one core at 10 Hz).
-Invariant: samples are appended in time order (t is Unix seconds); the JSONL file, when asked for,
-holds exactly the samples in memory, one JSON object a line, flushed per line.
+Invariant: samples are appended in time order (t is Unix seconds); memory holds at most `max_samples`
+(plus one block) of the latest, with their prefix integrals (`SampleIndex`), so a window's summary costs
+O(log n) whatever the uptime; the JSONL file, when asked for, holds every sample taken, one JSON object a
+line, flushed about once a second, rotated to `.1` past its byte cap (telemetry/jsonlines.py).
 
     with Measurement() as m:        # the tuner's API
         train_step()
@@ -23,22 +25,25 @@ import json
 import logging
 import threading
 import time
+from array import array
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psutil
 
 from . import metrics
 from .energy import EnergyMeter, Source, select_meter
+from .jsonlines import RotatingLines, read_lines
 from .nvml import Gpus, open_gpus
 from .proctree import ProcessTree
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: hours of samples are kept in memory
 class Sample:
     t: float  # Unix seconds
     memory_utilisation: float  # 0..1 (see the module docstring for what is counted)
@@ -110,6 +115,107 @@ def summarize(
     )
 
 
+class SampleIndex:
+    """Samples in time order with prefix integrals (trapezoid rule, as `summarize`): any window's AMU, PCU,
+    AEC and energy in O(log n), its peak memory from per-block maxima. `summary` equals `summarize` over the
+    same samples up to float rounding. Not thread-safe: its owner locks."""
+
+    BLOCK = 1024  # samples per peak-memory block; the oldest are dropped a whole block at a time
+
+    def __init__(self, samples: Sequence[Sample] = ()) -> None:
+        self.samples: list[Sample] = []
+        self._t = array("d")
+        # ∫ memory_utilisation, ∫ memory_used_bytes, ∫ utilisation, ∫ power_w from the first kept sample
+        self._area = tuple(array("d") for _ in range(4))
+        self._block_peak: list[int] = []
+        self._source_changes: list[int] = []  # absolute positions whose energy source differs from the last
+        self._dropped = 0  # absolute position of samples[0]
+        for x in samples:
+            self.append(x)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def append(self, s: Sample) -> None:
+        pos = self._dropped + len(self.samples)
+        mu, mb, u, pw = self._area
+        if self.samples:
+            p = self.samples[-1]
+            dt = s.t - p.t
+            mu.append(mu[-1] + dt * (p.memory_utilisation + s.memory_utilisation) / 2)
+            mb.append(mb[-1] + dt * (p.memory_used_bytes + s.memory_used_bytes) / 2)
+            u.append(u[-1] + dt * (p.utilisation + s.utilisation) / 2)
+            pw.append(pw[-1] + dt * (p.power_w + s.power_w) / 2)
+            if s.energy_source != p.energy_source:
+                self._source_changes.append(pos)
+        else:
+            for a in self._area:
+                a.append(0.0)
+        self.samples.append(s)
+        self._t.append(s.t)
+        if pos % self.BLOCK == 0:
+            self._block_peak.append(s.memory_used_bytes)
+        else:
+            self._block_peak[-1] = max(self._block_peak[-1], s.memory_used_bytes)
+
+    def drop_oldest_block(self) -> None:
+        """Forget the oldest BLOCK samples (whole blocks keep the peak blocks aligned)."""
+        n = self.BLOCK - self._dropped % self.BLOCK
+        del self.samples[:n], self._t[:n], self._block_peak[:1]
+        for a in self._area:
+            del a[:n]
+        self._dropped += n
+        self._source_changes = [c for c in self._source_changes if c > self._dropped]
+
+    def span(self, start: float | None, end: float | None) -> tuple[int, int]:
+        """[i, j): the kept samples with start <= t <= end."""
+        i = 0 if start is None else bisect_left(self._t, start)
+        j = len(self._t) if end is None else bisect_right(self._t, end)
+        return i, max(i, j)
+
+    def between(self, start: float | None = None, end: float | None = None) -> list[Sample]:
+        i, j = self.span(start, end)
+        return self.samples[i:j]
+
+    def summary(self, start: float | None = None, end: float | None = None) -> WindowSummary | None:
+        """The window's summary; None when it holds no sample or mixes energy sources."""
+        i, j = self.span(start, end)
+        if j == i:
+            return None
+        first, last = self.samples[i], self.samples[j - 1]
+        lo, hi = self._dropped + i, self._dropped + j - 1
+        if any(lo < c <= hi for c in self._source_changes):
+            return None
+        t = last.t - first.t
+        if t <= 0:  # one sample, or all at one instant: their plain mean (metrics.time_average does so)
+            return summarize(self.samples[i:j])
+        mu, mb, u, pw = ((a[j - 1] - a[i]) / t for a in self._area)
+        return WindowSummary(
+            start=first.t,
+            end=last.t,
+            samples=j - i,
+            amu=mu,
+            amu_bytes=mb,
+            peak_memory_bytes=self._peak(lo, hi),
+            pcu=u,
+            aec_w=pw,
+            energy_j=last.energy_j - first.energy_j,
+            energy_source=first.energy_source,
+            device="cuda" if first.gpu_memory_total_bytes else "cpu",
+        )
+
+    def _peak(self, lo: int, hi: int) -> int:
+        """max memory_used_bytes over absolute positions lo..hi: whole blocks from their maxima."""
+        b0, b1, base = lo // self.BLOCK, hi // self.BLOCK, self._dropped // self.BLOCK
+        d = self._dropped
+        if b0 == b1:
+            return max(x.memory_used_bytes for x in self.samples[lo - d : hi - d + 1])
+        edge_lo = max(x.memory_used_bytes for x in self.samples[lo - d : (b0 + 1) * self.BLOCK - d])
+        edge_hi = max(x.memory_used_bytes for x in self.samples[b1 * self.BLOCK - d : hi - d + 1])
+        inner = self._block_peak[b0 + 1 - base : b1 - base]
+        return max(edge_lo, edge_hi, *inner)
+
+
 class ResourceSampler:
     """Samples every 1/hz seconds on a daemon thread until `stop()`; keeps up to `max_samples` in
     memory (oldest dropped) and, with `path`, appends each sample to a JSONL file."""
@@ -123,6 +229,7 @@ class ResourceSampler:
         path: Path | None = None,
         watts_per_core: float | None = None,
         max_samples: int = 360_000,
+        max_file_bytes: int = 0,
     ) -> None:
         if not hz > 0:
             raise ValueError(f"sampler: hz must be > 0, got {hz}")
@@ -132,11 +239,12 @@ class ResourceSampler:
         self.meter = meter or select_meter(watts_per_core=watts_per_core, gpus=self.gpus, tree=self.tree)
         self.path = path
         self.max_samples = max_samples
-        self.samples: list[Sample] = []
+        self.max_file_bytes = max_file_bytes  # 0: no cap; else rotated to PATH.1 past it
+        self.index = SampleIndex()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._file: IO[str] | None = None
+        self._file: RotatingLines | None = None
         self._cores = psutil.cpu_count() or 1
         self._prev: tuple[float, float, float] | None = None  # (monotonic, cpu_s, energy_j)
         self._energy0 = 0.0
@@ -145,9 +253,15 @@ class ResourceSampler:
         self._vm = psutil.virtual_memory()
 
     @property
+    def samples(self) -> list[Sample]:
+        """The kept samples (a copy, in time order)."""
+        with self._lock:
+            return list(self.index.samples)
+
+    @property
     def latest(self) -> Sample | None:
         with self._lock:
-            return self.samples[-1] if self.samples else None
+            return self.index.samples[-1] if self.index.samples else None
 
     def sample(self) -> Sample:
         """Take one sample now (the thread calls this; callers may too, e.g. at a window's edges)."""
@@ -184,13 +298,11 @@ class ResourceSampler:
             gpu_utilisation=gpu.utilisation if gpu else 0.0,
         )
         with self._lock:
-            self.samples.append(s)
-            if len(self.samples) > self.max_samples:
-                del self.samples[: len(self.samples) - self.max_samples]
+            self.index.append(s)
+            if len(self.index) > self.max_samples + SampleIndex.BLOCK:
+                self.index.drop_oldest_block()
             if self._file is not None:
-                self._file.write(json.dumps(s.__dict__) + "\n")
-                if slow:
-                    self._file.flush()
+                self._file.write(json.dumps(asdict(s)), flush=slow)
         return s
 
     def _run(self) -> None:
@@ -213,7 +325,7 @@ class ResourceSampler:
     def start(self) -> ResourceSampler:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = RotatingLines(self.path, self.max_file_bytes)
         self.sample()
         self._thread = threading.Thread(target=self._run, daemon=True, name="effllm-sampler")
         self.tree.sampler_owned = True
@@ -240,13 +352,28 @@ class ResourceSampler:
     def samples_between(self, start: float | None = None, end: float | None = None) -> list[Sample]:
         """The kept samples with start <= t <= end (a copy, in time order)."""
         with self._lock:
-            samples = list(self.samples)
-        return [s for s in samples if (start is None or s.t >= start) and (end is None or s.t <= end)]
+            return self.index.between(start, end)
+
+    def count_between(self, start: float | None = None, end: float | None = None) -> int:
+        with self._lock:
+            i, j = self.index.span(start, end)
+        return j - i
+
+    def window_summary(self, start: float | None = None, end: float | None = None) -> WindowSummary | None:
+        """The window's summary in O(log n) (None: no sample in it, or mixed energy sources)."""
+        with self._lock:
+            return self.index.summary(start, end)
+
+    def window(self, start: float | None, end: float | None) -> tuple[WindowSummary | None, list[Sample]]:
+        """The window's summary and its samples, read together (a sample taken meanwhile is in both or
+        in neither)."""
+        with self._lock:
+            return self.index.summary(start, end), self.index.between(start, end)
 
     def summary(self, start: float | None = None, end: float | None = None) -> WindowSummary:
         with self._lock:
-            samples = list(self.samples)
-        return summarize(samples, start, end)
+            samples = self.index.between(start, end)
+        return summarize(samples)
 
 
 class Measurement:
@@ -286,9 +413,5 @@ class Measurement:
 
 
 def read_samples(path: Path) -> list[Sample]:
-    samples = []
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                samples.append(Sample.from_dict(json.loads(line)))
-    return samples
+    """The samples in a JSONL file and, first, in its rotated `PATH.1` (when there is one)."""
+    return [Sample.from_dict(json.loads(line)) for line in read_lines(path) if line.strip()]

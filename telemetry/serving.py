@@ -26,9 +26,15 @@ from opentelemetry.instrumentation.grpc.filters import any_of, health_check, neg
 
 from .attribution import EnergyAttributor
 from .energy import select_meter
-from .genai import Instruments, RequestObserver, ServedModel, register_gauges, resident_adapters
-from .otlpjson import SpanRecord
-from .sampler import ResourceSampler, Sample
+from .genai import (
+    Instruments,
+    RequestObserver,
+    ServedModel,
+    register_gauges,
+    register_variant_gauge,
+    resident_adapters,
+)
+from .sampler import ResourceSampler, Sample, WindowSummary
 from .tracing import SAMPLES_FILE, Providers, TelemetryConfig, default_run_dir, install, make_providers
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,10 @@ class ServerTelemetry:
         sampler = None
         if config.sample_hz > 0:
             sampler = ResourceSampler(
-                config.sample_hz, path=run_dir / SAMPLES_FILE, watts_per_core=config.watts_per_core
+                config.sample_hz,
+                path=run_dir / SAMPLES_FILE,
+                watts_per_core=config.watts_per_core,
+                max_file_bytes=config.run_file_max_bytes,
             ).start()
             meter = sampler.meter
         else:
@@ -79,13 +88,24 @@ class ServerTelemetry:
         )
         return tel
 
-    def window(
-        self, start_s: float | None = None, end_s: float | None = None
-    ) -> tuple[list[Sample], list[SpanRecord]]:
-        """The resource samples and the finished requests' figures inside [start_s, end_s] (Unix s):
-        what GetTelemetry returns and telemetry/report.py summarises."""
-        samples = self.sampler.samples_between(start_s, end_s) if self.sampler is not None else []
-        return samples, self.observer.recent(start_s, end_s)
+    def resources(self, start_s: float | None, end_s: float | None) -> WindowSummary | None:
+        """AMU, PCU, AEC and energy over [start_s, end_s] in O(log n) samples (None: no sampler, no
+        sample in the window, or mixed energy sources): what GetTelemetry returns with the observer's
+        `recent()` requests, and telemetry/report.py's `window` for their groups."""
+        return self.sampler.window_summary(start_s, end_s) if self.sampler is not None else None
+
+    def resources_and_samples(
+        self, start_s: float | None, end_s: float | None
+    ) -> tuple[WindowSummary | None, list[Sample]]:
+        """`resources()` and the samples it summarises, read together."""
+        return self.sampler.window(start_s, end_s) if self.sampler is not None else (None, [])
+
+    def sample_count(self, start_s: float | None, end_s: float | None) -> int:
+        return self.sampler.count_between(start_s, end_s) if self.sampler is not None else 0
+
+    def watch_variants(self, states: Callable[[], dict[str, bool]]) -> None:
+        """The `effllm.variant.alive` gauge over the server's variants (name -> alive)."""
+        register_variant_gauge(metrics.get_meter("effllm.server"), states)
 
     def interceptors(self) -> list[Any]:
         """The OpenTelemetry aio server interceptor: SERVER spans parented by the W3C context in metadata."""

@@ -6,6 +6,8 @@ and resource samples to `resource-samples.jsonl` beside it. Flags beat variables
                    | + OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL (grpc|http/protobuf)
   --otel-endpoint  | OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT (read by the OTLP exporters themselves)
   --prometheus-port| OTEL_EXPORTER_PROMETHEUS_PORT (with OTEL_METRICS_EXPORTER=prometheus)
+  --prometheus-host| OTEL_EXPORTER_PROMETHEUS_HOST (default 127.0.0.1: never public just because --host is)
+  --run-file-max-mb| (none) the byte cap of traces.jsonl and resource-samples.jsonl, rotated to `.1` past it
   --no-telemetry   | OTEL_SDK_DISABLED=true
 With an OTLP trace exporter, metrics also go over OTLP (unless OTEL_METRICS_EXPORTER=none).
 Invariant: `setup()` installs the global tracer and meter providers once per process;
@@ -33,6 +35,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from .energy import DEFAULT_WATTS_PER_CORE
+from .jsonlines import DEFAULT_MAX_BYTES
 from .otlpjson import OtlpJsonFileExporter
 
 log = logging.getLogger(__name__)
@@ -55,10 +58,12 @@ class TelemetryConfig:
     run_dir: Path | None = None  # None: default_run_dir()
     trace_file: Path | None = None  # None: run_dir / traces.jsonl (with exporter "file")
     prometheus_port: int | None = None  # 0: any free port
-    prometheus_host: str = "127.0.0.1"
+    prometheus_host: str = "127.0.0.1"  # loopback unless the operator says otherwise (docs/security.md)
     otlp_metrics: bool = True  # with an OTLP trace exporter, export metrics over OTLP too
     metrics_interval_s: float = 10.0
     sample_hz: float = 10.0  # 0: no resource sampler
+    # traces.jsonl and resource-samples.jsonl each rotate to `.1` past this (0: no cap)
+    run_file_max_bytes: int = DEFAULT_MAX_BYTES
     watts_per_core: float | None = None  # None: EFFLLM_WATTS_PER_CORE or the default
     service_name: str = "effllm-server"
     resource_attributes: Mapping[str, str] = field(default_factory=dict)
@@ -70,6 +75,8 @@ class TelemetryConfig:
             raise ValueError(f"prometheus port {self.prometheus_port} is not in 0..65535")
         if self.sample_hz < 0 or self.metrics_interval_s <= 0:
             raise ValueError("sample_hz >= 0 and metrics_interval_s > 0 are required")
+        if self.run_file_max_bytes < 0:
+            raise ValueError(f"run file cap {self.run_file_max_bytes} bytes must be >= 0 (0: no cap)")
 
 
 def exporter_from_env(env: Mapping[str, str]) -> Exporter | None:
@@ -108,6 +115,7 @@ def config_from(
     watts_per_core: float | None = None,
     service_name: str = "effllm-server",
     env: Mapping[str, str] | None = None,
+    run_file_max_bytes: int | None = None,
 ) -> TelemetryConfig:
     """Flags (None = not given) over OTEL_* variables over defaults."""
     env = os.environ if env is None else env
@@ -122,11 +130,14 @@ def config_from(
         run_dir=Path(run_dir) if run_dir else None,
         trace_file=Path(trace_file) if trace_file else None,
         prometheus_port=prometheus_port,
-        prometheus_host=prometheus_host or env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "127.0.0.1"),
+        prometheus_host=prometheus_host
+        or env.get("OTEL_EXPORTER_PROMETHEUS_HOST", "").strip()
+        or "127.0.0.1",
         otlp_metrics=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() != "none",
         sample_hz=10.0 if sample_hz is None else sample_hz,
         watts_per_core=watts_per_core,
         service_name=service_name,
+        run_file_max_bytes=DEFAULT_MAX_BYTES if run_file_max_bytes is None else run_file_max_bytes,
     )
 
 
@@ -155,7 +166,20 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         help="serve Prometheus text on this port (0: any free port); default: off, "
         "or OTEL_EXPORTER_PROMETHEUS_PORT with OTEL_METRICS_EXPORTER=prometheus",
     )
+    g.add_argument(
+        "--prometheus-host",
+        default=None,
+        help="address /metrics listens on; default: OTEL_EXPORTER_PROMETHEUS_HOST, else 127.0.0.1 "
+        "(not --host: the endpoint has no auth or TLS, see docs/security.md)",
+    )
     g.add_argument("--sample-hz", type=float, default=10.0, help="resource sampler rate (0: off)")
+    g.add_argument(
+        "--run-file-max-mb",
+        type=float,
+        default=DEFAULT_MAX_BYTES / (1 << 20),
+        help="cap of traces.jsonl and resource-samples.jsonl each; past it a file is rotated to FILE.1 "
+        "(the older one dropped), so each kind takes at most twice this (0: no cap)",
+    )
     g.add_argument(
         "--watts-per-core",
         type=float,
@@ -173,10 +197,16 @@ def config_from_args(args: argparse.Namespace, service_name: str = "effllm-serve
         run_dir=args.run_dir,
         trace_file=args.trace_file,
         prometheus_port=args.prometheus_port,
-        prometheus_host=getattr(args, "host", None),
+        # never the gRPC --host: /metrics has no auth (getattr: a namespace built before these flags)
+        prometheus_host=getattr(args, "prometheus_host", None),
         sample_hz=args.sample_hz,
         watts_per_core=args.watts_per_core,
         service_name=service_name,
+        run_file_max_bytes=(
+            int(args.run_file_max_mb * (1 << 20))
+            if getattr(args, "run_file_max_mb", None) is not None
+            else None
+        ),
     )
 
 
@@ -242,7 +272,9 @@ def make_providers(config: TelemetryConfig, run_dir: Path) -> Providers:
     trace_file: Path | None = None
     if config.exporter == "file" or config.trace_file is not None:
         trace_file = config.trace_file or run_dir / TRACES_FILE
-        tracer_provider.add_span_processor(BatchSpanProcessor(OtlpJsonFileExporter(trace_file)))
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(OtlpJsonFileExporter(trace_file, config.run_file_max_bytes))
+        )
     if config.exporter in ("otlp-grpc", "otlp-http"):
         tracer_provider.add_span_processor(
             BatchSpanProcessor(_span_exporter(config.exporter, config.endpoint))

@@ -57,6 +57,8 @@ def vllm_server(logs_dir: Path) -> Iterator[ServerProcess]:
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",
+        "fp32",  # pinned: `auto` follows the machine (bf16 where the CPU has it natively)
         "--max-concurrency",
         "8",
         "--queue-size",

@@ -22,6 +22,12 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+
+class VariantState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VARIANT_STATE_UNSPECIFIED: _ClassVar[VariantState]
+    VARIANT_STATE_SERVING: _ClassVar[VariantState]
+    VARIANT_STATE_DEAD: _ClassVar[VariantState]
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_LATENCY: Objective
 OBJECTIVE_ENERGY: Objective
@@ -32,6 +38,9 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_ERROR: FinishReason
+VARIANT_STATE_UNSPECIFIED: VariantState
+VARIANT_STATE_SERVING: VariantState
+VARIANT_STATE_DEAD: VariantState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -224,7 +233,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ...) -> None: ...
 
 class VariantInfo(_message.Message):
-    __slots__ = ("name", "precision", "engine", "weight_bytes", "perplexity", "quality", "live", "adapter_methods")
+    __slots__ = ("name", "precision", "engine", "weight_bytes", "perplexity", "quality", "live", "adapter_methods", "state")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +242,7 @@ class VariantInfo(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_METHODS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     precision: str
     engine: str
@@ -241,7 +251,8 @@ class VariantInfo(_message.Message):
     quality: float
     live: VariantFigures
     adapter_methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., perplexity: _Optional[float] = ..., quality: _Optional[float] = ..., live: _Optional[_Union[VariantFigures, _Mapping]] = ..., adapter_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    state: VariantState
+    def __init__(self, name: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., perplexity: _Optional[float] = ..., quality: _Optional[float] = ..., live: _Optional[_Union[VariantFigures, _Mapping]] = ..., adapter_methods: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[VariantState, str]] = ...) -> None: ...
 
 class VariantFigures(_message.Message):
     __slots__ = ("time_to_first_token_s", "time_per_output_token_s", "joules_per_token", "energy_source", "queue_depth", "running", "requests")

@@ -9,8 +9,9 @@ so far), so padding never changes what a row computes. With `compiled` set (HfCo
 the main group instead decodes on hf_compiled: a static KV cache slot per row, one compiled step; joining
 rows are still prefilled here, and PEFT-only groups keep the path above.
 
-Invariant: only the worker thread touches the model, the adapters and the caches; the event loop hands
-in joiners and cancelled rows and gets (row, TokenEvent) pairs back.
+Invariant: only the worker thread runs the model and writes the adapters and the caches (hf_compiled's
+compile thread reads them and writes only its static cache's spare position); the event loop hands in
+joiners and cancelled rows and gets (row, TokenEvent) pairs back.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Batch:
         lora = None if spec.method == "dora" else read_lora(spec.path, self.stack.linears)
         if lora is not None:
             self.stack.add(spec.key, lora)
-            if self.compiled is not None:  # new stacked shapes: compile them now, not mid-decode
+            if self.compiled is not None:  # new stacked shapes: compiled off this thread, eager meanwhile
                 self.compiled.refresh()
         else:
             self._add_peft(spec)

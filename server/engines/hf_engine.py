@@ -3,10 +3,12 @@
 One asyncio task drives iteration-level batching: between two decode steps it admits waiting requests
 (up to `max_concurrency` rows and `max_adapters_per_batch` distinct adapters) and drops cancelled ones;
 each step (model forwards, sampling, detokenizing) runs on a single worker thread (see hf_batch), so the
-event loop stays free and the model is never touched by two threads. Adapter loads and unloads go
-through the same thread, so they happen between steps, never inside one. With `compile_decode`, base and
+event loop stays free and the model is never run by two threads (hf_compiled's compile thread only
+reads weights and writes its static cache's spare position). Adapter loads and unloads go through the
+same thread, so they happen between steps, never inside one. With `compile_decode`, base and
 stacked-LoRA rows decode on hf_compiled (a static KV cache, one torch.compile'd step, batch buckets
-warmed up inside start(), so the server turns SERVING only once they are compiled).
+warmed up inside start(), so the server turns SERVING only once they are compiled; shapes that a later
+adapter load brings compile on a thread of their own while steps run eagerly).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class HfConfig:
     # the main group decodes on a static KV cache with one torch.compile'd step (hf_compiled), warmed up
     # at start-up; False: the eager path, untouched
     compile_decode: bool = False
+    # OpenMP threads of inductor's C++ kernels in the compiled step (0: torch.get_num_threads()). 1: a
+    # kernel never waits at a barrier for a thread another process pushed off its core (issue 27); the
+    # matrix products are extern calls on ATen's threads either way
+    compile_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -67,6 +73,8 @@ class HfConfig:
             raise ValueError("max_context >= 16 and max_concurrency >= 1 are required")
         if self.max_adapter_rank < 1 or self.max_adapters_per_batch < 1:
             raise ValueError("max_adapter_rank and max_adapters_per_batch must be >= 1")
+        if self.compile_threads < 0:
+            raise ValueError("compile_threads must be >= 0 (0: torch's thread count)")
 
 
 def avoid_cudnn_attention(device: str) -> None:
@@ -131,6 +139,23 @@ class HfEngine:
         self._batch = await loop.run_in_executor(self._executor, self._load)
         self._renderer = PromptRenderer(self._tokenizer, self.info.max_context)
         self._loop_task = asyncio.create_task(self._run(), name="hf-engine-loop")
+        self._loop_task.add_done_callback(self._on_loop_end)
+
+    def _on_loop_end(self, task: asyncio.Task[None]) -> None:
+        """The step loop ended outside shutdown(): the engine died. Every request it holds ends now
+        (`unavailable`: the runner names the variant) instead of waiting on its queue for ever."""
+        if self._closing:
+            return
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("hf engine: the step loop died (%s); ending its %d requests", why, self.running())
+        self._fail_held(EffllmError("unavailable", f"the hf engine's step loop died ({why})"))
+
+    def _fail_held(self, error: EffllmError) -> None:
+        for row in [*self._active, *self._waiting]:
+            if not row.finished:
+                row.finished = True
+                row.sink.put_nowait(error)
+        self._active, self._waiting = [], []
 
     def _load(self) -> Any:
         import torch
@@ -188,17 +213,24 @@ class HfEngine:
     def _compile_decode(self, batch: Any) -> None:
         """Build the compiled decode path and warm every batch bucket up (start() returns after: SERVING
         comes only once the graphs exist). A model the static step cannot run keeps the eager path."""
+        from . import compile_cache
         from .hf_compiled import CompiledDecoder
 
         c = self.config
+        cache = compile_cache.persist()
         try:
             decoder = CompiledDecoder(
-                batch.base, batch.stack, c.device, c.max_concurrency, self.info.max_context
+                batch.base,
+                batch.stack,
+                c.device,
+                c.max_concurrency,
+                self.info.max_context,
+                threads=c.compile_threads,
             )
         except ValueError as exc:
             log.warning("hf engine: compile_decode is off for this model (%s); decoding eagerly", exc)
             return
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), compile_cache.counters()
         for bucket, seconds in decoder.warm_up().items():
             log.info("hf engine: compiled decode warm-up, batch bucket %d: %.1f s", bucket, seconds)
         total = time.perf_counter() - t0
@@ -210,9 +242,30 @@ class HfEngine:
             decoder.kv.nbytes / 2**20,
             total,
         )
+        log.info(
+            "hf engine: compile caches in %s: %s",
+            cache,
+            compile_cache.describe(before, compile_cache.counters()),
+        )
         batch.compiled = decoder
-        extra = {"decode": decoder.mode, "decode_warmup_s": f"{total:.1f}"}
-        self.info = replace(self.info, extra={**self.info.extra, **extra})
+        self.info = replace(self.info, extra={**self.info.extra, "decode_warmup_s": f"{total:.1f}"})
+
+    @property
+    def info(self) -> EngineInfo:
+        """With compile_decode, extra "decode" says what the main group's steps run now (compiled or
+        eager) and "decode_eager_reason" why eager (compiling new adapter shapes, CPU contention...),
+        read from the decoder at each call."""
+        compiled = self._batch.compiled if self._batch is not None else None
+        if compiled is None:
+            return self._info
+        decode, reason = compiled.status()
+        return replace(
+            self._info, extra={**self._info.extra, "decode": decode, "decode_eager_reason": reason}
+        )
+
+    @info.setter
+    def info(self, value: EngineInfo) -> None:
+        self._info = value
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -220,12 +273,7 @@ class HfEngine:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
-        # requests still held would otherwise wait forever on their queues
-        for row in [*self._active, *self._waiting]:
-            if not row.finished:
-                row.finished = True
-                row.sink.put_nowait(EffllmError("unavailable", "engine shut down"))
-        self._active, self._waiting = [], []
+        self._fail_held(EffllmError("unavailable", "engine shut down"))  # else they wait on their queues
         self._executor.shutdown(wait=True)
 
     def running(self) -> int:
@@ -415,7 +463,8 @@ class HfEngine:
         return joiners
 
     def _started_batch(self) -> Any:
-        if self._batch is None or self._closing:
+        dead = self._loop_task is not None and self._loop_task.done()  # the step loop died
+        if self._batch is None or self._closing or dead:
             raise EffllmError("unavailable", "engine is not running")
         return self._batch
 

@@ -271,6 +271,7 @@ class VllmEngine:
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         if request.adapter and request.resolved_adapter is None:
             raise EffllmError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
@@ -313,6 +314,8 @@ class VllmEngine:
                     return
                 if completion.token_ids or completion.text:
                     yield TokenEvent(text=completion.text, token_ids=tuple(completion.token_ids))
+        except EngineDeadError as exc:  # retryable elsewhere: the server's other variants serve on
+            raise EffllmError("unavailable", "vLLM's engine core died") from exc
         finally:
             if not finished:
                 await self._llm.abort(request.request_id)

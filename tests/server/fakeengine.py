@@ -4,7 +4,10 @@ The prompt goes through the real PromptRenderer (with a one-id-per-word tokenize
 exactly what a real engine refuses. What generate does is chosen by the request id's prefix:
 - `hold-*`: one token, then wait until `release()` (a request that holds its slot as long as a test wants);
 - `fail-*`: one token, then RuntimeError (an engine fault on that request);
+- `slow-*`: `max_new_tokens` tokens, one every `token_interval_s` (a paced stream whose gaps a test measures);
 - anything else: `max_new_tokens` tokens at once, finish "length".
+`die()` kills it as vLLM's engine core dies: alive() turns False, every open `hold-*` stream and every later
+generate raise `ScriptedEngineDead` (a plain exception, as vLLM's EngineDeadError is to the server).
 Invariant: `inside` holds exactly the requests whose generate stream is open; `closed_early` the ones whose
 stream was closed before it finished (the abort a real engine does to free its batch slot).
 """
@@ -24,6 +27,10 @@ from effllm.server.engines.base import (
 from effllm.server.engines.prompting import PromptRenderer
 
 MAX_CONTEXT = 64
+
+
+class ScriptedEngineDead(RuntimeError):
+    """What generate raises once the engine died."""
 
 
 class WordTokenizer:
@@ -54,6 +61,7 @@ class FakeEngine:
         self.loaded = asyncio.Event()  # start() returns once set; set it at once unless a test holds it
         self.loaded.set()
         self._released = asyncio.Event()
+        self._died = asyncio.Event()
         self._renderer = PromptRenderer(WordTokenizer(), max_context)
         self.started = False
         self.dead = False
@@ -62,6 +70,7 @@ class FakeEngine:
         self.inside: set[str] = set()
         self.closed_early: list[str] = []
         self.adapters: set[str] = set()
+        self.token_interval_s = 0.02  # `slow-*` requests
 
     # --- test controls ----------------------------------------------------------------------------------
     def release(self) -> None:
@@ -70,6 +79,18 @@ class FakeEngine:
 
     def die(self) -> None:
         self.dead = True
+        self._died.set()
+
+    async def _hold(self) -> None:
+        """Until release() or die() (then raise, as a dead engine's open streams do)."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._released, self._died)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.dead:
+            raise ScriptedEngineDead("scripted engine death")
 
     async def until_inside(self, request_id: str, timeout: float = 5.0) -> None:
         async with asyncio.timeout(timeout):
@@ -92,6 +113,8 @@ class FakeEngine:
         rid = request.request_id
         self.calls.append(("generate", rid))
         assert request.prompt_ids is not None, "generate got a request the runner did not prepare"
+        if self.dead:
+            raise ScriptedEngineDead("scripted engine death")
         self.inside.add(rid)
         finished = False
         try:
@@ -100,10 +123,10 @@ class FakeEngine:
                 yield TokenEvent(text=" a", token_ids=(1,))
                 if rid.startswith("fail-"):
                     raise RuntimeError(f"scripted engine fault in {rid}")
-                await self._released.wait()
+                await self._hold()
                 n -= 1
             for i in range(n):
-                await asyncio.sleep(0)
+                await asyncio.sleep(self.token_interval_s if rid.startswith("slow-") else 0)
                 last = i == n - 1
                 yield TokenEvent(
                     text=" b",

@@ -6,7 +6,7 @@ import pytest
 
 from effllm.client import build_request
 from effllm.server.engines.base import EffllmError
-from effllm.server.service import Limits, to_request
+from effllm.server.service import Limits, to_request, to_route
 
 CTX = 1024
 
@@ -68,3 +68,13 @@ def test_no_input_at_all() -> None:
 def test_server_limit_on_new_tokens() -> None:
     with pytest.raises(EffllmError, match="limit of 64"):
         to_request(build_request("x", max_new_tokens=65), Limits(max_new_tokens=64), CTX)
+
+
+def test_min_quality_message_tells_the_true_range() -> None:
+    """0 is a valid min_quality (no floor): its refusal says 0..1, not "> 0" (the message on main)."""
+    for bad in (-0.5, 1.5, float("nan")):
+        with pytest.raises(EffllmError) as err:
+            to_route(build_request("a", budget={"min_quality": bad}))
+        assert err.value.message.startswith("budget.min_quality:") and "0..1" in err.value.message
+        assert "> 0" not in err.value.message
+    assert to_route(build_request("a", budget={"min_quality": 0.0}))[1].min_quality == 0.0

@@ -2,7 +2,8 @@
 can serve them and a failure on one leaves none half-loaded; live figures fold finished requests in; a
 two-variant server routes, reports its variants, refuses a strict budget without running anything and
 names bad objective/budget fields; the start-up J/token estimate counts the CPU time of an engine's child
-process (where vLLM decodes)."""
+process (where vLLM decodes); a variant whose engine dies leaves routing at once, its requests end
+UNAVAILABLE and the others serve on until the last one dies."""
 
 from __future__ import annotations
 
@@ -13,19 +14,24 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from effllm.api.errors import EffllmError
 from effllm.api.v1 import generation_pb2 as pb
 from effllm.api.v1 import generation_pb2_grpc as pb_grpc
 from effllm.client import build_request
+from effllm.common.budget import Budget
 from effllm.server.app import EffllmServer, ServerConfig, run
 from effllm.server.engines.base import AdapterSpec, GenerationRequest, Timings, TokenEvent, Usage
+from effllm.server.runner import Runner
 from effllm.server.variants import LiveFigures, Variant, VariantAdapters, VariantSet
 
 from .fakeengine import FakeEngine
+from .test_app import NOT_SERVING, SERVING, first_message, the_rest, until
 
 
 def fake(
@@ -105,9 +111,10 @@ def test_live_figures_replace_the_start_up_estimate_then_average() -> None:
 
 @asynccontextmanager
 async def two_variants(
-    engines: Sequence[FakeEngine],
+    engines: Sequence[FakeEngine], **config: Any
 ) -> AsyncIterator[tuple[EffllmServer, pb_grpc.GenerationServiceStub]]:
-    server = EffllmServer(list(engines), ServerConfig(port=0, grace_s=1.0))  # type: ignore[arg-type]
+    server = EffllmServer(list(engines), ServerConfig(port=0, grace_s=1.0, **config))  # type: ignore[arg-type]
+    server.watch_interval_s = 0.02
     done = asyncio.create_task(run(server))
     async with asyncio.timeout(10):
         while not server.generation.ready:
@@ -148,6 +155,82 @@ async def test_two_variants_route_report_and_refuse() -> None:
         after = await stub.GetStats(pb.GetStatsRequest(), timeout=5)
         assert after.requests_total == before.requests_total == 2
         assert [len(e.calls) for e in server.engines] == calls  # not even prepared  # type: ignore[attr-defined]
+
+
+async def test_a_dead_variant_leaves_routing_its_requests_end_unavailable_and_the_other_serves_on() -> None:
+    fp32, int4 = fake("fp32", logprob=-1.0), fake("int4", logprob=-1.2)
+    async with two_variants([fp32, int4], max_concurrency=1, queue_size=1) as (server, stub):
+        # QUALITY goes to fp32 (the better one, whatever its load), ENERGY to int4 (fewer joules)
+        server.variants.by_name["fp32:fake"].figures.j_per_token = 1.0
+        server.variants.by_name["int4:fake"].figures.j_per_token = 0.1
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert (await watch.read()).status == SERVING
+
+        def stream(rid: str, objective: str) -> Any:
+            return stub.GenerateStream(
+                build_request("x", max_new_tokens=3, request_id=rid, objective=objective), timeout=10
+            )
+
+        on_fp32, on_int4 = stream("hold-a", "quality"), stream("hold-b", "energy")
+        await first_message(on_fp32)
+        await first_message(on_int4)
+        queued = stream("hold-a2", "quality")  # waits for fp32's one slot
+        await until(lambda: server.variants.by_name["fp32:fake"].runner.queued == 1)
+
+        fp32.die()
+        # Routing asks the engine at choose time: no watchdog tick is needed to leave fp32 out.
+        chosen, note, _ = server.variants.choose("quality", Budget(), "", False)
+        assert chosen.name == "int4:fake" and note.variant == "int4:fake"
+        for call in (on_fp32, queued):  # in flight and queued: retryable, naming the variant
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await the_rest(call)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+            assert "fp32:fake" in (err.value.details() or "")
+        await until(lambda: server.variants.by_name["fp32:fake"].dead)  # the watchdog saw it
+        int4.release()
+        rest = await the_rest(on_int4)
+        assert rest[-1].final.variant == "int4:fake"
+        assert rest[-1].final.finish_reason == pb.FINISH_REASON_LENGTH
+        reply = await stub.Generate(build_request("a b", max_new_tokens=2, objective="quality"), timeout=5)
+        assert reply.variant == "int4:fake"
+        assert (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)).status == SERVING
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        assert {v.name: v.state for v in info.variants} == {
+            "fp32:fake": pb.VARIANT_STATE_DEAD,
+            "int4:fake": pb.VARIANT_STATE_SERVING,
+        }
+        assert server.variants.states() == {"fp32:fake": False, "int4:fake": True}
+        assert server.failure is None
+
+        int4.die()  # the last one: as a one-variant server, NOT_SERVING and ENGINE_DIED_EXIT
+        assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+        await asyncio.wait_for(server.wait(), 10)
+        assert server.failure == "the engine died"
+        await channel.close()
+
+
+async def test_a_request_whose_only_variants_are_dead_is_unavailable() -> None:
+    fp32, int4 = fake("fp32"), fake("int4")
+    for e in (fp32, int4):
+        await e.start()
+    host = VariantAdapters([fp32, int4])
+    host.held["a@1"] = ("fp32:fake",)
+    variants = VariantSet([Variant(e, Runner(e, 1, 0)) for e in (fp32, int4)], adapters=host)
+    variants.peek = lambda ref: "a@1" if ref == "a" else None
+    assert variants.choose("latency", Budget(), "a", False)[0].engine is fp32
+    fp32.die()
+    with pytest.raises(EffllmError) as err:
+        variants.choose("latency", Budget(), "a", False)
+    assert err.value.code == "unavailable" and "a is held only by variant fp32:fake" in err.value.message
+    variants.mark_dead(variants.variants[0])  # as the watchdog does: a new adapter skips it
+    await host.add_adapter(spec("lora", "b@1"))
+    assert host.held["b@1"] == ("int4:fake",) and host.skipped["b@1"] == ("fp32:fake: its engine died",)
+    int4.die()
+    with pytest.raises(EffllmError) as err:
+        variants.choose("latency", Budget(), "", False)
+    assert err.value.code == "unavailable" and "fp32:fake, int4:fake" in err.value.message
 
 
 # A child that burns the CPU seconds it reads from each stdin line, then answers "ok".

@@ -6,7 +6,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -14,9 +14,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, StatusCode, Tracer
 
-from effllm.telemetry.otlpjson import OtlpJsonFileExporter
-from effllm.telemetry.report import build_report, format_table
-from effllm.telemetry.sampler import Sample
+from effllm.telemetry.otlpjson import OtlpJsonFileExporter, read_spans
+from effllm.telemetry.report import ALL, OTHER, build_report, format_table, generation_spans, group_reports
+from effllm.telemetry.sampler import Sample, read_samples
 
 T0 = 1_800_000_000.0  # Unix seconds of the run's start
 S = 1_000_000_000
@@ -165,3 +165,22 @@ def test_nan_becomes_null(run_dir: Path) -> None:
     base = j["groups"][0]
     assert base["adapter"] == "(base)"
     assert not any(isinstance(v, float) and math.isnan(v) for v in base.values())
+
+
+def test_groups_are_capped_with_the_rest_as_other(run_dir: Path) -> None:
+    """Many adapter names (a client can mint them): the names with the most requests, then OTHER, then ALL;
+    the samples are indexed once, whatever the number of groups."""
+    spans = generation_spans(read_spans(run_dir / "traces.jsonl"))
+    samples = read_samples(run_dir / "resource-samples.jsonl")
+    many = [
+        *spans,
+        *(
+            replace(spans[0], attributes={**spans[0].attributes, "effllm.adapter.name": f"n{i}"})
+            for i in range(50)
+        ),
+    ]
+    groups = group_reports(many, samples, max_groups=2)
+    assert [(g.adapter, g.requests) for g in groups] == [("(base)", 2), ("sql", 2), (OTHER, 50), (ALL, 54)]
+    assert groups[0].amu is not None and groups[2].amu is not None
+    assert [g.adapter for g in group_reports(spans, samples)] == ["(base)", "sql", ALL]
+    assert [(g.adapter, g.requests) for g in group_reports(spans, samples, max_groups=0)] == [(ALL, 4)]

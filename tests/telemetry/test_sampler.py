@@ -6,12 +6,21 @@ import hashlib
 import itertools
 import json
 import os
+import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from effllm.telemetry.sampler import Measurement, ResourceSampler, Sample, read_samples, summarize
+from effllm.telemetry.sampler import (
+    Measurement,
+    ResourceSampler,
+    Sample,
+    SampleIndex,
+    read_samples,
+    summarize,
+)
 
 
 def _sample(t: float, mem: float, util: float, power: float, energy: float) -> Sample:
@@ -111,3 +120,47 @@ def test_measurement_window_api() -> None:
     # the estimate is CPU seconds x watts per core (default 10 W): at least the 0.3 s we spun
     assert s.energy_j >= 0.3 * 10 * 0.8
     assert m.joules_per_token(100) == pytest.approx(s.energy_j / 100)
+
+
+def test_sample_index_equals_summarize_on_any_window_and_after_dropping_blocks() -> None:
+    """The prefix integrals give summarize's numbers (trapezoid rule) for any window, peak memory included,
+    and stay right once the oldest blocks are dropped (the sampler's bounded history)."""
+    rng = random.Random(7)
+    samples, t = [], 0.0
+    for i in range(3 * SampleIndex.BLOCK + 100):
+        t += rng.uniform(0.05, 0.2)
+        samples.append(_sample(t, rng.random(), rng.random(), rng.uniform(5, 50), 3.0 * i))
+    index = SampleIndex(samples)
+    for _ in range(60):
+        a, b = sorted(rng.uniform(-1, t + 1) for _ in range(2))
+        picked = [s for s in samples if a <= s.t <= b]
+        got = index.summary(a, b)
+        if not picked:
+            assert got is None
+            continue
+        want = summarize(picked)
+        assert got is not None and (got.samples, got.peak_memory_bytes) == (
+            want.samples,
+            want.peak_memory_bytes,
+        )
+        for field in ("amu", "amu_bytes", "pcu", "aec_w", "energy_j", "start", "end"):
+            assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-9, abs=1e-9), field
+    one = samples[5]
+    assert index.summary(one.t, one.t) == summarize([one])
+    index.drop_oldest_block()
+    kept = samples[SampleIndex.BLOCK :]
+    assert index.samples == kept and index.between() == kept
+    got, want = index.summary(), summarize(kept)
+    assert got is not None and got.peak_memory_bytes == want.peak_memory_bytes
+    assert got.amu == pytest.approx(want.amu) and got.aec_w == pytest.approx(want.aec_w)
+    mixed = SampleIndex([samples[0], replace(samples[1], energy_source="measured(rapl)")])
+    assert mixed.summary() is None and mixed.summary(end=samples[0].t) is not None
+
+
+def test_sampler_history_is_bounded() -> None:
+    sampler = ResourceSampler(10.0, max_samples=SampleIndex.BLOCK)
+    for _ in range(3 * SampleIndex.BLOCK):
+        sampler.sample()
+    assert SampleIndex.BLOCK <= len(sampler.samples) <= 2 * SampleIndex.BLOCK
+    assert sampler.count_between() == len(sampler.samples)
+    sampler.meter.close()

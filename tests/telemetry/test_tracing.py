@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from effllm.telemetry.tracing import (
     TelemetryConfig,
     adapter_span,
     config_from,
+    config_from_args,
     exporter_from_env,
     make_providers,
 )
@@ -146,3 +148,27 @@ def test_busy_prometheus_port_is_a_clear_error(tmp_path: Path) -> None:
         port = s.getsockname()[1]
         with pytest.raises(OSError, match=f"--prometheus-port {port}"):
             make_providers(TelemetryConfig(exporter="none", prometheus_port=port, sample_hz=0), tmp_path)
+
+
+def test_prometheus_binds_loopback_whatever_the_grpc_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--host 0.0.0.0` opens gRPC to the network; /metrics (no auth, no TLS) stays on loopback unless
+    OTEL_EXPORTER_PROMETHEUS_HOST or --prometheus-host says otherwise (on main it followed --host)."""
+    from effllm.cli.main import build_parser
+
+    monkeypatch.delenv("OTEL_EXPORTER_PROMETHEUS_HOST", raising=False)
+    parse = build_parser().parse_args
+    public = parse(["serve", "--host", "0.0.0.0", "--prometheus-port", "0"])
+    config = config_from_args(public)
+    assert config.prometheus_host == "127.0.0.1"
+    providers = make_providers(replace(config, sample_hz=0, exporter="none"), tmp_path)
+    try:
+        assert providers._http.server_address[0] == "127.0.0.1"
+    finally:
+        providers.shutdown()
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_HOST", "0.0.0.0")
+    assert config_from_args(public).prometheus_host == "0.0.0.0"
+    flag = parse(["serve", "--host", "0.0.0.0", "--prometheus-host", "10.1.2.3"])
+    assert config_from_args(flag).prometheus_host == "10.1.2.3"  # the flag beats the variable
+    assert config_from_args(parse(["serve", "--run-file-max-mb", "2"])).run_file_max_bytes == 2 << 20
