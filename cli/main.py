@@ -26,6 +26,7 @@ _COMMANDS = (
     "effllm.loadtest.cli",
     "effllm.tuner.cli",
     "effllm.cli.bench",
+    "effllm.cli.models",
 )
 
 

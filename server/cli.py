@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from ..common.architecture import require_support
 from ..common.auth import add_flags as add_security_flags
 from ..common.auth import is_loopback, security_config
 from ..telemetry.machine import machine
@@ -53,7 +54,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument(
-        "--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct"
+        "--model",
+        default=None,
+        help="a catalogue name (effllm models list), a local HF dir or a hub id; "
+        "default: embedded SmolLM2-135M-Instruct",
     )
     p.add_argument(
         "--engine",
@@ -297,7 +301,10 @@ def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: 
         log.info("auto: %s", choice.reason)
         wanted, engine_arg, compile_decode = choice.precision, choice.engine, choice.compile_decode
     precision = cast(Precision, wanted)
-    if choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods) == "hf":
+    chosen = choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods)
+    # an architecture this engine cannot run is refused here, before it loads, not in traffic
+    require_support(chosen, model.path, precision=precision, max_concurrency=args.max_concurrency)
+    if chosen == "hf":
         from .engines.hf_engine import HfConfig, HfEngine
 
         hf = HfConfig(

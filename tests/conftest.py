@@ -43,6 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise RuntimeError("the fast tier loads no model: mark this test (or its module) `pytest.mark.model`")
 
     model._ensure_default_checkpoint = refuse  # type: ignore[assignment]
+    model._ensure_catalogue_checkpoint = lambda entry: refuse()  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")
