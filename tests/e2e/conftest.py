@@ -84,6 +84,8 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16, and these tests compare fp32
+        "fp32",
         "--kv-cache-gib",
         "0.25",
         "--max-context",
@@ -136,6 +138,8 @@ def adapter_server(adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[Server
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16, and these tests compare fp32
+        "fp32",
         "--adapter-root",
         str(adapter_root.root),
         "--max-adapter-rank",
@@ -188,6 +192,8 @@ def _many_server(engine: str, many: ManyAdapters, logs_dir: Path) -> ServerProce
     return start_server(
         "--engine",
         engine,
+        "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16; parity is checked at fp32
+        "fp32",
         "--adapter-root",
         str(many.root),
         "--max-adapter-rank",
