@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 
 LENGTH_STEP = 64  # attention length granularity: rows attend over their longest row rounded up to this
 _RECOMPILE_LIMIT = 64  # graphs dynamo keeps per function (default 8): engines and adapter shapes add up
+
+
+def _raise_recompile_limit() -> None:
+    """Let dynamo keep `_RECOMPILE_LIMIT` graphs of the step. NOTE: torch's dynamo config is thread-local
+    (torch 2.13: a value set on one thread reads as the default 8 on another), so every thread that calls
+    the compiled step (the engine's worker, the compile thread) sets it for itself; past the limit a
+    fullgraph compile fails hard and the step falls back to eager for good."""
+    import torch._dynamo
+
+    cfg: Any = torch._dynamo.config
+    cfg.recompile_limit = max(int(cfg.recompile_limit), _RECOMPILE_LIMIT)
 Path = Literal["compiled", "eager"]
 
 
@@ -260,6 +271,9 @@ class CompiledDecoder:
         args = (self.weights, x, cos, sin, pos_t, mask, self.kv.k, self.kv.v, rows_t, scale, loras)
         if self.mode == "compiled" and path == "compiled":
             self._mark_dynamic(x, cos, sin, pos_t, mask, rows_t, scale)
+            if not getattr(self._local, "limit_set", False):
+                _raise_recompile_limit()  # per thread: dynamo's config is thread-local
+                self._local.limit_set = True
             try:
                 return self._fn(*args)
             except Exception:  # an inductor/dynamo failure: the same math runs eagerly from now on
@@ -292,8 +306,7 @@ class CompiledDecoder:
     def _compile(self) -> Any:
         import torch._dynamo
 
-        cfg: Any = torch._dynamo.config
-        cfg.recompile_limit = max(int(cfg.recompile_limit), _RECOMPILE_LIMIT)
+        _raise_recompile_limit()
         # inductor's C++ kernels' OpenMP threads, fixed when a kernel is generated (see the docstring)
         patches: dict[str, Any] = {"emulate_precision_casts": True}
         if self.threads > 0:

@@ -526,5 +526,16 @@ def test_variants_build_one_engine_each_and_a_duplicate_is_refused() -> None:
     twice = ["serve", "--device", "cpu", "--variant", "fp32:hf", "--variant", "fp32:hf"]
     with pytest.raises(ValueError, match="twice"):
         build_engines(build_parser().parse_args(twice))
-    one = build_engines(build_parser().parse_args(["serve", "--device", "cpu", "--engine", "hf"]))
+    one = build_engines(
+        build_parser().parse_args(["serve", "--device", "cpu", "--engine", "hf", "--precision", "fp32"])
+    )
     assert [(e.info.precision, e.info.engine) for e in one] == [("fp32", "hf")]  # no --variant: as before
+    from effllm.common.model import resolve_model
+    from effllm.server.cli import resolve_auto
+
+    args = build_parser().parse_args(["serve", "--device", "cpu", "--engine", "hf"])
+    auto = build_engines(args)
+    # no --precision: what auto resolves to here (the machine's rule, or a stored calibration's pick;
+    # the rule itself is tested in tests/server/test_calibration.py)
+    expected = resolve_auto(args, resolve_model(None), "cpu")
+    assert [(e.info.precision, e.info.engine) for e in auto] == [(expected.precision, "hf")]
