@@ -110,9 +110,12 @@ class EffllmServer:
         shared = self.adapters.engine
         if len(engines) > 1 and not isinstance(shared, VariantAdapters):
             raise ValueError("several variants need an AdapterRegistry over VariantAdapters(engines)")
+        self.watts_per_core = resolve_watts_per_core(config.watts_per_core)  # flag > env > default
         variants = []
         for e in engines:
-            figures = LiveFigures()
+            # with several variants, live J/token from each engine's own CPU (LiveFigures.own_joules)
+            own = (lambda e=e: e.cpu_seconds() * self.watts_per_core) if len(engines) > 1 else None
+            figures = LiveFigures(own_joules=own)
             runner = Runner(
                 e,
                 config.max_concurrency,
@@ -128,7 +131,6 @@ class EffllmServer:
             shared if isinstance(shared, VariantAdapters) else None,
             config.explore_share,
         )
-        self.watts_per_core = resolve_watts_per_core(config.watts_per_core)  # flag > env > default
         self.variants.peek = self.adapters.peek
         if telemetry is not None:
             telemetry.watch_variants(self.variants.states)

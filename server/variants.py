@@ -56,8 +56,8 @@ log = logging.getLogger("effllm.server")
 
 EWMA_ALPHA = 0.2  # weight of the newest request: about the last 10 requests matter
 WINDOW = 32  # per-request values kept for a live figure's spread
-START_UP_TOKENS = 16  # per request; ignore_eos, greedy
-START_UP_REPEATS = 3
+START_UP_TOKENS = 32  # per request; ignore_eos, greedy
+START_UP_REPEATS = 5  # the median of 5: one restart to the next moved 1.39x with 3 (AMX Xeon, idle)
 START_UP_BATCH = 4  # the second batch size (at most the variant's max_concurrency)
 EXPLORE_SHARE = 0.02  # of routed requests, at most
 SPREAD_FIGURES = ("ttft_s", "prefill_s", "tpot_s", "j_per_token")
@@ -109,6 +109,12 @@ class LiveFigures:
     newest_s: float = 0.0  # time.monotonic() of the newest value (start-up or request); 0: none
     window: dict[str, deque[float]] = field(default_factory=_windows)  # the last WINDOW per request
     startup: dict[str, Spread] = field(default_factory=dict)  # measure()'s, until the first request
+    # This variant's own estimated joules so far (its engine's cpu_seconds() x watts per core): with an
+    # estimated meter, live J/token comes from it, so a neighbour that spins (vLLM's engine core between
+    # steps) never counts for this variant; None: from each request's attributed energy (the split).
+    own_joules: Callable[[], float] | None = field(default=None, repr=False, compare=False)
+    _own_mark: tuple[float, int] | None = field(default=None, repr=False, compare=False)
+    _own_tokens: int = field(default=0, repr=False, compare=False)
 
     def spread(self, name: str) -> Spread:
         """Figure `name`'s spread (one of SPREAD_FIGURES): the recent requests', else the start-up one
@@ -126,6 +132,19 @@ class LiveFigures:
     def interval(self, name: str) -> tuple[float, float]:
         s = self.spread(name)
         return s.lo, s.hi
+
+    def _own_j_per_token(self, tokens: int) -> float | None:
+        """Joules per token of this variant's own engine since the previous finished request: its CPU
+        over that stretch (every request it ran in it, batched or not) over the tokens those requests
+        produced. None: no own meter, or no previous mark yet (the first request sets it)."""
+        if self.own_joules is None:
+            return None
+        joules = self.own_joules()
+        self._own_tokens += tokens
+        mark, self._own_mark = self._own_mark, (joules, self._own_tokens)
+        if mark is None or self._own_tokens <= mark[1] or joules < mark[0]:
+            return None
+        return (joules - mark[0]) / (self._own_tokens - mark[1])
 
     def observe(self, event: TokenEvent, batch: int) -> None:
         """Fold one finished request in (the runner calls this once per request, at its final event)."""
@@ -147,7 +166,12 @@ class LiveFigures:
             fold("tpot_s", t.decode_s / (u.output_tokens - 1))
         self.service_s = mix(self.service_s, max(t.total_s - t.queue_s, 0.0))
         self.batch_seen = mix(self.batch_seen, float(max(batch, 1)))
-        if u.energy_joules is not None:
+        if self.own_joules is not None and u.energy_source in ("estimated", ""):
+            own = self._own_j_per_token(u.output_tokens)
+            if own is not None:  # else this was the first request: it set the mark
+                fold("j_per_token", own)
+                self.energy_source = "estimated"
+        elif u.energy_joules is not None:
             fold("j_per_token", u.energy_joules / u.output_tokens)
             self.energy_source = u.energy_source
         self.requests += 1
@@ -485,26 +509,29 @@ async def _run(engine: Engine, batch: int, tokens: int) -> _Run:
 
 
 async def _warm_up(v: Variant, default_max_new_tokens: int, watts: float) -> None:
-    """START_UP_REPEATS repeats, each one request at batch 1 (its TTFT and TPOT: the router's figures are
-    per batch-1 row, `batch_seen` 1) and one batch of START_UP_BATCH (J/token over both runs' tokens:
-    what a variant costs both alone and batched), after one unmeasured batch that pays lazy
-    initialisation. The figures are the medians, the spreads min..max over the repeats. J/token counts
+    """START_UP_REPEATS repeats, each one request at batch 1 (its TTFT, TPOT and J/token: the router's
+    figures are per batch-1 row, `batch_seen` 1, and live figures from lone requests compare with them)
+    and one batch of START_UP_BATCH (its J/token logged beside), after one unmeasured batch that pays
+    lazy initialisation. The figures are the medians, the spreads min..max over the repeats. J/token counts
     the engine's own CPU (Engine.cpu_seconds) only: another variant's engine spinning beside it (vLLM's
     engine core polls between steps) is not this variant's cost."""
     wide = max(1, min(START_UP_BATCH, v.runner.max_concurrency if v.runner is not None else START_UP_BATCH))
     await _run(v.engine, wide, 4)
     samples: dict[str, list[float]] = {name: [] for name in SPREAD_FIGURES}
+    batched_j: list[float] = []  # J/token at batch `wide`: logged beside the batch-1 figure
     for _ in range(START_UP_REPEATS):
         alone = await _run(v.engine, 1, START_UP_TOKENS)
         batched = await _run(v.engine, wide, START_UP_TOKENS) if wide > 1 else None
-        tokens = alone.tokens + (batched.tokens if batched else 0)
-        if alone.tokens < 2 or tokens < 1:
+        if alone.tokens < 2:
             continue
-        cpu = alone.cpu_s + (batched.cpu_s if batched else 0.0)
         samples["ttft_s"].append(alone.prefill_s)
         samples["prefill_s"].append(alone.prefill_s)
         samples["tpot_s"].append(alone.tpot_s)
-        samples["j_per_token"].append(cpu * watts / tokens)
+        # J/token of a batch-1 row, as the live figures a lone request then yields: a figure from the
+        # batch (cheaper per token) beside another variant's live batch-1 figure would favour it unfairly
+        samples["j_per_token"].append(alone.cpu_s * watts / alone.tokens)
+        if batched is not None and batched.tokens:
+            batched_j.append(batched.cpu_s * watts / batched.tokens)
     if not samples["tpot_s"]:
         return
     f = v.figures
@@ -514,3 +541,12 @@ async def _warm_up(v: Variant, default_max_new_tokens: int, watts: float) -> Non
     f.energy_source = "estimated"
     f.service_s = f.prefill_s + f.tpot_s * max(default_max_new_tokens - 1, 1)
     f.newest_s = time.monotonic()
+    if batched_j:
+        log.info(
+            "variant %s: start-up J/token %.3g at batch 1, %.3g at batch %d (median of %d)",
+            v.name,
+            f.j_per_token,
+            statistics.median(batched_j),
+            wide,
+            len(batched_j),
+        )

@@ -90,13 +90,14 @@ class EngineThreads:
     """CPU seconds of this process's threads, shared out among the engines that run in it (the hf engine's
     batching worker; one instance per process: `engine_threads()`).
 
-    An owner claims its worker threads (`claim`, from inside the thread). Every other thread but the main
-    one (the event loop: gRPC aio, vLLM's output processing) is taken for the shared torch intra-op
-    (OpenMP) pool; helper threads (the resource sampler, gRPC's pollers) fall in with it and burn
-    little. The pool computes for whichever worker called into torch: over each interval between two
-    reads, the pool's CPU is divided among the owners in proportion to their claimed threads' CPU in that
-    interval (their busy time), and goes to nobody when no owner was busy. So a thread another owner
-    claimed never counts for an owner, and a neighbour spinning in another process never does either.
+    An owner claims its worker threads (`claim`, from inside the thread). The shared torch intra-op
+    (OpenMP) pool is the threads an engine adopted as born while it loaded (`adopt_pool`), or, before any
+    was adopted, every other thread but the main one (the event loop: gRPC aio, vLLM's output
+    processing), helper threads (the resource sampler, gRPC's pollers) falling in with it. The pool
+    computes for whichever worker called into torch: over each interval between two reads, the pool's
+    CPU is divided among the owners in proportion to their claimed threads' CPU in that interval (their
+    busy time), and goes to nobody when no owner was busy. So a thread another owner claimed never
+    counts for an owner, and a neighbour spinning in another process never does either.
     Invariant: `seconds(owner)` never decreases; times count from the owner's first claim.
     """
 
@@ -105,6 +106,9 @@ class EngineThreads:
         self._main = self._proc.pid  # the main thread's id is the process id
         self._lock = threading.Lock()
         self._claims: dict[int, str] = {}  # thread id -> owner
+        # torch's intra-op (OpenMP) threads when known (`adopt_pool`): then only they make the pool, and the
+        # serving stack's threads (gRPC's, the sampler's, another engine's front-end) count for nobody
+        self._pool: set[int] = set()
         self._totals: dict[str, float] = {}
         self._last: dict[int, float] = {}  # thread id -> CPU seconds at the last read
 
@@ -114,6 +118,19 @@ class EngineThreads:
             self._read()  # what it did before the claim is not the owner's
             self._claims[tid if tid is not None else threading.get_native_id()] = owner
             self._totals.setdefault(owner, 0.0)
+
+    def thread_ids(self) -> set[int]:
+        try:
+            return {t.id for t in self._proc.threads()}
+        except psutil.Error:
+            return set()
+
+    def adopt_pool(self, born: set[int]) -> None:
+        """Threads `born` while an engine loaded and first ran torch (the caller diffs `thread_ids()`
+        around it) are torch's intra-op pool; claimed threads and the main one are never pool."""
+        with self._lock:
+            self._read()
+            self._pool |= {t for t in born if t not in self._claims and t != self._main}
 
     def seconds(self, owner: str) -> float:
         """`owner`'s CPU seconds so far: its claimed threads, plus its share of the pool."""
@@ -135,7 +152,7 @@ class EngineThreads:
             owner = self._claims.get(t.id)
             if owner is not None:
                 busy[owner] = busy.get(owner, 0.0) + delta
-            elif t.id != self._main:
+            elif t.id != self._main and (not self._pool or t.id in self._pool):
                 pool += delta
         self._last = now
         total_busy = sum(busy.values())

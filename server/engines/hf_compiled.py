@@ -65,6 +65,8 @@ def _raise_recompile_limit() -> None:
 
     cfg: Any = torch._dynamo.config
     cfg.recompile_limit = max(int(cfg.recompile_limit), _RECOMPILE_LIMIT)
+
+
 Path = Literal["compiled", "eager"]
 
 

@@ -138,7 +138,10 @@ class HfEngine:
     # --- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        before = engine_threads().thread_ids()
         self._batch = await loop.run_in_executor(self._executor, self._load)
+        # threads torch started while the model loaded and first ran: its intra-op pool (cpu_seconds)
+        engine_threads().adopt_pool(engine_threads().thread_ids() - before)
         self._renderer = PromptRenderer(self._tokenizer, self.info.max_context)
         self._loop_task = asyncio.create_task(self._run(), name="hf-engine-loop")
         self._loop_task.add_done_callback(self._on_loop_end)

@@ -32,7 +32,7 @@ from effllm.server import variants as variants_mod
 from effllm.server.app import EffllmServer, ServerConfig, run
 from effllm.server.engines.base import AdapterSpec, GenerationRequest, Timings, TokenEvent, Usage
 from effllm.server.runner import Runner
-from effllm.server.variants import LiveFigures, Variant, VariantAdapters, VariantSet
+from effllm.server.variants import EWMA_ALPHA, LiveFigures, Variant, VariantAdapters, VariantSet
 from effllm.telemetry.genai import RouteNote
 from effllm.telemetry.proctree import ProcessTree, engine_threads
 
@@ -115,6 +115,29 @@ def test_live_figures_replace_the_start_up_estimate_then_average() -> None:
     assert f.requests == 2  # a cancelled request says nothing about the variant's speed
 
 
+def test_live_j_per_token_is_the_engines_own_cpu_not_the_attributed_share() -> None:
+    """With an estimated meter, live J/token is this engine's own joules between finished requests over
+    their tokens: the attributed share (inflated here as a neighbour's spinning would inflate it) is
+    ignored; the first request only sets the mark. A measured meter keeps the attributed energy."""
+    own = [100.0]
+    f = LiveFigures(j_per_token=0.5, own_joules=lambda: own[0])
+    f.observe(_final(ttft=0.5, queue=0.0, decode=0.9, out=10, joules=50.0), batch=1)
+    assert f.j_per_token == pytest.approx(0.5)  # the mark: the start-up figure stays
+    own[0] += 2.0  # 2 J of its own for the next 10 tokens
+    f.observe(_final(ttft=0.5, queue=0.0, decode=0.9, out=10, joules=50.0), batch=1)
+    assert f.j_per_token == pytest.approx(0.5 + EWMA_ALPHA * (0.2 - 0.5))
+    own[0] += 1.0  # two requests finishing back to back: 1 J over their 20 tokens, then nothing new
+    f.observe(_final(ttft=0.5, queue=0.0, decode=0.9, out=10, joules=50.0), batch=2)
+    f.observe(_final(ttft=0.5, queue=0.0, decode=0.9, out=10, joules=50.0), batch=2)
+    assert list(f.window["j_per_token"])[-2:] == pytest.approx([0.1, 0.0])
+    measured = replace(
+        _final(ttft=0.5, queue=0.0, decode=0.9, out=10, joules=3.0),
+        usage=Usage(3, 10, energy_joules=3.0, energy_source="measured-rapl"),
+    )
+    f.observe(measured, batch=1)
+    assert f.window["j_per_token"][-1] == pytest.approx(0.3) and f.energy_source == "measured-rapl"
+
+
 @asynccontextmanager
 async def two_variants(
     engines: Sequence[FakeEngine], **config: Any
@@ -144,7 +167,7 @@ async def test_two_variants_route_report_and_refuse() -> None:
         assert v["int4:fake"].quality == pytest.approx(2.718281828**-0.2, rel=1e-6)
         for x in v.values():  # start-up figures: the median of the repeats, their spread and count
             for spread in (x.live.time_to_first_token, x.live.time_per_output_token, x.live.joules):
-                assert spread.samples == 3 and spread.low <= spread.median <= spread.high
+                assert spread.samples == variants_mod.START_UP_REPEATS and spread.low <= spread.median <= spread.high
             assert x.live.newest_sample_age_s > 0 and x.explored == 0
         reply = await stub.Generate(build_request("a b", max_new_tokens=3, objective="quality"), timeout=5)
         assert reply.variant == "fp32:fake" and not reply.HasField("budget_met")

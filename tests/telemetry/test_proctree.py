@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 
 from effllm.telemetry.proctree import EngineThreads
@@ -61,3 +62,41 @@ def test_a_claimed_spinning_neighbour_never_counts_for_another_owner() -> None:
         stop.set()
         mine.shutdown()
         theirs.shutdown()
+
+
+def test_an_adopted_pool_leaves_the_serving_stacks_threads_out() -> None:
+    """Once an engine adopted the threads torch started while it loaded, only they are the pool: a
+    busy thread of the serving stack (gRPC, a front-end) next to a busy worker counts for nobody."""
+    threads = EngineThreads()
+    stop = threading.Event()
+    claimed = threading.Event()
+
+    def burn(claim: str | None = None) -> None:
+        if claim:
+            threads.claim(claim)
+            claimed.set()
+        while not stop.is_set():
+            sum(i * i for i in range(1000))
+
+    before = threads.thread_ids()
+    pool = threading.Thread(target=burn, daemon=True)  # stands for torch's intra-op thread
+    pool.start()
+    threads.adopt_pool(threads.thread_ids() - before)
+    stack = threading.Thread(target=burn, daemon=True)  # a serving-stack thread born later: not pool
+    worker = threading.Thread(target=burn, args=("hf",), daemon=True)
+    stack.start()
+    worker.start()
+    claimed.wait(5)
+    start = threads.seconds("hf")
+    cpu0 = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+    time.sleep(1.5)
+    got = threads.seconds("hf") - start
+    cpu1 = {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+    stop.set()
+    for t in (pool, stack, worker):
+        t.join(5)
+    spent = {tid: cpu1[tid] - cpu0.get(tid, 0.0) for tid in cpu1}
+    pool_and_worker = spent.get(pool.native_id or -1, 0.0) + spent.get(worker.native_id or -1, 0.0)
+    everything = sum(v for tid, v in spent.items() if tid != threads._main)
+    assert got == pytest.approx(pool_and_worker, rel=0.15)
+    assert got < 0.85 * everything  # the stack thread's CPU is not the engine's
