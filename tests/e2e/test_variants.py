@@ -22,6 +22,7 @@ import pytest
 from effllm.api.v1 import generation_pb2 as pb
 from effllm.api.v1 import generation_pb2_grpc as pb_grpc
 from effllm.client import EffllmClient, build_request
+from effllm.server.variants import START_UP_REPEATS
 from effllm.telemetry.otlpjson import read_spans
 
 from ..adapterroot import AdapterRoot
@@ -80,10 +81,13 @@ def test_model_info_lists_both_variants_with_start_up_quality(
     assert v[FP32].perplexity == pytest.approx(reference_perplexity, rel=HF_PARITY_REL)
     assert v[INT4].weight_bytes < v[FP32].weight_bytes / 2
     assert "dora" in v[FP32].adapter_methods and "dora" not in v[INT4].adapter_methods
-    for name in (FP32, INT4):  # start-up estimates until requests arrive: medians of 3 repeats
+    for name in (FP32, INT4):  # start-up estimates until requests arrive: medians of the repeats
         live = v[name].live
         assert live.time_per_output_token_s > 0 and live.joules_per_token > 0 and live.energy_source
-        assert live.joules.samples == 3 and live.joules.low <= live.joules_per_token <= live.joules.high
+        assert (
+            live.joules.samples == START_UP_REPEATS
+            and live.joules.low <= live.joules_per_token <= live.joules.high
+        )
 
 
 def test_energy_request_goes_to_the_lowest_live_joules_per_token_meeting_its_budget(
