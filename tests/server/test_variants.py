@@ -167,7 +167,8 @@ async def test_two_variants_route_report_and_refuse() -> None:
         assert v["int4:fake"].quality == pytest.approx(2.718281828**-0.2, rel=1e-6)
         for x in v.values():  # start-up figures: the median of the repeats, their spread and count
             for spread in (x.live.time_to_first_token, x.live.time_per_output_token, x.live.joules):
-                assert spread.samples == variants_mod.START_UP_REPEATS and spread.low <= spread.median <= spread.high
+                assert spread.samples == variants_mod.START_UP_REPEATS
+                assert spread.low <= spread.median <= spread.high
             assert x.live.newest_sample_age_s > 0 and x.explored == 0
         reply = await stub.Generate(build_request("a b", max_new_tokens=3, objective="quality"), timeout=5)
         assert reply.variant == "fp32:fake" and not reply.HasField("budget_met")
