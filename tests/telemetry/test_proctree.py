@@ -98,5 +98,8 @@ def test_an_adopted_pool_leaves_the_serving_stacks_threads_out() -> None:
     spent = {tid: cpu1[tid] - cpu0.get(tid, 0.0) for tid in cpu1}
     pool_and_worker = spent.get(pool.native_id or -1, 0.0) + spent.get(worker.native_id or -1, 0.0)
     everything = sum(v for tid, v in spent.items() if tid != threads._main)
-    assert got == pytest.approx(pool_and_worker, rel=0.15)
-    assert got < 0.85 * everything  # the stack thread's CPU is not the engine's
+    stack_cpu = spent.get(stack.native_id or -1, 0.0)
+    assert stack_cpu > 0.2  # the stack thread really burnt CPU beside the worker
+    # the engine's figure is its worker and the pool, never the stack thread (tolerance: read moments)
+    assert 0.6 * pool_and_worker <= got <= 1.25 * pool_and_worker + 0.05
+    assert got < everything - 0.5 * stack_cpu
