@@ -157,6 +157,14 @@ async def two_variants(
         await asyncio.wait_for(done, 10)
 
 
+def pin(figures: variants_mod.LiveFigures, **values: float) -> None:
+    """Set start-up figures to exact values with no spread: a figure set alone would keep the start-up
+    interval the fakes' timing noise gave it, and two overlapping intervals are a tie (router._tied)."""
+    for name, value in values.items():
+        setattr(figures, name, value)
+        figures.startup[name] = variants_mod.Spread(value, value, value, 1)
+
+
 async def test_two_variants_route_report_and_refuse() -> None:
     # fp32 scores better (quality 1.0), int4 worse; both start with warm-up figures
     async with two_variants([fake("fp32", logprob=-1.0), fake("int4", logprob=-1.2)]) as (server, stub):
@@ -195,8 +203,8 @@ async def test_a_dead_variant_leaves_routing_its_requests_end_unavailable_and_th
     fp32, int4 = fake("fp32", logprob=-1.0), fake("int4", logprob=-1.2)
     async with two_variants([fp32, int4], max_concurrency=1, queue_size=1) as (server, stub):
         # QUALITY goes to fp32 (the better one, whatever its load), ENERGY to int4 (fewer joules)
-        server.variants.by_name["fp32:fake"].figures.j_per_token = 1.0
-        server.variants.by_name["int4:fake"].figures.j_per_token = 0.1
+        pin(server.variants.by_name["fp32:fake"].figures, j_per_token=1.0)
+        pin(server.variants.by_name["int4:fake"].figures, j_per_token=0.1)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
