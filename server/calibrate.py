@@ -113,6 +113,7 @@ def _importable(name: str) -> bool:
 # --- the parent -----------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     from ..common.model import resolve_model
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
         args.repeats, args.max_new_tokens = 1, min(args.max_new_tokens, 16)

@@ -124,7 +124,8 @@ def test_the_engine_configs_share_its_defaults(config: Any, pairs: dict[str, str
 
 
 @pytest.mark.parametrize(
-    ("bad", "field"), [({"engine": "tgi"}, "engine"), ({"precision": "int8"}, "precision"), ({"device": "tpu"}, "device")]
+    ("bad", "field"),
+    [({"engine": "tgi"}, "engine"), ({"precision": "int8"}, "precision"), ({"device": "tpu"}, "device")],
 )
 def test_bad_values_are_refused_by_name(bad: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
