@@ -4,11 +4,12 @@ table and store it for `auto` (server/calibration.py).
 
 Each configuration runs in its own child process (`python -m effllm.server.calibrate SPEC`), one at a
 time, so none competes with another for the cores and a failure or a leaked thread stays there: the child
-builds the engine exactly as `effllm serve` does (server/cli.py build_engine), starts it (compiled decode
-warms up inside start, outside the timings), sends one warm-up round, then `repeats` rounds of `requests`
-requests through c closed-loop clients straight into `engine.generate`, at c=1 and at c=--max-concurrency.
-Every request is greedy and decodes exactly --max-new-tokens tokens (ignore_eos); a round is tokens / wall
-seconds, and a figure is the median of its rounds with their spread and count.
+builds the engine exactly as `effllm serve` does (server/engine_args.py build_engine), starts it
+(compiled decode warms up inside start, outside the timings), sends one warm-up round, then `repeats`
+rounds of `requests` requests through c closed-loop clients straight into `engine.generate`, at c=1
+and at c=--max-concurrency. Every request is greedy and decodes exactly --max-new-tokens tokens
+(ignore_eos); a round is tokens / wall seconds, and a figure is the median of its rounds with their
+spread and count.
 Invariant: a stored figure comes from rounds whose every request decoded exactly the asked token count;
 anything else is a skipped configuration, with why.
 """
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 from ..telemetry.machine import load_average, machine
 from . import calibration
 from .calibration import Calibration, Config, Figure, Key, Measured
+from .engine_args import EngineArgs, build_engine, resolve_device
 from .engines import compile_cache
 
 log = logging.getLogger("effllm.server")
@@ -71,10 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # --- what to measure ---------------------------------------------------------------------------------------
-def plan(args: argparse.Namespace, device: str) -> list[tuple[Config, str]]:
-    """(config, why it is skipped or "") for every configuration the flags allow."""
-    if args.configs:
-        configs = [Config.parse(s) for s in args.configs.split(",") if s.strip()]
+def plan(
+    args: EngineArgs, device: str, configs_flag: str = "", quick: bool = False
+) -> list[tuple[Config, str]]:
+    """(config, why it is skipped or "") for every configuration the engine flags allow (configs_flag:
+    --configs, quick: --quick)."""
+    if configs_flag:
+        configs = [Config.parse(s) for s in configs_flag.split(",") if s.strip()]
     else:
         configs = [
             c
@@ -82,9 +88,9 @@ def plan(args: argparse.Namespace, device: str) -> list[tuple[Config, str]]:
             if (args.precision == "auto" or c.precision == args.precision)
             and (args.engine == "auto" or c.engine == args.engine)
             and (args.compile_decode is None or c.compiled == args.compile_decode)
-            and not (args.quick and c.precision == "int4")
+            and not (quick and c.precision == "int4")
         ]
-    methods = {m.strip() for m in args.adapter_methods.split(",") if m.strip()}
+    methods = args.methods
     out = []
     for c in configs:
         why = ""
@@ -107,7 +113,6 @@ def _importable(name: str) -> bool:
 # --- the parent -----------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     from ..common.model import resolve_model
-    from .cli import resolve_device
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quick:
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         device = resolve_device(args.device)
-        todo = plan(args, device)
+        todo = plan(EngineArgs.from_cli_args(args), device, args.configs, args.quick)
         model = resolve_model(args.model)
     except ValueError as err:
         print(f"effllm calibrate: {err}", file=sys.stderr)
@@ -230,9 +235,8 @@ async def _round(engine: Any, c: int, n: int, new_tokens: int, tag: str) -> floa
 
 
 async def measure(args: argparse.Namespace, config: Config) -> dict[str, list[float]]:
-    from .cli import build_engine
-
-    engine = build_engine(args, config.precision, config.engine)
+    engine_args = replace(EngineArgs.from_cli_args(args), compile_decode=config.compiled)
+    engine = build_engine(engine_args, config.precision, config.engine)
     await engine.start()
     try:
         out: dict[str, list[float]] = {}
@@ -248,10 +252,8 @@ async def measure(args: argparse.Namespace, config: Config) -> dict[str, list[fl
 def child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     config = Config.parse(spec.pop("config"))
-    args = argparse.Namespace(**spec)
-    if args.adapter_root is not None:  # as the server would run: vLLM reserves its LoRA slots
-        args.adapter_root = Path(args.adapter_root)
-    args.compile_decode = config.compiled
+    args = argparse.Namespace(**spec)  # the adapter root too: as the server would run, vLLM reserves
+    # its LoRA slots (EngineArgs.from_cli_args turns the JSON back into its types)
     compile_cache.persist()  # as `effllm serve` does: a compiled config reuses (and leaves) the kernels
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     result = asyncio.run(measure(args, config))

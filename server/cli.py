@@ -1,4 +1,5 @@
-"""`effllm serve`: flags -> ServerConfig + engine config, then run the server."""
+"""`effllm serve`: flags -> EngineArgs (server/engine_args.py builds the engines) + ServerConfig, then run
+the server."""
 
 from __future__ import annotations
 
@@ -8,31 +9,25 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
 
-from ..common.architecture import require_support
 from ..common.auth import add_flags as add_security_flags
 from ..common.auth import is_loopback, security_config
-from ..telemetry.machine import machine
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
 from ..telemetry.tracing import default_run_dir
-from . import calibration, lifeline
+from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
-from .calibration import Choice
 from .defaults import has_chat_template, load_sampling_defaults
+from .engine_args import EngineArgs, build_engines
 from .engines import compile_cache
-from .engines.base import PRECISIONS, AdapterHost, Engine, Precision
+from .engines.base import AdapterHost
 from .faults import maybe_inject
 from .logs import route_transformers
 from .logs import setup as setup_logging
 from .router import OBJECTIVES
 from .service import Limits
 from .variants import VariantAdapters
-
-if TYPE_CHECKING:
-    from ..common.model import ResolvedModel
 
 # The flags' defaults are the Limits defaults: one source of truth (a request limit seen through the CLI
 # and through ServerConfig() is the same number).
@@ -50,46 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    """Every `effllm serve` flag (`effllm calibrate` takes them too, to measure what this server hosts)."""
+    """Every `effllm serve` flag (`effllm calibrate` takes them too, to measure what this server hosts):
+    the engine flags come from EngineArgs (server/engine_args.py), the server's own are here."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument(
-        "--model",
-        default=None,
-        help="a catalogue name (effllm models list), a local HF dir or a hub id; "
-        "default: embedded SmolLM2-135M-Instruct",
-    )
-    p.add_argument(
-        "--engine",
-        choices=("auto", "vllm", "hf"),
-        default="auto",
-        help="auto: the stored `effllm calibrate` figures' best for this machine, else hf for bf16 on CPU "
-        "and vllm otherwise; hf whenever the precision or an adapter method needs it "
-        "(int4 on CPU, or dora in --adapter-methods); int4 on CUDA: vllm runs the checkpoint's AWQ/GPTQ "
-        "weights or bitsandbytes in-flight, hf runs bitsandbytes NF4",
-    )
-    p.add_argument(
-        "--adapter-methods",
-        default="lora,rslora",
-        help="adapter methods this server must serve (comma list of lora, rslora, dora); "
-        "dora is served by the hf engine only",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("auto", *PRECISIONS),
-        default="auto",
-        help="auto: the stored `effllm calibrate` figures' best for this machine (int4 never), else bf16 "
-        "on CUDA or a CPU with native bf16 (amx_bf16, avx512_bf16) and fp32 otherwise",
-    )
-    p.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="PRECISION[:ENGINE]",
-        help="host this variant of the model (repeatable; ENGINE defaults to --engine): each is its own "
-        "engine with its own batch, and the router picks one per request by its objective; none: one "
-        "variant from --precision and --engine",
-    )
+    adapters = EngineArgs.add_cli_args(p)
     p.add_argument(
         "--default-objective",
         choices=OBJECTIVES,
@@ -103,12 +63,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="with several variants: at most this share of requests goes to the variant whose figures are "
         "stalest, so a bad figure corrects itself from served traffic (0: off)",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together (batch slots)")
     p.add_argument(
         "--queue-size", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED"
     )
-    p.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens")
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -121,54 +78,6 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="max_new_tokens of a request that sets none; default: the model's generation_config.json "
         f"max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}",
-    )
-    p.add_argument(
-        "--kv-cache-gib",
-        type=float,
-        default=1.0,
-        help="vLLM CPU KV cache size (GiB), reserved up front by each vLLM variant",
-    )
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        help="vLLM: shard the model over this many GPUs of this host",
-    )
-    p.add_argument(
-        "--vllm-compile",
-        action="store_true",
-        help="vLLM: compiled mode (torch.compile; inductor on CPU) instead of enforce_eager; start-up "
-        "pays the compile. vLLM turns it off itself on CPU when adapters are enabled",
-    )
-    p.add_argument(
-        "--compile-decode",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="hf engine: decode base and LoRA/rsLoRA rows on a static KV cache with one torch.compile'd "
-        "step (batch buckets 1, 2, 4, ... up to --max-concurrency), compiled at start-up before SERVING "
-        "(Inductor's caches persist under the effllm cache dir: a second start reuses the kernels); "
-        "DoRA rows stay eager. Unset: on where a stored calibration says it wins with --engine/--precision "
-        "auto, else off",
-    )
-    p.add_argument(
-        "--compile-threads",
-        type=int,
-        default=None,
-        help="hf engine, --compile-decode: threads of each Inductor C++ kernel (default 1: multi-threaded "
-        "kernels stall at OpenMP barriers when another process takes a core; 0: torch's thread count)",
-    )
-    p.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="vLLM: tokens a stream gathers per message after the first (fewer messages per token)",
-    )
-    p.add_argument(
-        "--cpu-omp-bind",
-        default=None,
-        help="vLLM on CPU: OpenMP thread binding (VLLM_CPU_OMP_THREADS_BIND): nobind, auto (one pinned "
-        "thread per core, one core kept for the scheduler and gRPC) or CPU lists like 0-3|4-7; "
-        "default: the environment's, else nobind. Every vLLM variant's engine core binds the same CPUs",
     )
     lim = p.add_argument_group("limits (a request over one is refused at once, naming it)")
     lim.add_argument(
@@ -197,7 +106,6 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     add_security_flags(p)
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--log-level",
         default=None,
@@ -205,20 +113,13 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "default: effllm's own lines only, the rest in RUN_DIR/server.log",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v: --log-level INFO; -vv: DEBUG")
-    a = p.add_argument_group("adapters")
-    a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
-    a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
-    a.add_argument(
-        "--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction"
-    )
-    a.add_argument("--max-adapter-rank", type=int, default=64)
-    a.add_argument(
+    adapters.add_argument(
         "--adapter-unload-wait",
         type=float,
         default=30.0,
         help="seconds an unload waits for in-flight requests by default",
     )
-    a.add_argument(
+    adapters.add_argument(
         "--preload",
         action="append",
         default=[],
@@ -228,127 +129,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_telemetry_flags(p)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
-def choose_engine(engine: str, precision: str, device: str, adapter_methods: str) -> str:
-    """`auto` -> vllm, unless hf is needed: int4 on CPU (vLLM's CPU backend has no int4) or DoRA."""
-    if engine != "auto":
-        return engine
-    methods = {m.strip() for m in adapter_methods.split(",") if m.strip()}
-    return "hf" if (precision == "int4" and device == "cpu") or "dora" in methods else "vllm"
-
-
-def parse_variants(specs: list[str]) -> list[tuple[str, str]]:
-    """["bf16", "int4:hf"] -> [("bf16", ""), ("int4", "hf")] (engine "" = --engine); ValueError names the
-    bad one."""
-    out: list[tuple[str, str]] = []
-    for spec in specs:
-        precision, _, engine = spec.strip().partition(":")
-        if precision not in PRECISIONS:
-            raise ValueError(f"--variant {spec!r}: precision is one of {', '.join(PRECISIONS)}")
-        if engine not in ("", "auto", "vllm", "hf"):
-            raise ValueError(f"--variant {spec!r}: engine is one of auto, vllm, hf")
-        out.append((precision, "" if engine == "auto" else engine))
-    return out
-
-
-def build_engines(args: argparse.Namespace) -> list[Engine]:
-    """One engine per --variant (none given: one from --precision and --engine); refuses duplicates."""
-    specs = parse_variants(args.variant) if args.variant else [("", "")]
-    engines = [build_engine(args, precision, engine) for precision, engine in specs]
-    names = [f"{e.info.precision}:{e.info.engine}" for e in engines]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--variant: {', '.join(names)} names a variant twice")
-    return engines
-
-
-def resolve_auto(args: argparse.Namespace, model: ResolvedModel, device: str) -> Choice:
-    """What `--precision auto` / `--engine auto` / an unset `--compile-decode` become for this server: a
-    stored calibration's best when one matches this machine, model and library versions exactly, else the
-    machine's rule (server/calibration.py). The flags the user set stay fixed."""
-    methods = {m.strip() for m in args.adapter_methods.split(",") if m.strip()}
-    engine = args.engine if args.engine != "auto" else ("hf" if "dora" in methods else None)
-    here = machine(device)
-    cal = calibration.load(calibration.Key(here, model.fingerprint, calibration.library_versions()))
-    return calibration.choose_auto(
-        here,
-        cal,
-        precision=None if args.precision == "auto" else args.precision,
-        engine=engine,
-        compiled=getattr(args, "compile_decode", None),
-    )
-
-
-def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: str = "") -> Engine:
-    from ..common.model import resolve_model
-    from .engines.vllm_engine import VllmConfig, VllmEngine
-
-    device = resolve_device(args.device)
-    model = resolve_model(args.model)
-    wanted = precision_arg or args.precision
-    compile_decode = bool(getattr(args, "compile_decode", None))
-    if not precision_arg and "auto" in (args.precision, args.engine):  # one variant from the flags
-        choice = resolve_auto(args, model, device)
-        log.info("auto: %s", choice.reason)
-        wanted, engine_arg, compile_decode = choice.precision, choice.engine, choice.compile_decode
-    precision = cast(Precision, wanted)
-    chosen = choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods)
-    # an architecture this engine cannot run is refused here, before it loads, not in traffic
-    require_support(chosen, model.path, precision=precision, max_concurrency=args.max_concurrency)
-    if chosen == "hf":
-        from .engines.hf_engine import HfConfig, HfEngine
-
-        hf = HfConfig(
-            precision=precision,
-            max_context=args.max_context,
-            max_concurrency=args.max_concurrency,
-            device=device,
-            seed=args.seed,
-            compile_decode=compile_decode,
-        )
-        if getattr(args, "compile_threads", None) is not None:  # unset: HfConfig's default
-            hf = replace(hf, compile_threads=args.compile_threads)
-        # adapter limits come from the adapter flags where this server has them
-        names = ("max_adapter_rank", "max_adapters_per_batch", "max_adapters_resident")
-        limits = {k: getattr(args, k) for k in names if getattr(args, k, None)}
-        return HfEngine(model, replace(hf, **limits))
-    config = VllmConfig(
-        precision=precision,
-        max_context=args.max_context,
-        max_concurrency=args.max_concurrency,
-        kv_cache_gib=args.kv_cache_gib,
-        device=device,
-        seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=not args.vllm_compile,
-        stream_interval=args.stream_interval,
-        cpu_omp_bind=args.cpu_omp_bind,
-        **_vllm_lora_options(args),
-    )
-    return VllmEngine(model, config)
-
-
-def _vllm_lora_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.adapter_root is None:
-        return {}
-    return dict(
-        enable_lora=True,
-        max_lora_rank=args.max_adapter_rank,
-        max_loras=args.max_adapters_per_batch,
-        max_cpu_loras=max(args.max_adapters_resident, args.max_adapters_per_batch),
-    )
-
-
-def build_registry(args: argparse.Namespace, engine: AdapterHost) -> AdapterRegistry:
+def build_registry(args: EngineArgs, unload_wait_s: float, engine: AdapterHost) -> AdapterRegistry:
     root = args.adapter_root
     if root is not None:
         root = root.expanduser().resolve()
@@ -359,7 +140,7 @@ def build_registry(args: argparse.Namespace, engine: AdapterHost) -> AdapterRegi
         root=root,
         max_resident=args.max_adapters_resident,
         max_rank=args.max_adapter_rank,
-        unload_wait_s=args.adapter_unload_wait,
+        unload_wait_s=unload_wait_s,
     )
     return AdapterRegistry(engine, model.path if model is not None else None, config)
 
@@ -386,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                 telemetry.prometheus_host,
             )
         lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
-        engines = [maybe_inject(e) for e in build_engines(args)]
+        engine_args = EngineArgs.from_cli_args(args)
+        engines = [maybe_inject(e) for e in build_engines(engine_args)]
         engine = engines[0]
         host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
         model = getattr(engine, "model", None)  # ResolvedModel on both engines
@@ -396,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         config = ServerConfig(
             host=args.host,
             port=args.port,
-            max_concurrency=args.max_concurrency,
+            max_concurrency=engine_args.max_concurrency,
             queue_size=args.queue_size,
             max_message_bytes=int(args.max_message_mib * (1 << 20)),
             grace_s=args.grace,
@@ -448,4 +230,5 @@ def run(args: argparse.Namespace) -> int:
             ", ".join(f"{e.info.precision}:{e.info.engine}" for e in engines),
             args.default_objective,
         )
-    return asyncio.run(serve(engines, config, build_registry(args, host), telemetry))
+    registry = build_registry(engine_args, args.adapter_unload_wait, host)
+    return asyncio.run(serve(engines, config, registry, telemetry))

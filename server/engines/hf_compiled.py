@@ -40,15 +40,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
+from .hf_decoder import Row
 from .hf_lora import StackedLora
 from .hf_static import StaticKV, decode_step, lora_inputs, module_names, read_weights, unsupported
-
-if TYPE_CHECKING:
-    from .hf_batch import Row
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +151,8 @@ class StepWatch:
 
 
 class CompiledDecoder:
-    """The main group's decode: slots, the (compiled) step, warm-up. Used by hf_batch on its worker thread;
-    `refresh` compiles new adapter shapes on a thread of its own."""
+    """The main group's decode (an hf_decoder.Decoder): slots, the (compiled) step, warm-up. Used by
+    hf_batch on its worker thread; `refresh` compiles new adapter shapes on a thread of its own."""
 
     def __init__(
         self,
@@ -169,6 +167,8 @@ class CompiledDecoder:
         reason = unsupported(model, stack.linears)
         if reason is not None:
             raise ValueError(reason)
+        self.key = ""  # the main group: base and stacked LoRA/rsLoRA rows
+        self.rows: list[Row] = []  # the rows holding a slot, in join order
         self.stack = stack
         self.device = torch.device(device)
         self.names = module_names(model.config.num_hidden_layers)
@@ -199,13 +199,16 @@ class CompiledDecoder:
         """Give a prefilled row (row.length tokens in `cache`, a DynamicCache) a slot and its K/V."""
         row.kv_slot = self.kv.take()
         self.kv.write(row.kv_slot, cache)
+        self.rows.append(row)
 
     def leave(self, row: Row) -> None:
         self.kv.release(row.kv_slot)
         row.kv_slot = -1
+        self.rows.remove(row)
 
     def reset(self) -> None:
         self.kv.reset()
+        self.rows = []
 
     def _compact(self, rows: list[Row], bucket: int) -> None:
         """Move every row at a slot >= bucket into the lowest free slot (all below bucket, since fewer
@@ -219,9 +222,10 @@ class CompiledDecoder:
             row.kv_slot = new
 
     # --- steps -----------------------------------------------------------------------------------------
-    def decode(self, rows: list[Row]) -> torch.Tensor:
+    def decode(self) -> torch.Tensor:
         """One token for each row (each holds a slot; its last generated token goes in at row.length)
         -> fp32 logits [len(rows), vocab] in `rows` order; every row's length grows by one."""
+        rows = self.rows
         b = next(x for x in self.buckets if x >= len(rows))
         if max(r.kv_slot for r in rows) >= b:  # rows left below a high one: move it down, run a small bucket
             self._compact(rows, b)
@@ -294,7 +298,7 @@ class CompiledDecoder:
                 maybe_mark_dynamic(t, 0)
         maybe_mark_dynamic(per_row[4], 1)  # mask [B, L]
 
-    def status(self) -> tuple[str, str]:
+    def status(self) -> tuple[str, str] | None:
         """(what the last steps ran: "compiled" or "eager", and why eager), for EngineInfo.extra."""
         if self.mode != "compiled":
             return "eager", "inductor cannot compile this model's step"

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...common.model import ResolvedModel, count_parameters, max_position_embeddings
 from ...telemetry.proctree import engine_threads
@@ -35,6 +35,10 @@ from .base import (
     TokenEvent,
 )
 from .prompting import PromptRenderer
+
+if TYPE_CHECKING:
+    from .hf_batch import Batch
+    from .hf_decoder import Row
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +126,11 @@ class HfEngine:
             max_adapters_per_batch=config.max_adapters_per_batch,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
-        self._batch: Any = None  # hf_batch.Batch, created in start()
+        self._batch: Batch | None = None  # created in start()
         self._renderer: PromptRenderer | None = None
         self._tokenizer: Any = None
-        self._waiting: list[Any] = []  # Rows not yet admitted, in arrival order
-        self._active: list[Any] = []  # Rows in the batch (owned by the worker while a step runs)
+        self._waiting: list[Row] = []  # rows not yet admitted, in arrival order
+        self._active: list[Row] = []  # rows in the batch (owned by the worker while a step runs)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -162,7 +166,7 @@ class HfEngine:
                 row.sink.put_nowait(error)
         self._active, self._waiting = [], []
 
-    def _load(self) -> Any:
+    def _load(self) -> Batch:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -216,7 +220,7 @@ class HfEngine:
             self._compile_decode(batch)
         return batch
 
-    def _compile_decode(self, batch: Any) -> None:
+    def _compile_decode(self, batch: Batch) -> None:
         """Build the compiled decode path and warm every batch bucket up (start() returns after: SERVING
         comes only once the graphs exist). A model the static step cannot run keeps the eager path."""
         from . import compile_cache
@@ -253,7 +257,7 @@ class HfEngine:
             cache,
             compile_cache.describe(before, compile_cache.counters()),
         )
-        batch.compiled = decoder
+        batch.use(decoder)
         self.info = replace(self.info, extra={**self.info.extra, "decode_warmup_s": f"{total:.1f}"})
 
     @property
@@ -261,10 +265,10 @@ class HfEngine:
         """With compile_decode, extra "decode" says what the main group's steps run now (compiled or
         eager) and "decode_eager_reason" why eager (compiling new adapter shapes, CPU contention...),
         read from the decoder at each call."""
-        compiled = self._batch.compiled if self._batch is not None else None
-        if compiled is None:
+        status = self._batch.main.status() if self._batch is not None else None
+        if status is None:
             return self._info
-        decode, reason = compiled.status()
+        decode, reason = status
         return replace(
             self._info, extra={**self._info.extra, "decode": decode, "decode_eager_reason": reason}
         )
@@ -351,7 +355,7 @@ class HfEngine:
         import torch
 
         from .base import Sampling
-        from .hf_batch import Row
+        from .hf_decoder import Row
         from .hf_text import TextStream
 
         text = TextStream(self._tokenizer, ids, ())
@@ -359,7 +363,7 @@ class HfEngine:
         row = Row(f"probe-{spec.key}", ids, Sampling(max_new_tokens=1), spec, text, torch.Generator())
         row.group = batch.group_of(row)  # the stacked path, or PEFT's own group for DoRA and the like
         with torch.inference_mode():
-            logits, _cache = batch._prefill(row)  # [1, vocab] fp32
+            logits, _cache = batch.prefill(row)  # [vocab] fp32
         return bool(torch.isfinite(logits).all())
 
     async def score(self, token_ids: Sequence[int]) -> list[float]:
@@ -386,7 +390,7 @@ class HfEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         import torch
 
-        from .hf_batch import Row
+        from .hf_decoder import Row
         from .hf_text import TextStream
 
         batch = self._started_batch()
@@ -428,6 +432,8 @@ class HfEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        batch = self._batch
+        assert batch is not None  # start() made it before this task
         while not self._closing:
             self._active = [r for r in self._active if not r.finished]
             cancelled = [r for r in self._active if r.cancelled]
@@ -437,7 +443,7 @@ class HfEngine:
                 await self._wake.wait()
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self._batch.step, joiners, cancelled)
+                outputs = await loop.run_in_executor(self._executor, batch.step, joiners, cancelled)
             except Exception as exc:  # a failed forward: every running request ends with the error
                 log.exception("hf engine step failed")
                 error = (
@@ -447,7 +453,7 @@ class HfEngine:
                     row.finished = True
                     row.sink.put_nowait(error)
                 self._active = []
-                await loop.run_in_executor(self._executor, self._batch.reset)
+                await loop.run_in_executor(self._executor, batch.reset)
                 continue
             for row, event in outputs:
                 if not row.cancelled:
@@ -456,11 +462,11 @@ class HfEngine:
                 row.finished = True
             await asyncio.sleep(0)  # let streams consume and new requests arrive between steps
 
-    def _admit(self) -> list[Any]:
+    def _admit(self) -> list[Row]:
         """Move waiting rows into the batch while there are free slots and adapter room."""
         free = self.config.max_concurrency - len(self._active)
         adapters = {r.key for r in self._active if r.key}
-        joiners: list[Any] = []
+        joiners: list[Row] = []
         for row in list(self._waiting):
             if free <= 0:
                 break
@@ -474,7 +480,7 @@ class HfEngine:
         self._active.extend(joiners)
         return joiners
 
-    def _started_batch(self) -> Any:
+    def _started_batch(self) -> Batch:
         dead = self._loop_task is not None and self._loop_task.done()  # the step loop died
         if self._batch is None or self._closing or dead:
             raise EffllmError("unavailable", "engine is not running")

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from effllm.cli.main import build_parser, main
+from effllm.cli.main import main
 
 
 @pytest.mark.model
 @pytest.mark.timeout(1200)
 def test_calibrate_stores_what_auto_then_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from effllm.common.model import resolve_model
-    from effllm.server.cli import resolve_auto
+    from effllm.server.engine_args import EngineArgs, resolve_auto
 
     model = resolve_model(None)  # from the real cache dir; the calibration goes to an empty one
     monkeypatch.setenv("EFFLLM_CACHE", str(tmp_path))
@@ -32,7 +32,7 @@ def test_calibrate_stores_what_auto_then_uses(tmp_path: Path, monkeypatch: pytes
     assert rows["fp32:hf"]["c1"]["samples"] == rows["fp32:hf"]["cmax"]["samples"] == 2
     assert rows["fp32:hf"]["c1"]["median"] > 0
 
-    args = build_parser().parse_args(["serve", *flags])
+    args = EngineArgs(model=str(model.path), device="cpu", max_context=256)  # what `flags` set
     choice = resolve_auto(args, model, "cpu")
     assert (choice.precision, choice.engine, choice.compile_decode) == ("fp32", "hf", False)
     assert choice.reason.startswith("fp32 hf: calibrated ") and "at c=2" in choice.reason

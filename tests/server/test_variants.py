@@ -537,7 +537,7 @@ async def test_one_variant_names_itself_and_measures_nothing_at_start_up() -> No
 
 
 def test_variant_flags_parse_and_bad_ones_are_refused() -> None:
-    from effllm.server.cli import parse_variants
+    from effllm.server.engine_args import parse_variants
 
     assert parse_variants(["bf16", "int4:hf", "fp32:auto"]) == [("bf16", ""), ("int4", "hf"), ("fp32", "")]
     for bad in ("int8", "fp32:tgi", ":hf", "fp32:hf:x"):
@@ -547,25 +547,19 @@ def test_variant_flags_parse_and_bad_ones_are_refused() -> None:
 
 @pytest.mark.model
 def test_variants_build_one_engine_each_and_a_duplicate_is_refused() -> None:
-    from effllm.cli.main import build_parser
-    from effllm.server.cli import build_engines
+    from effllm.server.engine_args import EngineArgs, build_engines
 
-    args = build_parser().parse_args(
-        ["serve", "--device", "cpu", "--variant", "fp32:hf", "--variant", "int4"]
-    )
-    engines = build_engines(args)  # int4 on CPU: --engine auto picks hf
+    # int4 on CPU: --engine auto picks hf
+    engines = build_engines(EngineArgs(device="cpu", variants=("fp32:hf", "int4")))
     assert [(e.info.precision, e.info.engine) for e in engines] == [("fp32", "hf"), ("int4", "hf")]
-    twice = ["serve", "--device", "cpu", "--variant", "fp32:hf", "--variant", "fp32:hf"]
     with pytest.raises(ValueError, match="twice"):
-        build_engines(build_parser().parse_args(twice))
-    one = build_engines(
-        build_parser().parse_args(["serve", "--device", "cpu", "--engine", "hf", "--precision", "fp32"])
-    )
+        build_engines(EngineArgs(device="cpu", variants=("fp32:hf", "fp32:hf")))
+    one = build_engines(EngineArgs(device="cpu", engine="hf", precision="fp32"))
     assert [(e.info.precision, e.info.engine) for e in one] == [("fp32", "hf")]  # no --variant: as before
     from effllm.common.model import resolve_model
-    from effllm.server.cli import resolve_auto
+    from effllm.server.engine_args import resolve_auto
 
-    args = build_parser().parse_args(["serve", "--device", "cpu", "--engine", "hf"])
+    args = EngineArgs(device="cpu", engine="hf")
     auto = build_engines(args)
     # no --precision: what auto resolves to here (the machine's rule, or a stored calibration's pick;
     # the rule itself is tested in tests/server/test_calibration.py)

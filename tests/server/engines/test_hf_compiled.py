@@ -6,7 +6,6 @@ reused; sampling, stop strings, cancellation; bf16 and int4; and the switch off 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import logging
@@ -300,7 +299,7 @@ async def test_low_precision_compiled_equals_eager(tiny: ResolvedModel, precisio
 async def test_the_switch_off_is_the_old_path_and_the_flag_turns_it_on(
     tiny: ResolvedModel, eager: HfEngine
 ) -> None:
-    from effllm.server.cli import add_parser, build_engine
+    from effllm.server.engine_args import EngineArgs, build_engine
 
     assert HfConfig().compile_decode is False
     assert eager._batch.compiled is None and "decode" not in eager.info.extra
@@ -311,11 +310,8 @@ async def test_the_switch_off_is_the_old_path_and_the_flag_turns_it_on(
     assert all(r.kv_slot == -1 for r in group.rows)
     await gen.aclose()
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    for flags, on in (([], False), (["--compile-decode"], True)):
-        args = parser.parse_args(["serve", "--engine", "hf", "--model", str(tiny.path), *flags])
-        engine = build_engine(args)
+    for compile_decode, on in ((None, False), (True, True)):
+        engine = build_engine(EngineArgs(engine="hf", model=str(tiny.path), compile_decode=compile_decode))
         assert isinstance(engine, HfEngine) and engine.config.compile_decode is on
 
 
