@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import re
 import shutil
@@ -31,6 +29,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from _harness import closed_loop, header, machine_record, write_report
+from _harness import serve as harness_serve
 
 if TYPE_CHECKING:
     from effllm.client.launch import ServerProcess
@@ -140,10 +141,8 @@ def make_root(where: Path, base: Path, ranks: list[int], copies: dict[int, int])
 
 # -- server ------------------------------------------------------------------------------------------------
 def serve(args: list[str], logs: Path) -> ServerProcess:
-    """A real `effllm serve` on a free port, SERVING when this returns (effllm.client.launch)."""
-    from effllm.client.launch import start_server
-
-    return start_server(*args, log_dir=logs, ready_timeout=600.0)
+    """A real `effllm serve` on a free port, SERVING when this returns (the harness's)."""
+    return harness_serve(*args, logs=logs, ready_timeout=600.0)
 
 
 # -- traffic -----------------------------------------------------------------------------------------------
@@ -155,33 +154,21 @@ def choose(names: list[str], n: int, dist: str, rng: random.Random) -> list[str]
 
 
 async def drive(target: str, adapters: list[str], concurrency: int, max_new: int) -> tuple[int, int, float]:
-    """Closed loop: `concurrency` workers pull requests until the list is empty. (failed, tokens, wall)."""
-    from effllm.client import AsyncEffllmClient
-
-    queue = list(enumerate(adapters))
-    failed = tokens = 0
-    async with AsyncEffllmClient(target, timeout=600.0) as ac:
-
-        async def worker() -> None:
-            nonlocal failed, tokens
-            while queue:
-                i, adapter = queue.pop()
-                try:
-                    reply = await ac.generate(  # ignore_eos: every scenario decodes the same tokens
-                        PROMPTS[i % len(PROMPTS)],
-                        adapter=adapter,
-                        max_new_tokens=max_new,
-                        temperature=0.0,
-                        ignore_eos=True,
-                    )
-                    tokens += reply.usage.output_tokens
-                except Exception as exc:  # counted, reported; the benchmark keeps going
-                    failed += 1
-                    print(f"  request failed: {exc}", file=sys.stderr)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return failed, tokens, time.perf_counter() - t0
+    """The harness's closed loop: `concurrency` streams until every request ran. (failed, tokens, wall)."""
+    requests = [  # ignore_eos: every scenario decodes the same tokens
+        {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "adapter": adapter,
+            "max_new_tokens": max_new,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        for i, adapter in enumerate(adapters)
+    ]
+    loop = await closed_loop(target, concurrency, requests, timeout=600.0)
+    for failure in loop.failures:
+        print(f"  request failed: {failure}", file=sys.stderr)
+    return len(loop.failures), loop.tokens, loop.seconds
 
 
 def bench_throughput(a: argparse.Namespace, root: Path, precision: str, logs: Path) -> list[Throughput]:
@@ -331,12 +318,6 @@ def table(tput: list[Throughput], loads: list[LoadLatency]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    from effllm.telemetry.machine import machine
-
-    return machine().cpu_model
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", default="vllm", help="passed to `effllm serve --engine` (vllm, hf, ...)")
@@ -361,7 +342,7 @@ def main() -> int:
     a.dists = tuple(d for d in a.dists.split(",") if d)
     if not a.dists or set(a.dists) - {"uniform", "zipf"}:
         p.error(f"--dists {','.join(a.dists)!r}: each of uniform, zipf")
-    load_before = os.getloadavg()
+    record = machine_record()
     a.ranks = [int(x) for x in a.ranks.split(",")]
     out = a.out or Path("runs") / f"bench-adapters-{a.engine}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -396,10 +377,6 @@ def main() -> int:
     report = {
         "engine": a.engine,
         "model": model.name,
-        "cpu_count": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "loadavg_start": load_before,
-        "loadavg_end": os.getloadavg(),
         "config": {k: v for k, v in vars(a).items() if k != "out"},
         "throughput": [
             {
@@ -413,10 +390,8 @@ def main() -> int:
         ],
         "load_latency": [asdict(r) for r in loads],
     }
-    out.write_text(json.dumps(report, indent=2, default=str))
-    print(
-        f"CPU {report['cpu_model']}, {os.cpu_count()} cores; load average {load_before} -> {os.getloadavg()}"
-    )
+    write_report(out, report, record)
+    print(header(record))
     print(table(tput, loads))
     print(f"wrote {out}")
     return 0

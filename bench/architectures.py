@@ -330,17 +330,17 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+    from _harness import header, machine_record, write_report
 
     from effllm.common.family import MEMBERS, make_family
     from effllm.common.model import resolve_model
     from effllm.telemetry.energy import resolve_watts_per_core
-    from effllm.telemetry.machine import machine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     watts = resolve_watts_per_core(args.watts_per_core)
     members = tuple(m for m in args.members.split(",") if m) or MEMBERS
-    load_start = os.getloadavg()
+    record = machine_record()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         family = args.family or Path(tmp) / "family"
@@ -352,25 +352,19 @@ def main() -> int:
             rows.append(asyncio.run(bench_model(spec, resolve_model(spec).path, args, watts)))
     report = {
         "note": "family members are RANDOM-INIT: their figures are costs, never quality",
-        "cpu_model": machine().cpu_model,
-        "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "loadavg_start": load_start,
-        "loadavg_end": os.getloadavg(),
         "watts_per_core": watts,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "rows": rows,
     }
+    out = Path(args.out)
+    write_report(out, report, record)
     print(
-        f"\nhf engine, {args.precision}, {args.max_new} new tokens (greedy, ignore_eos); "
-        f"CPU {report['cpu_model']}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
-        f"load average {load_start} -> "
-        f"{report['loadavg_end']}; J/token estimated at {watts} W per busy core. RANDOM-INIT family.\n"
+        f"\nhf engine, {args.precision}, {args.max_new} new tokens (greedy, ignore_eos); torch threads "
+        f"{torch.get_num_threads()}; J/token estimated at {watts} W per busy core. RANDOM-INIT family.\n"
+        f"{header(record)}\n"
     )
     print(table(rows, args.concurrency))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     if args.html:
         page = html_report(rows, report, args.concurrency)

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import header, load_average, machine_record, write_report
+
 # name -> (environment, HfConfig.compile_threads, StepWatch on)
 VARIANTS: dict[str, tuple[dict[str, str], int, bool]] = {
     "shipped": ({}, 1, True),
@@ -97,13 +99,6 @@ def kernel_child(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from serving import machine as serving_machine  # lscpu's model and flags, CPU count, load average
-
-    return serving_machine()
-
-
 # --- child: one variant, both engines in this process ------------------------------------------------------
 async def child(args: argparse.Namespace) -> dict[str, Any]:
     from effllm.common.model import resolve_model
@@ -144,7 +139,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
             out["conditions"][str(busy)] = {
                 "s_per_token": {k: sorted(v)[len(v) // 2] for k, v in times.items()},
                 "all": times,
-                "load_avg": os.getloadavg(),
+                "load_avg": load_average(),
                 "decode": info.get("decode"),
             }
         finally:
@@ -175,7 +170,9 @@ def main() -> int:
         print(json.dumps(kernel_child(args)))
         return 0
 
-    info = machine()
+    sys.path.insert(0, str(Path(__file__).parent))
+
+    record = machine_record()
     base = [sys.executable, __file__, "--rounds", str(args.rounds), "--busy", str(args.busy)]
 
     def run_child(cmd: list[str], env: dict[str, str]) -> Any:
@@ -193,12 +190,9 @@ def main() -> int:
         cmd += ["--model", args.model] if args.model else []
         cmd += ["--compile-threads", str(threads), "--watch", str(int(watch))]
         results[name] = run_child(cmd, env)
-    info["load_avg_end"] = os.getloadavg()
-    print(
-        f"# {info['cpu_model']} {info.get('cpu_flags', [])}, {info['cpu_count']} CPUs; "
-        f"load avg {info['load_avg'][0]:.2f} -> {info['load_avg_end'][0]:.2f}; "
-        f"{args.tokens} tokens, median of {args.rounds}"
-    )
+    doc = {"args": vars(args) | {"out": str(args.out)}, "kernel": kernel, "engine": results}
+    write_report(args.out, doc, record)
+    print(f"# {header(record)}; {args.tokens} tokens, median of {args.rounds}")
     print(f"kernel: us/call {'busy':>4} " + " ".join(f"{k:>16}" for k in kernel["0"]))
     for busy, row in kernel.items():
         print(f"{'':<13}{busy:>4} " + " ".join(f"{v:>16.1f}" for v in row.values()))
@@ -208,9 +202,6 @@ def main() -> int:
         for busy, cond in res["conditions"].items():
             e, c = cond["s_per_token"]["eager"], cond["s_per_token"]["compiled"]
             print(f"{name:<12} {busy:>4} {e:>12.4f} {c:>15.4f} {c / e:>6.2f} {cond['decode']!s:>9}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"machine": info, "args": vars(args) | {"out": str(args.out)}, "kernel": kernel}
-    args.out.write_text(json.dumps({**record, "engine": results}))
     print(f"wrote {args.out}")
     return 0
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from _harness import header, machine_record, write_report
 from serving import TOPICS  # bench/serving.py, beside this script: the same prompts
 
 
@@ -111,6 +111,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="runs/bench-hf-engine.json")
     args = p.parse_args()
+    record = machine_record()
 
     import torch
 
@@ -123,20 +124,17 @@ def main() -> int:
         results = {pr: asyncio.run(bench_precision(pr, specs, args)) for pr in args.precisions}
 
     levels = [f"{c}/{m}" for c in args.concurrency for m in ("base", "4 adapters")]
+    out = Path(args.out)
+    write_report(out, {"args": vars(args), "threads": torch.get_num_threads(), "results": results}, record)
     print(
         f"\nhf engine, output tokens/s (max_new_tokens {args.max_new}, greedy, torch threads "
-        f"{torch.get_num_threads()})"
+        f"{torch.get_num_threads()})\n{header(record)}"
     )
     print("| precision | weight MB | ratio to bf16 | " + " | ".join(f"c={lv}" for lv in levels) + " |")
     print("|---|---|---|" + "---|" * len(levels))
     for pr, r in results.items():
         cells = " | ".join(f"{r['levels'][lv]['tokens_per_s']:.1f}" for lv in levels)
         print(f"| {pr} | {r['weight_bytes'] / 1e6:.1f} | {r['ratio_to_bf16']:.4f} | {cells} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "results": results}, indent=2)
-    )
     print(f"wrote {out}")
     return 0
 

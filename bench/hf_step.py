@@ -12,7 +12,6 @@ base rows and base+LoRA rows, after its compile warm-up, whose seconds it report
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import header, machine_record, write_report
 
 
 def model_dir(tmp: Path, tiny: bool, source: Path | None) -> Path:
@@ -91,6 +91,7 @@ def main() -> int:
     )
     ap.add_argument("--cudnn-sdp", action="store_true", help="keep cuDNN attention (the engine turns it off)")
     args = ap.parse_args()
+    record = machine_record()
     if not args.cudnn_sdp:
         from effllm.server.engines.hf_engine import avoid_cudnn_attention
 
@@ -204,6 +205,7 @@ def main() -> int:
     width = max(map(len, results))
     sdp = "cuDNN attention on" if args.cudnn_sdp else "cuDNN attention off (as the engine runs)"
     print(f"\n{args.device} {args.precision} {'tiny' if args.tiny else path.name}, {n} rows; {sdp}")
+    print(header(record))
     print(f"kernels launched per base step (profiler): {launches}")
     for k, v in results.items():
         print(f"{k:<{width}}  {v:8.2f} ms/step")
@@ -211,7 +213,7 @@ def main() -> int:
         print(f"{k}: warm-up {seconds:.1f} s, {graphs} graphs compiled, step runs {mode}")
     if args.out:
         out = {"device": args.device, "tiny": args.tiny, "ms_per_step": results, "compiled_warmup": warm}
-        args.out.write_text(json.dumps(out))
+        write_report(args.out, out, record)
     return 0
 
 

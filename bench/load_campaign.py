@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _harness import header, machine_record, write_report
+
 
 def make_adapters(out: Path, n: int) -> Path:
     from effllm.loadtest.quality import default_model_path
@@ -64,6 +66,7 @@ def main() -> int:
     p.add_argument("--output-len", default="uniform:16-32")
     p.add_argument("--skip", default="", help="comma list of steps to skip: ramp,campaign,precision")
     a = p.parse_args()
+    record = machine_record()
     a.out.mkdir(parents=True, exist_ok=True)
     skip = set(a.skip.split(","))
     names = ",".join(f"a{i}" for i in range(1, a.adapters + 1))
@@ -171,7 +174,8 @@ def main() -> int:
         )
         summary["precision"] = doc["precision"]
         print("\n".join(" | ".join(r) for r in [doc["precision"]["columns"], *doc["precision"]["rows"]]))
-    (a.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_report(a.out / "summary.json", summary, record)
+    print(header(record))
     print(f"wrote {a.out / 'summary.json'}")
     return 0
 

@@ -11,14 +11,13 @@ from above; docs/performance.md compares the serving table's c=1 column with it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from serving import machine  # lscpu's model and flags, CPU count, load average: as the serving table
+from _harness import header, machine_record, write_report
 
 
 def timed(fn: Any, repeats: int) -> float:
@@ -50,18 +49,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-membw.json"))
     args = ap.parse_args()
-    info = machine()
+    record = machine_record()
     rows = [measure(t, args.repeats) for t in args.threads]
-    info["load_avg_end"] = os.getloadavg()
-    print(
-        f"# {info['cpu_model']} {info.get('cpu_flags', [])}, {info['cpu_count']} CPUs; "
-        f"load avg {info['load_avg'][0]:.2f} -> {info['load_avg_end'][0]:.2f}"
-    )
+    write_report(args.out, {"rows": rows}, record)
+    print(f"# {header(record)}")
     print(f"{'threads':>7} {'read GB/s':>10} {'matvec 530 MB ms':>17} {'matvec GB/s':>12}")
     for r in rows:
         print(f"{r['threads']:>7} {r['read_gb_s']:>10.1f} {r['matvec_ms']:>17.1f} {r['matvec_gb_s']:>12.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

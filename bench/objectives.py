@@ -22,32 +22,18 @@ load averages before trusting a ratio.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import _objectives_table as table
+from _harness import header as machine_header
+from _harness import load_average, machine_record, write_report
 
 from effllm.common.budget import Budget
 from effllm.loadtest.objectives import ObjectiveMix
 from effllm.loadtest.workload import LengthDist, PromptSource, Workload
-from effllm.telemetry.machine import machine as this_machine
-
-
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "load_avg": os.getloadavg(),
-        # the launcher gives a server one OpenMP thread unless this environment sets another count
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1 (launcher default)"),
-        "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"),
-    }
-    m = this_machine()
-    info["cpu_model"], info["cpu_flags"] = m.cpu_model, m.cpu_flags
-    return info
 
 
 def tree_threads(pid: int) -> int | None:
@@ -110,7 +96,7 @@ def run_server(label: str, serve: str, workload: Workload, a: argparse.Namespace
     server = ServerHandle.start(serve, run_dir, ready_timeout=a.ready_timeout)
     try:
         before = model_info(server.target)
-        load_before = os.getloadavg()
+        load_before = load_average()
         cfg = LoadConfig(
             targets=(server.target,),
             workload=workload,
@@ -132,7 +118,7 @@ def run_server(label: str, serve: str, workload: Workload, a: argparse.Namespace
         "per_objective": report.get("per_objective", {}),
         "rows": read_rows(run_dir),
         "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
+        "load_avg_after": load_average(),
         "server_threads": threads,
         "wall_s": report["wall_s"],
     }
@@ -197,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(table.MIXED, " ".join([a.serve, *(f"--variant {shlex.quote(v)}" for v in variants)]))]
     plan += [(v, f"{a.serve} {variant_args(v)}") for v in variants]
     a.out.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "machine": machine()}
+    doc: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "machine": machine_record()}
     servers: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     for label, serve in plan:
@@ -212,10 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     doc["failed"] = failed
     if not servers:
         print("no server ran a campaign", file=sys.stderr)
-        (a.out / "objectives.json").write_text(json.dumps(doc, indent=1, default=str))
+        write_report(a.out / "objectives.json", doc, doc.pop("machine"))
         return 1
     doc["servers"] = {label: {k: v for k, v in s.items() if k != "rows"} for label, s in servers.items()}
-    doc["machine"]["load_avg_end"] = os.getloadavg()
     refusal = table.check_same_requests({label: s["rows"] for label, s in servers.items()})
     if refusal is None:
         doc["comparison"] = table.compare(servers, reference, budget=workload.budget is not None)
@@ -225,16 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         text = f"comparison refused: {refusal}"
     if failed:
         text += "\n\nnot run: " + "; ".join(f"{label}: {why}" for label, why in failed.items())
-    m = doc["machine"]
+    record = doc.pop("machine")
+    write_report(a.out / "objectives.json", doc, record)
     header = (
-        f"# mixed-objective server vs single-variant servers\n\n{m['cpu_model']}, {m['cpu_count']} CPUs, "
-        f"load avg at start {m['load_avg'][0]:.2f}; {a.rate} req/s for {a.duration} s per server, seed "
+        f"# mixed-objective server vs single-variant servers\n\n{machine_header(record)}; "
+        f"{a.rate} req/s for {a.duration} s per server, seed "
         f"{a.seed}, {a.max_new_tokens} tokens per request, objectives {a.objectives}"
         + (f", budget {a.budget}" if a.budget else "")
         + "\n\n"
     )
     (a.out / "objectives.md").write_text(header + text + "\n")
-    (a.out / "objectives.json").write_text(json.dumps(doc, indent=1, default=str))
     print(header + text)
     print(f"wrote {a.out / 'objectives.json'}")
     return 0 if refusal is None and not failed else 1

@@ -22,34 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from effllm.client.launch import ServerProcess, free_port, wait_serving
-from effllm.telemetry.machine import machine
+from _harness import header, machine_record, serve, write_report
+
+from effllm.client.launch import ServerProcess
 
 PROMPT = "Here is a long, detailed story about a lighthouse keeper.\n\nChapter 1\n\nIt was"
 
 
 def start(variants: list[str], log_dir: Path, ready_timeout: float, extra: list[str]) -> ServerProcess:
     """`effllm serve` with the caller's environment as is (no launcher OpenMP default)."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--port", str(port), *extra]
-    for v in variants:
-        cmd += ["--variant", v]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(proc, port, log_path)
-    wait_serving(server, ready_timeout)
-    return server
+    flags = [*extra, *(x for v in variants for x in ("--variant", v))]
+    return serve(*flags, logs=log_dir, ready_timeout=ready_timeout, as_user=True)
 
 
 def start_figures(server: ServerProcess) -> dict[str, dict[str, Any]]:
@@ -97,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     logs = Path(tempfile.mkdtemp(prefix="effllm-restarts-"))
-    result: dict[str, Any] = {"machine": machine().to_dict(), "variants": variants, "restarts": []}
-    result["load_before"] = os.getloadavg()
+    record = machine_record()
+    result: dict[str, Any] = {"variants": variants, "restarts": []}
 
     for i in range(a.restarts):
         t0 = time.perf_counter()
@@ -129,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             "n": len(per_token),
         }
     result["alone"] = alone
-    result["load_after"] = os.getloadavg()
 
     # verdicts
     names = [f["start_figures"] for f in result["restarts"]]
@@ -151,10 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         "routing_ok": all(routed_right),
     }
 
-    m = result["machine"]
-    print(
-        f"\nCPU: {m.get('cpu_model')} ({m.get('cpu_count')} cores); load avg before {result['load_before']}"
-    )
+    write_report(a.out, result, record)
+    print(f"\n{header(record)}")
     print(f"{'restart':>7}  " + "  ".join(f"{k + ' J/tok (start)':>26}" for k in keys) + "  ENERGY served on")
     for i, r in enumerate(result["restarts"]):
         cells = "  ".join(
@@ -165,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nserved alone (same requests):")
     for k, v in alone.items():
         print(f"  {k:>10}: {v['j_per_token_median']:.3f} J/token median (n={v['n']})")
-    print(f"\nverdict: {json.dumps(result['verdict'])}\nload avg after {result['load_after']}")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nverdict: {json.dumps(result['verdict'])}")
     return 0 if result["verdict"]["spread_ok"] and result["verdict"]["routing_ok"] else 1
 
 

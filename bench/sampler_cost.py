@@ -10,13 +10,14 @@ whole process over the window. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _harness import header, machine_record, write_report
 
 from effllm.telemetry.sampler import ResourceSampler
 
@@ -64,6 +65,7 @@ def main() -> int:
     ap.add_argument("--children", type=int, default=3, help="idle children (vLLM's engine core and workers)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-sampler-cost.json"))
     args = ap.parse_args()
+    record = machine_record()
     rows = [measure(hz, args.seconds, args.children) for hz in args.hz]
     head = ("Hz", "samples", "ms/sample in sample()", "ms/sample process", "% of a core")
     print(f"{head[0]:>5} {head[1]:>8} {head[2]:>22} {head[3]:>18} {head[4]:>12}")
@@ -72,8 +74,8 @@ def main() -> int:
             f"{r['hz']:>5g} {r['samples']:>8} {r['ms_per_sample_inside']:>22.3f} "
             f"{r['ms_per_sample_process']:>18.3f} {r['core_share_pct']:>12.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"children": args.children, "rows": rows}, indent=2))
+    write_report(args.out, {"children": args.children, "rows": rows}, record)
+    print(header(record))
     print(f"wrote {args.out}")
     return 0
 

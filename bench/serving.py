@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 # a script's folder is importable when it runs as one (bench/hf_engine.py imports TOPICS from here too)
+from _harness import closed_loop, header, load_average, machine_record, serve, write_report
 from _serving_report import build_rows, format_cpu, format_table, n_requests
 
 TOPICS = [
@@ -68,19 +68,6 @@ def prompts(n: int) -> list[str]:
         f"Here is a long, detailed story about {TOPICS[i % len(TOPICS)]}.\n\nChapter {i + 1}\n\nIt was"
         for i in range(n)
     ]
-
-
-def machine() -> dict[str, Any]:
-    from effllm.telemetry.machine import load_average
-    from effllm.telemetry.machine import machine as this_machine
-
-    m = this_machine()
-    return {
-        "cpu_count": m.cores,
-        "load_avg": load_average(),
-        "cpu_model": m.cpu_model,
-        "cpu_flags": m.cpu_flags,
-    }
 
 
 # --- the sides (child processes) --------------------------------------------------------------------------
@@ -116,14 +103,14 @@ def timed_levels(levels: list[int], per_level: int, run_level: Any) -> dict[str,
     """Run each level; record wall time, load average around it and CPU ms per decoded token by role."""
     out = {}
     for c in levels:
-        before, cpu0 = os.getloadavg(), cpu_by_role()
+        before, cpu0 = load_average(), cpu_by_role()
         t0 = time.perf_counter()
         per_request, extra = run_level(c, prompts(n_requests(c, per_level)))
         seconds = time.perf_counter() - t0
         cpu1, tokens = cpu_by_role(), max(sum(per_request), 1)
         cpu_ms = {k: round(1e3 * (v - cpu0.get(k, 0.0)) / tokens, 3) for k, v in cpu1.items()}
         run = {"per_request": per_request, "seconds": seconds, "load_before": before}
-        out[str(c)] = {**run, **extra, "cpu_ms_per_token": cpu_ms, "load_after": os.getloadavg()}
+        out[str(c)] = {**run, **extra, "cpu_ms_per_token": cpu_ms, "load_after": load_average()}
     return out
 
 
@@ -193,35 +180,17 @@ def side_hf_generate(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 
 async def drive(target: str, c: int, texts: list[str], max_new: int) -> tuple[list[int], dict[str, Any]]:
-    """`c` closed-loop streaming clients; a request's count is the token ids the client received."""
-    from effllm.client import AsyncEffllmClient
-
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for t in texts:
-        queue.put_nowait(t)
-    counts: list[int] = []
-    ttfts: list[float] = []
-
-    async def worker(client: AsyncEffllmClient) -> None:
-        while not queue.empty():
-            received = 0
-            async for ch in client.stream(
-                queue.get_nowait(), max_new_tokens=max_new, temperature=0.0, ignore_eos=True
-            ):
-                received += len(ch.token_ids)
-                if ch.HasField("final"):
-                    ttfts.append(ch.final.timings.time_to_first_token_s)
-            counts.append(received)
-
-    async with AsyncEffllmClient(target, timeout=900) as client:
-        await client.generate(texts[0], max_new_tokens=4, temperature=0.0)  # warm-up
-        await asyncio.gather(*(worker(client) for _ in range(c)))
-    return counts, {"ttft_p50_s": statistics.median(ttfts) if ttfts else None}
+    """`c` closed-loop streaming clients (the harness's); a request's count is the token ids received."""
+    one = {"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True}
+    loop = await closed_loop(
+        target, c, [{"prompt": t, **one} for t in texts], warm_up={"prompt": texts[0], "max_new_tokens": 4}
+    )
+    for failure in loop.failures:
+        print(f"  request failed: {failure}", file=sys.stderr)
+    return loop.counts, {"ttft_p50_s": loop.ttft_p50_s, "failed": len(loop.failures)}
 
 
 def side_effllm(args: argparse.Namespace, side: str) -> dict[str, Any]:
-    from effllm.client.launch import start_server
-
     engine = "hf" if side.startswith("effllm-hf") else "vllm"
     log_dir = Path(args.out).parent
     flags = ["--max-concurrency", str(max(args.concurrency))]
@@ -232,7 +201,7 @@ def side_effllm(args: argparse.Namespace, side: str) -> dict[str, Any]:
     flags += ["--compile-decode"] if side == "effllm-hf-compiled" else []
     run_dir = log_dir / f"serve-{side.removeprefix('effllm-')}-{args.precision}"
     flags += ["--run-dir", str(run_dir), *args.server_arg]
-    server = start_server(*flags, log_dir=log_dir, ready_timeout=900)
+    server = serve(*flags, logs=log_dir)
     try:
         return timed_levels(
             args.concurrency,
@@ -328,8 +297,8 @@ def main() -> int:
         "VLLM_CPU_OMP_THREADS_BIND": args.omp_bind,
         "VLLM_LOGGING_LEVEL": "WARNING",
     }
+    record = machine_record()
     meta = {
-        **machine(),
         "threads": args.threads,
         "omp_bind": args.omp_bind,
         "max_new_tokens": args.max_new_tokens,
@@ -342,11 +311,7 @@ def main() -> int:
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "started": time.time(),
     }
-    print(
-        f"# {meta['cpu_model']} ({', '.join(meta.get('cpu_flags', []))}), {meta['cpu_count']} CPUs, "
-        f"{args.threads} OpenMP threads, bind {args.omp_bind}; load avg {meta['load_avg']}",
-        flush=True,
-    )
+    print(f"# {header(record)}; {args.threads} OpenMP threads, bind {args.omp_bind}", flush=True)
     results: dict[tuple[str, str], dict[str, Any]] = {}
     plan = [(p, [s for s in args.sides if p in PRECISIONS[s]]) for p in args.precisions]
     step = 0
@@ -365,18 +330,17 @@ def main() -> int:
             step += 1
 
     rows, refused = build_rows(results, args.concurrency, args.max_new_tokens, args.requests)
-    meta["load_avg_end"] = os.getloadavg()
     meta["wall_s"] = time.time() - meta["started"]
+    raw = {f"{p}/{s}": v for (p, s), v in results.items()}
+    write_report(out_path, {"meta": meta, "rows": rows, "refused": refused, "raw": raw}, record)
     print(
         f"\n{args.max_new_tokens} new tokens per request, greedy; ratio to vLLM offline at the same "
-        f"precision (int4: to bf16). Load avg {meta['load_avg']} -> {meta['load_avg_end']}"
+        f"precision (int4: to bf16).\n{header(record)}"
     )
     print(format_table(rows, args.concurrency, args.max_new_tokens))
     print("\n" + format_cpu(rows))
     for r in refused:
         print(f"REFUSED {r['precision']} c={r['concurrency']}: {r['reason']}")
-    raw = {f"{p}/{s}": v for (p, s), v in results.items()}
-    out_path.write_text(json.dumps({"meta": meta, "rows": rows, "refused": refused, "raw": raw}, indent=2))
     print(f"wrote {out_path}")
     return 1 if refused else 0
 

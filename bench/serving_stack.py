@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
-import os
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+from _harness import closed_loop, header, machine_record, write_report
 
 
 class ZeroEngine:
@@ -37,6 +37,21 @@ class ZeroEngine:
 
     async def start(self) -> None:
         return None
+
+    def alive(self) -> bool:
+        return True
+
+    def prepare(self, request: Any) -> Any:
+        """One prompt id per byte of the text: no tokenizer, the serving stack alone is measured."""
+        from dataclasses import replace
+
+        return replace(request, prompt_ids=tuple((request.prompt or "x").encode()[:64]))
+
+    def cpu_seconds(self) -> float:
+        return 0.0
+
+    async def score(self, token_ids: Any) -> list[float]:
+        return [0.0 for _ in token_ids]
 
     async def generate(self, request: Any) -> AsyncIterator[Any]:
         from effllm.server.engines.base import TokenEvent, Usage
@@ -74,21 +89,12 @@ def serve_child(port: int, telemetry: bool, run_dir: str) -> None:
 
 
 async def drive(target: str, c: int, requests: int, tokens: int) -> int:
-    from effllm.client import AsyncEffllmClient
-
-    received = 0
-
-    async def worker(client: AsyncEffllmClient, k: int) -> None:
-        nonlocal received
-        for _ in range(k):
-            async for ch in client.stream("x", max_new_tokens=tokens):
-                received += len(ch.token_ids)
-
-    async with AsyncEffllmClient(target, timeout=600) as client:
-        await worker(client, 1)  # warm-up
-        received = 0
-        await asyncio.gather(*(worker(client, max(requests // c, 1)) for _ in range(c)))
-    return received
+    """The harness's closed loop: `requests` streams of `tokens` over `c` clients; tokens received."""
+    one = {"prompt": "x", "max_new_tokens": tokens}
+    loop = await closed_loop(target, c, [one] * max(requests, c), timeout=600, warm_up=one)
+    if loop.failures:
+        raise RuntimeError(f"{len(loop.failures)} requests failed: {loop.failures[:3]}")
+    return loop.tokens
 
 
 def measure(telemetry: bool, levels: list[int], requests: int, tokens: int, run_dir: Path) -> dict[str, Any]:
@@ -131,13 +137,15 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=256, help="tokens per request")
     ap.add_argument("--out", default="runs/bench-serving-stack.json")
     args = ap.parse_args()
+    record = machine_record()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {
         name: measure(on, args.concurrency, args.requests, args.tokens, out.parent / f"stack-{name}")
         for name, on in (("telemetry on", True), ("telemetry off", False))
     }
-    print(f"load avg {os.getloadavg()}; {args.tokens} tokens per request, zero-cost engine")
+    write_report(out, {"args": vars(args), "results": results}, record)
+    print(f"{header(record)}; {args.tokens} tokens per request, zero-cost engine")
     print("| stack | c | tok/s | server CPU us/token | client CPU us/token |")
     print("|---|---:|---:|---:|---:|")
     for name, levels in results.items():
@@ -146,9 +154,6 @@ def main() -> int:
                 f"| {name} | {c} | {r['tokens_per_s']:.0f} | {r['server_cpu_us_per_token']:.0f} | "
                 f"{r['client_cpu_us_per_token']:.0f} |"
             )
-    out.write_text(
-        json.dumps({"args": vars(args), "load_avg": os.getloadavg(), "results": results}, indent=2)
-    )
     print(f"wrote {out}")
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -29,15 +28,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
+from _harness import closed_loop, header, machine_record, serve, write_report
 
-from effllm.client import AsyncEffllmClient
-from effllm.client.launch import ServerProcess, start_server
+from effllm.client.launch import ServerProcess
 
 PROMPTS = [
     "Write a long story about a robot who learns to paint.",
@@ -72,9 +70,7 @@ def start(name: str, extra: list[str], args: argparse.Namespace, work: Path) -> 
     flags += ["--kv-cache-gib", str(args.kv_cache_gib), *extra]
     # the launcher pins one OpenMP thread unless told otherwise: here every server gets --threads
     (work / name).mkdir()
-    return start_server(
-        *flags, log_dir=work / name, ready_timeout=600, env={"OMP_NUM_THREADS": str(args.threads)}
-    )
+    return serve(*flags, logs=work / name, ready_timeout=600, env={"OMP_NUM_THREADS": str(args.threads)})
 
 
 def _tree(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
@@ -101,28 +97,15 @@ def pause(proc: subprocess.Popen[bytes], on: bool) -> None:
 
 
 async def load(port: int, n: int, concurrency: int, max_new_tokens: int) -> tuple[int, float]:
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
-    tokens = 0
-
-    async def worker(client: AsyncEffllmClient) -> None:
-        nonlocal tokens
-        while True:
-            try:
-                i = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            async for chunk in client.stream(
-                PROMPTS[i % len(PROMPTS)], max_new_tokens=max_new_tokens, temperature=0.0, timeout=600
-            ):
-                if chunk.HasField("final"):
-                    tokens += chunk.final.usage.output_tokens
-
-    async with AsyncEffllmClient(f"127.0.0.1:{port}", timeout=600) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        return tokens, time.perf_counter() - t0
+    """The harness's closed loop over `n` requests: (tokens received, wall seconds)."""
+    requests = [
+        {"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": max_new_tokens, "temperature": 0.0}
+        for i in range(n)
+    ]
+    loop = await closed_loop(f"127.0.0.1:{port}", concurrency, requests, timeout=600)
+    if loop.failures:
+        raise RuntimeError(f"{len(loop.failures)} requests failed: {loop.failures[:3]}")
+    return loop.tokens, loop.seconds
 
 
 def main() -> int:
@@ -144,6 +127,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=2, choices=(1, 2), help="1: on, off; 2: on, off, off, on")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    record = machine_record()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("runs") / f"bench-telemetry-overhead-{stamp}.json"
     work = Path(tempfile.mkdtemp(prefix="effllm-bench-tel-"))
@@ -206,8 +190,7 @@ def main() -> int:
     print(
         f"telemetry overhead: {args.pairs} pair(s) of servers, {args.rounds} rounds x "
         f"{args.requests} requests, {args.concurrency} streams, "
-        f"max_new_tokens {args.max_new_tokens}, {os.cpu_count()} CPU cores, "
-        f"OMP_NUM_THREADS {args.threads}"
+        f"max_new_tokens {args.max_new_tokens}, OMP_NUM_THREADS {args.threads}\n{header(record)}"
     )
     head = (
         "telemetry",
@@ -231,7 +214,6 @@ def main() -> int:
     print("target: throughput within 3 %; CPU per token is less sensitive to other tenants than wall clock")
     result = {
         "config": vars(args) | {"out": str(out)},
-        "cpu_cores": os.cpu_count(),
         "rounds": [
             asdict(r) | {"tokens_per_s": r.tokens_per_s, "cpu_ms_per_token": r.cpu_ms_per_token}
             for r in rounds
@@ -244,8 +226,7 @@ def main() -> int:
         "change_pct_median": change_median,
         "telemetry_run_dir": str(work / "run-on"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(out, result, record)
     print(f"wrote {out}")
     return 0
 

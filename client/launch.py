@@ -75,7 +75,10 @@ def start_server(
     wait: bool = True,
     env: dict[str, str] | None = None,
     security: ClientSecurity | None = None,
+    omp_default: bool = True,
 ) -> ServerProcess:
+    """`effllm serve ARGS` on a free port. `omp_default`: one OpenMP thread unless the environment sets a
+    count (below); False: exactly the caller's environment, as a user starting the server gets."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     cmd = [sys.executable, "-m", "effllm.cli.main", "serve", "--port", str(port), *args]
@@ -83,7 +86,7 @@ def start_server(
         # NOTE: one OpenMP thread unless the caller's environment says otherwise: with 2 threads, vLLM's CPU
         # worker spins at every barrier, and on a shared, oversubscribed 2-core box 8 tokens took 13-16 s
         # against 0.6-2.4 s with one thread (measured side by side; see the reliability note).
-        env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
+        env = {**({"OMP_NUM_THREADS": "1"} if omp_default else {}), **os.environ, **(env or {})}
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(proc, port, log_path, security)
     if wait:

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # the bench harness (scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 450.0  # the whole run; the shell script's own limit is 8 minutes
 WHEELS = (
@@ -212,44 +214,29 @@ class Nvml:
 
 
 async def load(target: str, requests: int, concurrency: int, max_new: int) -> dict[str, Any]:
-    from effllm.client import AsyncEffllmClient
+    """The bench harness's closed loop over base, LoRA and DoRA requests (every one decodes max_new)."""
+    from _harness import closed_loop
 
-    ttft: list[float] = []
-    tokens = 0
+    traffic = [
+        {
+            "prompt": f"Request {i}: write a short story about the sea.",
+            "max_new_tokens": max_new,
+            "temperature": 0,
+            "adapter": ("", "gpucheck", "gpucheck-dora")[i % 3],
+            "ignore_eos": True,  # every request decodes max_new tokens: tokens/s is comparable
+        }
+        for i in range(requests)
+    ]
+    loop = await closed_loop(target, concurrency, traffic, timeout=120)
     errors: dict[str, int] = {}
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(i: int, client: AsyncEffllmClient) -> None:
-        nonlocal tokens
-        async with sem:
-            t0 = time.perf_counter()
-            first = None
-            try:
-                async for chunk in client.stream(
-                    f"Request {i}: write a short story about the sea.",
-                    max_new_tokens=max_new,
-                    temperature=0,
-                    adapter=("", "gpucheck", "gpucheck-dora")[i % 3],
-                    ignore_eos=True,  # every request decodes max_new tokens: tokens/s is comparable
-                ):
-                    if first is None and chunk.token_ids:
-                        first = time.perf_counter() - t0
-                    if chunk.HasField("final"):
-                        tokens += chunk.final.usage.output_tokens
-                ttft.append(first or 0.0)
-            except Exception as err:  # grpc.RpcError; counted and shown, the run goes on
-                code = err.code() if hasattr(err, "code") else type(err).__name__
-                errors[str(code)] = errors.get(str(code), 0) + 1
-
-    async with AsyncEffllmClient(target, timeout=120) as client:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i, client) for i in range(requests)))
-        wall = time.perf_counter() - t0
+    for failure in loop.failures:
+        code = failure.split(":", 1)[0]
+        errors[code] = errors.get(code, 0) + 1
     return {
-        "tokens": tokens,
-        "wall_s": wall,
-        "tok_s": tokens / wall if wall else 0.0,
-        "ttft_p50_ms": 1e3 * statistics.median(ttft) if ttft else None,
+        "tokens": loop.tokens,
+        "wall_s": loop.seconds,
+        "tok_s": loop.tokens_per_s,
+        "ttft_p50_ms": 1e3 * loop.ttft_p50_s if loop.ttft_p50_s is not None else None,
         "errors": errors,
     }
 
@@ -258,8 +245,7 @@ def check_precision(
     precision: str, device: str, model: str, adapters: Path, nvml: Nvml | None, deadline: float
 ) -> dict[str, Any]:
     import psutil
-
-    from effllm.client.launch import start_server
+    from _harness import serve
 
     row: dict[str, Any] = {"precision": precision}
     logs = Path("/tmp/gpucheck-logs")
@@ -295,7 +281,7 @@ def check_precision(
     if ready < 30:
         return {**row, "status": "skipped: out of time"}
     try:
-        server = start_server(*args, log_dir=logs, ready_timeout=ready)
+        server = serve(*args, logs=logs, ready_timeout=ready)
     except Exception as err:
         lines = [ln for ln in str(err).splitlines() if ln.strip()]
         refusal = next(

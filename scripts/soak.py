@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import signal
 import sys
@@ -34,6 +33,9 @@ import grpc
 import psutil
 
 from effllm.client import AsyncEffllmClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from _harness import header, machine_record, serve, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -306,14 +308,13 @@ def main() -> int:
         help="flags for the server started here",
     )
     args = ap.parse_args()
+    record = machine_record()
     server = None
     target, pid = args.target, args.pid
     count = args.adapters if args.adapters is not None else (24 if target is None else 0)
     root, names = None, []
     if target is None:
         import tempfile
-
-        from effllm.client.launch import start_server
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         serve_args = args.serve_args.split()
@@ -328,7 +329,7 @@ def main() -> int:
                 "--max-adapter-rank",
                 "16",
             ]
-        server = start_server(*serve_args, log_dir=args.out.parent, ready_timeout=900)
+        server = serve(*serve_args, logs=args.out.parent)
         target, pid = server.target, server.proc.pid
         print(f"server {target} pid {pid} (log {server.log_path}); {count} adapters")
     try:
@@ -356,11 +357,8 @@ def main() -> int:
     data["codes"], data["kinds"] = dict(report.codes), dict(report.kinds)
     data["adapter_requests"] = dict(report.adapter_requests)
     data["bad_adapter_refusals"] = dict(report.bad_adapter_refusals)
-    from effllm.telemetry.machine import machine
-
-    data["cpu"] = machine().cpu_model
-    data["loadavg_end"] = os.getloadavg()
-    args.out.write_text(json.dumps(data, indent=2))
+    write_report(args.out, data, record)
+    print(header(record))
     print(f"wrote {args.out}")
     bad = sum(report.codes[c] for c in BAD)
     bad += sum(n for c, n in report.codes.items() if c.startswith("FAILED_GOOD:"))

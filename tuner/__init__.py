@@ -10,6 +10,6 @@ Where to look:
   policy.py   the roots a job's paths must stay in; limits.py the bounds on jobs held and on one job's size
   events.py   the typed events a run sends (worker stdout -> JobManager -> WatchJob), one JSON line each
   synthetic.py random PEFT adapters on a real base, for benchmarks and tests (no training)
-  bench.py    every method side by side (`effllm tuner bench`)
+  (the tuning benchmark, our loop vs PEFT + HF Trainer, is bench/tuning.py: `effllm bench tuning`)
 The tuner talks to the server only over gRPC and through the adapter directory.
 """

@@ -115,31 +115,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pub.add_argument("--publish-key", type=Path, default=None, help="client key (PEM): mutual TLS")
     add_security_flags(s, generate_role=False)
     s.set_defaults(func=run_serve)
-    b = tsub.add_parser(
-        "bench", help="each method: our loop vs PEFT + HF Trainer on the same work; table + JSON"
-    )
-    b.add_argument(
-        "--steps", "--max-steps", dest="steps", type=int, default=30, help="optimizer steps per run"
-    )
-    b.add_argument("--task", default="json_extract")
-    b.add_argument("--methods", default="all", help=f"comma-separated, or all: {','.join(METHODS)}")
-    b.add_argument(
-        "--hf-trainer",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run each method through PEFT + HF Trainer as well (off: our loop only)",
-    )
-    b.add_argument("--threads", type=int, default=0, help="torch threads of every run (default: all cores)")
-    b.add_argument(
-        "--ablate",
-        default="",
-        metavar="SWITCH,...",
-        help="also run our loop with each switch flipped: packing, logits_on_targets, compile, "
-        "gradient_checkpointing",
-    )
-    b.add_argument("--out", default="runs/bench/peft.json")
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TuneConfig override")
-    b.set_defaults(func=run_bench)
     k = tsub.add_parser("tasks", help="list the built-in synthetic tasks")
     k.set_defaults(func=run_tasks)
 
@@ -250,21 +225,6 @@ def _publish_credentials(args: argparse.Namespace, auth: AuthConfig) -> tuple[di
     else:
         token = next((t for role, t in auth.tokens if role == "admin"), None)
     return tls, ({ENV_ADMIN: token} if token else {})
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(
-        steps=args.steps,
-        task=args.task,
-        methods=args.methods.split(","),
-        hf_trainer=args.hf_trainer,
-        out=args.out,
-        overrides=args.set,
-        threads=args.threads,
-        ablate=[a for a in args.ablate.split(",") if a],
-    )
 
 
 def run_tasks(args: argparse.Namespace) -> int:

@@ -182,7 +182,7 @@ def prepare(
     config: TuneConfig, should_stop: Callable[[], bool] | None = None
 ) -> tuple[data.Dataset, Any, Any, data.Encoder, list[data.Encoded], Any]:
     """Data, base, tokenizer, encoded train set and the method-wrapped model, in one fixed order of RNG use:
-    `run` and the bench's Trainer side (tuner/bench_run.py) both call this after seeding, so both start
+    `run` and the bench's Trainer side (bench/_tuning_run.py) both call this after seeding, so both start
     from the same adapter initialisation."""
     stop = should_stop or (lambda: False)
     dataset = data.load_dataset(

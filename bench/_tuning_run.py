@@ -1,6 +1,6 @@
 """One side of a bench pair in its own process: our loop, PEFT + HF Trainer, or the base model's eval.
 
-`python -m effllm.tuner.bench_run SPEC_JSON` prints `BENCH_RESULT {json}` as its last line. A process per
+`python bench/_tuning_run.py SPEC_JSON` prints `BENCH_RESULT {json}` as its last line. A process per
 run makes each peak RSS its own (getrusage high-water of this process: loading, training and eval alike,
 the same work on both sides) and keeps one run's allocator state and thread pools from the next.
 The HF side trains on exactly our micro-batches: the batches our loop would draw (train.micro_batches with
@@ -9,7 +9,7 @@ collate; the optimizer and schedule come from methods.build_optimizer/build_sche
 hyperparameters are one object, not two lists kept in step. Its step time runs from one on_step_end to the
 next, so it includes fetching and collating as ours does.
 Invariant: both sides report `tokens` (real, non-pad tokens trained on) and `target_tokens` counted from the
-batches that really went through the model; the comparison in bench.py trusts nothing else.
+batches that really went through the model; the comparison in tuning.py trusts nothing else.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -25,8 +24,9 @@ import time
 from typing import Any
 
 import torch
+from _harness import load_average
 
-from .config import TuneConfig
+from effllm.tuner.config import TuneConfig
 
 
 def _peak_rss_gb() -> float:
@@ -51,7 +51,7 @@ def _summary(m: dict[str, Any], step_times: list[float]) -> dict[str, Any]:
 
 
 def run_ours(config: TuneConfig) -> dict[str, Any]:
-    from .train import run
+    from effllm.tuner.train import run
 
     m = run(config.replace(eval_before=False), progress_bar=False).metrics
     # The loop reports its mean; the per-step list is what p50 needs, rebuilt from the events' clock.
@@ -72,9 +72,9 @@ def run_hf_trainer(config: TuneConfig) -> dict[str, Any]:
     from torch.utils.data import SequentialSampler
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from . import data, methods, speed
-    from .measure import start_meter
-    from .train import collate, evaluate, micro_batches, prepare
+    from effllm.tuner import data, methods, speed
+    from effllm.tuner.measure import start_meter
+    from effllm.tuner.train import collate, evaluate, micro_batches, prepare
 
     # The same calls in the same order as train.run, so the RNG gives the same adapter initialisation.
     torch.manual_seed(config.seed)
@@ -171,8 +171,8 @@ def run_hf_trainer(config: TuneConfig) -> dict[str, Any]:
 
 def run_base_eval(config: TuneConfig) -> dict[str, Any]:
     """The untrained model's held-out metrics, scored by the same evaluate() as both tuned sides."""
-    from . import data
-    from .train import evaluate, load_base
+    from effllm.tuner import data
+    from effllm.tuner.train import evaluate, load_base
 
     dataset = data.load_dataset(config.data, n_train=1, n_eval=config.n_eval, seed=config.seed)
     _, tokenizer, model = load_base(config)
@@ -184,7 +184,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     torch.set_num_threads(int(spec["threads"]))
     config = TuneConfig.from_dict(spec["config"])
-    load_before = os.getloadavg()
+    load_before = load_average()
     side = {"ours": run_ours, "hf": run_hf_trainer, "base": run_base_eval}[spec["side"]]
     result = side(config)
     result.update(
@@ -192,7 +192,7 @@ def main(argv: list[str]) -> int:
         threads=torch.get_num_threads(),
         peak_rss_gb=_peak_rss_gb(),
         load_before=load_before,
-        load_after=os.getloadavg(),
+        load_after=load_average(),
     )
     print("BENCH_RESULT " + json.dumps(result), flush=True)
     return 0
