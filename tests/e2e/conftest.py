@@ -249,6 +249,19 @@ def reference_perplexity() -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["perplexity"])
 
 
+def two_variant_flags(
+    variants: tuple[str, ...], slots: int, *, adapter_root: Path | None = None, vllm: bool = False
+) -> list[str]:
+    """The `effllm serve` flags of the several-variant e2e servers: the variants (the first is the
+    default), `slots` per variant, a queue of 16, a 512-token context; a vLLM variant's small KV cache;
+    an adapter root (rank <= 16) when given."""
+    flags = [x for v in variants for x in ("--variant", v)]
+    flags += ["--max-concurrency", str(slots), "--queue-size", "16", "--max-context", "512"]
+    flags += ["--kv-cache-gib", "0.25"] if vllm else []
+    flags += ["--adapter-root", str(adapter_root), "--max-adapter-rank", "16"] if adapter_root else []
+    return flags
+
+
 def variants_by_name(client: EffllmClient) -> dict[str, pb.VariantInfo]:
     """GetModelInfo's variants, by name (the variants e2e modules)."""
     return {v.name: v for v in client.model_info().variants}

@@ -21,7 +21,7 @@ import pytest
 from effllm.api.v1 import generation_pb2 as pb
 
 from ..serverproc import ServerProcess, start_server
-from .conftest import variants_by_name, wait_idle
+from .conftest import two_variant_flags, variants_by_name, wait_idle
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 VLLM, INT4 = "fp32:vllm", "int4:hf"
@@ -43,18 +43,7 @@ class Outcome:
 @pytest.fixture(scope="module")
 def server(logs_dir: Path) -> Iterator[ServerProcess]:
     proc = start_server(
-        "--variant",
-        VLLM,
-        "--variant",
-        INT4,
-        "--max-concurrency",
-        str(SLOTS),
-        "--queue-size",
-        "16",
-        "--max-context",
-        "512",
-        "--kv-cache-gib",
-        "0.25",
+        *two_variant_flags((VLLM, INT4), SLOTS, vllm=True),
         log_dir=logs_dir,
         ready_timeout=900,  # vLLM's start-up plus its logprobs compile, on a shared 2-core box
     )

@@ -27,7 +27,7 @@ from effllm.telemetry.otlpjson import read_spans
 
 from ..adapterroot import AdapterRoot
 from ..serverproc import ServerProcess, start_server
-from .conftest import energy_choices, variants_by_name, wait_idle
+from .conftest import energy_choices, two_variant_flags, variants_by_name, wait_idle
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 SLOTS = 4
@@ -43,20 +43,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(adapter_root: AdapterRoot, run_dir: Path, logs_dir: Path) -> Iterator[ServerProcess]:
     proc = start_server(
-        "--variant",
-        FP32,
-        "--variant",
-        INT4,
-        "--max-concurrency",
-        str(SLOTS),
-        "--queue-size",
-        "16",
-        "--max-context",
-        "512",
-        "--adapter-root",
-        str(adapter_root.root),
-        "--max-adapter-rank",
-        "16",
+        *two_variant_flags((FP32, INT4), SLOTS, adapter_root=adapter_root.root),
         "--run-dir",
         str(run_dir),
         log_dir=logs_dir,

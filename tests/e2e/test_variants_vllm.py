@@ -25,7 +25,7 @@ from effllm.client import EffllmClient
 
 from ..adapterroot import AdapterRoot
 from ..serverproc import ServerProcess, start_server
-from .conftest import variants_by_name, wait_idle
+from .conftest import two_variant_flags, variants_by_name, wait_idle
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 SLOTS = 2
@@ -40,22 +40,7 @@ PARITY_REL = 1e-3
 @pytest.fixture(scope="module")
 def server(adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[ServerProcess]:
     proc = start_server(
-        "--variant",
-        VLLM,
-        "--variant",
-        INT4,
-        "--max-concurrency",
-        str(SLOTS),
-        "--queue-size",
-        "16",
-        "--max-context",
-        "512",
-        "--kv-cache-gib",
-        "0.25",
-        "--adapter-root",
-        str(adapter_root.root),
-        "--max-adapter-rank",
-        "16",
+        *two_variant_flags((VLLM, INT4), SLOTS, adapter_root=adapter_root.root, vllm=True),
         log_dir=logs_dir,
         ready_timeout=900,  # vLLM's start-up plus its logprobs compile, on a shared 2-core box
     )
