@@ -10,15 +10,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+from ..common.auth import AuthConfig, TlsConfig, is_loopback, security_config
 from ..common.auth import add_flags as add_security_flags
-from ..common.auth import is_loopback, security_config
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
 from ..telemetry.tracing import default_run_dir
 from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
-from .defaults import has_chat_template, load_sampling_defaults
+from .cluster.placement import parse_replicas
+from .defaults import SamplingDefaults, has_chat_template, load_sampling_defaults
 from .engines.base import PRECISIONS, AdapterHost, Engine, Precision
 from .faults import maybe_inject
 from .logs import route_transformers
@@ -190,6 +191,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME[@VERSION]",
         help="adapter to load before serving (repeatable)",
     )
+    c = p.add_argument_group("cluster (Ray Serve; needs the ray extra: pip install -e '.[ray]')")
+    c.add_argument(
+        "--replicas",
+        default=None,
+        metavar="N|MIN:MAX",
+        help="serve N replicas of this server (MIN:MAX: autoscale on ongoing requests) behind one address "
+        "on Ray Serve; none: one server, and Ray is never imported",
+    )
+    c.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (started with `ray start --head`); default: start a local one, capped, "
+        "and stop it on exit",
+    )
+    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+    c.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves for each replica")
+    c.add_argument(
+        "--ray-cpus", type=int, default=None, help="local cluster: CPUs it may use; default: this host's"
+    )
     add_telemetry_flags(p)
     p.set_defaults(func=run)
 
@@ -323,38 +343,20 @@ def run(args: argparse.Namespace) -> int:
                 "--prometheus-host %s: /metrics is served without auth or TLS (see docs/security.md)",
                 telemetry.prometheus_host,
             )
-        lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
-        engines = [maybe_inject(e) for e in build_engines(args)]
-        engine = engines[0]
-        host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
-        model = getattr(engine, "model", None)  # ResolvedModel on both engines
-        model_dir = model.path if model is not None else None
-        defaults = load_sampling_defaults(model_dir)
-        default_max_new = args.default_max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        config = ServerConfig(
-            host=args.host,
-            port=args.port,
-            max_concurrency=args.max_concurrency,
-            queue_size=args.queue_size,
-            max_message_bytes=int(args.max_message_mib * (1 << 20)),
-            grace_s=args.grace,
-            limits=Limits(
-                default_max_new_tokens=default_max_new,
-                max_new_tokens=args.max_new_tokens,
-                max_prompt_chars=args.max_prompt_chars,
-                max_prompt_tokens=args.max_prompt_tokens,
-                max_request_s=args.max_request_seconds,
-            ),
-            auth=auth,
-            tls=tls,
-            preload=tuple(args.preload),
-            sampling_defaults=defaults,
-            chat_template=has_chat_template(model_dir),
-            default_objective=args.default_objective,
-        )
+        if args.replicas:
+            replicas = parse_replicas(args.replicas)
+        else:
+            lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
+            engines, config, defaults = assemble(args, auth, tls)
+            engine = engines[0]
+            host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
     except (ValueError, OSError) as err:
         log.error("bad configuration: %s", err)
         return 2
+    if args.replicas:  # Ray is imported only here, and only when asked for
+        from .cluster.launch import run_cluster
+
+        return run_cluster(args, replicas, auth, tls, telemetry)
     info = engine.info
     log.info(
         "model %s (%s engine, %s on %s); run dir %s (log: %s)",
@@ -372,7 +374,7 @@ def run(args: argparse.Namespace) -> int:
         defaults.top_p,
         defaults.top_k,
         defaults.repetition_penalty,
-        default_max_new,
+        config.limits.default_max_new_tokens,
         "from generation_config.json: " + ", ".join(defaults.from_model)
         if defaults.from_model
         else "the model's generation_config.json sets none",
@@ -385,3 +387,37 @@ def run(args: argparse.Namespace) -> int:
             args.default_objective,
         )
     return asyncio.run(serve(engines, config, build_registry(args, host), telemetry))
+
+
+def assemble(
+    args: argparse.Namespace, auth: AuthConfig, tls: TlsConfig | None
+) -> tuple[list[Engine], ServerConfig, SamplingDefaults]:
+    """The engines (not started) and the ServerConfig the flags describe: one server core, whether it runs
+    alone or as a cluster replica (cluster/replica.py). Raises ValueError/OSError naming the bad flag."""
+    engines = [maybe_inject(e) for e in build_engines(args)]
+    model = getattr(engines[0], "model", None)  # ResolvedModel on both engines
+    model_dir = model.path if model is not None else None
+    defaults = load_sampling_defaults(model_dir)
+    default_max_new = args.default_max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_concurrency=args.max_concurrency,
+        queue_size=args.queue_size,
+        max_message_bytes=int(args.max_message_mib * (1 << 20)),
+        grace_s=args.grace,
+        limits=Limits(
+            default_max_new_tokens=default_max_new,
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_chars=args.max_prompt_chars,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_request_s=args.max_request_seconds,
+        ),
+        auth=auth,
+        tls=tls,
+        preload=tuple(args.preload),
+        sampling_defaults=defaults,
+        chat_template=has_chat_template(model_dir),
+        default_objective=args.default_objective,
+    )
+    return engines, config, defaults

@@ -6,7 +6,9 @@ would surface; requests with other ids are untouched. The server must turn that 
 request, free its slot (the wrapped stream is closed, which aborts it in the engine) and keep the rest of the
 batch going. `engine_delay_prefix=slow-,engine_delay_s=3600` makes `slow-*` requests stall that long
 inside the engine (holding their slot) before their first token: a request that cannot finish in time,
-for the request-time cap. Nothing here runs unless the variable is set.
+for the request-time cap. `process_exit_prefix=die-` makes the whole process exit at once when a `die-*`
+request reaches the engine (a cluster replica killed mid-traffic, tests/e2e/test_cluster.py).
+Nothing here runs unless the variable is set.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Failpoints:
     engine_raise_after: int = 1
     engine_delay_prefix: str = ""
     engine_delay_s: float = 0.0
+    process_exit_prefix: str = ""
 
     def __post_init__(self) -> None:
         if self.engine_raise_after < 0 or self.engine_delay_s < 0:
@@ -45,7 +48,7 @@ class Failpoints:
         for item in text.split(","):
             key, _, value = item.partition("=")
             key = key.strip()
-            if key in ("engine_raise_prefix", "engine_delay_prefix"):
+            if key in ("engine_raise_prefix", "engine_delay_prefix", "process_exit_prefix"):
                 fields[key] = value.strip()
             elif key == "engine_raise_after":
                 fields[key] = int(value)
@@ -71,6 +74,9 @@ class FaultyEngine:
         fp = self.failpoints
         doomed = bool(fp.engine_raise_prefix) and request.request_id.startswith(fp.engine_raise_prefix)
         slow = bool(fp.engine_delay_prefix) and request.request_id.startswith(fp.engine_delay_prefix)
+        if fp.process_exit_prefix and request.request_id.startswith(fp.process_exit_prefix):
+            log.error("failpoint: process exit on %s", request.request_id)
+            os._exit(1)
         # aclosing: the raise below must close (and so abort) the real engine stream at once, not at GC.
         if slow:  # stall before the engine sees it: a per-token delay would not do (the engine decodes on)
             await asyncio.sleep(fp.engine_delay_s)
