@@ -6,8 +6,10 @@ Order of preference:
 2. among those (or among all, when none holds it: then the least loaded one is assigned the adapter), by the
    request's objective from each replica's live figures (LATENCY: predicted TTFT then TPOT; ENERGY: J/token);
 3. then by load: (running + queued) / slots.
-A replica whose load is at or over its slots is overloaded: the request spills to the best replica that is
-not, which then loads the adapter (and becomes a second holder). Every replica still appears in the ranking,
+A replica with work for two rounds of its slots (running + queued >= 2 x slots) is overloaded: the request
+spills to the best replica that is not, which then loads the adapter (and becomes a second holder). Below
+that a burst waits its turn in the holder's queue: one round of queueing costs less than loading the
+adapter again elsewhere and spreading its tenants' residency. Every replica still appears in the ranking,
 so the caller can fall back down the list when the first choice refuses.
 Invariant: no Ray, no torch, no clock, no I/O; the same inputs give the same ranking.
 """
@@ -18,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ...api.objectives import OBJECTIVES
+
+SPILL_ROUNDS = 2  # a replica with this many rounds of its slots in work sends a request elsewhere
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class ReplicaState:
 
     @property
     def overloaded(self) -> bool:
-        return self.running + self.queued >= self.slots
+        return self.running + self.queued >= SPILL_ROUNDS * self.slots
 
 
 @dataclass(frozen=True)

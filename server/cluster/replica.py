@@ -207,13 +207,6 @@ class Replica:
         if not self.server._alive():
             raise RuntimeError(f"replica {self.replica_id}: the engine died")
 
-    async def forced_figures(self, ttft_s: float, tpot_s: float, j_per_token: float) -> str:
-        """Tests and operators: set this replica's live figures (every variant's), as if measured."""
-        for v in self.server.variants.variants:
-            v.figures.ttft_s, v.figures.tpot_s, v.figures.j_per_token = ttft_s, tpot_s, j_per_token
-            v.figures.requests = max(v.figures.requests, 1)
-        return self.replica_id
-
 
 class Ledger:
     """The cluster's admin record (a small named Ray actor, launch.py): published and pinned adapters, in

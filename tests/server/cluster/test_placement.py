@@ -31,19 +31,19 @@ def test_a_burst_on_a_new_adapter_stays_on_the_replica_first_assigned() -> None:
     replicas = [r("a"), r("b")]
     first = choose(replicas, Want("x"))
     assigned = {"x": frozenset({first.assign})}
-    # the first request now occupies its replica; the rest of the burst still goes there while it has room
-    busy = [r(i, running=1 if i == first.assign else 0) for i in ("a", "b")]
+    # its slots taken and one more waiting: the rest of the burst still queues there, no second load
+    busy = [r(i, running=2, queued=1) if i == first.assign else r(i) for i in ("a", "b")]
     again = choose(busy, Want("x"), assigned)
     assert again.ranking[0] == first.assign and again.assign == ""
 
 
 def test_overload_spills_to_a_free_replica_which_is_assigned_the_adapter() -> None:
-    placed = choose([r("a", "x", running=2, queued=1), r("b", running=0)], Want("x"))
+    placed = choose([r("a", "x", running=2, queued=2), r("b", running=0)], Want("x"))
     assert placed.ranking == ("b", "a") and placed.assign == "b"
 
 
 def test_when_every_replica_is_full_the_request_stays_with_a_holder() -> None:
-    placed = choose([r("a", "x", running=2, queued=3), r("b", running=2, queued=1)], Want("x"))
+    placed = choose([r("a", "x", running=2, queued=3), r("b", running=2, queued=2)], Want("x"))
     assert placed.ranking[0] == "a" and placed.assign == ""
 
 
@@ -58,7 +58,7 @@ def test_energy_and_latency_choose_different_replicas_from_their_figures() -> No
 
 
 def test_a_full_replica_goes_behind_a_free_one_whatever_its_figures() -> None:
-    fast = r("fast", running=2, ttft_s=0.01, tpot_s=0.01)
+    fast = r("fast", running=2, queued=2, ttft_s=0.01, tpot_s=0.01)
     slow = r("slow", ttft_s=1.0, tpot_s=0.1)
     assert choose([fast, slow], Want()).ranking == ("slow", "fast")
 
