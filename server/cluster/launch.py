@@ -122,14 +122,16 @@ def deployment_options(args: argparse.Namespace, replicas: tuple[int, int]) -> d
     from ray.serve.config import RequestRouterConfig
 
     low, high = replicas
+    # the routing stats every half second: the router's load figure between them is its own count of calls
+    router: dict[str, Any] = dict(
+        request_router_class=ROUTER, request_routing_stats_period_s=0.5, request_routing_stats_timeout_s=5.0
+    )
     options: dict[str, Any] = dict(
         name=DEPLOYMENT,
         ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         # Serve's own cap per replica: the slots and the queue, and a few admin and stats calls besides
         max_ongoing_requests=args.max_concurrency + args.queue_size + 8,
-        request_router_config=RequestRouterConfig(
-            request_router_class=ROUTER, request_routing_stats_period_s=0.5, request_routing_stats_timeout_s=5
-        ),
+        request_router_config=RequestRouterConfig(**router),
         health_check_period_s=2.0,
         health_check_timeout_s=60.0,
         graceful_shutdown_timeout_s=max(args.grace, 1.0),
@@ -225,11 +227,12 @@ async def _serve(
         loop.add_signal_handler(sig, on_signal)
     try:
         started = time.monotonic()
-        deploy = loop.run_in_executor(
+        deploy: asyncio.Future[Any] = loop.run_in_executor(
             None, lambda: serve.run(app, name=APP, route_prefix=None, blocking=False)
         )
-        waiter = loop.create_task(stopped.wait())
-        await asyncio.wait({deploy, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter: asyncio.Future[Any] = loop.create_task(stopped.wait())
+        await asyncio.wait([deploy, waiter], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
         if stopped.is_set():
             return 0
         deploy.result()

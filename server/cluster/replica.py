@@ -85,7 +85,9 @@ class ReplicaContext:
 class Replica:
     """The deployment class (launch.py wraps it with serve.deployment)."""
 
-    async def __init__(
+    # NOTE: Serve awaits an async constructor (Ray 2.60's replica wrapper): the model and the ledger's
+    # adapters load before the replica is RUNNING, so no request reaches a replica still loading.
+    async def __init__(  # type: ignore[misc]
         self, flags: dict[str, Any], telemetry: TelemetryConfig | None, auth: AuthConfig
     ) -> None:
         from ray import serve
