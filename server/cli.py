@@ -205,6 +205,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="join this Ray cluster (started with `ray start --head`); default: start a local one, capped, "
         "and stop it on exit",
     )
+    c.add_argument(
+        "--attach",
+        action="store_true",
+        help="with --ray-address: serve the replicas a RayService already deployed (serveConfigV2 "
+        "import_path effllm.server.cluster.launch:build_app); neither deploy nor delete them",
+    )
     c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
     c.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves for each replica")
     c.add_argument(
@@ -345,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
             )
         if args.replicas:
             replicas = parse_replicas(args.replicas)
+            if args.attach and not args.ray_address:
+                raise ValueError("--attach: give --ray-address, the cluster whose application to serve")
         else:
             lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
             engines, config, defaults = assemble(args, auth, tls)

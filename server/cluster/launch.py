@@ -84,10 +84,10 @@ def run_cluster(
         )
         return asyncio.run(_serve(args, replicas, auth, tls, telemetry))
     finally:
-        _stop_ray(local, tmp, telemetry.run_dir)
+        _stop_ray(local, tmp, telemetry.run_dir, delete_app=not args.attach)
 
 
-def _stop_ray(local: bool, tmp: Path, run_dir: Path | None) -> None:
+def _stop_ray(local: bool, tmp: Path, run_dir: Path | None, delete_app: bool = True) -> None:
     """Delete the application (Serve drains each replica), then stop a cluster this process started. Each
     step is bounded: a cluster whose raylet is already gone must not hang the exit."""
     import ray
@@ -104,7 +104,7 @@ def _stop_ray(local: bool, tmp: Path, run_dir: Path | None) -> None:
         worker.start()
         worker.join(seconds)
 
-    if ray.is_initialized():
+    if ray.is_initialized() and delete_app:  # an attached front leaves the RayService's application alone
         bounded(lambda: serve.delete(APP), 60.0)
         if local:
             bounded(serve.shutdown, 30.0)
@@ -150,6 +150,32 @@ def deployment_options(args: argparse.Namespace, replicas: tuple[int, int]) -> d
     return options
 
 
+def replica_app(
+    args: argparse.Namespace, replicas: tuple[int, int], auth: AuthConfig, telemetry: TelemetryConfig | None
+) -> Any:
+    """The Serve application of the replicas, from `effllm serve`'s flags."""
+    from ray import serve
+
+    flags = {k: v for k, v in vars(args).items() if k != "func"}
+    return serve.deployment(**deployment_options(args, replicas))(Replica).bind(flags, telemetry, auth)
+
+
+def build_app(config: dict[str, Any]) -> Any:
+    """Serve's declarative entry point (serveConfigV2 `import_path: effllm.server.cluster.launch:build_app`,
+    as a RayService on KubeRay deploys it): `args: {flags: [...]}` are `effllm serve`'s flags, --replicas
+    among them. The front then runs with `--ray-address ADDR --attach`. Replicas run without telemetry
+    here."""
+    from ...common.auth import security_config
+    from ..cli import add_parser
+    from .placement import parse_replicas
+
+    parser = argparse.ArgumentParser(prog="effllm")
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", *map(str, config.get("flags", []))])
+    auth, _ = security_config(args)
+    return replica_app(args, parse_replicas(args.replicas or "1"), auth, None)
+
+
 async def _serve(
     args: argparse.Namespace,
     replicas: tuple[int, int],
@@ -161,14 +187,17 @@ async def _serve(
     from ray import serve
 
     serve.start(proxy_location="Disabled")
+    # Joined to a lasting cluster (KubeRay), the record must outlive this front: a restarted front finds it.
+    lifetime = "detached" if args.ray_address else None
     ledger = (
-        ray.remote(num_cpus=0)(Ledger).options(name=LEDGER, namespace=NAMESPACE, get_if_exists=True).remote()
+        ray.remote(num_cpus=0)(Ledger)
+        .options(name=LEDGER, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime)
+        .remote()
     )
-    flags = {k: v for k, v in vars(args).items() if k != "func"}
     tele = (
         replace(telemetry, run_dir=Path(telemetry.run_dir or ".") / "replicas") if telemetry.enabled else None
     )
-    app = serve.deployment(**deployment_options(args, replicas))(Replica).bind(flags, tele, auth)
+    app = replica_app(args, replicas, auth, tele)
 
     health = HealthServicer()
     cluster = Cluster(handle=None)
@@ -228,7 +257,8 @@ async def _serve(
     try:
         started = time.monotonic()
         deploy: asyncio.Future[Any] = loop.run_in_executor(
-            None, lambda: serve.run(app, name=APP, route_prefix=None, blocking=False)
+            None,
+            (lambda: serve.status()) if args.attach else lambda: serve.run(app, name=APP, route_prefix=None),
         )
         waiter: asyncio.Future[Any] = loop.create_task(stopped.wait())
         await asyncio.wait([deploy, waiter], return_when=asyncio.FIRST_COMPLETED)
