@@ -30,7 +30,6 @@ from ...api.v1 import adapters_pb2 as apb
 from ...api.v1 import adapters_pb2_grpc as apb_grpc
 from ...api.v1 import generation_pb2 as pb
 from ...api.v1 import generation_pb2_grpc as pb_grpc
-from ...common.adapter_paths import parse_ref
 from .replica import Refusal, Route
 from .routing import VIEW
 
@@ -81,9 +80,9 @@ async def _fail(context: grpc.aio.ServicerContext, err: BaseException, what: str
 class Cluster:
     """The front's side of the deployment handle: one call, one replica (routed), or every replica."""
 
-    def __init__(self, handle: Any, call_timeout_s: float = 600.0) -> None:
+    def __init__(self, handle: Any, call_timeout_s: float = 120.0) -> None:
         self.handle = handle
-        self.call_timeout_s = call_timeout_s
+        self.call_timeout_s = call_timeout_s  # per replica, for the calls sent to each (admin, stats)
         self.draining = False
         self.ready = False
         self.in_flight = 0
@@ -295,7 +294,6 @@ class FrontAdapters(apb_grpc.AdapterServiceServicer):
     ) -> apb.AdapterInfo:
         replies = await _every(self.cluster, "PinAdapter", request, context, apb.AdapterInfo)
         first = next(iter(replies.values()))
-        parse_ref(f"{first.name}@{first.version}")
         await self.ledger.pinned.remote(f"{first.name}@{first.version}", request.pinned)
         return _merged(first, replies)
 

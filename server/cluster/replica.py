@@ -109,6 +109,8 @@ class Replica:
                 run_dir=Path(base) / f"replica-{self.replica_id}",
                 prometheus_port=None,
                 trace_file=None,
+                # every span and metric of this replica names it (OTel's service.instance.id)
+                resource_attributes={**telemetry.resource_attributes, "service.instance.id": self.replica_id},
             )
         tele = start_telemetry(
             engines[0], telemetry, lambda: (self.server.variants.queued, self.server.variants.running)
