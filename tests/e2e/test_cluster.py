@@ -155,13 +155,24 @@ def test_admin_calls_are_cluster_wide_and_a_replacement_replica_loads_the_set(fr
         apb.PinAdapterRequest(name="demo", version="1", pinned=True), timeout=60
     )
     assert pinned.pinned and len(pinned.replicas) == 2
-    # A replica dies mid-traffic (the die- request kills its process before anything is produced): every
-    # request, that one included, is retried on the other replica and succeeds.
+    # A replica dies mid-traffic: a stream on adapter f3 is producing tokens on it when a die- request for
+    # f3 (so routed to the same replica) kills its process. The stream fails UNAVAILABLE; every request that
+    # had produced nothing, the die- one included, is retried on the other replica and succeeds.
+    stream = front.gen.GenerateStream(
+        pb.GenerateRequest(
+            prompt="Count.", adapter="f3", sampling=pb.SamplingParams(max_new_tokens=200, ignore_eos=True)
+        ),
+        timeout=300,
+    )
+    assert next(stream).token_ids  # producing
     with ThreadPoolExecutor(5) as pool:
         work = [pool.submit(front.generate, "demo@1", "", 8) for _ in range(4)]
-        work.append(pool.submit(front.generate, "", "die-now", 4))
+        work.append(pool.submit(front.generate, "f3", "die-now", 4))
         results = [w.result(timeout=300) for w in work]
     assert all(reply.usage.output_tokens >= 1 for reply, _ in results)
+    with pytest.raises(grpc.RpcError) as cut:
+        list(stream)
+    assert cut.value.code() == grpc.StatusCode.UNAVAILABLE and "mid-stream" in cut.value.details()
     # Ray replaces it; the replacement loads the pinned set before it takes traffic
     deadline = time.monotonic() + 240
     while True:
