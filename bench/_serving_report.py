@@ -17,6 +17,7 @@ LABELS = {
     "effllm-vllm": "effllm gRPC, vllm engine",
     "effllm-hf": "effllm gRPC, hf engine",
     "effllm-hf-compiled": "effllm gRPC, hf engine, compiled decode",
+    "effllm-auto": "effllm serve with no flags (auto)",
     "hf-generate": "transformers static-batch generate",
 }
 BASELINE = "vllm-offline"

@@ -332,8 +332,9 @@ def table(tput: list[Throughput], loads: list[LoadLatency]) -> str:
 
 
 def cpu_model() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    from effllm.telemetry.machine import machine
+
+    return machine().cpu_model
 
 
 def main() -> int:

@@ -99,7 +99,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
     from effllm.server.engines.base import AdapterSpec, Sampling
-    from effllm.server.engines.hf_batch import Batch, Row
+    from effllm.server.engines.hf_batch import Batch
+    from effllm.server.engines.hf_decoder import Row
     from effllm.server.engines.hf_text import TextStream
     from effllm.tuner.synthetic import make_adapter
 
@@ -149,16 +150,18 @@ def main() -> int:
     ) -> None:
         batch = Batch(model, set(), args.device)
         t0 = time.perf_counter()
+        decoder = None
         if compiled:  # as the engine does with compile_decode: warm-up, then the adapters (re-warm)
             from effllm.server.engines.hf_compiled import CompiledDecoder
 
             max_len = 128 + args.steps  # prompt + the steps timed below
-            batch.compiled = CompiledDecoder(model, batch.stack, args.device, len(adapters), max_len)
-            batch.compiled.warm_up()
+            decoder = CompiledDecoder(model, batch.stack, args.device, len(adapters), max_len)
+            decoder.warm_up()
+            batch.use(decoder)
         for name in load:
             batch.add_adapter(specs[name])
-        if compiled:
-            warm[label] = (time.perf_counter() - t0, batch.compiled.graphs, batch.compiled.mode)
+        if decoder is not None:
+            warm[label] = (time.perf_counter() - t0, decoder.graphs, decoder.mode)
         batch.step([], [])
         batch.step(rows(adapters), [])
         results[label] = timed(args.device, lambda: batch.step([], []), args.steps)

@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import _objectives_table as table
 from effllm.common.budget import Budget
 from effllm.loadtest.objectives import ObjectiveMix
 from effllm.loadtest.workload import LengthDist, PromptSource, Workload
+from effllm.telemetry.machine import machine as this_machine
 
 
 def machine() -> dict[str, Any]:
@@ -45,12 +45,8 @@ def machine() -> dict[str, Any]:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1 (launcher default)"),
         "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"),
     }
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        info["cpu_model"] = fields.get("Model name", "?").strip()
-    except (OSError, subprocess.SubprocessError):
-        info["cpu_model"] = "?"
+    m = this_machine()
+    info["cpu_model"], info["cpu_flags"] = m.cpu_model, m.cpu_flags
     return info
 
 

@@ -6,7 +6,7 @@ the variant that really costs less?
 
 1. `--restarts` times: `effllm serve --variant A --variant B` (a server as a user starts it: no OpenMP
    override), read each variant's start-up figures from GetModelInfo before any request (J/token, TPOT,
-   with their spread and sample count where the server reports them), then send `--requests` ENERGY
+   with their spread and sample count), then send `--requests` ENERGY
    requests one at a time (greedy, ignore_eos, exactly `--max-new-tokens` tokens each) and count which
    variant served each; stop the server.
 2. Each variant alone (`effllm serve --variant A`): the same requests, its J/token from every final
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from effllm.client.launch import ServerProcess, free_port, wait_serving
-from effllm.telemetry.machine import describe_machine
+from effllm.telemetry.machine import machine
 
 PROMPT = "Here is a long, detailed story about a lighthouse keeper.\n\nChapter 1\n\nIt was"
 
@@ -64,9 +64,8 @@ def start_figures(server: ServerProcess) -> dict[str, dict[str, Any]]:
             "ttft_s": live.time_to_first_token_s,
             "energy_source": live.energy_source,
         }
-        for extra in ("j_per_token_lo", "j_per_token_hi", "samples"):  # where the server reports a spread
-            if hasattr(live, extra):
-                fig[extra] = getattr(live, extra)
+        j = live.joules  # the start-up figure as a measurement: median, interval, sample count
+        fig.update(j_median=j.median, j_low=j.low, j_high=j.high, j_samples=j.samples)
         out[v.name] = fig
     return out
 
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     logs = Path(tempfile.mkdtemp(prefix="effllm-restarts-"))
-    result: dict[str, Any] = {"machine": describe_machine().to_dict(), "variants": variants, "restarts": []}
+    result: dict[str, Any] = {"machine": machine().to_dict(), "variants": variants, "restarts": []}
     result["load_before"] = os.getloadavg()
 
     for i in range(a.restarts):

@@ -7,6 +7,8 @@ Sides (each in its own child process, one at a time, so none competes with anoth
   effllm-hf     `effllm serve --engine hf` (the only side that also runs int4 on CPU)
   effllm-hf-compiled  the same with --compile-decode (static KV cache, one torch.compile'd step; its
                 warm-up is paid at start-up, before the server turns SERVING, outside the timings)
+  effllm-auto   `effllm serve` with no precision, engine or compile flag: what `auto` picks on this machine
+                (and from a stored `effllm calibrate`), run as precision "auto"
   hf-generate   plain transformers `generate` in static batches of `c`
 Every side gets the same completion-style prompts (the same token ids), greedy decoding and a fixed
 N new tokens (ignore_eos + min_tokens on vLLM, min_new_tokens == max_new_tokens on transformers,
@@ -47,13 +49,14 @@ TOPICS = [
     "the life of a honeybee",
     "an old sailing ship",
 ]
-SIDES = ("vllm-offline", "effllm-vllm", "effllm-hf", "effllm-hf-compiled", "hf-generate")
+SIDES = ("vllm-offline", "effllm-vllm", "effllm-hf", "effllm-hf-compiled", "effllm-auto", "hf-generate")
 PRECISIONS = {  # side -> precisions it runs on CPU
     "vllm-offline": ("fp32", "bf16", "fp16"),
     "effllm-vllm": ("fp32", "bf16", "fp16"),
     "effllm-hf": ("fp32", "bf16", "fp16", "int4"),
     "effllm-hf-compiled": ("fp32", "bf16", "fp16", "int4"),
     "hf-generate": ("fp32", "bf16", "fp16"),
+    "effllm-auto": ("auto",),
 }
 TORCH_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MAX_CONTEXT = 1024
@@ -68,16 +71,16 @@ def prompts(n: int) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "load_avg": os.getloadavg()}
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        info["cpu_model"] = fields.get("Model name", "?").strip()
-        flags = fields.get("Flags", "").split()
-        info["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except (OSError, subprocess.SubprocessError):
-        info["cpu_model"] = "?"
-    return info
+    from effllm.telemetry.machine import load_average
+    from effllm.telemetry.machine import machine as this_machine
+
+    m = this_machine()
+    return {
+        "cpu_count": m.cores,
+        "load_avg": load_average(),
+        "cpu_model": m.cpu_model,
+        "cpu_flags": m.cpu_flags,
+    }
 
 
 # --- the sides (child processes) --------------------------------------------------------------------------
@@ -221,14 +224,9 @@ def side_effllm(args: argparse.Namespace, side: str) -> dict[str, Any]:
 
     engine = "hf" if side.startswith("effllm-hf") else "vllm"
     log_dir = Path(args.out).parent
-    flags = [
-        "--engine",
-        engine,
-        "--precision",
-        args.precision,
-        "--max-concurrency",
-        str(max(args.concurrency)),
-    ]
+    flags = ["--max-concurrency", str(max(args.concurrency))]
+    if side != "effllm-auto":  # auto: the server decides precision, engine and compiled decode itself
+        flags += ["--engine", engine, "--precision", args.precision]
     flags += ["--max-context", str(MAX_CONTEXT), "--kv-cache-gib", str(args.kv_cache_gib)]
     flags += ["--vllm-compile"] if args.vllm_compile and engine == "vllm" else []
     flags += ["--compile-decode"] if side == "effllm-hf-compiled" else []
@@ -292,7 +290,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     ap.add_argument(
-        "--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16", "int4"]
+        "--precisions",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16", "fp16", "int4", "auto"],
+        help="auto: the effllm-auto side (the server's own choice)",
     )
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=4, help="requests per level (at least 2 x concurrency)")

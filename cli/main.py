@@ -18,6 +18,7 @@ if _lifeline.spawned_child():  # vLLM's engine core started with `spawn` (CUDA):
 # Each module has `add_parser(subparsers)`; what it runs imports the model stack lazily.
 _COMMANDS = (
     "effllm.server.cli",
+    "effllm.server.calibrate",
     "effllm.client.cli",
     "effllm.client.chat",
     "effllm.client.adapters_cli",
@@ -25,6 +26,7 @@ _COMMANDS = (
     "effllm.loadtest.cli",
     "effllm.tuner.cli",
     "effllm.cli.bench",
+    "effllm.cli.models",
 )
 
 

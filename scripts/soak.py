@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import signal
 import sys
@@ -357,9 +356,9 @@ def main() -> int:
     data["codes"], data["kinds"] = dict(report.codes), dict(report.kinds)
     data["adapter_requests"] = dict(report.adapter_requests)
     data["bad_adapter_refusals"] = dict(report.bad_adapter_refusals)
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")]
-    data["cpu"] = models[0] if models else platform.machine()
+    from effllm.telemetry.machine import machine
+
+    data["cpu"] = machine().cpu_model
     data["loadavg_end"] = os.getloadavg()
     args.out.write_text(json.dumps(data, indent=2))
     print(f"wrote {args.out}")

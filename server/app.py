@@ -3,7 +3,8 @@
 Order matters: the port opens first with health NOT_SERVING (so orchestrators can watch the load), the
 engine starts, health turns SERVING. On SIGTERM/SIGINT health turns NOT_SERVING, new requests get
 UNAVAILABLE, in-flight ones finish within the grace period, then the process exits 0; a second signal
-stops at once.
+stops at once. A variant whose engine dies leaves routing and its requests end UNAVAILABLE while the
+others serve on (health stays SERVING); once every variant is dead the server stops with ENGINE_DIED_EXIT.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..common.adapter_paths import parse_ref
 from ..common.auth import AuthConfig, AuthInterceptor, TlsConfig
+from ..telemetry.energy import resolve_watts_per_core
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
@@ -35,7 +37,7 @@ from .engines.base import AdapterHost, EffllmError, Engine
 from .router import OBJECTIVES
 from .runner import Runner
 from .service import GenerationService, Limits
-from .variants import LiveFigures, Variant, VariantAdapters, VariantSet
+from .variants import EXPLORE_SHARE, LiveFigures, Variant, VariantAdapters, VariantSet
 
 if TYPE_CHECKING:
     from ..telemetry.serving import ServerTelemetry
@@ -66,6 +68,11 @@ class ServerConfig:
     # what a server without variants gives it, the fastest answer, and ranking by predicted latency also
     # spreads load over the variants.
     default_objective: str = "latency"
+    # The CPU energy estimate's watts per core (serve --watts-per-core); None: EFFLLM_WATTS_PER_CORE or
+    # the default. Resolved once, in EffllmServer, for the start-up J/token figures.
+    watts_per_core: float | None = None
+    # At most this share of routed requests goes to a stale variant to refresh its figures (0: never).
+    explore_share: float = EXPLORE_SHARE
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -76,6 +83,8 @@ class ServerConfig:
             raise ValueError("max_message_bytes >= 1024 and grace_s >= 0 are required")
         if self.default_objective not in OBJECTIVES:
             raise ValueError(f"default_objective {self.default_objective!r} is not one of {OBJECTIVES}")
+        if not 0.0 <= self.explore_share <= 1.0:
+            raise ValueError(f"explore_share {self.explore_share} is not in 0..1")
 
 
 class EffllmServer:
@@ -101,9 +110,12 @@ class EffllmServer:
         shared = self.adapters.engine
         if len(engines) > 1 and not isinstance(shared, VariantAdapters):
             raise ValueError("several variants need an AdapterRegistry over VariantAdapters(engines)")
+        self.watts_per_core = resolve_watts_per_core(config.watts_per_core)  # flag > env > default
         variants = []
         for e in engines:
-            figures = LiveFigures()
+            # with several variants, live J/token from each engine's own CPU (LiveFigures.own_joules)
+            own = (lambda e=e: e.cpu_seconds() * self.watts_per_core) if len(engines) > 1 else None
+            figures = LiveFigures(own_joules=own)
             runner = Runner(
                 e,
                 config.max_concurrency,
@@ -114,9 +126,14 @@ class EffllmServer:
             )
             variants.append(Variant(e, runner, figures))
         self.variants = VariantSet(
-            variants, config.default_objective, shared if isinstance(shared, VariantAdapters) else None
+            variants,
+            config.default_objective,
+            shared if isinstance(shared, VariantAdapters) else None,
+            config.explore_share,
         )
         self.variants.peek = self.adapters.peek
+        if telemetry is not None:
+            telemetry.watch_variants(self.variants.states)
         self.runner = self.variants.default.runner
         self.generation = GenerationService(
             self.variants,
@@ -177,7 +194,7 @@ class EffllmServer:
     async def load(self) -> None:
         for engine in self.engines:  # one at a time: each loads its weights (memory peaks stay apart)
             await engine.start()
-        await self.variants.measure(self.config.limits.default_max_new_tokens)
+        await self.variants.measure(self.config.limits.default_max_new_tokens, self.watts_per_core)
         for ref in self.config.preload:
             try:
                 await self.adapters.load(*parse_ref(ref))
@@ -198,19 +215,38 @@ class EffllmServer:
         log.info("ready: %s %s on %s:%d", info.model, hosted, self.config.host, self.port)
 
     async def _watch_engine(self) -> None:
-        """An engine that died (vLLM's engine core can) serves nothing again: stop being SERVING at once so
-        balancers and round_robin clients go elsewhere, then exit non-zero for the supervisor to restart."""
+        """An engine that died (vLLM's engine core can) serves nothing again. Its variant is marked dead
+        (routing already skips it: `Variant.alive`) while the others serve on; once every variant is dead,
+        stop being SERVING at once so balancers and round_robin clients go elsewhere, then exit non-zero
+        for the supervisor to restart."""
         while self._server is not None:
             await asyncio.sleep(self.watch_interval_s)
-            # A draining server shuts its engine down on purpose: that is not a death.
-            if self._server is not None and not self.generation.draining and not self._alive():
+            # A draining server shuts its engines down on purpose: that is not a death.
+            if self._server is None or self.generation.draining:
+                continue
+            for v in self.variants.variants:
+                if not v.dead and not v.engine.alive():
+                    self.variants.mark_dead(v)
+                    self._variant_died(v)
+            if all(v.dead for v in self.variants.variants):
                 self.failure = "the engine died"
                 log.error("engine died: health NOT_SERVING, stopping (exit code %d)", ENGINE_DIED_EXIT)
                 await self.drain(grace_s=0.0)
                 return
 
-    def _alive(self) -> bool:
-        return all(e.alive() for e in self.engines)
+    def _variant_died(self, dead: Variant) -> None:
+        live = [v.name for v in self.variants.variants if not v.dead]
+        if not live:
+            return  # the last one (or the only one): the server stops, as the caller logs
+        log.error(
+            "variant %s died: its engine serves nothing more, its %d running and %d queued requests end "
+            "UNAVAILABLE; %s keep%s serving (health stays SERVING)",
+            dead.name,
+            dead.runner.running,
+            dead.runner.queued,
+            ", ".join(live),
+            "s" if len(live) == 1 else "",
+        )
 
     async def shutdown_engines(self) -> None:
         for engine in self.engines:

@@ -1,4 +1,6 @@
-"""`effllm serve`: flags -> ServerConfig + engine config, then run the server."""
+"""`effllm serve`: flags -> EngineArgs (server/engine_args.py builds the engines) + ServerConfig, then run
+the server; with --replicas, the same server core per replica on Ray Serve (server/cluster/, imported only
+then)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
 
 from ..common.auth import AuthConfig, TlsConfig, is_loopback, security_config
 from ..common.auth import add_flags as add_security_flags
@@ -20,7 +21,9 @@ from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .cluster.placement import parse_replicas
 from .defaults import SamplingDefaults, has_chat_template, load_sampling_defaults
-from .engines.base import PRECISIONS, AdapterHost, Engine, Precision
+from .engine_args import EngineArgs, build_engines
+from .engines import compile_cache
+from .engines.base import AdapterHost, Engine
 from .faults import maybe_inject
 from .logs import route_transformers
 from .logs import setup as setup_logging
@@ -39,52 +42,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    add_serve_flags(p)
+    add_cluster_flags(p)
+    p.set_defaults(func=run)
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """Every `effllm serve` flag (`effllm calibrate` takes them too, to measure what this server hosts):
+    the engine flags come from EngineArgs (server/engine_args.py), the server's own are here."""
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument(
-        "--model", default=None, help="local HF dir or hub id; default: embedded SmolLM2-135M-Instruct"
-    )
-    p.add_argument(
-        "--engine",
-        choices=("auto", "vllm", "hf"),
-        default="auto",
-        help="auto: vllm, unless the precision or an adapter method needs hf "
-        "(int4 on CPU, or dora in --adapter-methods); int4 on CUDA: vllm runs the checkpoint's AWQ/GPTQ "
-        "weights or bitsandbytes in-flight, hf runs bitsandbytes NF4",
-    )
-    p.add_argument(
-        "--adapter-methods",
-        default="lora,rslora",
-        help="adapter methods this server must serve (comma list of lora, rslora, dora); "
-        "dora is served by the hf engine only",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("auto", *PRECISIONS),
-        default="auto",
-        help="auto: fp32 on CPU (fastest here), bf16 on CUDA",
-    )
-    p.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="PRECISION[:ENGINE]",
-        help="host this variant of the model (repeatable; ENGINE defaults to --engine): each is its own "
-        "engine with its own batch, and the router picks one per request by its objective; none: one "
-        "variant from --precision and --engine",
-    )
+    adapters = EngineArgs.add_cli_args(p)
     p.add_argument(
         "--default-objective",
         choices=OBJECTIVES,
         default="latency",
         help="the objective of a request that names none (latency: what a server without variants gives)",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-concurrency", type=int, default=32, help="requests decoded together (batch slots)")
+    p.add_argument(
+        "--explore-share",
+        type=float,
+        default=ServerConfig.explore_share,
+        help="with several variants: at most this share of requests goes to the variant whose figures are "
+        "stalest, so a bad figure corrects itself from served traffic (0: off)",
+    )
     p.add_argument(
         "--queue-size", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED"
     )
-    p.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens")
     p.add_argument(
         "--max-new-tokens",
         type=int,
@@ -97,44 +81,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="max_new_tokens of a request that sets none; default: the model's generation_config.json "
         f"max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS}",
-    )
-    p.add_argument(
-        "--kv-cache-gib",
-        type=float,
-        default=1.0,
-        help="vLLM CPU KV cache size (GiB), reserved up front by each vLLM variant",
-    )
-    p.add_argument(
-        "--tensor-parallel-size",
-        type=int,
-        default=1,
-        help="vLLM: shard the model over this many GPUs of this host",
-    )
-    p.add_argument(
-        "--vllm-compile",
-        action="store_true",
-        help="vLLM: compiled mode (torch.compile; inductor on CPU) instead of enforce_eager; start-up "
-        "pays the compile. vLLM turns it off itself on CPU when adapters are enabled",
-    )
-    p.add_argument(
-        "--compile-decode",
-        action="store_true",
-        help="hf engine: decode base and LoRA/rsLoRA rows on a static KV cache with one torch.compile'd "
-        "step (batch buckets 1, 2, 4, ... up to --max-concurrency), compiled at start-up before SERVING; "
-        "DoRA rows stay eager",
-    )
-    p.add_argument(
-        "--stream-interval",
-        type=int,
-        default=1,
-        help="vLLM: tokens a stream gathers per message after the first (fewer messages per token)",
-    )
-    p.add_argument(
-        "--cpu-omp-bind",
-        default=None,
-        help="vLLM on CPU: OpenMP thread binding (VLLM_CPU_OMP_THREADS_BIND): nobind, auto (one pinned "
-        "thread per core, one core kept for the scheduler and gRPC) or CPU lists like 0-3|4-7; "
-        "default: the environment's, else nobind. Every vLLM variant's engine core binds the same CPUs",
     )
     lim = p.add_argument_group("limits (a request over one is refused at once, naming it)")
     lim.add_argument(
@@ -163,7 +109,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_security_flags(p)
     p.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--log-level",
         default=None,
@@ -171,26 +116,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "default: effllm's own lines only, the rest in RUN_DIR/server.log",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="-v: --log-level INFO; -vv: DEBUG")
-    a = p.add_argument_group("adapters")
-    a.add_argument("--adapter-root", type=Path, default=None, help="folder of NAME/VERSION/ PEFT adapters")
-    a.add_argument("--max-adapters-per-batch", type=int, default=8, help="distinct adapters in one batch")
-    a.add_argument(
-        "--max-adapters-resident", type=int, default=16, help="loaded versions before LRU eviction"
-    )
-    a.add_argument("--max-adapter-rank", type=int, default=64)
-    a.add_argument(
+    adapters.add_argument(
         "--adapter-unload-wait",
         type=float,
         default=30.0,
         help="seconds an unload waits for in-flight requests by default",
     )
-    a.add_argument(
+    adapters.add_argument(
         "--preload",
         action="append",
         default=[],
         metavar="NAME[@VERSION]",
         help="adapter to load before serving (repeatable)",
     )
+    add_telemetry_flags(p)
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """`effllm serve`'s own (not `effllm calibrate`'s): the Ray Serve cluster (server/cluster/)."""
     c = p.add_argument_group("cluster (Ray Serve; needs the ray extra: pip install -e '.[ray]')")
     c.add_argument(
         "--replicas",
@@ -216,104 +159,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--ray-cpus", type=int, default=None, help="local cluster: CPUs it may use; default: this host's"
     )
-    add_telemetry_flags(p)
-    p.set_defaults(func=run)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
-def choose_engine(engine: str, precision: str, device: str, adapter_methods: str) -> str:
-    """`auto` -> vllm, unless hf is needed: int4 on CPU (vLLM's CPU backend has no int4) or DoRA."""
-    if engine != "auto":
-        return engine
-    methods = {m.strip() for m in adapter_methods.split(",") if m.strip()}
-    return "hf" if (precision == "int4" and device == "cpu") or "dora" in methods else "vllm"
-
-
-def parse_variants(specs: list[str]) -> list[tuple[str, str]]:
-    """["bf16", "int4:hf"] -> [("bf16", ""), ("int4", "hf")] (engine "" = --engine); ValueError names the
-    bad one."""
-    out: list[tuple[str, str]] = []
-    for spec in specs:
-        precision, _, engine = spec.strip().partition(":")
-        if precision not in PRECISIONS:
-            raise ValueError(f"--variant {spec!r}: precision is one of {', '.join(PRECISIONS)}")
-        if engine not in ("", "auto", "vllm", "hf"):
-            raise ValueError(f"--variant {spec!r}: engine is one of auto, vllm, hf")
-        out.append((precision, "" if engine == "auto" else engine))
-    return out
-
-
-def build_engines(args: argparse.Namespace) -> list[Engine]:
-    """One engine per --variant (none given: one from --precision and --engine); refuses duplicates."""
-    specs = parse_variants(args.variant) if args.variant else [("", "")]
-    engines = [build_engine(args, precision, engine) for precision, engine in specs]
-    names = [f"{e.info.precision}:{e.info.engine}" for e in engines]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--variant: {', '.join(names)} names a variant twice")
-    return engines
-
-
-def build_engine(args: argparse.Namespace, precision_arg: str = "", engine_arg: str = "") -> Engine:
-    from ..common.model import resolve_model
-    from .engines.vllm_engine import VllmConfig, VllmEngine
-
-    device = resolve_device(args.device)
-    wanted = precision_arg or args.precision
-    precision = cast(Precision, wanted if wanted != "auto" else ("bf16" if device == "cuda" else "fp32"))
-    model = resolve_model(args.model)
-    if choose_engine(engine_arg or args.engine, precision, device, args.adapter_methods) == "hf":
-        from .engines.hf_engine import HfConfig, HfEngine
-
-        hf = HfConfig(
-            precision=precision,
-            max_context=args.max_context,
-            max_concurrency=args.max_concurrency,
-            device=device,
-            seed=args.seed,
-            compile_decode=getattr(args, "compile_decode", False),
-        )
-        # adapter limits come from the adapter flags where this server has them
-        names = ("max_adapter_rank", "max_adapters_per_batch", "max_adapters_resident")
-        limits = {k: getattr(args, k) for k in names if getattr(args, k, None)}
-        return HfEngine(model, replace(hf, **limits))
-    config = VllmConfig(
-        precision=precision,
-        max_context=args.max_context,
-        max_concurrency=args.max_concurrency,
-        kv_cache_gib=args.kv_cache_gib,
-        device=device,
-        seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=not args.vllm_compile,
-        stream_interval=args.stream_interval,
-        cpu_omp_bind=args.cpu_omp_bind,
-        **_vllm_lora_options(args),
-    )
-    return VllmEngine(model, config)
-
-
-def _vllm_lora_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.adapter_root is None:
-        return {}
-    return dict(
-        enable_lora=True,
-        max_lora_rank=args.max_adapter_rank,
-        max_loras=args.max_adapters_per_batch,
-        max_cpu_loras=max(args.max_adapters_resident, args.max_adapters_per_batch),
-    )
-
-
-def build_registry(args: argparse.Namespace, engine: AdapterHost) -> AdapterRegistry:
+def build_registry(args: EngineArgs, unload_wait_s: float, engine: AdapterHost) -> AdapterRegistry:
     root = args.adapter_root
     if root is not None:
         root = root.expanduser().resolve()
@@ -324,7 +172,7 @@ def build_registry(args: argparse.Namespace, engine: AdapterHost) -> AdapterRegi
         root=root,
         max_resident=args.max_adapters_resident,
         max_rank=args.max_adapter_rank,
-        unload_wait_s=args.adapter_unload_wait,
+        unload_wait_s=unload_wait_s,
     )
     return AdapterRegistry(engine, model.path if model is not None else None, config)
 
@@ -342,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"effllm serve: {err}", file=sys.stderr)
         return 2
     telemetry = replace(telemetry, run_dir=run_dir)
+    compile_cache.persist()  # before torch: Inductor's kernels kept under the effllm cache dir
     try:
         auth, tls = security_config(args)
         if telemetry.prometheus_port is not None and not is_loopback(telemetry.prometheus_host):
@@ -355,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--attach: give --ray-address, the cluster whose application to serve")
         else:
             lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
-            engines, config, defaults = assemble(args, auth, tls)
+            engine_args, engines, config, defaults = assemble(args, auth, tls)
             engine = engines[0]
             host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
     except (ValueError, OSError) as err:
@@ -394,15 +243,18 @@ def run(args: argparse.Namespace) -> int:
             ", ".join(f"{e.info.precision}:{e.info.engine}" for e in engines),
             args.default_objective,
         )
-    return asyncio.run(serve(engines, config, build_registry(args, host), telemetry))
+    registry = build_registry(engine_args, args.adapter_unload_wait, host)
+    return asyncio.run(serve(engines, config, registry, telemetry))
 
 
 def assemble(
     args: argparse.Namespace, auth: AuthConfig, tls: TlsConfig | None
-) -> tuple[list[Engine], ServerConfig, SamplingDefaults]:
+) -> tuple[EngineArgs, list[Engine], ServerConfig, SamplingDefaults]:
     """The engines (not started) and the ServerConfig the flags describe: one server core, whether it runs
-    alone or as a cluster replica (cluster/replica.py). Raises ValueError/OSError naming the bad flag."""
-    engines = [maybe_inject(e) for e in build_engines(args)]
+    alone or as a cluster replica (cluster/replica.py builds its own with this). Raises ValueError/OSError
+    naming the bad flag."""
+    engine_args = EngineArgs.from_cli_args(args)
+    engines = [maybe_inject(e) for e in build_engines(engine_args)]
     model = getattr(engines[0], "model", None)  # ResolvedModel on both engines
     model_dir = model.path if model is not None else None
     defaults = load_sampling_defaults(model_dir)
@@ -410,7 +262,7 @@ def assemble(
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        max_concurrency=args.max_concurrency,
+        max_concurrency=engine_args.max_concurrency,
         queue_size=args.queue_size,
         max_message_bytes=int(args.max_message_mib * (1 << 20)),
         grace_s=args.grace,
@@ -427,5 +279,7 @@ def assemble(
         sampling_defaults=defaults,
         chat_template=has_chat_template(model_dir),
         default_objective=args.default_objective,
+        watts_per_core=args.watts_per_core,
+        explore_share=args.explore_share,
     )
-    return engines, config, defaults
+    return engine_args, engines, config, defaults

@@ -15,22 +15,34 @@ Prediction under load (what each candidate would deliver to this request if it w
       TTFT_pred = prefill * factor + max(0, running + queued - slots + 1) * service_s / slots.
 - Joules per token are the live attributed figure (energy already shared among the rows that ran with
   each request); quality is the start-up measurement.
-Before a variant has served anything its figures are the start-up estimates (a few warm-up tokens).
+Before a variant has served anything its figures are the start-up estimates (the median of repeated
+runs). Each figure may come with an interval [lo, hi] (its spread: start-up repeats, or the recent
+requests); without one, the interval is the figure itself.
 
 Then: keep the variants holding the request's adapter; of those, the ones whose prediction meets every
 budget field; rank them by the objective (LATENCY: TTFT then TPOT; ENERGY: J/token then TTFT; QUALITY:
 the variants as good as the best one (within common/heldout.QUALITY_RESOLUTION: the held-out set cannot
 tell fp32 from bf16) by TTFT then TPOT, then the rest by quality; BALANCED: the product of TTFT, TPOT,
-J/token and 1/quality, each relative to the best candidate). None meets the budget: the closest one
+J/token and 1/quality, each relative to the best candidate). Ties: for LATENCY and ENERGY the ranked
+figure (predicted TTFT; J/token) is a measurement with an error bar, so every candidate whose interval
+overlaps the best one's is as good, and the tie goes by the other figures (LATENCY: TPOT, then J/token;
+ENERGY: TTFT, then TPOT), as QUALITY's ties already do; a variant that would wait for a free slot never
+ties with one that would not (queueing is load, not noise). None meets the budget: the closest one
 (smallest summed relative excess) with budget_met=False, or, with `strict`, FAILED_PRECONDITION naming
 the budget field and nothing runs.
+
+`explore(decision, candidates, staleness)` names the variant a request may go to instead, to refresh
+figures the router has stopped renewing (the caller bounds how often it asks, server/variants.py): one
+that holds the adapter, meets the request's budget (nothing when no variant meets it), has a free slot
+and nobody queued, and for QUALITY is as good as the chosen one; of those, the fewest samples, then the
+oldest newest sample.
 Invariant: no torch, no I/O, no clock; the same inputs give the same decision.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..api.errors import EffllmError
@@ -60,6 +72,10 @@ class Candidate:
     slots: int
     batch_seen: float = 1.0  # EWMA rows in the batch when the figures above were measured (>= 1)
     batch_slowdown: float = 1.0  # k above
+    # Each figure's interval [lo, hi] (its spread); None: the figure alone
+    prefill_range: tuple[float, float] | None = None
+    tpot_range: tuple[float, float] | None = None
+    j_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,9 @@ class Prediction:
     j_per_token: float
     quality: float
     misses: tuple[str, ...]  # the Budget field names it would not meet
+    ttft_range: tuple[float, float] = (0.0, 0.0)
+    j_range: tuple[float, float] = (0.0, 0.0)
+    waits: bool = False  # every slot is taken: it would first wait for a departure
 
     @property
     def meets(self) -> bool:
@@ -119,7 +138,14 @@ def predict(c: Candidate, budget: Budget) -> Prediction:
         misses.append("max_j_per_token")
     if budget.min_quality is not None and c.quality < budget.min_quality:
         misses.append("min_quality")
-    return Prediction(c.name, ttft, tpot, c.j_per_token, c.quality, tuple(misses))
+    lo, hi = c.prefill_range or (c.prefill_s, c.prefill_s)
+    wait = ttft - c.prefill_s * factor
+    ttft_range = (min(lo * factor + wait, ttft), max(hi * factor + wait, ttft))
+    j_lo, j_hi = c.j_range or (c.j_per_token, c.j_per_token)
+    j_range = (min(j_lo, c.j_per_token), max(j_hi, c.j_per_token))
+    return Prediction(
+        c.name, ttft, tpot, c.j_per_token, c.quality, tuple(misses), ttft_range, j_range, ahead > 0
+    )
 
 
 def _excess(p: Prediction, budget: Budget) -> float:
@@ -216,12 +242,62 @@ def route(
         )
     keys = _rank_key(objective, meeting)
     best = min(meeting, key=lambda p: (keys[p.name], p.name))
+    tied = _tied(objective, best, meeting)
+    if len(tied) > 1:
+        best = min(tied, key=lambda p: (_TIE_BREAK[objective](p), p.name))
     if len(pool) == 1:
         reason = "only variant" if adapter_variants is None else "only variant holding the adapter"
     else:
         scope = f"{len(meeting)} of {len(pool)} meeting the budget" if has_budget else f"{len(pool)} variants"
         reason = f"{objective}: {_WHAT[objective]} among {scope}"
+        if len(tied) > 1:
+            reason += f" ({len(tied)} tied within their spread: {_TIE_WHAT[objective]})"
     return Decision(best.name, reason, True if has_budget else None, preds)
+
+
+# LATENCY and ENERGY: the ranked figure's interval, and what breaks a tie on it
+_RANGE = {"latency": lambda p: p.ttft_range, "energy": lambda p: p.j_range}
+_TIE_BREAK = {
+    "latency": lambda p: (p.tpot_s, p.j_per_token),
+    "energy": lambda p: (p.ttft_s, p.tpot_s),
+}
+_TIE_WHAT = {"latency": "lowest predicted TPOT", "energy": "lowest predicted TTFT"}
+
+
+def _tied(objective: str, best: Prediction, meeting: Sequence[Prediction]) -> list[Prediction]:
+    """The candidates whose interval of the ranked figure overlaps `best`'s (`best` included)."""
+    interval = _RANGE.get(objective)
+    if interval is None:
+        return [best]
+    lo, hi = interval(best)
+    # waiting for a slot is not measurement noise: a variant that would wait never ties with a free one
+    return [p for p in meeting if interval(p)[0] <= hi and lo <= interval(p)[1] and p.waits == best.waits]
+
+
+def explore(
+    objective: str,
+    decision: Decision,
+    candidates: Sequence[Candidate],
+    staleness: Mapping[str, tuple[int, float]],
+) -> str | None:
+    """A variant other than `decision.variant` worth sending this request to, to refresh its figures, or
+    None (see the module docstring). `staleness`: name -> (samples so far, age of the newest in s)."""
+    if decision.budget_met is False:  # no variant meets the budget: never trade a miss for freshness
+        return None
+    free = {c.name for c in candidates if c.queued == 0 and c.running < max(c.slots, 1)}
+    chosen = next(p for p in decision.predicted if p.name == decision.variant)
+    eligible = [
+        p.name
+        for p in decision.predicted
+        if p.name != decision.variant
+        and p.meets
+        and p.name in free
+        # a QUALITY request is never sent to a variant the held-out set can tell is worse
+        and (objective != "quality" or equally_good(p.quality, chosen.quality))
+    ]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda n: (staleness.get(n, (0, 0.0))[0], -staleness.get(n, (0, 0.0))[1], n))
 
 
 def _figure(p: Prediction, field: str) -> float:

@@ -5,6 +5,9 @@ refused at once with `resource_exhausted`; whatever ends it (finish, error, canc
 Its prompt is rendered and length-checked (`Engine.prepare`) and its adapter resolved before admission, so
 a refused prompt or unknown adapter never holds a slot or a queue place.
 Timings are measured here, so they mean the same for every engine.
+An engine that dies under a request (alive() at its arrival, not when it fails: vLLM's EngineDeadError, the
+hf engine's loop) ends it `unavailable` naming the variant, so clients retry; any other fault stays the
+engine's own error (INTERNAL for that request only).
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class Runner:
         self, request: GenerationRequest, trace: RequestTrace | None
     ) -> AsyncGenerator[TokenEvent, None]:
         arrival = time.perf_counter()
+        alive = self.engine.alive()  # a failure once it is no longer alive is its death, not a fault
         self._admit(request.request_id)
         self._in_flight.add(request.request_id)
         self.queued += 1
@@ -162,6 +166,18 @@ class Runner:
         except (asyncio.CancelledError, GeneratorExit):
             self.counters.requests_cancelled += 1
             raise
+        except EffllmError as err:
+            if err.code != "unavailable":
+                raise
+            raise EffllmError("unavailable", f"variant {self.label[0]}: {err.message}") from err
+        except Exception as err:
+            if not alive or self.engine.alive():
+                raise
+            raise EffllmError(
+                "unavailable",
+                f"variant {self.label[0]}: its engine died ({type(err).__name__}) before this request "
+                "finished; retry it",
+            ) from err
         finally:
             self.running -= 1
             self.counters.requests_total += 1

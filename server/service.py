@@ -235,6 +235,11 @@ def model_info(
 
 def variant_info(v: Variant) -> pb.VariantInfo:
     info, f = v.engine.info, v.figures
+
+    def spread(name: str) -> pb.FigureSpread:
+        s = f.spread(name)
+        return pb.FigureSpread(median=s.median, low=s.lo, high=s.hi, samples=s.samples)
+
     return pb.VariantInfo(
         name=v.name,
         precision=info.precision,
@@ -250,8 +255,15 @@ def variant_info(v: Variant) -> pb.VariantInfo:
             queue_depth=v.runner.queued,
             running=v.runner.running,
             requests=f.requests,
+            time_to_first_token=spread("ttft_s"),
+            time_per_output_token=spread("tpot_s"),
+            joules=spread("j_per_token"),
+            newest_sample_age_s=time.monotonic() - f.newest_s if f.newest_s else 0.0,
         ),
         adapter_methods=list(info.adapter_methods),
+        state=pb.VARIANT_STATE_SERVING if v.alive else pb.VARIANT_STATE_DEAD,
+        explored=v.explored,
+        engine_state=dict(info.extra),
     )
 
 

@@ -176,6 +176,25 @@ def register_gauges(
         meter.create_observable_gauge(name, callbacks=[observe], unit=unit, description=description)
 
 
+def register_variant_gauge(meter: metrics.Meter, states: Callable[[], dict[str, bool]]) -> None:
+    """`effllm.variant.alive`: 1 for each variant whose engine lives, 0 for a dead one, labelled
+    `effllm.variant` (`states`: variant name -> alive)."""
+
+    def observe(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        try:
+            now = states()
+        except Exception:
+            return []
+        return [metrics.Observation(int(alive), {"effllm.variant": name}) for name, alive in now.items()]
+
+    meter.create_observable_gauge(
+        "effllm.variant.alive",
+        callbacks=[observe],
+        unit="1",
+        description="1 while the variant's engine lives, 0 once it died (the others serve on)",
+    )
+
+
 _resident_source: Callable[[], Sequence[str]] | None = None
 
 

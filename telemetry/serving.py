@@ -26,7 +26,14 @@ from opentelemetry.instrumentation.grpc.filters import any_of, health_check, neg
 
 from .attribution import EnergyAttributor
 from .energy import select_meter
-from .genai import Instruments, RequestObserver, ServedModel, register_gauges, resident_adapters
+from .genai import (
+    Instruments,
+    RequestObserver,
+    ServedModel,
+    register_gauges,
+    register_variant_gauge,
+    resident_adapters,
+)
 from .sampler import ResourceSampler, Sample, WindowSummary
 from .tracing import SAMPLES_FILE, Providers, TelemetryConfig, default_run_dir, install, make_providers
 
@@ -95,6 +102,10 @@ class ServerTelemetry:
 
     def sample_count(self, start_s: float | None, end_s: float | None) -> int:
         return self.sampler.count_between(start_s, end_s) if self.sampler is not None else 0
+
+    def watch_variants(self, states: Callable[[], dict[str, bool]]) -> None:
+        """The `effllm.variant.alive` gauge over the server's variants (name -> alive)."""
+        register_variant_gauge(metrics.get_meter("effllm.server"), states)
 
     def interceptors(self) -> list[Any]:
         """The OpenTelemetry aio server interceptor: SERVER spans parented by the W3C context in metadata."""

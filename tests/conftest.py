@@ -43,6 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise RuntimeError("the fast tier loads no model: mark this test (or its module) `pytest.mark.model`")
 
     model._ensure_default_checkpoint = refuse  # type: ignore[assignment]
+    model._ensure_catalogue_checkpoint = lambda entry: refuse()  # type: ignore[assignment]
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +57,8 @@ def vllm_server(logs_dir: Path) -> Iterator[ServerProcess]:
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",
+        "fp32",  # pinned: `auto` follows the machine (bf16 where the CPU has it natively)
         "--max-concurrency",
         "8",
         "--queue-size",

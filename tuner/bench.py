@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..telemetry.machine import load_average
+from ..telemetry.machine import machine as this_machine
 from .config import METHODS, TuneConfig
 
 SWITCHES = ("packing", "logits_on_targets", "compile", "gradient_checkpointing")
@@ -85,15 +86,8 @@ def loss_checkpoints(steps: int) -> list[int]:
 
 
 def machine() -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(
-            line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "load_avg": os.getloadavg()}
+    m = this_machine()
+    return {"cpu": m.cpu_model, "cores": m.cores, "load_avg": load_average()}
 
 
 def run_side(side: str, config: TuneConfig, threads: int, log: Path, timeout_s: float) -> dict[str, Any]:

@@ -18,11 +18,10 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cache
-from pathlib import Path
 
 import torch
 
+from ..telemetry.machine import machine
 from . import data
 
 PHASES = ("collate", "forward", "backward", "optimizer")
@@ -36,17 +35,9 @@ class Layout:
     slots: int
 
 
-@cache
 def cpu_has_bf16() -> bool:
     """True when the CPU has native BF16 arithmetic (AVX512-BF16 or AMX-BF16) per /proc/cpuinfo's flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(machine().cpu_bf16)
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:

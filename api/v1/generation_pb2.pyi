@@ -22,6 +22,12 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_CANCELLED: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+
+class VariantState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VARIANT_STATE_UNSPECIFIED: _ClassVar[VariantState]
+    VARIANT_STATE_SERVING: _ClassVar[VariantState]
+    VARIANT_STATE_DEAD: _ClassVar[VariantState]
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_LATENCY: Objective
 OBJECTIVE_ENERGY: Objective
@@ -32,6 +38,9 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_ERROR: FinishReason
+VARIANT_STATE_UNSPECIFIED: VariantState
+VARIANT_STATE_SERVING: VariantState
+VARIANT_STATE_DEAD: VariantState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -233,7 +242,14 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., replicas: _Optional[_Mapping[str, ModelInfo]] = ...) -> None: ...
 
 class VariantInfo(_message.Message):
-    __slots__ = ("name", "precision", "engine", "weight_bytes", "perplexity", "quality", "live", "adapter_methods")
+    __slots__ = ("name", "precision", "engine", "weight_bytes", "perplexity", "quality", "live", "adapter_methods", "state", "explored", "engine_state")
+    class EngineStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +258,9 @@ class VariantInfo(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_METHODS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EXPLORED_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_STATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     precision: str
     engine: str
@@ -250,10 +269,25 @@ class VariantInfo(_message.Message):
     quality: float
     live: VariantFigures
     adapter_methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., perplexity: _Optional[float] = ..., quality: _Optional[float] = ..., live: _Optional[_Union[VariantFigures, _Mapping]] = ..., adapter_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    state: VariantState
+    explored: int
+    engine_state: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., perplexity: _Optional[float] = ..., quality: _Optional[float] = ..., live: _Optional[_Union[VariantFigures, _Mapping]] = ..., adapter_methods: _Optional[_Iterable[str]] = ..., state: _Optional[_Union[VariantState, str]] = ..., explored: _Optional[int] = ..., engine_state: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class FigureSpread(_message.Message):
+    __slots__ = ("median", "low", "high", "samples")
+    MEDIAN_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    median: float
+    low: float
+    high: float
+    samples: int
+    def __init__(self, median: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class VariantFigures(_message.Message):
-    __slots__ = ("time_to_first_token_s", "time_per_output_token_s", "joules_per_token", "energy_source", "queue_depth", "running", "requests")
+    __slots__ = ("time_to_first_token_s", "time_per_output_token_s", "joules_per_token", "energy_source", "queue_depth", "running", "requests", "time_to_first_token", "time_per_output_token", "joules", "newest_sample_age_s")
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     TIME_PER_OUTPUT_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     JOULES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +295,10 @@ class VariantFigures(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIME_PER_OUTPUT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    JOULES_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_SAMPLE_AGE_S_FIELD_NUMBER: _ClassVar[int]
     time_to_first_token_s: float
     time_per_output_token_s: float
     joules_per_token: float
@@ -268,7 +306,11 @@ class VariantFigures(_message.Message):
     queue_depth: int
     running: int
     requests: int
-    def __init__(self, time_to_first_token_s: _Optional[float] = ..., time_per_output_token_s: _Optional[float] = ..., joules_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+    time_to_first_token: FigureSpread
+    time_per_output_token: FigureSpread
+    joules: FigureSpread
+    newest_sample_age_s: float
+    def __init__(self, time_to_first_token_s: _Optional[float] = ..., time_per_output_token_s: _Optional[float] = ..., joules_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., requests: _Optional[int] = ..., time_to_first_token: _Optional[_Union[FigureSpread, _Mapping]] = ..., time_per_output_token: _Optional[_Union[FigureSpread, _Mapping]] = ..., joules: _Optional[_Union[FigureSpread, _Mapping]] = ..., newest_sample_age_s: _Optional[float] = ...) -> None: ...
 
 class SamplingDefaults(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "from_model")

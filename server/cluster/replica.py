@@ -1,7 +1,8 @@
 """One cluster replica: a whole effllm server core (engines, variants, adapter registry, runners, telemetry)
 inside a Ray Serve deployment, called by the front (front.py) through deployment handles.
 
-The core is server/app.py's EffllmServer, assembled from the same flags as `effllm serve` (cli.assemble);
+The core is server/app.py's EffllmServer, assembled from the same flags as `effllm serve` by the same code
+(cli.assemble: EngineArgs builds the engines, every ServerConfig field the plain server sets is set);
 its gRPC port is never opened: the front calls the same servicer methods here with `ReplicaContext`, whose
 `abort` raises `Refusal` (code and message, picklable) for the front to turn back into the same status.
 Before the constructor returns (and Serve sends it traffic) the replica loads the adapters the cluster's
@@ -95,12 +96,14 @@ class Replica:
         from .. import lifeline
         from ..app import EffllmServer, start_telemetry
         from ..cli import assemble, build_registry
+        from ..engines import compile_cache
         from ..variants import VariantAdapters
 
+        compile_cache.persist()  # before torch, as `effllm serve` does
         lifeline.install()  # engine children die with this replica
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         args = argparse.Namespace(**flags)
-        engines, config, _ = assemble(args, auth, None)
+        engine_args, engines, config, _ = assemble(args, auth, None)
         host = engines[0] if len(engines) == 1 else VariantAdapters(engines)
         if telemetry is not None and telemetry.enabled:
             base = telemetry.run_dir or Path(".")
@@ -117,7 +120,9 @@ class Replica:
         )
         self._loading: dict[str, asyncio.Lock] = {}
         self.adapter_loads = 0  # adapters this replica loaded on demand (the router sent it their requests)
-        self.server: EffllmServer = EffllmServer(engines, config, build_registry(args, host), tele)
+        self.server: EffllmServer = EffllmServer(
+            engines, config, build_registry(engine_args, args.adapter_unload_wait, host), tele
+        )
         await self.server.load()
         await self._replay()
         log.info("replica %s ready", self.replica_id)
@@ -207,9 +212,10 @@ class Replica:
         }
 
     def check_health(self) -> None:
-        """Serve replaces a replica whose check raises: an engine that died serves nothing again."""
-        if not self.server._alive():
-            raise RuntimeError(f"replica {self.replica_id}: the engine died")
+        """Serve replaces a replica whose check raises: healthy while any variant is alive (a dead variant
+        leaves routing, the others serve on, as in the single server)."""
+        if not any(v.alive for v in self.server.variants.variants):
+            raise RuntimeError(f"replica {self.replica_id}: every engine died")
 
 
 class Ledger:

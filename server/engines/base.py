@@ -166,6 +166,11 @@ class Engine(Protocol):
         server's per-variant quality figure (perplexity on common/heldout.py) comes from it."""
         ...
 
+    def cpu_seconds(self) -> float:
+        """This engine's own CPU seconds so far: its processes and threads, never a neighbour's (another
+        variant's engine spinning beside it). The start-up J/token estimate is its difference over a run."""
+        ...
+
     async def shutdown(self) -> None: ...
 
 

@@ -1,64 +1,32 @@
-"""The hf engine's batch: rows, their KV caches, one decode step, sampling. Runs on ONE worker thread.
+"""The hf engine's batch: rows in groups, one decode step for all of them, sampling. Runs on ONE worker
+thread.
 
-Rows are grouped so that each group is one model forward per step: one group for the base and every
+Rows are grouped so that each group is one model forward per step: the main group for the base and every
 LoRA/rsLoRA adapter together (hf_lora's stacked adapters: each row reads its own adapter's slot in one
 batched forward), and one group per adapter only PEFT can serve (DoRA and other variants, on PEFT's
-`set_adapter`). Each group owns a left-padded KV cache: a joining row is prefilled alone and its
-cache is padded into the group's; a leaving row is dropped from it. Positions are per row (real tokens
-so far), so padding never changes what a row computes. With `compiled` set (HfConfig.compile_decode),
-the main group instead decodes on hf_compiled: a static KV cache slot per row, one compiled step; joining
-rows are still prefilled here, and PEFT-only groups keep the path above.
+`set_adapter`). A joining row is prefilled alone (`prefill`, a DynamicCache) and handed to its group's
+decoder (hf_decoder.Decoder), which holds its KV until it leaves: PEFT groups and, by default, the main
+group decode on hf_decoder.EagerDecoder (one left-padded DynamicCache); with HfConfig.compile_decode the
+engine gives the main group hf_compiled.CompiledDecoder instead (`use`: a static KV cache slot per row,
+one compiled step). The batch itself does not know which one runs.
 
-Invariant: only the worker thread touches the model, the adapters and the caches; the event loop hands
-in joiners and cancelled rows and gets (row, TokenEvent) pairs back.
+Invariant: only the worker thread runs the model and writes the adapters and the caches (hf_compiled's
+compile thread reads them and writes only its static cache's spare position); the event loop hands in
+joiners and cancelled rows and gets (row, TokenEvent) pairs back.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .base import AdapterSpec, EffllmError, FinishReason, Sampling, TokenEvent, Usage
+from .hf_decoder import Decoder, EagerDecoder, Row
 from .hf_lora import StackedLora, read_lora
-from .hf_text import TextStream
-
-if TYPE_CHECKING:
-    from .hf_compiled import CompiledDecoder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Row:
-    request_id: str
-    prompt_ids: list[int]
-    sampling: Sampling
-    adapter: AdapterSpec | None
-    text: TextStream
-    generator: torch.Generator
-    sink: Any = None  # the engine's per-request queue (event-loop side)
-    generated: list[int] = field(default_factory=list)
-    length: int = 0  # real (unpadded) tokens in this row's KV cache
-    cancelled: bool = False
-    finished: bool = False
-
-    group: str = ""  # "" for the shared base/stacked group; the key of a PEFT-served adapter's own group
-    kv_slot: int = -1  # its slot in the compiled path's static KV cache (hf_compiled), while it holds one
-
-    @property
-    def key(self) -> str:
-        return self.adapter.key if self.adapter else ""
-
-
-@dataclass(eq=False)
-class Group:
-    key: str
-    rows: list[Row] = field(default_factory=list)
-    cache: Any = None  # DynamicCache, keys/values [B, heads, T, head_dim]
-    mask: torch.Tensor | None = None  # [B, T] 1 = real token, 0 = left padding
 
 
 class Batch:
@@ -70,10 +38,27 @@ class Batch:
         self.adapters: dict[str, AdapterSpec] = {}
         self.eos_ids = eos_ids
         self.device = torch.device(device)
-        self.groups: dict[str, Group] = {}
-        # HfConfig.compile_decode: the main group decodes on hf_compiled (static KV, compiled step);
-        # None: the eager path below, exactly as without the switch
-        self.compiled: CompiledDecoder | None = None
+        self.main: Decoder = EagerDecoder("", self._forward, self.device)  # base and stacked-LoRA rows
+        self.peft_groups: dict[str, EagerDecoder] = {}  # adapter key -> its group, while it holds rows
+
+    def use(self, decoder: Decoder) -> None:
+        """Decode the main group on `decoder` from now on (the engine, before any row joins)."""
+        if self.main.rows:
+            raise RuntimeError("the main group's decoder changes only while it holds no rows")
+        self.main = decoder
+
+    @property
+    def compiled(self) -> Decoder | None:
+        """The main group's decoder when it is not the eager one (HfConfig.compile_decode); tests and
+        benches read its figures."""
+        return None if isinstance(self.main, EagerDecoder) else self.main
+
+    @property
+    def groups(self) -> dict[str, Decoder]:
+        """The groups that hold rows, by key ("" = the main group)."""
+        out: dict[str, Decoder] = {"": self.main} if self.main.rows else {}
+        out.update(self.peft_groups)
+        return out
 
     # --- adapters -------------------------------------------------------------------------------------
     def add_adapter(self, spec: AdapterSpec) -> None:
@@ -82,8 +67,7 @@ class Batch:
         lora = None if spec.method == "dora" else read_lora(spec.path, self.stack.linears)
         if lora is not None:
             self.stack.add(spec.key, lora)
-            if self.compiled is not None:  # new stacked shapes: compile them now, not mid-decode
-                self.compiled.refresh()
+            self.main.refresh()  # new stacked shapes: a compiled decoder compiles them off this thread
         else:
             self._add_peft(spec)
         self.adapters[spec.key] = spec
@@ -126,7 +110,7 @@ class Batch:
             self._drop(row)
         out: list[tuple[Row, TokenEvent]] = []
         for group in list(self.groups.values()):
-            logits = self._decode(group)
+            logits = group.decode()
             tokens = pick_tokens(logits, group.rows)
             for row, token in zip(list(group.rows), tokens, strict=True):
                 out.append((row, self._advance(row, token)))
@@ -134,16 +118,28 @@ class Batch:
                     self._drop(row)
         for row in joiners:
             row.group = self.group_of(row)
-            logits, cache = self._prefill(row)
+            logits, cache = self.prefill(row)
             out.append((row, self._advance(row, pick_tokens(logits[None], [row])[0])))
             if not row.finished:
-                self._join(row, cache)
+                self._group(row.group).join(row, cache)
         return out
 
     def reset(self) -> None:
-        self.groups.clear()
-        if self.compiled is not None:
-            self.compiled.reset()
+        self.main.reset()
+        self.peft_groups.clear()
+
+    def prefill(self, row: Row) -> tuple[torch.Tensor, Any]:
+        """`row`'s prompt alone, on its group's adapter -> (last-position fp32 logits [vocab], its
+        DynamicCache); row.length becomes the prompt's length. Worker thread, under inference_mode."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([row.prompt_ids], device=self.device)
+        cache = DynamicCache(config=self.base.config)
+        logits = self._forward(
+            row.group, [row], input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache
+        )
+        row.length = len(row.prompt_ids)
+        return logits[0], cache
 
     def _forward(self, group_key: str, rows: list[Row], **inputs: Any) -> torch.Tensor:
         """Last-position logits [B, vocab] in fp32 for `rows`, all on the same adapter group."""
@@ -161,79 +157,22 @@ class Batch:
                 out = self.base(**inputs)
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, row: Row) -> tuple[torch.Tensor, Any]:
-        from transformers import DynamicCache
-
-        ids = torch.tensor([row.prompt_ids], device=self.device)
-        cache = DynamicCache(config=self.base.config)
-        logits = self._forward(
-            row.group, [row], input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache
-        )
-        row.length = len(row.prompt_ids)
-        return logits[0], cache
-
-    def _decode(self, group: Group) -> torch.Tensor:
-        if self.compiled is not None and not group.key:
-            return self.compiled.decode(group.rows)
-        assert group.mask is not None
-        ids = torch.tensor([[r.generated[-1]] for r in group.rows], device=self.device)
-        positions = torch.tensor([[r.length] for r in group.rows], device=self.device)  # [B, 1]
-        group.mask = torch.cat([group.mask, torch.ones_like(ids)], dim=1)
-        logits = self._forward(
-            group.key,
-            group.rows,
-            input_ids=ids,
-            attention_mask=group.mask,
-            position_ids=positions,
-            past_key_values=group.cache,
-        )
-        for r in group.rows:
-            r.length += 1
-        return logits
-
-    def _join(self, row: Row, cache: Any) -> None:
-        """Pad the row's [1, H, P, D] cache and the group's [B, H, T, D] on the left to one length."""
-        if self.compiled is not None and not row.group:  # its own slot of the static cache: nothing moves
-            self.compiled.join(row, cache)
-            self.groups.setdefault("", Group("")).rows.append(row)
-            return
-        group = self.groups.get(row.group)
-        mask = torch.ones((1, row.length), dtype=torch.long, device=self.device)
+    def _group(self, key: str) -> Decoder:
+        """The decoder of group `key` ("" = the main one); a PEFT group is made at its first row."""
+        if not key:
+            return self.main
+        group = self.peft_groups.get(key)
         if group is None:
-            self.groups[row.group] = Group(row.group, [row], cache, mask)
-            return
-        assert group.mask is not None
-        t, p = group.mask.shape[1], row.length
-        length = max(t, p)
-        for old, new in zip(_layers(group.cache), _layers(cache), strict=True):
-            old.keys = torch.cat([_pad_left(old.keys, length), _pad_left(new.keys, length)], dim=0)
-            old.values = torch.cat([_pad_left(old.values, length), _pad_left(new.values, length)], dim=0)
-        group.mask = torch.cat([_pad_left(group.mask, length), _pad_left(mask, length)], dim=0)
-        group.rows.append(row)
+            group = self.peft_groups[key] = EagerDecoder(key, self._forward, self.device)
+        return group
 
     def _drop(self, row: Row) -> None:
-        group = self.groups.get(row.group)
+        group = self.main if not row.group else self.peft_groups.get(row.group)
         if group is None or row not in group.rows:
             return
-        if self.compiled is not None and not group.key:  # the slot is free again; other rows stay put
-            self.compiled.leave(row)
-            group.rows.remove(row)
-            if not group.rows:
-                del self.groups[group.key]
-            return
-        keep = [i for i, r in enumerate(group.rows) if r is not row]
-        group.rows = [group.rows[i] for i in keep]
-        if not keep:
-            del self.groups[group.key]
-            return
-        assert group.mask is not None
-        index = torch.tensor(keep, device=self.device)
-        mask = group.mask[index]
-        first = int(mask.any(dim=0).nonzero()[0])  # columns that are padding in every row left go
-        group.mask = mask[:, first:]
-        for layer in _layers(group.cache):
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        group.leave(row)
+        if row.group and not group.rows:
+            del self.peft_groups[row.group]
 
     # --- sampling and text -------------------------------------------------------------------------------
     def _advance(self, row: Row, token: int) -> TokenEvent:
@@ -290,23 +229,3 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator, histor
         logits[order[drop]] = float("-inf")
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def _layers(cache: Any) -> list[Any]:
-    layers = list(cache.layers)
-    if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        raise EffllmError(
-            "internal", "hf engine: only full-attention KV caches (DynamicLayer) can be batched"
-        )
-    return layers
-
-
-def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad dim 2 (KV: [B, H, T, D]) or dim 1 (mask: [B, T]) on the left up to `length`."""
-    dim = 2 if t.dim() == 4 else 1
-    missing = length - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)

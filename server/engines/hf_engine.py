@@ -3,10 +3,12 @@
 One asyncio task drives iteration-level batching: between two decode steps it admits waiting requests
 (up to `max_concurrency` rows and `max_adapters_per_batch` distinct adapters) and drops cancelled ones;
 each step (model forwards, sampling, detokenizing) runs on a single worker thread (see hf_batch), so the
-event loop stays free and the model is never touched by two threads. Adapter loads and unloads go
-through the same thread, so they happen between steps, never inside one. With `compile_decode`, base and
+event loop stays free and the model is never run by two threads (hf_compiled's compile thread only
+reads weights and writes its static cache's spare position). Adapter loads and unloads go through the
+same thread, so they happen between steps, never inside one. With `compile_decode`, base and
 stacked-LoRA rows decode on hf_compiled (a static KV cache, one torch.compile'd step, batch buckets
-warmed up inside start(), so the server turns SERVING only once they are compiled).
+warmed up inside start(), so the server turns SERVING only once they are compiled; shapes that a later
+adapter load brings compile on a thread of their own while steps run eagerly).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...common.model import ResolvedModel, count_parameters, max_position_embeddings
+from ...telemetry.proctree import engine_threads
 from .base import (
     BYTES_PER_PARAM,
     PRECISIONS,
@@ -32,6 +35,10 @@ from .base import (
     TokenEvent,
 )
 from .prompting import PromptRenderer
+
+if TYPE_CHECKING:
+    from .hf_batch import Batch
+    from .hf_decoder import Row
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,10 @@ class HfConfig:
     # the main group decodes on a static KV cache with one torch.compile'd step (hf_compiled), warmed up
     # at start-up; False: the eager path, untouched
     compile_decode: bool = False
+    # OpenMP threads of inductor's C++ kernels in the compiled step (0: torch.get_num_threads()). 1: a
+    # kernel never waits at a barrier for a thread another process pushed off its core (issue 27); the
+    # matrix products are extern calls on ATen's threads either way
+    compile_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -67,6 +78,8 @@ class HfConfig:
             raise ValueError("max_context >= 16 and max_concurrency >= 1 are required")
         if self.max_adapter_rank < 1 or self.max_adapters_per_batch < 1:
             raise ValueError("max_adapter_rank and max_adapters_per_batch must be >= 1")
+        if self.compile_threads < 0:
+            raise ValueError("compile_threads must be >= 0 (0: torch's thread count)")
 
 
 def avoid_cudnn_attention(device: str) -> None:
@@ -113,32 +126,54 @@ class HfEngine:
             max_adapters_per_batch=config.max_adapters_per_batch,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
-        self._batch: Any = None  # hf_batch.Batch, created in start()
+        self._batch: Batch | None = None  # created in start()
         self._renderer: PromptRenderer | None = None
         self._tokenizer: Any = None
-        self._waiting: list[Any] = []  # Rows not yet admitted, in arrival order
-        self._active: list[Any] = []  # Rows in the batch (owned by the worker while a step runs)
+        self._waiting: list[Row] = []  # rows not yet admitted, in arrival order
+        self._active: list[Row] = []  # rows in the batch (owned by the worker while a step runs)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         # probe results of adapters just added (add_adapter probes in the same worker job), kept for the
         # registry's probe_adapter call that follows: adapter key -> finite, or the probe's exception
         self._probed: dict[str, bool | Exception] = {}
+        self._owner = f"hf-{id(self)}"  # its name in engine_threads(): the worker thread is claimed by it
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        before = engine_threads().thread_ids()
         self._batch = await loop.run_in_executor(self._executor, self._load)
+        # threads torch started while the model loaded and first ran: its intra-op pool (cpu_seconds)
+        engine_threads().adopt_pool(engine_threads().thread_ids() - before)
         self._renderer = PromptRenderer(self._tokenizer, self.info.max_context)
         self._loop_task = asyncio.create_task(self._run(), name="hf-engine-loop")
+        self._loop_task.add_done_callback(self._on_loop_end)
 
-    def _load(self) -> Any:
+    def _on_loop_end(self, task: asyncio.Task[None]) -> None:
+        """The step loop ended outside shutdown(): the engine died. Every request it holds ends now
+        (`unavailable`: the runner names the variant) instead of waiting on its queue for ever."""
+        if self._closing:
+            return
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("hf engine: the step loop died (%s); ending its %d requests", why, self.running())
+        self._fail_held(EffllmError("unavailable", f"the hf engine's step loop died ({why})"))
+
+    def _fail_held(self, error: EffllmError) -> None:
+        for row in [*self._active, *self._waiting]:
+            if not row.finished:
+                row.finished = True
+                row.sink.put_nowait(error)
+        self._active, self._waiting = [], []
+
+    def _load(self) -> Batch:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .hf_batch import Batch
         from .hf_int4 import quantize_int4, weight_bytes
 
+        engine_threads().claim(self._owner)  # on the worker: every step runs on this thread
         c = self.config
         torch.manual_seed(c.seed)
         avoid_cudnn_attention(c.device)
@@ -185,20 +220,27 @@ class HfEngine:
             self._compile_decode(batch)
         return batch
 
-    def _compile_decode(self, batch: Any) -> None:
+    def _compile_decode(self, batch: Batch) -> None:
         """Build the compiled decode path and warm every batch bucket up (start() returns after: SERVING
         comes only once the graphs exist). A model the static step cannot run keeps the eager path."""
+        from . import compile_cache
         from .hf_compiled import CompiledDecoder
 
         c = self.config
+        cache = compile_cache.persist()
         try:
             decoder = CompiledDecoder(
-                batch.base, batch.stack, c.device, c.max_concurrency, self.info.max_context
+                batch.base,
+                batch.stack,
+                c.device,
+                c.max_concurrency,
+                self.info.max_context,
+                threads=c.compile_threads,
             )
         except ValueError as exc:
             log.warning("hf engine: compile_decode is off for this model (%s); decoding eagerly", exc)
             return
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), compile_cache.counters()
         for bucket, seconds in decoder.warm_up().items():
             log.info("hf engine: compiled decode warm-up, batch bucket %d: %.1f s", bucket, seconds)
         total = time.perf_counter() - t0
@@ -210,9 +252,30 @@ class HfEngine:
             decoder.kv.nbytes / 2**20,
             total,
         )
-        batch.compiled = decoder
-        extra = {"decode": decoder.mode, "decode_warmup_s": f"{total:.1f}"}
-        self.info = replace(self.info, extra={**self.info.extra, **extra})
+        log.info(
+            "hf engine: compile caches in %s: %s",
+            cache,
+            compile_cache.describe(before, compile_cache.counters()),
+        )
+        batch.use(decoder)
+        self.info = replace(self.info, extra={**self.info.extra, "decode_warmup_s": f"{total:.1f}"})
+
+    @property
+    def info(self) -> EngineInfo:
+        """With compile_decode, extra "decode" says what the main group's steps run now (compiled or
+        eager) and "decode_eager_reason" why eager (compiling new adapter shapes, CPU contention...),
+        read from the decoder at each call."""
+        status = self._batch.main.status() if self._batch is not None else None
+        if status is None:
+            return self._info
+        decode, reason = status
+        return replace(
+            self._info, extra={**self._info.extra, "decode": decode, "decode_eager_reason": reason}
+        )
+
+    @info.setter
+    def info(self, value: EngineInfo) -> None:
+        self._info = value
 
     async def shutdown(self) -> None:
         self._closing = True
@@ -220,16 +283,17 @@ class HfEngine:
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
-        # requests still held would otherwise wait forever on their queues
-        for row in [*self._active, *self._waiting]:
-            if not row.finished:
-                row.finished = True
-                row.sink.put_nowait(EffllmError("unavailable", "engine shut down"))
-        self._active, self._waiting = [], []
+        self._fail_held(EffllmError("unavailable", "engine shut down"))  # else they wait on their queues
         self._executor.shutdown(wait=True)
 
     def running(self) -> int:
         return len(self._waiting) + len(self._active)
+
+    def cpu_seconds(self) -> float:
+        """The worker thread's CPU, plus the share of torch's intra-op (OpenMP) pool it kept busy: two hf
+        variants in one process share that pool, which is divided between them by their workers' busy
+        CPU time (telemetry/proctree.py EngineThreads)."""
+        return engine_threads().seconds(self._owner)
 
     def alive(self) -> bool:
         """False once the step loop has died (the server's watchdog then turns NOT_SERVING); a loop
@@ -291,7 +355,7 @@ class HfEngine:
         import torch
 
         from .base import Sampling
-        from .hf_batch import Row
+        from .hf_decoder import Row
         from .hf_text import TextStream
 
         text = TextStream(self._tokenizer, ids, ())
@@ -299,7 +363,7 @@ class HfEngine:
         row = Row(f"probe-{spec.key}", ids, Sampling(max_new_tokens=1), spec, text, torch.Generator())
         row.group = batch.group_of(row)  # the stacked path, or PEFT's own group for DoRA and the like
         with torch.inference_mode():
-            logits, _cache = batch._prefill(row)  # [1, vocab] fp32
+            logits, _cache = batch.prefill(row)  # [vocab] fp32
         return bool(torch.isfinite(logits).all())
 
     async def score(self, token_ids: Sequence[int]) -> list[float]:
@@ -326,7 +390,7 @@ class HfEngine:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
         import torch
 
-        from .hf_batch import Row
+        from .hf_decoder import Row
         from .hf_text import TextStream
 
         batch = self._started_batch()
@@ -368,6 +432,8 @@ class HfEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        batch = self._batch
+        assert batch is not None  # start() made it before this task
         while not self._closing:
             self._active = [r for r in self._active if not r.finished]
             cancelled = [r for r in self._active if r.cancelled]
@@ -377,7 +443,7 @@ class HfEngine:
                 await self._wake.wait()
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self._batch.step, joiners, cancelled)
+                outputs = await loop.run_in_executor(self._executor, batch.step, joiners, cancelled)
             except Exception as exc:  # a failed forward: every running request ends with the error
                 log.exception("hf engine step failed")
                 error = (
@@ -387,7 +453,7 @@ class HfEngine:
                     row.finished = True
                     row.sink.put_nowait(error)
                 self._active = []
-                await loop.run_in_executor(self._executor, self._batch.reset)
+                await loop.run_in_executor(self._executor, batch.reset)
                 continue
             for row, event in outputs:
                 if not row.cancelled:
@@ -396,11 +462,11 @@ class HfEngine:
                 row.finished = True
             await asyncio.sleep(0)  # let streams consume and new requests arrive between steps
 
-    def _admit(self) -> list[Any]:
+    def _admit(self) -> list[Row]:
         """Move waiting rows into the batch while there are free slots and adapter room."""
         free = self.config.max_concurrency - len(self._active)
         adapters = {r.key for r in self._active if r.key}
-        joiners: list[Any] = []
+        joiners: list[Row] = []
         for row in list(self._waiting):
             if free <= 0:
                 break
@@ -414,8 +480,9 @@ class HfEngine:
         self._active.extend(joiners)
         return joiners
 
-    def _started_batch(self) -> Any:
-        if self._batch is None or self._closing:
+    def _started_batch(self) -> Batch:
+        dead = self._loop_task is not None and self._loop_task.done()  # the step loop died
+        if self._batch is None or self._closing or dead:
             raise EffllmError("unavailable", "engine is not running")
         return self._batch
 

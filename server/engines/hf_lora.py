@@ -156,6 +156,9 @@ class StackedLora:
         self.capacity = max(2, slots + 1)
         self.rank = 0  # r_max over resident adapters; storage grows to it
         self.stacks: dict[str, _Stack] = {}
+        # bumped after every change of the storage's shapes (a new target Linear, more slots, a larger
+        # rank), once the change is complete: hf_compiled's graphs are valid for one value of it
+        self.shapes = 0
         self.slots: dict[str, int] = {}  # adapter key -> slot
         self.ranks = [0] * self.capacity
         self.scales = [0.0] * self.capacity
@@ -183,6 +186,7 @@ class StackedLora:
                 self.stacks[module] = _Stack(
                     self, self.linears[module], self.capacity, self.rank, self.device
                 )
+                self.shapes += 1
         for module, (a, b) in lora.weights.items():
             stack = self.stacks[module]
             stack.a[free, : lora.rank].copy_(a)
@@ -232,3 +236,4 @@ class StackedLora:
             self.scales += [0.0] * extra
             self.scale = torch.cat([self.scale, self.scale.new_zeros(extra)])
         self.capacity, self.rank = capacity, rank
+        self.shapes += 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ...common.model import ResolvedModel, count_parameters, max_position_embeddings
+from ...telemetry.proctree import ProcessTree, child_pids
 from .base import (
     BYTES_PER_PARAM,
     AdapterSpec,
@@ -209,6 +210,7 @@ class VllmEngine:
         self._null_slots = 1 if config.enable_lora and config.device == "cpu" else 0
         self._null_lora: Any = None
         self._null_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._core: list[ProcessTree] = []  # the processes AsyncLLM spawned (engine core, its workers)
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
@@ -243,8 +245,10 @@ class VllmEngine:
             apply_cpu_omp_bind(c.cpu_omp_bind),
             os.environ.get("OMP_NUM_THREADS", "unset"),
         )
+        before = child_pids()  # engines start one at a time: the new children are this one's
         with child_environment(engine_core_env(c)):  # the engine core is spawned inside from_engine_args
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._core = [ProcessTree(pid) for pid in sorted(child_pids() - before)]
         if self._null_slots:
             await self._add_null_adapter()
         tokenizer = AutoTokenizer.from_pretrained(self.model.path)
@@ -260,6 +264,12 @@ class VllmEngine:
         """False once vLLM's engine core has died (EngineDeadError): nothing can be served any more."""
         return self._llm is not None and not self._llm.errored
 
+    def cpu_seconds(self) -> float:
+        """CPU of the engine core and its workers (the processes spawned by start(), with their children),
+        where vLLM schedules and decodes. Its in-process part (detokenizing on the event loop) is shared
+        with every variant and left out."""
+        return sum(tree.cpu_seconds() for tree in self._core)
+
     def running(self) -> int:
         return int(self._llm.output_processor.get_num_unfinished_requests()) if self._llm else 0
 
@@ -271,6 +281,7 @@ class VllmEngine:
         from vllm.exceptions import VLLMValidationError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         if request.adapter and request.resolved_adapter is None:
             raise EffllmError("not_found", f"adapter: {request.adapter!r} is not loaded on this server")
@@ -313,6 +324,8 @@ class VllmEngine:
                     return
                 if completion.token_ids or completion.text:
                     yield TokenEvent(text=completion.text, token_ids=tuple(completion.token_ids))
+        except EngineDeadError as exc:  # retryable elsewhere: the server's other variants serve on
+            raise EffllmError("unavailable", "vLLM's engine core died") from exc
         finally:
             if not finished:
                 await self._llm.abort(request.request_id)

@@ -84,6 +84,8 @@ def hardened(pki: Pki, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16, and these tests compare fp32
+        "fp32",
         "--kv-cache-gib",
         "0.25",
         "--max-context",
@@ -136,6 +138,8 @@ def adapter_server(adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[Server
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16, and these tests compare fp32
+        "fp32",
         "--adapter-root",
         str(adapter_root.root),
         "--max-adapter-rank",
@@ -188,6 +192,8 @@ def _many_server(engine: str, many: ManyAdapters, logs_dir: Path) -> ServerProce
     return start_server(
         "--engine",
         engine,
+        "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16; parity is checked at fp32
+        "fp32",
         "--adapter-root",
         str(many.root),
         "--max-adapter-rank",
@@ -246,6 +252,18 @@ def reference_perplexity() -> float:
 def variants_by_name(client: EffllmClient) -> dict[str, pb.VariantInfo]:
     """GetModelInfo's variants, by name (the variants e2e modules)."""
     return {v.name: v for v in client.model_info().variants}
+
+
+def energy_choices(variants: dict[str, pb.VariantInfo]) -> set[str]:
+    """The variants an ENERGY request may go to on these figures: the lowest J/token, and every variant
+    whose J/token interval overlaps its (a tie within their spread, broken by TTFT: server/router.py)."""
+    best = min(variants.values(), key=lambda v: v.live.joules_per_token).live.joules
+    return {
+        name
+        for name, v in variants.items()
+        if v.live.joules.low <= max(best.high, best.median)
+        and min(best.low, best.median) <= v.live.joules.high
+    }
 
 
 def wait_idle(client: EffllmClient, timeout: float = 60.0) -> None:

@@ -20,6 +20,8 @@ def test_health_goes_not_serving_to_serving_and_a_second_signal_stops_at_once(lo
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16, and these tests compare fp32
+        "fp32",
         "--kv-cache-gib",
         "0.25",
         "--max-context",

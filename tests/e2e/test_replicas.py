@@ -25,6 +25,8 @@ from ..serverproc import ServerProcess, start_server, wait_serving
 SERVER_ARGS = (
     "--engine",
     "vllm",
+    "--precision",  # pinned: `auto` is bf16 on a CPU with native bf16
+    "fp32",
     "--kv-cache-gib",
     "0.25",
     "--max-context",

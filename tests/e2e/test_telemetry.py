@@ -104,6 +104,8 @@ def test_stream_makes_one_server_span_parented_by_the_client_and_labelled_metric
     server = start_server(
         "--engine",
         "vllm",
+        "--precision",
+        "fp32",
         "--max-concurrency",
         "4",
         "--max-context",

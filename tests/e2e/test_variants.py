@@ -22,11 +22,12 @@ import pytest
 from effllm.api.v1 import generation_pb2 as pb
 from effllm.api.v1 import generation_pb2_grpc as pb_grpc
 from effllm.client import EffllmClient, build_request
+from effllm.server.variants import START_UP_REPEATS
 from effllm.telemetry.otlpjson import read_spans
 
 from ..adapterroot import AdapterRoot
 from ..serverproc import ServerProcess, start_server
-from .conftest import variants_by_name, wait_idle
+from .conftest import energy_choices, variants_by_name, wait_idle
 
 PROMPT = "Once upon a time, in a small village by the sea,"
 SLOTS = 4
@@ -80,9 +81,13 @@ def test_model_info_lists_both_variants_with_start_up_quality(
     assert v[FP32].perplexity == pytest.approx(reference_perplexity, rel=HF_PARITY_REL)
     assert v[INT4].weight_bytes < v[FP32].weight_bytes / 2
     assert "dora" in v[FP32].adapter_methods and "dora" not in v[INT4].adapter_methods
-    for name in (FP32, INT4):  # start-up estimates until requests arrive
+    for name in (FP32, INT4):  # start-up estimates until requests arrive: medians of the repeats
         live = v[name].live
         assert live.time_per_output_token_s > 0 and live.joules_per_token > 0 and live.energy_source
+        assert (
+            live.joules.samples == START_UP_REPEATS
+            and live.joules.low <= live.joules_per_token <= live.joules.high
+        )
 
 
 def test_energy_request_goes_to_the_lowest_live_joules_per_token_meeting_its_budget(
@@ -91,21 +96,20 @@ def test_energy_request_goes_to_the_lowest_live_joules_per_token_meeting_its_bud
     with server.client() as c:
         for i in range(3):
             v = variants_by_name(c)
-            cheapest = min(v, key=lambda n: v[n].live.joules_per_token)
             reply = c.generate(PROMPT, max_new_tokens=6, ignore_eos=True, objective="energy")
-            assert reply.variant == cheapest, (i, {n: v[n].live.joules_per_token for n in v})
+            assert reply.variant in energy_choices(v), (i, {n: v[n].live.joules for n in v})
             assert not reply.HasField("budget_met")  # no budget
         # a budget only fp32 meets (quality 1.0): served there, budget met
         v = variants_by_name(c)
         reply = c.generate(PROMPT, max_new_tokens=4, objective="energy", budget={"min_quality": 0.9999})
         assert reply.variant == FP32 and reply.budget_met is True
-        # a J/token budget both meet: the cheaper one still
-        cheapest = min(v, key=lambda n: v[n].live.joules_per_token)
+        # a J/token budget both meet: the cheaper one still (or one tied with it within their spread)
+        v = variants_by_name(c)
         loose = 100 * max(x.live.joules_per_token for x in v.values())
         reply = c.generate(
             PROMPT, max_new_tokens=4, objective="energy", budget={"max_joules_per_token": loose}
         )
-        assert reply.variant == cheapest and reply.budget_met is True
+        assert reply.variant in energy_choices(v) and reply.budget_met is True
 
 
 def test_quality_request_never_goes_to_the_worse_variant_while_the_better_meets_its_budget(
@@ -200,8 +204,8 @@ def test_an_adapter_only_some_variants_hold_routes_only_to_them(server: ServerPr
             assert reply.variant == FP32 and reply.adapter == "dora@1"
         # the LoRA may go to either; with the energy objective to the cheaper one
         v = variants_by_name(c)
-        cheapest = min(v, key=lambda n: v[n].live.joules_per_token)
-        assert c.generate(PROMPT, max_new_tokens=3, adapter="demo@1", objective="energy").variant == cheapest
+        reply = c.generate(PROMPT, max_new_tokens=3, adapter="demo@1", objective="energy")
+        assert reply.variant in energy_choices(v)
 
 
 def test_per_request_energy_sums_to_the_meters_energy_over_the_run(server: ServerProcess) -> None:

@@ -6,6 +6,8 @@ exactly what a real engine refuses. What generate does is chosen by the request 
 - `fail-*`: one token, then RuntimeError (an engine fault on that request);
 - `slow-*`: `max_new_tokens` tokens, one every `token_interval_s` (a paced stream whose gaps a test measures);
 - anything else: `max_new_tokens` tokens at once, finish "length".
+`die()` kills it as vLLM's engine core dies: alive() turns False, every open `hold-*` stream and every later
+generate raise `ScriptedEngineDead` (a plain exception, as vLLM's EngineDeadError is to the server).
 Invariant: `inside` holds exactly the requests whose generate stream is open; `closed_early` the ones whose
 stream was closed before it finished (the abort a real engine does to free its batch slot).
 """
@@ -23,8 +25,13 @@ from effllm.server.engines.base import (
     Usage,
 )
 from effllm.server.engines.prompting import PromptRenderer
+from effllm.telemetry.proctree import engine_threads
 
 MAX_CONTEXT = 64
+
+
+class ScriptedEngineDead(RuntimeError):
+    """What generate raises once the engine died."""
 
 
 class WordTokenizer:
@@ -55,6 +62,7 @@ class FakeEngine:
         self.loaded = asyncio.Event()  # start() returns once set; set it at once unless a test holds it
         self.loaded.set()
         self._released = asyncio.Event()
+        self._died = asyncio.Event()
         self._renderer = PromptRenderer(WordTokenizer(), max_context)
         self.started = False
         self.dead = False
@@ -64,6 +72,7 @@ class FakeEngine:
         self.closed_early: list[str] = []
         self.adapters: set[str] = set()
         self.token_interval_s = 0.02  # `slow-*` requests
+        self.owner = f"fake-{id(self)}"  # its name in engine_threads()
 
     # --- test controls ----------------------------------------------------------------------------------
     def release(self) -> None:
@@ -72,6 +81,18 @@ class FakeEngine:
 
     def die(self) -> None:
         self.dead = True
+        self._died.set()
+
+    async def _hold(self) -> None:
+        """Until release() or die() (then raise, as a dead engine's open streams do)."""
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._released, self._died)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if self.dead:
+            raise ScriptedEngineDead("scripted engine death")
 
     async def until_inside(self, request_id: str, timeout: float = 5.0) -> None:
         async with asyncio.timeout(timeout):
@@ -94,6 +115,8 @@ class FakeEngine:
         rid = request.request_id
         self.calls.append(("generate", rid))
         assert request.prompt_ids is not None, "generate got a request the runner did not prepare"
+        if self.dead:
+            raise ScriptedEngineDead("scripted engine death")
         self.inside.add(rid)
         finished = False
         try:
@@ -102,7 +125,7 @@ class FakeEngine:
                 yield TokenEvent(text=" a", token_ids=(1,))
                 if rid.startswith("fail-"):
                     raise RuntimeError(f"scripted engine fault in {rid}")
-                await self._released.wait()
+                await self._hold()
                 n -= 1
             for i in range(n):
                 await asyncio.sleep(self.token_interval_s if rid.startswith("slow-") else 0)
@@ -121,6 +144,11 @@ class FakeEngine:
 
     def running(self) -> int:
         return len(self.inside)
+
+    def cpu_seconds(self) -> float:
+        """The threads this engine claimed in engine_threads() (none: it decodes on the event loop for
+        free; a test subclass claims the thread it burns CPU on)."""
+        return engine_threads().seconds(self.owner)
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
         self.adapters.add(spec.key)

@@ -196,3 +196,16 @@ async def test_requests_cancelled_while_queued_are_counted() -> None:
         await until(lambda: live.server.runner.running + live.server.runner.queued == 0)
         stats = await live.stub.GetStats(pb.GetStatsRequest(), timeout=5)
         assert (stats.requests_cancelled, stats.requests_total) == (20, 20)
+
+
+async def test_a_request_the_dying_engine_held_ends_unavailable_not_internal() -> None:
+    """vLLM's EngineDeadError reached clients as INTERNAL, which they do not retry."""
+    async with serving() as live:
+        held = live.stub.GenerateStream(build_request("x", max_new_tokens=4, request_id="hold-1"), timeout=10)
+        await first_message(held)
+        live.engine.die()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await the_rest(held)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "variant fp32:fake: its engine died (ScriptedEngineDead)" in (err.value.details() or "")
+        assert await asyncio.wait_for(live.exit, 10) == ENGINE_DIED_EXIT  # one variant: as before

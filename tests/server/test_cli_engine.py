@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from effllm.server.cli import choose_engine
+from effllm.server.engine_args import EngineArgs, build_engine, choose_engine
 
 
 @pytest.mark.parametrize(
@@ -30,38 +32,33 @@ def test_choose_engine(engine: str, precision: str, device: str, methods: str, w
 
 
 @pytest.mark.parametrize(
-    ("flags", "eager", "interval", "bind"),
+    ("speed", "eager", "interval", "bind"),
     [
-        ([], True, 1, None),
-        (["--vllm-compile", "--stream-interval", "4", "--cpu-omp-bind", "auto"], False, 4, "auto"),
-        (["--cpu-omp-bind", "0-1|2,3"], True, 1, "0-1|2,3"),
+        ({}, True, 1, None),
+        ({"vllm_compile": True, "stream_interval": 4, "cpu_omp_bind": "auto"}, False, 4, "auto"),
+        ({"cpu_omp_bind": "0-1|2,3"}, True, 1, "0-1|2,3"),
     ],
 )
 @pytest.mark.model
 def test_vllm_speed_flags_reach_the_engine(
-    flags: list[str], eager: bool, interval: int, bind: str | None
+    speed: dict[str, Any], eager: bool, interval: int, bind: str | None
 ) -> None:
     """`--vllm-compile`, `--stream-interval` and `--cpu-omp-bind` end up in the engine's config, which
     start() hands to AsyncEngineArgs (enforce_eager, stream_interval) and to vLLM's environment."""
-    from effllm.cli.main import build_parser
-    from effllm.server.cli import build_engine
     from effllm.server.engines.vllm_engine import VllmEngine
 
-    args = build_parser().parse_args(["serve", "--engine", "vllm", "--device", "cpu", *flags])
-    engine = build_engine(args)
+    engine = build_engine(EngineArgs(engine="vllm", device="cpu", **speed))
     assert isinstance(engine, VllmEngine)
     assert (engine.config.enforce_eager, engine.config.stream_interval) == (eager, interval)
     assert engine.config.cpu_omp_bind == bind
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("flags", [["--stream-interval", "0"], ["--cpu-omp-bind", "all; rm -rf /"]])
-def test_bad_vllm_speed_flags_are_refused(flags: list[str]) -> None:
-    from effllm.cli.main import build_parser
-    from effllm.server.cli import build_engine
-
-    with pytest.raises(ValueError, match=flags[0].removeprefix("--").replace("-", "_")):
-        build_engine(build_parser().parse_args(["serve", "--engine", "vllm", "--device", "cpu", *flags]))
+@pytest.mark.parametrize("bad", [{"stream_interval": 0}, {"cpu_omp_bind": "all; rm -rf /"}])
+def test_bad_vllm_speed_flags_are_refused(bad: dict[str, Any]) -> None:
+    (name,) = bad
+    with pytest.raises(ValueError, match=name):
+        build_engine(EngineArgs(engine="vllm", device="cpu", **bad))
 
 
 def test_cpu_omp_bind_flag_beats_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

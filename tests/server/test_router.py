@@ -204,3 +204,24 @@ def test_quality_ties_within_the_held_out_resolution_go_to_the_faster_variant() 
     assert route("quality", NO_BUDGET, None, (worse, bf16, INT4)).variant == "bf16:hf"
     # and below the tie the order is by quality, not speed: int4 (0.93) stays behind a 0.985 variant
     assert route("quality", NO_BUDGET, None, (replace(worse, prefill_s=0.9), INT4)).variant == "fp32:hf"
+
+
+def test_overlapping_intervals_tie_and_the_other_figures_break_the_tie() -> None:
+    """A figure is a measurement with an error bar: fp32's J/token is lower, but int4's interval overlaps
+    it, so ENERGY takes the variant with the lower TTFT; apart, the lower J/token wins as before."""
+    cheap = replace(FP32, j_per_token=1.0, j_range=(0.8, 1.3), prefill_s=0.5)
+    close = replace(INT4, j_per_token=1.1, j_range=(1.0, 1.2), prefill_s=0.2)
+    d = route("energy", NO_BUDGET, None, [cheap, close])
+    assert d.variant == close.name and "2 tied within their spread" in d.reason
+    apart = replace(close, j_per_token=1.5, j_range=(1.4, 1.6))
+    d = route("energy", NO_BUDGET, None, [cheap, apart])
+    assert d.variant == cheap.name and "tied" not in d.reason
+    # LATENCY: overlapping predicted TTFTs tie, the lower TPOT breaks it
+    fast = replace(FP32, prefill_s=0.20, prefill_range=(0.15, 0.30), tpot_s=0.09)
+    steady = replace(INT4, prefill_s=0.25, prefill_range=(0.22, 0.28), tpot_s=0.03)
+    assert route("latency", NO_BUDGET, None, [fast, steady]).variant == steady.name
+    assert route("latency", NO_BUDGET, None, [replace(fast, prefill_range=None), steady]).variant == fast.name
+    # a variant that would first wait for a slot never ties with a free one, however wide the intervals
+    wide = replace(fast, prefill_range=(0.01, 5.0))
+    full = replace(steady, slots=1, running=1, service_s=0.2)  # its TPOT alone would win the tie
+    assert route("latency", NO_BUDGET, None, [wide, full]).variant == wide.name

@@ -23,6 +23,7 @@ from effllm.telemetry.genai import (
     RequestStart,
     RouteNote,
     ServedModel,
+    register_variant_gauge,
     split_adapter,
 )
 
@@ -166,3 +167,12 @@ def test_requests_on_two_variants_share_energy_per_engine(setup) -> None:  # typ
     plain.finish(end)
     assert int4.energy is not None and int4.energy.joules == pytest.approx(3.0)
     assert all(t.energy is not None and t.energy.joules == pytest.approx(1.0) for t in fp32)
+
+
+def test_the_variant_gauge_shows_a_dead_variant() -> None:
+    reader = InMemoryMetricReader()
+    states = {"bf16:vllm": True, "int4:hf": True}
+    register_variant_gauge(MeterProvider(metric_readers=[reader]).get_meter("t"), lambda: states)
+    states["bf16:vllm"] = False
+    points = _points(reader)["effllm.variant.alive"]
+    assert {p.attributes["effllm.variant"]: p.value for p in points} == {"bf16:vllm": 0, "int4:hf": 1}

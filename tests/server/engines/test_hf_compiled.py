@@ -6,10 +6,12 @@ reused; sampling, stop strings, cancellation; bf16 and int4; and the switch off 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import itertools
 import logging
+import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 
 from effllm.common.model import ResolvedModel, resolve_model
 from effllm.server.engines.base import AdapterSpec, GenerationRequest, Sampling, TokenEvent
-from effllm.server.engines.hf_compiled import buckets
+from effllm.server.engines.hf_compiled import StepWatch, buckets
 from effllm.server.engines.hf_engine import HfConfig, HfEngine
 
 from ...adaptertools import make_adapter
@@ -85,6 +87,8 @@ async def started(model: ResolvedModel, specs: dict[str, AdapterSpec], **config:
     for spec in specs.values():
         if spec.method in eng.info.adapter_methods:
             await eng.add_adapter(spec)
+    if eng._batch.compiled is not None:  # new adapter shapes compile off the worker: let them finish
+        assert await asyncio.to_thread(eng._batch.compiled.wait_ready, 600)
     return eng
 
 
@@ -204,6 +208,7 @@ async def test_compiled_equals_eager_and_peft_with_mixed_adapters_and_joiners(
     assert len({tuple(reference(PROMPTS[0], a, 14)) for a in ("", "lo@1", "rs@1")}) == 3
     assert decoder.steps > steps + 10  # the stacked rows decoded on the compiled step...
     assert decoder.graphs == graphs  # ...which compiled nothing while serving (all at start and load)
+    assert decoder.step_graphs == 0  # and no graph was ever compiled by a decode step
     assert decoder.kv.in_use() == 0 and compiled.running() == 0  # every slot freed
 
 
@@ -294,7 +299,7 @@ async def test_low_precision_compiled_equals_eager(tiny: ResolvedModel, precisio
 async def test_the_switch_off_is_the_old_path_and_the_flag_turns_it_on(
     tiny: ResolvedModel, eager: HfEngine
 ) -> None:
-    from effllm.server.cli import add_parser, build_engine
+    from effllm.server.engine_args import EngineArgs, build_engine
 
     assert HfConfig().compile_decode is False
     assert eager._batch.compiled is None and "decode" not in eager.info.extra
@@ -305,11 +310,8 @@ async def test_the_switch_off_is_the_old_path_and_the_flag_turns_it_on(
     assert all(r.kv_slot == -1 for r in group.rows)
     await gen.aclose()
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    for flags, on in (([], False), (["--compile-decode"], True)):
-        args = parser.parse_args(["serve", "--engine", "hf", "--model", str(tiny.path), *flags])
-        engine = build_engine(args)
+    for compile_decode, on in ((None, False), (True, True)):
+        engine = build_engine(EngineArgs(engine="hf", model=str(tiny.path), compile_decode=compile_decode))
         assert isinstance(engine, HfEngine) and engine.config.compile_decode is on
 
 
@@ -323,3 +325,122 @@ def test_unsupported_model_keeps_the_eager_path(tmp_path: Path) -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         CompiledDecoder(model, StackedLora(model, "cpu"), "cpu", 2, 64)
+
+
+@pytest.mark.timeout(1800)
+async def test_adapter_loads_of_new_shapes_mid_stream_keep_tokens_coming(
+    tiny: ResolvedModel, eager: HfEngine, tmp_path: Path
+) -> None:
+    """Issue 27 item 3: adapters of a new rank and new target modules load while a stream decodes on a
+    compiled engine. Each load returns before its shapes are compiled (the compile runs on its own
+    thread), the stream never stops for it (its largest gap is far under the compile's time; on main the
+    worker compiled inline and the stream waited the whole compile), rows on the new adapter start at once
+    (eagerly) and go on the graphs once ready, and every token equals the eager engine's."""
+    eng = await started(tiny, {}, max_concurrency=2, compile_decode=True)
+    new: dict[str, AdapterSpec] = {}
+    try:
+        decoder = eng._batch.compiled
+        assert decoder.ready() and eng.info.extra["decode"] == "compiled"
+        plan = [("q8", "lora", 8, ("q_proj", "v_proj")), ("all24", "rslora", 24, ALL_LINEARS)]
+        for name, method, rank, targets in plan:
+            path = make_adapter(tiny.path, tmp_path / name, method=method, rank=rank, seed=7, targets=targets)
+            new[name] = AdapterSpec(name, "1", path, method, rank, 2.0 * rank, targets)  # type: ignore[arg-type]
+        stamps: list[float] = []
+        events: list[TokenEvent] = []
+
+        async def stream() -> None:
+            async for e in eng.generate(request(PROMPTS[0], n=160, rid="long")):
+                stamps.append(time.perf_counter())
+                events.append(e)
+
+        task = asyncio.create_task(stream())
+        await wait_for(lambda: len(stamps) >= 5)
+        adapted: list[list[int]] = []
+        loaded: list[float] = []
+        for spec in new.values():
+            await asyncio.gather(eager.add_adapter(spec), eng.add_adapter(spec))
+            loaded.append(time.perf_counter())
+            # routable now, its shapes still compiling: its rows decode on the eager static step
+            assert not decoder.ready() and eng.info.extra["decode"] == "eager"
+            assert eng.info.extra["decode_eager_reason"] == "compiling new adapter shapes"
+            adapted.append(tokens(await collect(eng, request(PROMPTS[1], spec, n=12, rid=f"a-{spec.name}"))))
+            assert await asyncio.to_thread(decoder.wait_ready, 600)
+            before = decoder.steps - decoder.eager_steps
+            adapted.append(tokens(await collect(eng, request(PROMPTS[2], spec, n=12, rid=f"b-{spec.name}"))))
+            assert decoder.steps - decoder.eager_steps > before  # on the new graphs
+        await task
+        gaps = [b - a for a, b in itertools.pairwise(stamps)]
+        print(f"largest gap {max(gaps):.2f} s; background compiles {decoder.compile_s}")
+        assert len(tokens(events)) == 160 and decoder.compiles == 2 and decoder.step_graphs == 0
+        assert max(gaps) < min(decoder.compile_s) / 2, (max(gaps), decoder.compile_s)
+        assert stamps[0] < loaded[0] < stamps[-1]  # the stream decoded through the first compile
+        assert eng.info.extra["decode"] == "compiled"
+        want = []
+        for spec in new.values():
+            for prompt in PROMPTS[1:]:
+                want.append(tokens(await collect(eager, request(prompt, spec, n=12, rid=f"e-{spec.name}"))))
+        assert adapted == want
+        assert tokens(events) == tokens(await collect(eager, request(PROMPTS[0], n=160, rid="long-e")))
+        assert len({tuple(t) for t in want}) == 4  # the adapters change the tokens: a wrong slot would show
+    finally:
+        await eng.shutdown()
+        for spec in new.values():
+            await eager.remove_adapter(spec.key)
+
+
+def test_step_watch_falls_back_under_contention_and_resumes() -> None:
+    """Issue 27 item 7, the rule alone on injected step times: compiled runs with rare eager probes; when
+    compiled steps take over 1.5x eager's it falls back within a few steps, says why, probes compiled
+    rarely while eager runs, and resumes compiled once compiled is no slower than eager again."""
+    watch = StepWatch()
+
+    def run(compiled_s: float, eager_s: float, steps: int) -> list[str]:
+        paths = []
+        for _ in range(steps):
+            path = watch.choose(1)
+            watch.record(path, 1, compiled_s if path == "compiled" else eager_s)
+            paths.append(path)
+        return paths
+
+    calm = run(0.03, 0.05, 2000)  # uncontended: compiled is faster
+    assert watch.current == "compiled" and watch.switches == 0 and calm.count("eager") <= 8
+    busy = run(3.0, 0.08, 10)  # another process keeps a core busy: compiled 40x slower
+    assert watch.current == "eager" and watch.switches == 1, busy
+    assert re.fullmatch(r"contention: compiled [12]\.\d+ s/step vs eager 0\.080 at batch 1", watch.reason)
+    still = run(3.0, 0.08, 2000)
+    assert watch.current == "eager" and still.count("compiled") <= 8  # probing the slow path is rare
+    resumed = run(0.03, 0.05, watch.max_every + 10)
+    assert watch.current == "compiled" and watch.reason == "" and resumed[-1] == "compiled"
+    run(0.06, 0.05, 2000)  # compiled a little slower than eager: within 1.5x, no switch
+    assert watch.current == "compiled" and watch.switches == 2
+
+
+async def test_compiled_engine_falls_back_to_eager_by_itself_when_its_steps_get_slow(
+    compiled: HfEngine, eager: HfEngine, specs: dict[str, AdapterSpec]
+) -> None:
+    """The decoder times its steps (a fake clock here: compiled steps 3 s, eager 10 ms): it falls back to
+    the eager static step mid-stream by itself, EngineInfo.extra says so and why, tokens stay right."""
+    decoder = compiled._batch.compiled
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 0.01
+        return now[0]
+
+    real = decoder._fn
+
+    def slow(*args: Any) -> Any:
+        now[0] += 3.0
+        return real(*args)
+
+    decoder.clock, decoder._fn, decoder.watch = clock, slow, StepWatch()
+    try:
+        assert compiled.info.extra["decode"] == "compiled"
+        got = tokens(await collect(compiled, request(PROMPTS[1], specs["lo"], n=20, rid="slow")))
+        assert decoder.watch.current == "eager"
+        assert compiled.info.extra["decode"] == "eager"
+        assert compiled.info.extra["decode_eager_reason"].startswith("contention: compiled ")
+        assert got == tokens(await collect(eager, request(PROMPTS[1], specs["lo"], n=20, rid="slow-e")))
+    finally:
+        decoder.clock, decoder._fn, decoder.watch = time.perf_counter, real, StepWatch()
+    assert compiled.info.extra["decode"] == "compiled"
