@@ -7,19 +7,24 @@ did not reach the replica (issue 25's trial). Here every failure maps onto our s
 refusal comes back with its own code and message (replica.Refusal); a replica that died before the request
 produced anything is retried on another one; one that died mid-stream gives UNAVAILABLE; anything else is
 INTERNAL naming the error type only, never a traceback.
+Each request's replica is chosen here (placement.Dispatcher: this front's own count of its requests in
+flight on each replica, +1 at dispatch and -1 when the call ends however it ends, and each replica's
+adapters and figures from its routing stats); the router (routing.py) passes the ranking on to Serve.
 Admin calls (LoadAdapter, UnloadAdapter, PinAdapter) go to every replica and into the ledger (a replica
 started later loads its set first); ListAdapters, GetStats and GetModelInfo merge every replica's answer,
 each replica's in `replicas`. The replica that served a request is named in the `effllm-replica` trailing
 metadata.
 Invariant: a call the client cancels (or whose deadline passes) cancels its handle call, and so the
-replica's generator: the runner aborts the engine request and frees its slot.
+replica's generator: the runner aborts the engine request and frees its slot; and it leaves the front's
+in-flight count of that replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -30,6 +35,7 @@ from ...api.v1 import adapters_pb2 as apb
 from ...api.v1 import adapters_pb2_grpc as apb_grpc
 from ...api.v1 import generation_pb2 as pb
 from ...api.v1 import generation_pb2_grpc as pb_grpc
+from .placement import Dispatcher, Want
 from .replica import Refusal, Route
 from .routing import VIEW
 
@@ -85,31 +91,50 @@ class Cluster:
         self.call_timeout_s = call_timeout_s  # per replica, for the calls sent to each (admin, stats)
         self.draining = False
         self.ready = False
-        self.in_flight = 0
+        self.in_flight = 0  # calls in the front (drain waits for them)
+        self.dispatcher = Dispatcher()  # requests in flight per replica, adapter assignments
+
+    def place(self, want: Want) -> Route:
+        """The front's ranking for one request, from its own counts and the replicas' stats."""
+        stats = VIEW.stats()
+        if not stats:
+            return Route()  # no replica known yet: Serve waits for one
+        return Route(ranking=self.dispatcher.place(stats, want).ranking)
+
+    async def generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[str, bytes]:
+        """One Generate, placed by the front and counted on its replica until it ends; retried on another
+        replica when its replica died (a unary call has produced nothing for the client until it
+        returns)."""
+        want = _want(request)
+        for attempt in range(RETRIES + 1):
+            route = self.place(want)
+            with self.dispatcher.sending(route.ranking[0] if route.ranking else "") as sent:
+                try:
+                    replica, data = await self.call("Generate", request, context, route)
+                    sent.on(replica)
+                    return replica, data
+                except Exception as err:
+                    if not _died(err) or attempt == RETRIES:
+                        raise
+                    want = Want(want.adapter, want.objective, want.avoid | {sent.replica_id})
+                    log.warning("Generate: replica died before answering, retrying elsewhere (%s)", err)
+        raise AssertionError("unreachable")
 
     async def call(
         self, method: str, request: Message, context: grpc.aio.ServicerContext, route: Route
     ) -> tuple[str, bytes]:
-        """One unary call, retried on another replica when its replica died (a unary call has produced
-        nothing for the client until it returns)."""
+        """One unary call on the replica `route` names (or ranks first)."""
         metadata = tuple(context.invocation_metadata() or ())
-        avoid: frozenset[str] = frozenset()
-        for attempt in range(RETRIES + 1):
-            response = self.handle.options(method_name="call").remote(
-                method, request.SerializeToString(), metadata, route=replace_avoid(route, avoid)
-            )
-            try:
-                return await response  # type: ignore[no-any-return]
-            except asyncio.CancelledError:
-                response.cancel()  # the client went away: the replica's call is cancelled too
-                raise
-            except Exception as err:
-                if not _died(err) or attempt == RETRIES or route.target:
-                    raise
-                replica = getattr(getattr(err, "replica_id", None), "unique_id", "")
-                avoid = avoid | ({replica} if replica else set())
-                log.warning("%s: replica died before answering, retrying elsewhere (%s)", method, err)
-        raise AssertionError("unreachable")
+        response = self.handle.options(method_name="call").remote(
+            method, request.SerializeToString(), metadata, route=route
+        )
+        try:
+            return await response  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            response.cancel()  # the client went away: the replica's call is cancelled too
+            raise
 
     async def each(
         self, method: str, request: Message, context: grpc.aio.ServicerContext
@@ -130,13 +155,9 @@ class Cluster:
         return dict(zip(ids, results, strict=True))
 
 
-def replace_avoid(route: Route, avoid: frozenset[str]) -> Route:
-    return route if not avoid else Route(route.adapter, route.objective, route.target, route.avoid | avoid)
-
-
-def _route(request: pb.GenerateRequest) -> Route:
+def _want(request: pb.GenerateRequest) -> Want:
     name = objective_name(request.objective) or ""  # a bad number is refused by the replica, naming it
-    return Route(adapter=request.adapter, objective=name)
+    return Want(adapter=request.adapter, objective=name)
 
 
 class FrontGeneration(pb_grpc.GenerationServiceServicer):
@@ -156,7 +177,7 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
         await self._admit(context)
         self.cluster.in_flight += 1
         try:
-            replica, data = await self.cluster.call("Generate", request, context, _route(request))
+            replica, data = await self.cluster.generate(request, context)
         except Exception as err:
             await _fail(context, err, "Generate")
         finally:
@@ -170,10 +191,13 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
         await self._admit(context)
         self.cluster.in_flight += 1
         try:
-            async for replica, message in self._stream(request, context):
-                if message.HasField("final"):
-                    context.set_trailing_metadata(((REPLICA_KEY, replica),))
-                yield message
+            # aclosing: a cancel while this frame waits at its yield still closes _stream at once, so its
+            # replica call is cancelled and its in-flight count taken off now, not at garbage collection
+            async with aclosing(self._stream(request, context)) as events:
+                async for replica, message in events:
+                    if message.HasField("final"):
+                        context.set_trailing_metadata(((REPLICA_KEY, replica),))
+                    yield message
         except Exception as err:
             await _fail(context, err, "GenerateStream")
         finally:
@@ -181,40 +205,44 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
 
     async def _stream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[str, pb.GenerateStreamResponse]]:
+    ) -> AsyncGenerator[tuple[str, pb.GenerateStreamResponse], None]:
         metadata = tuple(context.invocation_metadata() or ())
-        route = _route(request)
+        want = _want(request)
         data = request.SerializeToString()
+        dispatcher = self.cluster.dispatcher
         for attempt in range(RETRIES + 1):
-            gen = self.cluster.handle.options(method_name="stream", stream=True).remote(
-                data, metadata, route=route
-            )
-            replica, produced, done = "", False, False
-            try:
-                async for item in gen:
-                    if isinstance(item, str):
-                        replica = item
-                        continue
-                    produced = True
-                    yield replica, pb.GenerateStreamResponse.FromString(item)
-                done = True
-                return
-            except Exception as err:
-                if not _died(err):
-                    raise
-                if produced:
-                    raise ReplicaDied(
-                        replica or "?", "died mid-stream; the tokens so far are all there is"
-                    ) from err
-                if attempt == RETRIES:
-                    raise
-                log.warning(
-                    "GenerateStream: replica %s died before the first token, retrying", replica or "?"
+            route = self.cluster.place(want)
+            with dispatcher.sending(route.ranking[0] if route.ranking else "") as sent:
+                gen = self.cluster.handle.options(method_name="stream", stream=True).remote(
+                    data, metadata, route=route
                 )
-                route = replace_avoid(route, frozenset({replica} if replica else ()))
-            finally:
-                if not done:
-                    gen.cancel()  # the client cancelled, or we gave up: the replica's generator is closed
+                replica, produced, done = "", False, False
+                try:
+                    async for item in gen:
+                        if isinstance(item, str):
+                            replica = item
+                            sent.on(replica)  # counted where it runs
+                            continue
+                        produced = True
+                        yield replica, pb.GenerateStreamResponse.FromString(item)
+                    done = True
+                    return
+                except Exception as err:
+                    if not _died(err):
+                        raise
+                    if produced:
+                        raise ReplicaDied(
+                            replica or "?", "died mid-stream; the tokens so far are all there is"
+                        ) from err
+                    if attempt == RETRIES:
+                        raise
+                    log.warning(
+                        "GenerateStream: replica %s died before the first token, retrying", replica or "?"
+                    )
+                    want = Want(want.adapter, want.objective, want.avoid | {sent.replica_id})
+                finally:
+                    if not done:
+                        gen.cancel()  # the client cancelled, or we gave up: the replica's generator closes
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

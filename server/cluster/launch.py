@@ -269,7 +269,9 @@ async def _serve(
         cluster.handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
         # one call through the handle starts its router, which then learns the replicas (VIEW)
         await cluster.handle.options(method_name="record_routing_stats").remote()
-        while len(VIEW.ids()) < replicas[0] and not stopped.is_set():
+        # ready once the router has each replica's routing stats (its slots and adapters): the front's
+        # placement reads them (placement.state_of)
+        while sum(1 for stats in VIEW.stats().values() if stats) < replicas[0] and not stopped.is_set():
             await asyncio.sleep(0.1)
         cluster.ready = True
         await set_health(health_pb2.HealthCheckResponse.SERVING)

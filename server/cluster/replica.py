@@ -53,12 +53,10 @@ NAMESPACE = "effllm"
 
 @dataclass(frozen=True)
 class Route:
-    """What the router (routing.py) reads of a call: its adapter and objective, or one replica by id."""
+    """What the router (routing.py) reads of a call: the front's ranking of replicas, or one replica."""
 
-    adapter: str = ""
-    objective: str = ""
+    ranking: tuple[str, ...] = ()  # replica ids, best first (placement.Dispatcher.place)
     target: str = ""  # this replica only (admin broadcast, per-replica stats)
-    avoid: frozenset[str] = frozenset()  # replicas that failed this request already
 
 
 class Refusal(grpc.aio.AbortError):
@@ -191,14 +189,15 @@ class Replica:
             await events.aclose()  # type: ignore[attr-defined]
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What the router chooses by (placement.ReplicaState's fields), read every few hundred ms."""
+        """What the front chooses by besides its own in-flight counts (placement.state_of reads it), sent
+        every half second; running and queued are for logs only (they lag)."""
         variants = self.server.variants.variants
         held: set[str] = set()
         for entry in self.server.adapters.entries():
             held.add(entry.key)
             if self.server.adapters.is_latest(entry):
                 held.add(entry.spec.name)
-        measured = [v.figures for v in variants] or []
+        measured = [v.figures for v in variants if v.alive]  # a dead variant serves nothing
         return {
             "replica_id": self.replica_id,
             "adapter_loads": self.adapter_loads,

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import ExitStack
 
 import pytest
 
-from effllm.server.cluster.placement import Placement, ReplicaState, Want, choose, parse_replicas
+from effllm.server.cluster.placement import (
+    SPILL_ROUNDS,
+    Dispatcher,
+    Placement,
+    ReplicaState,
+    Want,
+    choose,
+    parse_replicas,
+)
 
 
-def r(
-    rid: str, *adapters: str, running: int = 0, queued: int = 0, slots: int = 2, **figures: float
-) -> ReplicaState:
-    return ReplicaState(rid, frozenset(adapters), running, queued, slots, **figures)
+def r(rid: str, *adapters: str, in_flight: int = 0, slots: int = 2, **figures: float) -> ReplicaState:
+    return ReplicaState(rid, frozenset(adapters), in_flight, slots, **figures)
 
 
 def test_a_replica_holding_the_adapter_comes_first_even_when_busier() -> None:
-    placed = choose([r("a", running=0), r("b", "x", running=1)], Want("x"))
+    placed = choose([r("a", in_flight=0), r("b", "x", in_flight=1)], Want("x"))
     assert placed.ranking[0] == "b" and placed.assign == ""
 
 
 def test_a_new_adapter_is_assigned_to_the_least_loaded_replica() -> None:
-    placed = choose([r("a", running=1), r("b", running=0)], Want("x"))
+    placed = choose([r("a", in_flight=1), r("b", in_flight=0)], Want("x"))
     assert placed == Placement(("b", "a"), assign="b", why=placed.why)
 
 
@@ -32,18 +39,18 @@ def test_a_burst_on_a_new_adapter_stays_on_the_replica_first_assigned() -> None:
     first = choose(replicas, Want("x"))
     assigned = {"x": frozenset({first.assign})}
     # its slots taken and one more waiting: the rest of the burst still queues there, no second load
-    busy = [r(i, running=2, queued=1) if i == first.assign else r(i) for i in ("a", "b")]
+    busy = [r(i, in_flight=3) if i == first.assign else r(i) for i in ("a", "b")]
     again = choose(busy, Want("x"), assigned)
     assert again.ranking[0] == first.assign and again.assign == ""
 
 
 def test_overload_spills_to_a_free_replica_which_is_assigned_the_adapter() -> None:
-    placed = choose([r("a", "x", running=2, queued=2), r("b", running=0)], Want("x"))
+    placed = choose([r("a", "x", in_flight=4), r("b", in_flight=0)], Want("x"))
     assert placed.ranking == ("b", "a") and placed.assign == "b"
 
 
 def test_when_every_replica_is_full_the_request_stays_with_a_holder() -> None:
-    placed = choose([r("a", "x", running=2, queued=3), r("b", running=2, queued=2)], Want("x"))
+    placed = choose([r("a", "x", in_flight=5), r("b", in_flight=4)], Want("x"))
     assert placed.ranking[0] == "a" and placed.assign == ""
 
 
@@ -58,7 +65,7 @@ def test_energy_and_latency_choose_different_replicas_from_their_figures() -> No
 
 
 def test_a_full_replica_goes_behind_a_free_one_whatever_its_figures() -> None:
-    fast = r("fast", running=2, queued=2, ttft_s=0.01, tpot_s=0.01)
+    fast = r("fast", in_flight=4, ttft_s=0.01, tpot_s=0.01)
     slow = r("slow", ttft_s=1.0, tpot_s=0.1)
     assert choose([fast, slow], Want()).ranking == ("slow", "fast")
 
@@ -80,6 +87,51 @@ def test_no_replica_and_bad_input_are_refused() -> None:
         Want(objective="fastest")
     with pytest.raises(ValueError):
         ReplicaState("a", slots=0)
+
+
+def stats(slots: int = 2, *adapters: str) -> dict[str, object]:
+    """A replica's routing stats as record_routing_stats sends them (running/queued lag: never read)."""
+    return {"slots": slots, "adapters": list(adapters), "running": 0, "queued": 0}
+
+
+def test_the_front_counts_its_own_requests_so_a_burst_spills_at_two_rounds_of_slots() -> None:
+    """The flaky e2e spill: a burst placed before any routing stats moved. The front's own count moves at
+    once: 2 x slots requests go to the adapter's first replica, the next spills to the other."""
+    d = Dispatcher()
+    view = {"a": stats(), "b": stats()}  # the stats never change during the burst
+    held = []
+    with ExitStack() as open_calls:
+        for _ in range(SPILL_ROUNDS * 2):
+            placed = d.place(view, Want("x"))
+            held.append(placed.ranking[0])
+            open_calls.enter_context(d.sending(placed.ranking[0]))
+        assert len(set(held)) == 1 and d.in_flight[held[0]] == 4
+        spill = d.place(view, Want("x"))
+        assert spill.ranking[0] != held[0] and spill.assign == spill.ranking[0]
+    assert d.in_flight == {held[0]: 0}  # every call ended: nothing counted
+    assert d.place(view, Want("x")).ranking[0] == held[0]  # the first holder again, below the spill point
+
+
+def test_a_call_leaves_the_count_however_it_ends() -> None:
+    d = Dispatcher()
+    with pytest.raises(RuntimeError), d.sending("a"):
+        assert d.in_flight == {"a": 1}
+        raise RuntimeError("the replica died")
+    with d.sending("a") as sent:
+        sent.on("b")  # Serve passed over the first choice: the count follows the request
+        assert d.in_flight == {"a": 0, "b": 1}
+    assert d.in_flight == {"a": 0, "b": 0}
+
+
+def test_a_replica_gone_from_the_cluster_leaves_counts_and_assignments() -> None:
+    d = Dispatcher()
+    first = d.place({"a": stats(), "b": stats()}, Want("x")).assign
+    with d.sending(first):
+        pass
+    other = "b" if first == "a" else "a"
+    placed = d.place({other: stats()}, Want("x"))  # the assigned replica died and was replaced
+    assert placed.ranking == (other,) and placed.assign == other
+    assert d.in_flight == {}
 
 
 @pytest.mark.parametrize(("spec", "want"), [("2", (2, 2)), ("1:4", (1, 4)), (" 3 ", (3, 3))])
