@@ -1,5 +1,6 @@
 """`effllm serve`: flags -> EngineArgs (server/engine_args.py builds the engines) + ServerConfig, then run
-the server."""
+the server; with --replicas, the same server core per replica on Ray Serve (server/cluster/, imported only
+then)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from ..common.auth import AuthConfig, TlsConfig, is_loopback, security_config
 from ..common.auth import add_flags as add_security_flags
-from ..common.auth import is_loopback, security_config
 from ..telemetry.tracing import add_flags as add_telemetry_flags
 from ..telemetry.tracing import config_from_args as telemetry_config
 from ..telemetry.tracing import default_run_dir
 from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
-from .defaults import has_chat_template, load_sampling_defaults
+from .cluster.placement import parse_replicas
+from .defaults import SamplingDefaults, has_chat_template, load_sampling_defaults
 from .engine_args import EngineArgs, build_engines
 from .engines import compile_cache
-from .engines.base import AdapterHost
+from .engines.base import AdapterHost, Engine
 from .faults import maybe_inject
 from .logs import route_transformers
 from .logs import setup as setup_logging
@@ -41,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve", help="serve a model over gRPC", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add_serve_flags(p)
+    add_cluster_flags(p)
     p.set_defaults(func=run)
 
 
@@ -129,6 +132,35 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     add_telemetry_flags(p)
 
 
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """`effllm serve`'s own (not `effllm calibrate`'s): the Ray Serve cluster (server/cluster/)."""
+    c = p.add_argument_group("cluster (Ray Serve; needs the ray extra: pip install -e '.[ray]')")
+    c.add_argument(
+        "--replicas",
+        default=None,
+        metavar="N|MIN:MAX",
+        help="serve N replicas of this server (MIN:MAX: autoscale on ongoing requests) behind one address "
+        "on Ray Serve; none: one server, and Ray is never imported",
+    )
+    c.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (started with `ray start --head`); default: start a local one, capped, "
+        "and stop it on exit",
+    )
+    c.add_argument(
+        "--attach",
+        action="store_true",
+        help="with --ray-address: serve the replicas a RayService already deployed (serveConfigV2 "
+        "import_path effllm.server.cluster.launch:build_app); neither deploy nor delete them",
+    )
+    c.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica")
+    c.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs Ray reserves for each replica")
+    c.add_argument(
+        "--ray-cpus", type=int, default=None, help="local cluster: CPUs it may use; default: this host's"
+    )
+
+
 def build_registry(args: EngineArgs, unload_wait_s: float, engine: AdapterHost) -> AdapterRegistry:
     root = args.adapter_root
     if root is not None:
@@ -166,41 +198,22 @@ def run(args: argparse.Namespace) -> int:
                 "--prometheus-host %s: /metrics is served without auth or TLS (see docs/security.md)",
                 telemetry.prometheus_host,
             )
-        lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
-        engine_args = EngineArgs.from_cli_args(args)
-        engines = [maybe_inject(e) for e in build_engines(engine_args)]
-        engine = engines[0]
-        host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
-        model = getattr(engine, "model", None)  # ResolvedModel on both engines
-        model_dir = model.path if model is not None else None
-        defaults = load_sampling_defaults(model_dir)
-        default_max_new = args.default_max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-        config = ServerConfig(
-            host=args.host,
-            port=args.port,
-            max_concurrency=engine_args.max_concurrency,
-            queue_size=args.queue_size,
-            max_message_bytes=int(args.max_message_mib * (1 << 20)),
-            grace_s=args.grace,
-            limits=Limits(
-                default_max_new_tokens=default_max_new,
-                max_new_tokens=args.max_new_tokens,
-                max_prompt_chars=args.max_prompt_chars,
-                max_prompt_tokens=args.max_prompt_tokens,
-                max_request_s=args.max_request_seconds,
-            ),
-            auth=auth,
-            tls=tls,
-            preload=tuple(args.preload),
-            sampling_defaults=defaults,
-            chat_template=has_chat_template(model_dir),
-            default_objective=args.default_objective,
-            watts_per_core=args.watts_per_core,
-            explore_share=args.explore_share,
-        )
+        if args.replicas:
+            replicas = parse_replicas(args.replicas)
+            if args.attach and not args.ray_address:
+                raise ValueError("--attach: give --ray-address, the cluster whose application to serve")
+        else:
+            lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
+            engine_args, engines, config, defaults = assemble(args, auth, tls)
+            engine = engines[0]
+            host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
     except (ValueError, OSError) as err:
         log.error("bad configuration: %s", err)
         return 2
+    if args.replicas:  # Ray is imported only here, and only when asked for
+        from .cluster.launch import run_cluster
+
+        return run_cluster(args, replicas, auth, tls, telemetry)
     info = engine.info
     log.info(
         "model %s (%s engine, %s on %s); run dir %s (log: %s)",
@@ -218,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         defaults.top_p,
         defaults.top_k,
         defaults.repetition_penalty,
-        default_max_new,
+        config.limits.default_max_new_tokens,
         "from generation_config.json: " + ", ".join(defaults.from_model)
         if defaults.from_model
         else "the model's generation_config.json sets none",
@@ -232,3 +245,41 @@ def run(args: argparse.Namespace) -> int:
         )
     registry = build_registry(engine_args, args.adapter_unload_wait, host)
     return asyncio.run(serve(engines, config, registry, telemetry))
+
+
+def assemble(
+    args: argparse.Namespace, auth: AuthConfig, tls: TlsConfig | None
+) -> tuple[EngineArgs, list[Engine], ServerConfig, SamplingDefaults]:
+    """The engines (not started) and the ServerConfig the flags describe: one server core, whether it runs
+    alone or as a cluster replica (cluster/replica.py builds its own with this). Raises ValueError/OSError
+    naming the bad flag."""
+    engine_args = EngineArgs.from_cli_args(args)
+    engines = [maybe_inject(e) for e in build_engines(engine_args)]
+    model = getattr(engines[0], "model", None)  # ResolvedModel on both engines
+    model_dir = model.path if model is not None else None
+    defaults = load_sampling_defaults(model_dir)
+    default_max_new = args.default_max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_concurrency=engine_args.max_concurrency,
+        queue_size=args.queue_size,
+        max_message_bytes=int(args.max_message_mib * (1 << 20)),
+        grace_s=args.grace,
+        limits=Limits(
+            default_max_new_tokens=default_max_new,
+            max_new_tokens=args.max_new_tokens,
+            max_prompt_chars=args.max_prompt_chars,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_request_s=args.max_request_seconds,
+        ),
+        auth=auth,
+        tls=tls,
+        preload=tuple(args.preload),
+        sampling_defaults=defaults,
+        chat_template=has_chat_template(model_dir),
+        default_objective=args.default_objective,
+        watts_per_core=args.watts_per_core,
+        explore_share=args.explore_share,
+    )
+    return engine_args, engines, config, defaults

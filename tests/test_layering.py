@@ -75,3 +75,24 @@ def test_the_grpc_layer_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_only_the_cluster_package_imports_ray() -> None:
+    """docs/architecture.md: Ray is an optional extra, imported under server/cluster/ only, and there not by
+    the pure placement module (the fast tier tests it without Ray)."""
+    importers = []
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and not node.level
+                    else []
+                )
+                if any(n == "ray" or n.startswith("ray.") for n in names):
+                    importers.append(str(path.relative_to(ROOT)))
+    cluster = {p for p in importers if p.startswith("server/cluster/")}
+    assert set(importers) == cluster and cluster
+    assert "server/cluster/placement.py" not in cluster

@@ -53,7 +53,7 @@ class PinAdapterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "version", "method", "rank", "alpha", "target_modules", "base_fingerprint", "residency", "pinned", "load_s", "requests_served", "last_used_unix", "in_flight", "latest", "content_sha256", "variants", "skipped_variants")
+    __slots__ = ("name", "version", "method", "rank", "alpha", "target_modules", "base_fingerprint", "residency", "pinned", "load_s", "requests_served", "last_used_unix", "in_flight", "latest", "content_sha256", "variants", "skipped_variants", "replicas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class AdapterInfo(_message.Message):
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     method: str
@@ -88,4 +89,13 @@ class AdapterInfo(_message.Message):
     content_sha256: str
     variants: _containers.RepeatedScalarFieldContainer[str]
     skipped_variants: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., residency: _Optional[str] = ..., pinned: _Optional[bool] = ..., load_s: _Optional[float] = ..., requests_served: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., in_flight: _Optional[int] = ..., latest: _Optional[bool] = ..., content_sha256: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., skipped_variants: _Optional[_Iterable[str]] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaResidency]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., method: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_fingerprint: _Optional[str] = ..., residency: _Optional[str] = ..., pinned: _Optional[bool] = ..., load_s: _Optional[float] = ..., requests_served: _Optional[int] = ..., last_used_unix: _Optional[float] = ..., in_flight: _Optional[int] = ..., latest: _Optional[bool] = ..., content_sha256: _Optional[str] = ..., variants: _Optional[_Iterable[str]] = ..., skipped_variants: _Optional[_Iterable[str]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaResidency, _Mapping]]] = ...) -> None: ...
+
+class ReplicaResidency(_message.Message):
+    __slots__ = ("replica", "residency")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    residency: str
+    def __init__(self, replica: _Optional[str] = ..., residency: _Optional[str] = ...) -> None: ...

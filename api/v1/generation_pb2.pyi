@@ -199,7 +199,14 @@ class Capabilities(_message.Message):
     def __init__(self, precisions: _Optional[_Iterable[str]] = ..., adapter_methods: _Optional[_Iterable[str]] = ..., max_adapter_rank: _Optional[int] = ..., max_adapters_per_batch: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size", "sampling_defaults", "chat_template", "variants")
+    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size", "sampling_defaults", "chat_template", "variants", "replicas")
+    class ReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ModelInfo
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +222,7 @@ class ModelInfo(_message.Message):
     SAMPLING_DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     engine: str
@@ -230,7 +238,8 @@ class ModelInfo(_message.Message):
     sampling_defaults: SamplingDefaults
     chat_template: bool
     variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ...) -> None: ...
+    replicas: _containers.MessageMap[str, ModelInfo]
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., replicas: _Optional[_Mapping[str, ModelInfo]] = ...) -> None: ...
 
 class VariantInfo(_message.Message):
     __slots__ = ("name", "precision", "engine", "weight_bytes", "perplexity", "quality", "live", "adapter_methods", "state", "explored", "engine_state")
@@ -324,7 +333,14 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("running", "queued", "engine_running", "requests_total", "requests_cancelled", "requests_rejected", "output_tokens_total")
+    __slots__ = ("running", "queued", "engine_running", "requests_total", "requests_cancelled", "requests_rejected", "output_tokens_total", "replicas")
+    class ReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ServerStats
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ServerStats, _Mapping]] = ...) -> None: ...
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     ENGINE_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -332,6 +348,7 @@ class ServerStats(_message.Message):
     REQUESTS_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     engine_running: int
@@ -339,7 +356,8 @@ class ServerStats(_message.Message):
     requests_cancelled: int
     requests_rejected: int
     output_tokens_total: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., engine_running: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., output_tokens_total: _Optional[int] = ...) -> None: ...
+    replicas: _containers.MessageMap[str, ServerStats]
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., engine_running: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., output_tokens_total: _Optional[int] = ..., replicas: _Optional[_Mapping[str, ServerStats]] = ...) -> None: ...
 
 class GetTelemetryRequest(_message.Message):
     __slots__ = ("start_unix_s", "end_unix_s", "include_samples")
