@@ -221,12 +221,12 @@ class _EffllmUser(User):
                     ttft = None
             except grpc.RpcError as err:
                 code = err.code().name if err.code() else "UNKNOWN"
-                self._fail(row, start, code, err.details() or "")
+                self._fail(row, start, code, err.details() or "", received=n)
                 return
             except gevent.GreenletExit:  # Locust killed the user mid-request: the server sees a cancel
                 # Standalone, the test's end (-t, the stop button) cuts requests short: not a failure of
                 # the server, so no Locust event (the row still says so); `effllm load` counts it.
-                self._fail(row, start, "CANCELLED", "stopped by locust", fire=FROM_ENV)
+                self._fail(row, start, "CANCELLED", "stopped by locust", fire=FROM_ENV, received=n)
                 raise
             e2e = time.perf_counter() - start
         if final is not None and final.usage.output_tokens:
@@ -268,11 +268,22 @@ class _EffllmUser(User):
             return
         self.send(self.stream.next())
 
-    def _fail(self, row: dict[str, Any], start: float, code: str, details: str, fire: bool = True) -> None:
+    def _fail(
+        self, row: dict[str, Any], start: float, code: str, details: str, fire: bool = True, received: int = 0
+    ) -> None:
+        """A failed request's row: `received` tokens had streamed in before it failed (0: it produced
+        nothing, the kind a balancer may retry; its output_tokens stay 0, a failure has no output)."""
         e2e = time.perf_counter() - start
         if fire:
             self._fire("e2e", e2e, 0, GrpcStatusError(code, details))
-        row.update(status=code, details=details[:300], e2e_s=e2e, output_tokens=0, t_end=time.time())
+        row.update(
+            status=code,
+            details=details[:300],
+            e2e_s=e2e,
+            output_tokens=0,
+            received_tokens=received,
+            t_end=time.time(),
+        )
         _Process.write(row)
 
 

@@ -84,6 +84,7 @@ def reply_fields(final: pb.GenerateResponse | pb.StreamFinal) -> dict[str, Any]:
         "server_queue_s": t.queue_s,
         "server_total_s": t.total_s,
         "variant": final.variant or None,
+        "replica": final.replica or None,  # through a cluster front (effllm serve --replicas)
         "budget_met": bool(final.budget_met) if final.HasField("budget_met") else None,
         "usage_energy_j": float(u.energy_joules) if u.HasField("energy_joules") else None,
         "usage_energy_source": u.energy_source or None,

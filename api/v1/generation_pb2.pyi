@@ -133,7 +133,7 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "timings", "adapter", "variant", "budget_met")
+    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "timings", "adapter", "variant", "budget_met", "replica")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class GenerateResponse(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MET_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -152,23 +153,26 @@ class GenerateResponse(_message.Message):
     adapter: str
     variant: str
     budget_met: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ...) -> None: ...
+    replica: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class StreamFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "adapter", "variant", "budget_met")
+    __slots__ = ("finish_reason", "usage", "timings", "adapter", "variant", "budget_met", "replica")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MET_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
     adapter: str
     variant: str
     budget_met: bool
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ...) -> None: ...
+    replica: str
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "final")
@@ -333,7 +337,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerStats(_message.Message):
-    __slots__ = ("running", "queued", "engine_running", "requests_total", "requests_cancelled", "requests_rejected", "output_tokens_total", "replicas")
+    __slots__ = ("running", "queued", "engine_running", "requests_total", "requests_cancelled", "requests_rejected", "output_tokens_total", "replicas", "adapter_requests_warm", "adapter_requests_cold", "adapter_loads_on_demand")
     class ReplicasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +353,9 @@ class ServerStats(_message.Message):
     REQUESTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_REQUESTS_WARM_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_REQUESTS_COLD_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_LOADS_ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     engine_running: int
@@ -357,7 +364,10 @@ class ServerStats(_message.Message):
     requests_rejected: int
     output_tokens_total: int
     replicas: _containers.MessageMap[str, ServerStats]
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., engine_running: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., output_tokens_total: _Optional[int] = ..., replicas: _Optional[_Mapping[str, ServerStats]] = ...) -> None: ...
+    adapter_requests_warm: int
+    adapter_requests_cold: int
+    adapter_loads_on_demand: int
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., engine_running: _Optional[int] = ..., requests_total: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_rejected: _Optional[int] = ..., output_tokens_total: _Optional[int] = ..., replicas: _Optional[_Mapping[str, ServerStats]] = ..., adapter_requests_warm: _Optional[int] = ..., adapter_requests_cold: _Optional[int] = ..., adapter_loads_on_demand: _Optional[int] = ...) -> None: ...
 
 class GetTelemetryRequest(_message.Message):
     __slots__ = ("start_unix_s", "end_unix_s", "include_samples")

@@ -12,8 +12,8 @@ flight on each replica, +1 at dispatch and -1 when the call ends however it ends
 adapters and figures from its routing stats); the router (routing.py) passes the ranking on to Serve.
 Admin calls (LoadAdapter, UnloadAdapter, PinAdapter) go to every replica and into the ledger (a replica
 started later loads its set first); ListAdapters, GetStats and GetModelInfo merge every replica's answer,
-each replica's in `replicas`. The replica that served a request is named in the `effllm-replica` trailing
-metadata.
+each replica's in `replicas`. The replica that served a request is named in its final message (`replica`)
+and in the `effllm-replica` trailing metadata.
 Invariant: a call the client cancels (or whose deadline passes) cancels its handle call, and so the
 replica's generator: the runner aborts the engine request and frees its slot; and it leaves the front's
 in-flight count of that replica.
@@ -183,7 +183,9 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
         finally:
             self.cluster.in_flight -= 1
         context.set_trailing_metadata(((REPLICA_KEY, replica),))
-        return pb.GenerateResponse.FromString(data)
+        reply = pb.GenerateResponse.FromString(data)
+        reply.replica = replica
+        return reply
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -197,6 +199,7 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
                 async for replica, message in events:
                     if message.HasField("final"):
                         context.set_trailing_metadata(((REPLICA_KEY, replica),))
+                        message.final.replica = replica
                     yield message
         except Exception as err:
             await _fail(context, err, "GenerateStream")
@@ -262,7 +265,8 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
         out = pb.ServerStats()
         for rid, stats in replies.items():
             for name in ("running", "queued", "engine_running", "requests_total", "requests_cancelled",
-                         "requests_rejected", "output_tokens_total"):  # fmt: skip
+                         "requests_rejected", "output_tokens_total", "adapter_requests_warm",
+                         "adapter_requests_cold", "adapter_loads_on_demand"):  # fmt: skip
                 setattr(out, name, getattr(out, name) + getattr(stats, name))
             out.replicas[rid].CopyFrom(stats)
         return out

@@ -118,6 +118,8 @@ class Replica:
         )
         self._loading: dict[str, asyncio.Lock] = {}
         self.adapter_loads = 0  # adapters this replica loaded on demand (the router sent it their requests)
+        self.requests_warm = 0  # requests for an adapter this replica already held
+        self.requests_cold = 0  # requests for an adapter that waited for its load here
         self.server: EffllmServer = EffllmServer(
             engines, config, build_registry(engine_args, args.adapter_unload_wait, host), tele
         )
@@ -145,15 +147,22 @@ class Replica:
 
     async def _hold(self, ref: str) -> None:
         """A request for an adapter in the adapter root that this replica does not hold: the router chose
-        this replica for it (placement.py), so load it here first, once however many requests wait."""
+        this replica for it (placement.py), so load it here first, once however many requests wait.
+        Counts the request warm (held already) or cold (it waited for a load, its own or another's)."""
         registry = self.server.adapters
-        if not ref or registry.config.root is None or registry.peek(ref) is not None:
+        if not ref:
+            return
+        if registry.peek(ref) is not None:
+            self.requests_warm += 1
+            return
+        if registry.config.root is None:
             return
         try:
             name, version = parse_ref(ref)
         except (EffllmError, ValueError):
             return  # malformed: the servicer refuses it, naming the field
         async with self._loading.setdefault(ref, asyncio.Lock()):
+            self.requests_cold += 1
             if registry.peek(ref) is not None:
                 return
             try:
@@ -172,6 +181,10 @@ class Replica:
             await self._hold(message.adapter)
         servicer: Any = self.server.generation if service == "generation" else self.server.adapter_service
         reply = await getattr(servicer, method)(message, ReplicaContext(metadata))
+        if method == "GetStats":  # what only a replica knows: its adapter affinity
+            reply.adapter_requests_warm = self.requests_warm
+            reply.adapter_requests_cold = self.requests_cold
+            reply.adapter_loads_on_demand = self.adapter_loads
         return self.replica_id, reply.SerializeToString()
 
     async def stream(

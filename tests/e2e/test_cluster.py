@@ -50,7 +50,9 @@ class Front:
             sampling=pb.SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True),
         )
         reply, call = self.gen.Generate.with_call(req, timeout=240)
-        return reply, dict(call.trailing_metadata())["effllm-replica"]
+        replica = dict(call.trailing_metadata())["effllm-replica"]
+        assert reply.replica == replica  # named in the reply as in the trailing metadata
+        return reply, replica
 
     def residency(self) -> dict[str, set[str]]:
         """NAME@VERSION -> replicas holding it."""
@@ -117,12 +119,19 @@ def test_the_front_serves_health_and_our_status_table(front: Front) -> None:
 
 
 def test_a_burst_on_a_new_adapter_loads_it_on_one_replica_and_then_sticks_to_it(front: Front) -> None:
+    before = front.gen.GetStats(pb.GetStatsRequest(), timeout=60)
     with ThreadPoolExecutor(3) as pool:  # one round of slots and one more: below the spill point
         served = list(pool.map(lambda _: front.generate("f1")[1], range(3)))
     assert len(set(served)) == 1, served
     assert front.residency()["f1@1"] == set(served)
     for _ in range(2):  # paced requests: affinity holds
         assert front.generate("f1")[1] == served[0]
+    after = front.gen.GetStats(pb.GetStatsRequest(), timeout=60)
+    # the burst waited for one load on one replica (cold), the paced ones found it there (warm)
+    assert after.adapter_loads_on_demand - before.adapter_loads_on_demand == 1
+    assert after.adapter_requests_cold - before.adapter_requests_cold == 3
+    assert after.adapter_requests_warm - before.adapter_requests_warm == 2
+    assert after.replicas[served[0]].adapter_requests_warm >= 2
 
 
 def test_overload_spills_to_the_other_replica_which_loads_the_adapter(front: Front) -> None:

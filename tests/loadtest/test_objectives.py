@@ -156,6 +156,8 @@ def test_the_request_carries_objective_and_budget_and_the_row_reads_the_final_me
     assert row["usage_energy_j"] == 1.5 and row["usage_energy_source"] == "estimated"
     older = reply_fields(pb.GenerateResponse(usage=pb.Usage(output_tokens=4)))  # a server without #14
     assert older["variant"] is None and older["budget_met"] is None and older["usage_energy_j"] is None
+    assert older["replica"] is None  # a plain server; through a cluster front it names the replica
+    assert reply_fields(pb.StreamFinal(replica="r1", usage=usage))["replica"] == "r1"
 
 
 def _row(rid: str, objective: str | None, ttft: float, tokens: int, **kw: Any) -> dict[str, Any]:
