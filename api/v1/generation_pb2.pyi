@@ -478,7 +478,14 @@ class GroupFigures(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., precision: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., output_tokens: _Optional[int] = ..., energy_j: _Optional[float] = ..., j_per_token: _Optional[float] = ..., energy_source: _Optional[str] = ..., amu: _Optional[float] = ..., pcu: _Optional[float] = ..., aec_w: _Optional[float] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("model", "precision", "engine", "start_unix_s", "end_unix_s", "resources", "requests", "groups", "samples", "enabled")
+    __slots__ = ("model", "precision", "engine", "start_unix_s", "end_unix_s", "resources", "requests", "groups", "samples", "enabled", "replicas")
+    class ReplicasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Telemetry
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Telemetry, _Mapping]] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -489,6 +496,7 @@ class Telemetry(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     precision: str
     engine: str
@@ -499,4 +507,5 @@ class Telemetry(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[GroupFigures]
     samples: _containers.RepeatedCompositeFieldContainer[ResourceSample]
     enabled: bool
-    def __init__(self, model: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., resources: _Optional[_Union[ResourceSummary, _Mapping]] = ..., requests: _Optional[_Iterable[_Union[RequestFigures, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupFigures, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[ResourceSample, _Mapping]]] = ..., enabled: _Optional[bool] = ...) -> None: ...
+    replicas: _containers.MessageMap[str, Telemetry]
+    def __init__(self, model: _Optional[str] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., resources: _Optional[_Union[ResourceSummary, _Mapping]] = ..., requests: _Optional[_Iterable[_Union[RequestFigures, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupFigures, _Mapping]]] = ..., samples: _Optional[_Iterable[_Union[ResourceSample, _Mapping]]] = ..., enabled: _Optional[bool] = ..., replicas: _Optional[_Mapping[str, Telemetry]] = ...) -> None: ...

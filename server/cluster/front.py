@@ -11,7 +11,8 @@ Each request's replica is chosen here (placement.Dispatcher: this front's own co
 flight on each replica, +1 at dispatch and -1 when the call ends however it ends, and each replica's
 adapters and figures from its routing stats); the router (routing.py) passes the ranking on to Serve.
 Admin calls (LoadAdapter, UnloadAdapter, PinAdapter) go to every replica and into the ledger (a replica
-started later loads its set first); ListAdapters, GetStats and GetModelInfo merge every replica's answer,
+started later loads its set first); ListAdapters, GetStats, GetModelInfo and GetTelemetry merge every
+replica's answer,
 each replica's in `replicas`. The replica that served a request is named in its final message (`replica`)
 and in the `effllm-replica` trailing metadata.
 Invariant: a call the client cancels (or whose deadline passes) cancels its handle call, and so the
@@ -274,11 +275,53 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
     async def GetTelemetry(
         self, request: pb.GetTelemetryRequest, context: grpc.aio.ServicerContext
     ) -> pb.Telemetry:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "GetTelemetry through the cluster front: not yet (each replica writes its run dir's telemetry)",
-        )
-        raise AssertionError("unreachable")
+        replies = await _every(self.cluster, "GetTelemetry", request, context, pb.Telemetry)
+        return merge_telemetry(replies)
+
+
+def merge_telemetry(replies: dict[str, pb.Telemetry]) -> pb.Telemetry:
+    """Every replica's Telemetry in one (the proto's Telemetry.replicas comment says how), each in
+    `replicas`. Replicas serve one model with the same flags: model, precision and engine are the first's."""
+    first = replies[sorted(replies)[0]]
+    out = pb.Telemetry(model=first.model, precision=first.precision, engine=first.engine)
+    on = [t for t in replies.values() if t.enabled]
+    out.enabled = bool(on)
+    if on:
+        out.start_unix_s = min(t.start_unix_s for t in on)
+        out.end_unix_s = max(t.end_unix_s for t in on)
+    groups: dict[tuple[str, str], pb.GroupFigures] = {}
+    with_resources = [t.resources for t in on if t.HasField("resources")]
+    for rid in sorted(replies):
+        t = replies[rid]
+        out.replicas[rid].CopyFrom(t)
+        out.requests.extend(t.requests)
+        out.samples.extend(t.samples)
+        for g in t.groups:
+            key = (g.adapter, g.precision)
+            m = groups.setdefault(key, pb.GroupFigures(adapter=g.adapter, precision=g.precision))
+            m.requests += g.requests
+            m.errors += g.errors
+            m.output_tokens += g.output_tokens
+            if g.HasField("energy_j"):
+                m.energy_j = m.energy_j + g.energy_j
+                m.energy_source = g.energy_source
+    for m in groups.values():
+        if m.HasField("energy_j") and m.output_tokens:
+            m.j_per_token = m.energy_j / m.output_tokens
+    out.groups.extend(groups[k] for k in sorted(groups))
+    if with_resources:
+        r = out.resources
+        r.samples = sum(x.samples for x in with_resources)
+        r.window_s = max(x.window_s for x in with_resources)
+        r.amu = sum(x.amu for x in with_resources) / len(with_resources)
+        r.amu_bytes = sum(x.amu_bytes for x in with_resources)
+        r.peak_memory_bytes = sum(x.peak_memory_bytes for x in with_resources)
+        r.pcu = sum(x.pcu for x in with_resources) / len(with_resources)
+        r.aec_w = sum(x.aec_w for x in with_resources)
+        r.energy_j = sum(x.energy_j for x in with_resources)
+        r.energy_source = with_resources[0].energy_source
+        r.device = with_resources[0].device
+    return out
 
 
 async def _every(

@@ -116,6 +116,8 @@ def test_the_front_serves_health_and_our_status_table(front: Front) -> None:
     with pytest.raises(grpc.RpcError) as missing:
         front.generate(adapter="nosuch")
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "Traceback" not in missing.value.details()
+    telemetry = front.gen.GetTelemetry(pb.GetTelemetryRequest(), timeout=60)  # merged, each replica's kept
+    assert set(telemetry.replicas) == set(front.replicas()) and not telemetry.enabled  # --no-telemetry
 
 
 def test_a_burst_on_a_new_adapter_loads_it_on_one_replica_and_then_sticks_to_it(front: Front) -> None:
