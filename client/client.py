@@ -182,7 +182,8 @@ class EffllmClient:
         return list(self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout).unloaded)
 
     def list_adapters(self, model: str | None = None) -> list[apb.AdapterInfo]:
-        return list(self._adapters.ListAdapters(apb.ListAdaptersRequest(model=model), timeout=self.timeout).adapters)
+        req = apb.ListAdaptersRequest(model=model)
+        return list(self._adapters.ListAdapters(req, timeout=self.timeout).adapters)
 
     def pin_adapter(
         self, name: str, version: str = "", *, pinned: bool = True, model: str | None = None

@@ -19,12 +19,13 @@ from . import lifeline
 from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .defaults import has_chat_template, load_sampling_defaults
-from .engine_args import EngineArgs, build_engines
+from .engine_args import EngineArgs, build_engines, models_with_variants
 from .engines import compile_cache
-from .engines.base import AdapterHost
+from .engines.base import AdapterHost, Engine
 from .faults import maybe_inject
 from .logs import route_transformers
 from .logs import setup as setup_logging
+from .models import HostedModel
 from .router import OBJECTIVES
 from .service import Limits
 from .variants import VariantAdapters
@@ -123,8 +124,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--preload",
         action="append",
         default=[],
-        metavar="NAME[@VERSION]",
-        help="adapter to load before serving (repeatable)",
+        metavar="[MODEL:]NAME[@VERSION]",
+        help="adapter to load before serving (repeatable); MODEL: for a --model other than the first",
     )
     add_telemetry_flags(p)
 
@@ -168,12 +169,18 @@ def run(args: argparse.Namespace) -> int:
             )
         lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
         engine_args = EngineArgs.from_cli_args(args)
-        engines = [maybe_inject(e) for e in build_engines(engine_args)]
+        per_model = models_with_variants(engine_args)  # one (name, EngineArgs) per --model
+        first_name, first_args = per_model[0]
+        engines = [maybe_inject(e) for e in build_engines(first_args)]
         engine = engines[0]
         host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
         model = getattr(engine, "model", None)  # ResolvedModel on both engines
         model_dir = model.path if model is not None else None
         defaults = load_sampling_defaults(model_dir)
+        more = [
+            _hosted(name, [maybe_inject(e) for e in build_engines(a)], a, args.adapter_unload_wait)
+            for name, a in per_model[1:]
+        ]
         default_max_new = args.default_max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         config = ServerConfig(
             host=args.host,
@@ -230,5 +237,25 @@ def run(args: argparse.Namespace) -> int:
             ", ".join(f"{e.info.precision}:{e.info.engine}" for e in engines),
             args.default_objective,
         )
-    registry = build_registry(engine_args, args.adapter_unload_wait, host)
-    return asyncio.run(serve(engines, config, registry, telemetry))
+    if more:
+        log.info(
+            "models: %s (a request naming none runs on the first)",
+            ", ".join([first_name or info.model, *(m.name for m in more)]),
+        )
+    registry = build_registry(first_args, args.adapter_unload_wait, host)
+    return asyncio.run(serve(engines, config, registry, telemetry, name=first_name, more=more))
+
+
+def _hosted(name: str, engines: list[Engine], args: EngineArgs, unload_wait_s: float) -> HostedModel:
+    """A second or later --model: its engines, its own registry over the one adapter root, its own
+    sampling defaults and chat template (the checkpoint's)."""
+    host: AdapterHost = engines[0] if len(engines) == 1 else VariantAdapters(engines)
+    model = getattr(engines[0], "model", None)
+    model_dir = model.path if model is not None else None
+    return HostedModel(
+        tuple(engines),
+        name,
+        build_registry(args, unload_wait_s, host),
+        sampling_defaults=load_sampling_defaults(model_dir),
+        chat_template=has_chat_template(model_dir),
+    )
