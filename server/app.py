@@ -117,6 +117,7 @@ class EffllmServer:
             self.watts_per_core,
             config.sampling_defaults,
             config.chat_template,
+            several=bool(more),
         )
         observer = telemetry.observer if telemetry else None
         first = HostedModel(tuple(engines), name, adapters)

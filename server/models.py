@@ -67,6 +67,9 @@ class HostSettings:
     watts_per_core: float
     sampling_defaults: SamplingDefaults
     chat_template: bool
+    # several models on this server: each request's telemetry names its model (with one, the served model's
+    # labels stay as they were)
+    several: bool = False
 
 
 class ModelHost:
@@ -100,7 +103,7 @@ class ModelHost:
                 self.adapters,
                 observer=observer,
                 on_finish=figures.observe,
-                model=self.name,
+                model=self.name if settings.several else "",
             )
             variants.append(Variant(e, runner, figures))
         self.variants = VariantSet(

@@ -375,7 +375,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return self.models.get(name)
 
     def _model_name(self, variant: Variant) -> str:
-        return variant.runner.label[3] or variant.engine.info.model
+        """The name of the hosted model `variant` belongs to (what requests put in `model`)."""
+        if self.models is not None:
+            for host in self.models:
+                if variant in host.variants.variants:
+                    return host.name
+        return variant.engine.info.model
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
