@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         config = ServerConfig(
             host=args.host,
             port=args.port,
-            max_concurrency=engine_args.max_concurrency,
+            max_concurrency=first_args.max_concurrency,
             queue_size=args.queue_size,
             max_message_bytes=int(args.max_message_mib * (1 << 20)),
             grace_s=args.grace,
@@ -258,4 +258,5 @@ def _hosted(name: str, engines: list[Engine], args: EngineArgs, unload_wait_s: f
         build_registry(args, unload_wait_s, host),
         sampling_defaults=load_sampling_defaults(model_dir),
         chat_template=has_chat_template(model_dir),
+        max_concurrency=args.max_concurrency,
     )

@@ -100,6 +100,15 @@ class EngineArgs:
     max_concurrency: int = field(
         default=32, metadata=_flag("requests decoded together (batch slots)", type=int)
     )
+    model_max_concurrency: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag(
+            "with several --model: this model's --max-concurrency (repeatable), e.g. gemma3-270m=1 (the hf "
+            "engine batches Gemma 3's sliding-window caches one row at a time) while the others batch",
+            action="append",
+            metavar="MODEL=N",
+        ),
+    )
     max_context: int = field(default=2048, metadata=_flag("prompt + new tokens", type=int))
     kv_cache_gib: float = field(
         default=1.0,
@@ -198,6 +207,7 @@ class EngineArgs:
         """The fields from parsed flags (or a Namespace rebuilt from their JSON: lists, str paths)."""
         values: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(cls)}
         values["variants"] = tuple(values["variants"])
+        values["model_max_concurrency"] = tuple(values["model_max_concurrency"])
         models = values["model"]
         if isinstance(models, list):  # --model is repeatable: the first is `model`, the rest `more_models`
             values["model"] = models[0] if models else None
@@ -263,9 +273,10 @@ def model_source(spec: str | None) -> str | None:
 
 
 def models_with_variants(args: EngineArgs) -> list[tuple[str, EngineArgs]]:
-    """One (name, EngineArgs) per --model, in order: each with `model` its source and `variants` its own
-    (MODEL=PRECISION[:ENGINE] by name; a plain PRECISION[:ENGINE] is the first model's). ValueError for a
-    variant naming no hosted model, or two models with one name."""
+    """One (name, EngineArgs) per --model, in order: each with `model` its source, `variants` its own
+    (MODEL=PRECISION[:ENGINE] by name; a plain PRECISION[:ENGINE] is the first model's) and its
+    --model-max-concurrency if given. ValueError for a variant or a concurrency naming no hosted model, or
+    two models with one name."""
     specs = [args.model, *args.more_models]
     names = [model_name(s) for s in specs]
     if len(set(names)) != len(names):
@@ -277,8 +288,28 @@ def models_with_variants(args: EngineArgs) -> list[tuple[str, EngineArgs]]:
         if key not in own:
             raise ValueError(f"--variant {v!r}: model {model!r} is not a --model ({', '.join(names)})")
         own[key].append(variant)
+    slots = {n: args.max_concurrency for n in names}
+    for spec in args.model_max_concurrency:
+        model, _, n = spec.rpartition("=")
+        if model not in slots:
+            raise ValueError(
+                f"--model-max-concurrency {spec!r}: {model!r} is not a --model ({', '.join(names)})"
+            )
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--model-max-concurrency {spec!r}: N is a whole number >= 1")
+        slots[model] = int(n)
     return [
-        (n, replace(args, model=model_source(s), more_models=(), variants=tuple(own[n])))
+        (
+            n,
+            replace(
+                args,
+                model=model_source(s),
+                more_models=(),
+                variants=tuple(own[n]),
+                max_concurrency=slots[n],
+                model_max_concurrency=(),
+            ),
+        )
         for n, s in zip(names, specs, strict=True)
     ]
 

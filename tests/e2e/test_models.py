@@ -38,7 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def two(tiny: Path, adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[ServerProcess]:
     models = ["--model", "smollm2-135m", "--model", f"tiny={tiny}"]
     if GEMMA:  # Gemma 3's sliding-window caches: the hf engine batches them one row at a time
-        models += ["--model", "gemma3-270m"]
+        models += ["--model", "gemma3-270m", "--model-max-concurrency", "gemma3-270m=1"]
     server = start_server(
         *models,
         "--engine",
@@ -46,7 +46,7 @@ def two(tiny: Path, adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[Serve
         "--precision",
         "fp32",
         "--max-concurrency",
-        "1" if GEMMA else "2",
+        "2",
         "--max-context",
         "256",
         "--adapter-root",
@@ -79,6 +79,7 @@ def test_each_hosted_model_answers_the_requests_naming_it(two: ServerProcess) ->
         if GEMMA:
             gemma = client.model_info("gemma3-270m")
             assert gemma.architecture.family == "transformer" and gemma.architecture.kv_heads == 1
+            assert gemma.max_concurrency == 1 and listed[0].max_concurrency == 2
         with pytest.raises(grpc.RpcError) as err:
             client.generate("Hello", model="nope", max_new_tokens=2)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and "model:" in (err.value.details() or "")
