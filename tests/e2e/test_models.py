@@ -102,3 +102,36 @@ def test_an_adapter_for_one_model_is_refused_for_the_other_naming_both(two: Serv
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "for model smollm2-135m, not for model tiny" in (err.value.details() or "")
         assert [a.name for a in client.list_adapters(model="tiny")] == []
+
+
+def test_a_campaign_over_two_models_reports_each(two: ServerProcess, tmp_path: Path) -> None:
+    """Real Locust against the server: every request names its drawn model (the sequence a replay of the
+    seed gives), each is served by that model, and the report has one row per model, none failed."""
+    from effllm.loadtest.campaign import Campaign, run
+    from effllm.loadtest.config import LoadConfig
+    from effllm.loadtest.objectives import ModelMix
+    from effllm.loadtest.report import read_rows
+    from effllm.loadtest.workload import LengthDist, PromptSource, Workload
+
+    wl = Workload(
+        seed=3,
+        rate=2.0,
+        prompts=PromptSource("synthetic", LengthDist.parse("8")),
+        output=LengthDist.parse("4"),
+        ignore_eos=True,
+        models=ModelMix.parse("smollm2-135m=1,tiny=1"),
+    )
+    cfg = LoadConfig(
+        targets=(two.target,), workload=wl, duration_s=4.0, timeout_s=120.0, run_dir=str(tmp_path)
+    )
+    rep = run(Campaign(cfg, label="two models"))
+    assert rep["requests"]["errors"] == {} and rep["requests"]["total"] >= 3
+    rows = sorted(read_rows(tmp_path), key=lambda r: r["index"])
+    replay = wl.requests(0)
+    assert [r["model"] for r in rows] == [replay.next().model for _ in rows]
+    assert all(r["served_model"] == r["model"] for r in rows)
+    per = rep["per_model"]
+    assert set(per) == {r["model"] for r in rows} and sum(m["requests"] for m in per.values()) == len(rows)
+    for name, m in per.items():
+        assert m["ok"] == m["requests"] and m["output_tokens"] == 4 * m["ok"], name
+    assert "### Per model" in (tmp_path / "report.md").read_text()
