@@ -24,6 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_security_args(p)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the base model whose adapters these are, on a server hosting several (default: its first)",
+    )
     verbs = p.add_subparsers(dest="verb", required=True)
     verbs.add_parser("list", help="resident adapters and their statistics")
     load = verbs.add_parser("load", help="load ROOT/NAME/VERSION (or --path) into the server")
@@ -95,17 +100,17 @@ def run(args: argparse.Namespace) -> int:
     with client:
         try:
             if args.verb == "list":
-                _show(args, client.list_adapters())
+                _show(args, client.list_adapters(model=args.model))
             elif args.verb == "load":
                 name, version = _split(args.ref)
-                _show(args, [client.load_adapter(name, version, path=args.path)])
+                _show(args, [client.load_adapter(name, version, path=args.path, model=args.model)])
             elif args.verb == "unload":
                 name, version = _split(args.ref)
-                for key in client.unload_adapter(name, version, wait_s=args.wait):
+                for key in client.unload_adapter(name, version, wait_s=args.wait, model=args.model):
                     print(f"unloaded {key}")
             else:
                 name, version = _split(args.ref)
-                _show(args, [client.pin_adapter(name, version, pinned=not args.off)])
+                _show(args, [client.pin_adapter(name, version, pinned=not args.off, model=args.model)])
         except grpc.RpcError as err:
             print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1

@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_target_args(p)
     p.add_argument("--adapter", default="")
     p.add_argument(
+        "--model",
+        default=None,
+        help="the base model to run on, on a server hosting several (GetModelInfo / ListModels name them; "
+        "default: the server's first)",
+    )
+    p.add_argument(
         "--objective",
         choices=OBJECTIVES,
         default=None,
@@ -141,7 +147,7 @@ def _input(args: argparse.Namespace, client: EffllmClient) -> dict[str, Any]:
         turns = _turns(args.chat)
         return {"messages": [("system", args.system), *turns] if args.system else turns}
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.raw or not client.model_info().chat_template:
+    if args.raw or not client.model_info(args.model).chat_template:
         return {"prompt": prompt}
     turns = [("user", prompt)]
     return {"messages": [("system", args.system), *turns] if args.system else turns}
@@ -164,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
             kw = {**_input(args, client), "adapter": args.adapter, **sampling_from_args(args)}
             if args.objective:
                 kw["objective"] = args.objective
+            if args.model:
+                kw["model"] = args.model
             if args.no_stream:
                 reply = client.generate(**kw)
                 print(reply.text)
@@ -179,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     u, t = final.usage, final.timings
     energy = f"; {u.energy_joules:.3g} J ({u.energy_source})" if u.HasField("energy_joules") else ""
-    where = f" on {final.variant}" if final.variant else ""
+    where = f" on {final.model + ' ' if final.model else ''}{final.variant}" if final.variant else ""
     print(
         f"[{u.input_tokens} prompt + {u.output_tokens} new tokens{where}; "
         f"ttft {t.time_to_first_token_s * 1e3:.0f} ms, total {t.total_s:.2f} s{energy}]",

@@ -49,6 +49,7 @@ def build_request(
     objective: str | int = "",
     budget: Budget | pb.Budget | None = None,
     strict_budget: bool = False,
+    model: str | None = None,
 ) -> pb.GenerateRequest:
     """`prompt` (raw text) or `messages` ([(role, content)] or [{"role", "content"}]), not both.
     A sampling argument left None is left unset: the server uses the model's default for it (its
@@ -56,7 +57,8 @@ def build_request(
     `objective`: "latency", "energy", "quality", "balanced" (or an Objective number; "": the server's
     default); `budget`: {"max_time_to_first_token_s": .., "max_time_per_output_token_s": ..,
     "max_joules_per_token": .., "min_quality": ..} (any subset) or a pb.Budget; `strict_budget`: refuse
-    (FAILED_PRECONDITION) rather than serve a budget no variant meets."""
+    (FAILED_PRECONDITION) rather than serve a budget no variant meets. `model`: the base model to run on
+    (ListModels names them; None: the server's first)."""
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
     sampling = pb.SamplingParams(max_new_tokens=max_new_tokens or 0, stop=list(stop), ignore_eos=ignore_eos)
@@ -76,6 +78,7 @@ def build_request(
         sampling=sampling,
         objective=objective_value(objective),
         strict_budget=strict_budget,
+        model=model,
     )
     if budget is not None:
         req.budget.CopyFrom(budget if isinstance(budget, pb.Budget) else pb.Budget(**budget))
@@ -132,8 +135,13 @@ class EffllmClient:
             finally:
                 call.cancel()
 
-    def model_info(self) -> pb.ModelInfo:
-        return self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+    def model_info(self, model: str | None = None) -> pb.ModelInfo:
+        """`model`: one hosted model's (None: the first's)."""
+        return self._gen.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=self.timeout)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        """Every base model the server hosts, the default first."""
+        return list((self._gen.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
 
     def stats(self) -> pb.ServerStats:
         return self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
@@ -148,23 +156,39 @@ class EffllmClient:
         return self._gen.GetTelemetry(req, timeout=self.timeout)
 
     def load_adapter(
-        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+        self,
+        name: str,
+        version: str = "",
+        *,
+        path: str = "",
+        timeout: float | None = None,
+        model: str | None = None,
     ) -> apb.AdapterInfo:
-        """Load ROOT/NAME/VERSION (empty: the highest on disk) or a folder `path` relative to the root."""
-        req = apb.LoadAdapterRequest(name=name, version=version, path=path)
+        """Load ROOT/NAME/VERSION (empty: the highest on disk) or a folder `path` relative to the root, for
+        `model` (None: the server's first)."""
+        req = apb.LoadAdapterRequest(name=name, version=version, path=path, model=model)
         return self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
     def unload_adapter(
-        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+        self,
+        name: str,
+        version: str = "",
+        *,
+        wait_s: float = 0.0,
+        timeout: float | None = None,
+        model: str | None = None,
     ) -> list[str]:
-        req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
+        req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s, model=model)
         return list(self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout).unloaded)
 
-    def list_adapters(self) -> list[apb.AdapterInfo]:
-        return list(self._adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=self.timeout).adapters)
+    def list_adapters(self, model: str | None = None) -> list[apb.AdapterInfo]:
+        req = apb.ListAdaptersRequest(model=model)
+        return list(self._adapters.ListAdapters(req, timeout=self.timeout).adapters)
 
-    def pin_adapter(self, name: str, version: str = "", *, pinned: bool = True) -> apb.AdapterInfo:
-        req = apb.PinAdapterRequest(name=name, version=version, pinned=pinned)
+    def pin_adapter(
+        self, name: str, version: str = "", *, pinned: bool = True, model: str | None = None
+    ) -> apb.AdapterInfo:
+        req = apb.PinAdapterRequest(name=name, version=version, pinned=pinned, model=model)
         return self._adapters.PinAdapter(req, timeout=self.timeout)
 
     def health(self, service: str = "") -> str:
@@ -241,8 +265,13 @@ class AsyncEffllmClient:
             finally:
                 call.cancel()
 
-    async def model_info(self) -> pb.ModelInfo:
-        return await self._gen.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+    async def model_info(self, model: str | None = None) -> pb.ModelInfo:
+        """`model`: one hosted model's (None: the first's)."""
+        return await self._gen.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=self.timeout)
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        """Every base model the server hosts, the default first."""
+        return list((await self._gen.ListModels(pb.ListModelsRequest(), timeout=self.timeout)).models)
 
     async def stats(self) -> pb.ServerStats:
         return await self._gen.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
@@ -256,23 +285,37 @@ class AsyncEffllmClient:
         return await self._gen.GetTelemetry(req, timeout=self.timeout)
 
     async def load_adapter(
-        self, name: str, version: str = "", *, path: str = "", timeout: float | None = None
+        self,
+        name: str,
+        version: str = "",
+        *,
+        path: str = "",
+        timeout: float | None = None,
+        model: str | None = None,
     ) -> apb.AdapterInfo:
-        req = apb.LoadAdapterRequest(name=name, version=version, path=path)
+        req = apb.LoadAdapterRequest(name=name, version=version, path=path, model=model)
         return await self._adapters.LoadAdapter(req, timeout=timeout or self.timeout)
 
     async def unload_adapter(
-        self, name: str, version: str = "", *, wait_s: float = 0.0, timeout: float | None = None
+        self,
+        name: str,
+        version: str = "",
+        *,
+        wait_s: float = 0.0,
+        timeout: float | None = None,
+        model: str | None = None,
     ) -> list[str]:
-        req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s)
+        req = apb.UnloadAdapterRequest(name=name, version=version, wait_s=wait_s, model=model)
         return list((await self._adapters.UnloadAdapter(req, timeout=timeout or self.timeout)).unloaded)
 
-    async def list_adapters(self) -> list[apb.AdapterInfo]:
-        reply = await self._adapters.ListAdapters(apb.ListAdaptersRequest(), timeout=self.timeout)
+    async def list_adapters(self, model: str | None = None) -> list[apb.AdapterInfo]:
+        reply = await self._adapters.ListAdapters(apb.ListAdaptersRequest(model=model), timeout=self.timeout)
         return list(reply.adapters)
 
-    async def pin_adapter(self, name: str, version: str = "", *, pinned: bool = True) -> apb.AdapterInfo:
-        req = apb.PinAdapterRequest(name=name, version=version, pinned=pinned)
+    async def pin_adapter(
+        self, name: str, version: str = "", *, pinned: bool = True, model: str | None = None
+    ) -> apb.AdapterInfo:
+        req = apb.PinAdapterRequest(name=name, version=version, pinned=pinned, model=model)
         return await self._adapters.PinAdapter(req, timeout=self.timeout)
 
     async def health(self, service: str = "") -> str:

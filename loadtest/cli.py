@@ -18,7 +18,7 @@ from typing import Literal
 
 from ..common.budget import Budget
 from .config import LoadConfig
-from .objectives import ObjectiveMix
+from .objectives import ModelMix, ObjectiveMix
 from .report import Slo
 from .workload import AdapterMix, Arrivals, LengthDist, PromptSource, Shape, Workload
 
@@ -105,6 +105,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "the report gains a per-objective table",
     )
     g.add_argument(
+        "--models",
+        default="",
+        metavar="NAME=W,...",
+        help="each request's base model on a server hosting several, drawn from this mix by weight, e.g. "
+        "smollm2-135m=0.7,gemma3-270m=0.3 (the same arrivals and prompts whatever the mix); the report "
+        "gains a per-model table",
+    )
+    g.add_argument(
         "--budget",
         default="",
         metavar="KEY=V,...",
@@ -172,6 +180,7 @@ def workload_from_args(a: argparse.Namespace) -> Workload:
         ignore_eos=a.ignore_eos,
         objectives=ObjectiveMix.parse(getattr(a, "objectives", "") or "", f"{prefix}objectives"),
         budget=Budget.parse(getattr(a, "budget", "") or "", f"{prefix}budget"),
+        models=ModelMix.parse(getattr(a, "models", "") or "", f"{prefix}models"),
     )
 
 
@@ -240,5 +249,7 @@ def run(a: argparse.Namespace) -> int:
     )
     if report.get("per_objective"):
         print(render.objective_table_md(report["per_objective"]))
+    if report.get("per_model"):
+        print(render.objective_table_md(report["per_model"], "model"))
     print(f"report: {a.run_dir / 'report.html'}")
     return 0

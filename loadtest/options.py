@@ -35,6 +35,7 @@ OPTIONS: tuple[tuple[str, type, Any, str], ...] = (
     ("zipf-alpha", float, 1.0, "zipf exponent"),
     ("base-share", float, 0.0, "share of requests for the base model"),
     ("objectives", str, "", "objective mix by weight, e.g. latency=0.4,energy=0.4,quality=0.2"),
+    ("models", str, "", "base-model mix by weight on a server hosting several, e.g. a=0.7,b=0.3"),
     ("budget", str, "", "limits on every request: max_ttft_s, max_tpot_s, max_j_per_token, min_quality"),
     ("seed", int, 0, "workload seed (prompts, lengths, arrivals)"),
     ("timeout", float, 120.0, "gRPC deadline per request (s)"),
@@ -110,6 +111,7 @@ def config_from_options(options: Any, host: str | None, users: int | None) -> Lo
         base_share=v["base-share"],
         objectives=v["objectives"],
         budget=v["budget"],
+        models=v["models"],
         flag_prefix="--effllm-",  # errors name the flag as Locust shows it
     )
     return LoadConfig(

@@ -167,8 +167,9 @@ def objective_rows(per_objective: dict[str, dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
-def objective_table_md(per_objective: dict[str, dict[str, Any]]) -> str:
-    return _md_table(OBJECTIVE_COLUMNS, objective_rows(per_objective))
+def objective_table_md(per_objective: dict[str, dict[str, Any]], key: str = "objective") -> str:
+    """The per-objective table, or with `key` "model" the per-model one (the same columns)."""
+    return _md_table((key, *OBJECTIVE_COLUMNS[1:]), objective_rows(per_objective))
 
 
 def _md_table(head: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
@@ -192,6 +193,8 @@ def markdown(reports: dict[str, dict[str, Any]], precision: dict[str, Any] | Non
         ]
         if rep.get("per_objective"):
             out += ["### Per objective", "", objective_table_md(rep["per_objective"]), ""]
+        if rep.get("per_model"):
+            out += ["### Per model", "", objective_table_md(rep["per_model"], "model"), ""]
     out += [
         "## EfficientLLM metrics",
         "",
@@ -265,6 +268,11 @@ def html_page(
             parts.append(
                 "<h3>Per objective</h3>"
                 + _html_table(OBJECTIVE_COLUMNS, objective_rows(rep["per_objective"]))
+            )
+        if rep.get("per_model"):
+            parts.append(
+                "<h3>Per model</h3>"
+                + _html_table(("model", *OBJECTIVE_COLUMNS[1:]), objective_rows(rep["per_model"]))
             )
         parts.append(
             _img(plots.latency_cdfs(rep), "latency CDFs")

@@ -7,7 +7,8 @@ source; throughput is given both as tokens / wall time and as the paper's IT = �
 nothing is filled in that was not measured (missing -> None).
 Requests that stated an objective (`effllm load --objectives`) also get a per-objective table
 (`per_objective`: latency quantiles, J/token from each reply's usage.energy_joules, budget met, variant
-shares); without objectives the report has no such key.
+shares); without objectives the report has no such key. Requests that named a base model
+(`effllm load --models`) get the same table per model (`per_model`).
 """
 
 from __future__ import annotations
@@ -180,17 +181,18 @@ def _request_energy(row: dict[str, Any], joined: dict[str, ServerSpan]) -> tuple
 
 
 def per_objective(
-    rows: list[dict[str, Any]], joined: dict[str, ServerSpan] | None = None
+    rows: list[dict[str, Any]], joined: dict[str, ServerSpan] | None = None, key: str = "objective"
 ) -> dict[str, dict[str, Any]]:
-    """Per objective the requests stated (rows without one are left out): requests, TTFT/TPOT/E2E
+    """Per objective the requests stated (`key` "model": per base model they named; rows without one
+    are left out): requests, TTFT/TPOT/E2E
     quantiles, J/token = Σ per-request energy / Σ output tokens of the OK requests that carry an energy
     figure (`energy_coverage` says which share did), budget met among the OK requests whose reply says
     (requests refused for their budget count under `errors`), and the share of OK requests each variant
     served ("(unnamed)" where the server named none)."""
     joined = joined or {}
     out: dict[str, dict[str, Any]] = {}
-    for name in sorted({str(r["objective"]) for r in rows if r.get("objective")}):
-        sent = [r for r in rows if r.get("objective") == name]
+    for name in sorted({str(r[key]) for r in rows if r.get(key)}):
+        sent = [r for r in rows if r.get(key) == name]
         ok = [r for r in sent if r.get("status") == "OK"]
         errors: dict[str, int] = defaultdict(int)
         for r in sent:
@@ -314,6 +316,7 @@ def build(
         else (energy_j / wall if energy_j is not None and wall > 0 else None)
     )
     objectives = per_objective(rows, joined)  # empty unless the requests stated objectives
+    models = per_objective(rows, joined, "model")  # empty unless the requests named models
     srv = server or {}
     info = srv.get("model_info", {})
     return {
@@ -347,6 +350,7 @@ def build(
         },
         "per_adapter": per_adapter,
         **({"per_objective": objectives} if objectives else {}),
+        **({"per_model": models} if models else {}),
         "server": server_cmp,
         "efficientllm": {
             "amu_gb": res.get("amu_gb"),

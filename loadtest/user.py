@@ -189,6 +189,7 @@ class _EffllmUser(User):
             "stream": self.stream_id,
             "index": spec.index,  # (stream, index) names the same request in a replay of the same seed
             "objective": spec.objective or None,
+            "model": spec.model or None,
             "t_start": time.time(),
             "t_campaign": _Process.clock(),
             "max_new_tokens": spec.max_new_tokens,

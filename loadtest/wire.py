@@ -40,6 +40,7 @@ def generate_request(spec: RequestSpec, workload: Workload, request_id: str) -> 
         temperature=workload.temperature,
         ignore_eos=workload.ignore_eos,
         request_id=request_id,
+        model=spec.model or None,
     )
     if spec.objective:
         req.objective = objective_value(spec.objective)
@@ -85,6 +86,7 @@ def reply_fields(final: pb.GenerateResponse | pb.StreamFinal) -> dict[str, Any]:
         "server_total_s": t.total_s,
         "variant": final.variant or None,
         "replica": final.replica or None,  # through a cluster front (effllm serve --replicas)
+        "served_model": final.model or None,
         "budget_met": bool(final.budget_met) if final.HasField("budget_met") else None,
         "usage_energy_j": float(u.energy_joules) if u.HasField("energy_joules") else None,
         "usage_energy_source": u.energy_source or None,

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..common.budget import Budget
-from .objectives import ObjectiveMix
+from .objectives import ModelMix, ObjectiveMix
 
 # Short, frequent English words: with a Llama-style BPE vocabulary " word" is one token each, so a
 # synthetic prompt of n words is ~n tokens (the server's usage.input_tokens records the exact count).
@@ -380,6 +380,7 @@ class RequestSpec:
     max_new_tokens: int
     adapter: str
     objective: str = ""  # from the workload's objective mix; "": the request states none
+    model: str = ""  # from the workload's model mix; "": the server's first model
 
 
 @dataclass(frozen=True)
@@ -403,6 +404,8 @@ class Workload:
     # Each request's objective, drawn from this mix (None: requests state none); the same limits on all.
     objectives: ObjectiveMix | None = None
     budget: Budget | None = None
+    # Each request's base model, drawn from this mix (None: requests name none, the server's first serves).
+    models: ModelMix | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("open", "closed"):
@@ -445,6 +448,7 @@ class Workload:
         d["shape"] = Shape(**d["shape"]) if d.get("shape") else None
         d["objectives"] = ObjectiveMix(**d["objectives"]) if d.get("objectives") else None
         d["budget"] = Budget(**d["budget"]) if d.get("budget") else None
+        d["models"] = ModelMix(**d["models"]) if d.get("models") else None
         return cls(**d)
 
 
@@ -457,6 +461,7 @@ class RequestStream:
         self._gap_rng = workload.rng(10_000 + stream)  # gaps independent of request contents
         # objectives from their own generator: with or without a mix, the same prompts and lengths
         self._objective_rng = workload.rng(20_000 + stream)
+        self._model_rng = workload.rng(30_000 + stream)  # models too: every mix sends the same requests
         self._jsonl = workload.prompts.load()
         self._index = 0
 
@@ -500,4 +505,5 @@ class RequestStream:
                 prompt = Prompt(prompt=synthetic_text(rng, n))
         max_new = prompt.max_new_tokens or w.output.one(rng)
         objective = w.objectives.pick(self._objective_rng) if w.objectives else ""
-        return RequestSpec(i, prompt, max_new, w.adapters.pick(rng, i), objective)
+        model = w.models.pick(self._model_rng) if w.models else ""
+        return RequestSpec(i, prompt, max_new, w.adapters.pick(rng, i), objective, model)

@@ -29,15 +29,15 @@ from ..api.v1 import generation_pb2_grpc as pb_grpc
 from ..common.adapter_paths import parse_ref
 from ..common.auth import AuthConfig, AuthInterceptor, TlsConfig
 from ..telemetry.energy import resolve_watts_per_core
-from .adapters.registry import AdapterRegistry, RegistryConfig
+from .adapters.registry import AdapterRegistry
 from .adapters.service import SERVICE_NAME as ADAPTER_SERVICE_NAME
 from .adapters.service import AdapterService
 from .defaults import SamplingDefaults
-from .engines.base import AdapterHost, EffllmError, Engine
+from .engines.base import EffllmError, Engine
+from .models import HostedModel, HostSettings, ModelHost, Models
 from .router import OBJECTIVES
-from .runner import Runner
 from .service import GenerationService, Limits
-from .variants import EXPLORE_SHARE, LiveFigures, Variant, VariantAdapters, VariantSet
+from .variants import EXPLORE_SHARE, Variant
 
 if TYPE_CHECKING:
     from ..telemetry.serving import ServerTelemetry
@@ -60,7 +60,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
-    preload: tuple[str, ...] = ()  # NAME or NAME@VERSION, loaded before health turns SERVING
+    # NAME or NAME@VERSION (MODEL:NAME[@VERSION] for another hosted model), loaded before health turns SERVING
+    preload: tuple[str, ...] = ()
     # What unset sampling fields become (the model's generation_config.json); shown by GetModelInfo.
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
     chat_template: bool = False  # the model has one (GetModelInfo tells clients chat turns are welcome)
@@ -88,8 +89,9 @@ class ServerConfig:
 
 
 class EffllmServer:
-    """One gRPC server around one engine, or several (variants of one model, the first the default).
-    `start()` returns once the port is bound."""
+    """One gRPC server around one engine, or several (variants of one model, the first the default), or
+    several base models (`more`: each its own variants, adapters and admission, server/models.py); a
+    request naming no model runs on the first. `start()` returns once the port is bound."""
 
     def __init__(
         self,
@@ -97,44 +99,38 @@ class EffllmServer:
         config: ServerConfig,
         adapters: AdapterRegistry | None = None,
         telemetry: ServerTelemetry | None = None,
+        *,
+        name: str = "",
+        more: Sequence[HostedModel] = (),
     ) -> None:
         engines: list[Engine] = list(engine) if isinstance(engine, Sequence) else [engine]
         if not engines:
             raise ValueError("a server needs at least one engine")
-        self.engine = engines[0]
-        self.engines = engines
         self.config = config
         self.telemetry = telemetry
-        host: AdapterHost = engines[0] if len(engines) == 1 else VariantAdapters(engines)
-        self.adapters = adapters or AdapterRegistry(host, None, RegistryConfig())
-        shared = self.adapters.engine
-        if len(engines) > 1 and not isinstance(shared, VariantAdapters):
-            raise ValueError("several variants need an AdapterRegistry over VariantAdapters(engines)")
         self.watts_per_core = resolve_watts_per_core(config.watts_per_core)  # flag > env > default
-        variants = []
-        for e in engines:
-            # with several variants, live J/token from each engine's own CPU (LiveFigures.own_joules)
-            own = (lambda e=e: e.cpu_seconds() * self.watts_per_core) if len(engines) > 1 else None
-            figures = LiveFigures(own_joules=own)
-            runner = Runner(
-                e,
-                config.max_concurrency,
-                config.queue_size,
-                self.adapters,
-                observer=telemetry.observer if telemetry else None,
-                on_finish=figures.observe,
-            )
-            variants.append(Variant(e, runner, figures))
-        self.variants = VariantSet(
-            variants,
+        settings = HostSettings(
+            config.max_concurrency,
+            config.queue_size,
             config.default_objective,
-            shared if isinstance(shared, VariantAdapters) else None,
             config.explore_share,
+            self.watts_per_core,
+            config.sampling_defaults,
+            config.chat_template,
+            several=bool(more),
         )
-        self.variants.peek = self.adapters.peek
-        if telemetry is not None:
-            telemetry.watch_variants(self.variants.states)
+        observer = telemetry.observer if telemetry else None
+        first = HostedModel(tuple(engines), name, adapters)
+        self.models = Models([ModelHost(spec, settings, observer) for spec in (first, *more)])
+        # the first model's, as a server with one model has them
+        default = self.models.default
+        self.engine = engines[0]
+        self.engines = [e for h in self.models for e in h.engines]  # every model's, in start-up order
+        self.adapters = default.adapters
+        self.variants = default.variants
         self.runner = self.variants.default.runner
+        if telemetry is not None:
+            telemetry.watch_variants(self.models.states)
         self.generation = GenerationService(
             self.variants,
             config.limits,
@@ -144,8 +140,9 @@ class EffllmServer:
             config.auth,
             # a margin under the message cap for the frame and the metadata
             max_reply_bytes=config.max_message_bytes - 512,
+            models=self.models,
         )
-        self.adapter_service = AdapterService(self.adapters, self.variants.holders)
+        self.adapter_service = AdapterService(self.adapters, self.variants.holders, models=self.models)
         self.health = HealthServicer()
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -194,10 +191,12 @@ class EffllmServer:
     async def load(self) -> None:
         for engine in self.engines:  # one at a time: each loads its weights (memory peaks stay apart)
             await engine.start()
-        await self.variants.measure(self.config.limits.default_max_new_tokens, self.watts_per_core)
+        for host in self.models:
+            await host.variants.measure(self.config.limits.default_max_new_tokens, self.watts_per_core)
         for ref in self.config.preload:
+            model, _, adapter = ref.rpartition(":")  # MODEL:NAME[@VERSION] on a server hosting several
             try:
-                await self.adapters.load(*parse_ref(ref))
+                await self.models.get(model).adapters.load(*parse_ref(adapter))
             except EffllmError as err:
                 raise RuntimeError(f"--preload {ref}: {err.message}") from err
         self.adapter_service.ready = True
@@ -206,13 +205,17 @@ class EffllmServer:
         self.generation.ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_engine())
-        info = self.engine.info
-        # "(ENGINE, PRECISION, DEVICE)" per variant, "; " between them: one variant reads as before
-        hosted = "; ".join(
-            f"({v.engine.info.engine}, {v.engine.info.precision}, {v.engine.info.device})"
-            for v in self.variants.variants
+        # "MODEL (ENGINE, PRECISION, DEVICE)" with one "(...)" per variant, "; " between them and ", "
+        # between models: one model with one variant reads as before
+        hosted = ", ".join(
+            f"{h.engines[0].info.model if len(self.models) == 1 else h.name} "
+            + "; ".join(
+                f"({v.engine.info.engine}, {v.engine.info.precision}, {v.engine.info.device})"
+                for v in h.variants.variants
+            )
+            for h in self.models
         )
-        log.info("ready: %s %s on %s:%d", info.model, hosted, self.config.host, self.port)
+        log.info("ready: %s on %s:%d", hosted, self.config.host, self.port)
 
     async def _watch_engine(self) -> None:
         """An engine that died (vLLM's engine core can) serves nothing again. Its variant is marked dead
@@ -224,24 +227,25 @@ class EffllmServer:
             # A draining server shuts its engines down on purpose: that is not a death.
             if self._server is None or self.generation.draining:
                 continue
-            for v in self.variants.variants:
+            for host, v in self.models.variants():
                 if not v.dead and not v.engine.alive():
-                    self.variants.mark_dead(v)
-                    self._variant_died(v)
-            if all(v.dead for v in self.variants.variants):
+                    host.variants.mark_dead(v)
+                    self._variant_died(host, v)
+            if all(v.dead for _, v in self.models.variants()):
                 self.failure = "the engine died"
                 log.error("engine died: health NOT_SERVING, stopping (exit code %d)", ENGINE_DIED_EXIT)
                 await self.drain(grace_s=0.0)
                 return
 
-    def _variant_died(self, dead: Variant) -> None:
-        live = [v.name for v in self.variants.variants if not v.dead]
+    def _variant_died(self, host: ModelHost, dead: Variant) -> None:
+        several = len(self.models) > 1  # name variants MODEL/VARIANT, as the gauge does
+        live = [f"{h.name}/{v.name}" if several else v.name for h, v in self.models.variants() if not v.dead]
         if not live:
             return  # the last one (or the only one): the server stops, as the caller logs
         log.error(
             "variant %s died: its engine serves nothing more, its %d running and %d queued requests end "
             "UNAVAILABLE; %s keep%s serving (health stays SERVING)",
-            dead.name,
+            f"{host.name}/{dead.name}" if several else dead.name,
             dead.runner.running,
             dead.runner.queued,
             ", ".join(live),
@@ -264,14 +268,14 @@ class EffllmServer:
         self.generation.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info(
-            "draining: %d running, %d queued, grace %.1fs", self.variants.running, self.variants.queued, grace
+            "draining: %d running, %d queued, grace %.1fs", self.models.running, self.models.queued, grace
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + grace
-        while self.variants.running + self.variants.queued > 0 and loop.time() < deadline:
+        while self.models.running + self.models.queued > 0 and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        left = self.variants.running + self.variants.queued
+        left = self.models.running + self.models.queued
         if left:
             log.warning("grace period over: cancelling %d requests", left)
         await self._server.stop(grace=0.5)
@@ -300,15 +304,18 @@ async def serve(
     config: ServerConfig,
     adapters: AdapterRegistry | None = None,
     telemetry_config: TelemetryConfig | None = None,
+    *,
+    name: str = "",
+    more: Sequence[HostedModel] = (),
 ) -> int:
-    """Build the server around `engine` (or its variants: several engines) and `run` it; returns the
-    process's exit code."""
+    """Build the server around `engine` (or its variants: several engines; `more`: further base models)
+    and `run` it; returns the process's exit code."""
     # The gauges read the runners lazily, so they may be registered before the server exists.
     first = engine[0] if isinstance(engine, Sequence) else engine
     telemetry = start_telemetry(
-        first, telemetry_config, lambda: (server.variants.queued, server.variants.running)
+        first, telemetry_config, lambda: (server.models.queued, server.models.running)
     )
-    server = EffllmServer(engine, config, adapters, telemetry)
+    server = EffllmServer(engine, config, adapters, telemetry, name=name, more=more)
     return await run(server)
 
 
@@ -329,7 +336,8 @@ async def run(server: EffllmServer) -> int:
         else:
             log.warning("second signal: stopping now")
             _kill_children()
-            server.adapters.close()  # os._exit skips atexit, where the snapshot folder goes otherwise
+            for host in server.models:  # os._exit skips atexit, where the snapshot folders go otherwise
+                host.adapters.close()
             os._exit(1)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -125,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         device = resolve_device(args.device)
-        todo = plan(EngineArgs.from_cli_args(args), device, args.configs, args.quick)
-        model = resolve_model(args.model)
+        engine_args = EngineArgs.from_cli_args(args)
+        todo = plan(engine_args, device, args.configs, args.quick)
+        model = resolve_model(engine_args.model)
     except ValueError as err:
         print(f"effllm calibrate: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..common.auth import AuthConfig, TlsConfig, is_loopback, security_config
@@ -21,12 +21,13 @@ from .adapters.registry import AdapterRegistry, RegistryConfig
 from .app import ServerConfig, serve
 from .cluster.placement import parse_replicas
 from .defaults import SamplingDefaults, has_chat_template, load_sampling_defaults
-from .engine_args import EngineArgs, build_engines
+from .engine_args import EngineArgs, build_engines, models_with_variants
 from .engines import compile_cache
 from .engines.base import AdapterHost, Engine
 from .faults import maybe_inject
 from .logs import route_transformers
 from .logs import setup as setup_logging
+from .models import HostedModel
 from .router import OBJECTIVES
 from .service import Limits
 from .variants import VariantAdapters
@@ -126,8 +127,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
         "--preload",
         action="append",
         default=[],
-        metavar="NAME[@VERSION]",
-        help="adapter to load before serving (repeatable)",
+        metavar="[MODEL:]NAME[@VERSION]",
+        help="adapter to load before serving (repeatable); MODEL: for a --model other than the first",
     )
     add_telemetry_flags(p)
 
@@ -204,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--attach: give --ray-address, the cluster whose application to serve")
         else:
             lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
-            engine_args, engines, config, defaults = assemble(args, auth, tls)
+            core = assemble(args, auth, tls)
+            engine_args, engines, config, defaults = core.engine_args, core.engines, core.config, core.defaults
             engine = engines[0]
             host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
     except (ValueError, OSError) as err:
@@ -243,21 +245,42 @@ def run(args: argparse.Namespace) -> int:
             ", ".join(f"{e.info.precision}:{e.info.engine}" for e in engines),
             args.default_objective,
         )
+    if core.more:
+        log.info(
+            "models: %s (a request naming none runs on the first)",
+            ", ".join([core.name or info.model, *(m.name for m in core.more)]),
+        )
     registry = build_registry(engine_args, args.adapter_unload_wait, host)
-    return asyncio.run(serve(engines, config, registry, telemetry))
+    return asyncio.run(serve(engines, config, registry, telemetry, name=core.name, more=core.more))
 
 
-def assemble(
-    args: argparse.Namespace, auth: AuthConfig, tls: TlsConfig | None
-) -> tuple[EngineArgs, list[Engine], ServerConfig, SamplingDefaults]:
+@dataclass
+class Core:
+    """One server core as the flags describe it (engines not started): the first --model's EngineArgs,
+    engines, sampling defaults and name, the ServerConfig, and every further --model (HostedModel)."""
+
+    engine_args: EngineArgs
+    engines: list[Engine]
+    config: ServerConfig
+    defaults: SamplingDefaults
+    name: str
+    more: list[HostedModel]
+
+
+def assemble(args: argparse.Namespace, auth: AuthConfig, tls: TlsConfig | None) -> Core:
     """The engines (not started) and the ServerConfig the flags describe: one server core, whether it runs
     alone or as a cluster replica (cluster/replica.py builds its own with this). Raises ValueError/OSError
     naming the bad flag."""
-    engine_args = EngineArgs.from_cli_args(args)
+    per_model = models_with_variants(EngineArgs.from_cli_args(args))  # one (name, EngineArgs) per --model
+    name, engine_args = per_model[0]
     engines = [maybe_inject(e) for e in build_engines(engine_args)]
     model = getattr(engines[0], "model", None)  # ResolvedModel on both engines
     model_dir = model.path if model is not None else None
     defaults = load_sampling_defaults(model_dir)
+    more = [
+        _hosted(n, [maybe_inject(e) for e in build_engines(a)], a, args.adapter_unload_wait)
+        for n, a in per_model[1:]
+    ]
     default_max_new = args.default_max_new_tokens or defaults.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
     config = ServerConfig(
         host=args.host,
@@ -282,4 +305,20 @@ def assemble(
         watts_per_core=args.watts_per_core,
         explore_share=args.explore_share,
     )
-    return engine_args, engines, config, defaults
+    return Core(engine_args, engines, config, defaults, name, more)
+
+
+def _hosted(name: str, engines: list[Engine], args: EngineArgs, unload_wait_s: float) -> HostedModel:
+    """A second or later --model: its engines, its own registry over the one adapter root, its own
+    sampling defaults and chat template (the checkpoint's)."""
+    host: AdapterHost = engines[0] if len(engines) == 1 else VariantAdapters(engines)
+    model = getattr(engines[0], "model", None)
+    model_dir = model.path if model is not None else None
+    return HostedModel(
+        tuple(engines),
+        name,
+        build_registry(args, unload_wait_s, host),
+        sampling_defaults=load_sampling_defaults(model_dir),
+        chat_template=has_chat_template(model_dir),
+        max_concurrency=args.max_concurrency,
+    )

@@ -46,9 +46,18 @@ class EngineArgs:
     model: str | None = field(
         default=None,
         metadata=_flag(
-            "a catalogue name (effllm models list), a local HF dir or a hub id; "
-            "default: embedded SmolLM2-135M-Instruct"
+            "a catalogue name (effllm models list), a local HF dir (named by its folder's name), NAME=DIR "
+            "or a hub id; repeatable: each is a base model of its own (own variants, adapters and queue), "
+            "requests name it in `model`, the first serves those that name none; default: embedded "
+            "SmolLM2-135M-Instruct",
+            action="append",
+            metavar="MODEL",
         ),
+    )
+    # the second and later --model (from_cli_args splits them off); the flag is hidden
+    more_models: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag("", action="append", help=argparse.SUPPRESS),
     )
     engine: str = field(
         default="auto",
@@ -80,15 +89,25 @@ class EngineArgs:
         metadata=_flag(
             "host this variant of the model (repeatable; ENGINE defaults to --engine): each is its own "
             "engine with its own batch, and the router picks one per request by its objective; none: one "
-            "variant from --precision and --engine",
+            "variant from --precision and --engine. MODEL=PRECISION[:ENGINE]: a variant of that --model "
+            "(its name: the catalogue name, the folder's name or NAME); without MODEL=: the first model's",
             flag="--variant",
             action="append",
-            metavar="PRECISION[:ENGINE]",
+            metavar="[MODEL=]PRECISION[:ENGINE]",
         ),
     )
     device: str = field(default="auto", metadata=_flag("", choices=DEVICES))
     max_concurrency: int = field(
         default=32, metadata=_flag("requests decoded together (batch slots)", type=int)
+    )
+    model_max_concurrency: tuple[str, ...] = field(
+        default=(),
+        metadata=_flag(
+            "with several --model: this model's --max-concurrency (repeatable), e.g. gemma3-270m=1 (the hf "
+            "engine batches Gemma 3's sliding-window caches one row at a time) while the others batch",
+            action="append",
+            metavar="MODEL=N",
+        ),
     )
     max_context: int = field(default=2048, metadata=_flag("prompt + new tokens", type=int))
     kv_cache_gib: float = field(
@@ -176,7 +195,7 @@ class EngineArgs:
             kwargs = dict(meta["argparse"])
             name = kwargs.pop("flag", "--" + f.name.replace("_", "-"))
             default = f.default
-            if kwargs.get("action") == "append":
+            if kwargs.get("action") == "append" and default is not None:
                 default = list(cast(tuple[str, ...], default))  # argparse appends to a copy of it
             if meta["help"]:
                 kwargs["help"] = meta["help"]
@@ -188,6 +207,13 @@ class EngineArgs:
         """The fields from parsed flags (or a Namespace rebuilt from their JSON: lists, str paths)."""
         values: dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(cls)}
         values["variants"] = tuple(values["variants"])
+        values["model_max_concurrency"] = tuple(values["model_max_concurrency"])
+        models = values["model"]
+        if isinstance(models, list):  # --model is repeatable: the first is `model`, the rest `more_models`
+            values["model"] = models[0] if models else None
+            values["more_models"] = tuple(models[1:]) + tuple(values["more_models"])
+        else:
+            values["more_models"] = tuple(values["more_models"])
         if values["adapter_root"] is not None:
             values["adapter_root"] = Path(values["adapter_root"])
         return cls(**values)
@@ -225,6 +251,67 @@ def parse_variants(specs: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
             raise ValueError(f"--variant {spec!r}: engine is one of auto, vllm, hf")
         out.append((precision, "" if engine == "auto" else engine))
     return out
+
+
+def model_name(spec: str | None) -> str:
+    """The name requests use for a --model: NAME of NAME=DIR, a catalogue name itself, a folder's base
+    name, a hub id itself; "" for the default (the server names it by its checkpoint)."""
+    if not spec:
+        return ""
+    name, sep, _ = spec.partition("=")
+    if sep and not Path(spec).expanduser().exists():
+        return name
+    path = Path(spec).expanduser()
+    return path.resolve().name if path.is_dir() else spec
+
+
+def model_source(spec: str | None) -> str | None:
+    """What resolve_model gets for a --model: DIR of NAME=DIR, else the spec."""
+    if spec and "=" in spec and not Path(spec).expanduser().exists():
+        return spec.partition("=")[2]
+    return spec
+
+
+def models_with_variants(args: EngineArgs) -> list[tuple[str, EngineArgs]]:
+    """One (name, EngineArgs) per --model, in order: each with `model` its source, `variants` its own
+    (MODEL=PRECISION[:ENGINE] by name; a plain PRECISION[:ENGINE] is the first model's) and its
+    --model-max-concurrency if given. ValueError for a variant or a concurrency naming no hosted model, or
+    two models with one name."""
+    specs = [args.model, *args.more_models]
+    names = [model_name(s) for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--model: {', '.join(n or '(default)' for n in names)} names a model twice")
+    own: dict[str, list[str]] = {n: [] for n in names}
+    for v in args.variants:
+        model, sep, variant = v.rpartition("=")
+        key = model if sep else names[0]
+        if key not in own:
+            raise ValueError(f"--variant {v!r}: model {model!r} is not a --model ({', '.join(names)})")
+        own[key].append(variant)
+    slots = {n: args.max_concurrency for n in names}
+    for spec in args.model_max_concurrency:
+        model, _, n = spec.rpartition("=")
+        if model not in slots:
+            raise ValueError(
+                f"--model-max-concurrency {spec!r}: {model!r} is not a --model ({', '.join(names)})"
+            )
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--model-max-concurrency {spec!r}: N is a whole number >= 1")
+        slots[model] = int(n)
+    return [
+        (
+            n,
+            replace(
+                args,
+                model=model_source(s),
+                more_models=(),
+                variants=tuple(own[n]),
+                max_concurrency=slots[n],
+                model_max_concurrency=(),
+            ),
+        )
+        for n, s in zip(names, specs, strict=True)
+    ]
 
 
 def resolve_auto(args: EngineArgs, model: ResolvedModel, device: str) -> Choice:

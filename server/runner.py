@@ -43,10 +43,12 @@ class Runner:
         adapters: AdapterRegistry | None = None,
         observer: RequestObserver | None = None,
         on_finish: Callable[[TokenEvent, int], None] | None = None,
+        model: str = "",
     ) -> None:
         self.engine = engine
         info = engine.info
-        self.label = (f"{info.precision}:{info.engine}", info.precision, info.engine)  # variant, its parts
+        # variant, its parts, and the base model's name on this server ("": the served model's)
+        self.label = (f"{info.precision}:{info.engine}", info.precision, info.engine, model)
         # called with each finished request's final event and the batch size it was scheduled into
         self.on_finish = on_finish
         self.adapters = adapters
@@ -185,7 +187,7 @@ class Runner:
             self._slots.release()
 
 
-def _start(request: GenerationRequest, label: tuple[str, str, str]) -> RequestStart:
+def _start(request: GenerationRequest, label: tuple[str, str, str, str]) -> RequestStart:
     s = request.sampling
     return RequestStart(
         request.request_id,

@@ -23,11 +23,13 @@ from ..api.refs import is_ref
 from ..api.status import STATUS
 from ..api.v1 import generation_pb2 as pb
 from ..api.v1 import generation_pb2_grpc as pb_grpc
+from ..common.architecture import Architecture
 from ..common.auth import AuthConfig, caller_role
 from ..common.budget import WIRE_FIELDS, Budget
 from ..telemetry.genai import mark_error
 from .defaults import SamplingDefaults
 from .engines.base import ChatTurn, EffllmError, GenerationRequest, Sampling, TokenEvent
+from .models import ModelHost, Models
 from .runner import Runner
 from .telemetry_rpc import telemetry_reply
 from .variants import Variant, VariantSet
@@ -197,12 +199,17 @@ def model_info(
     limits: Limits | None = None,
     defaults: SamplingDefaults | None = None,
     chat_template: bool = False,
+    host: ModelHost | None = None,
 ) -> pb.ModelInfo:
     """The server's top-level figures are its default variant's; `variants` lists each one
-    (`variant_info`), the default included, so both read the same engine and runner."""
+    (`variant_info`), the default included, so both read the same engine and runner. `host`: the model's
+    name on the server and its architecture."""
     d, lim = defaults or SamplingDefaults(), limits or Limits()
     info, runner = variants.default.engine.info, variants.default.runner
+    arch = host.architecture if host is not None else None
     return pb.ModelInfo(
+        name=host.name if host is not None else info.model,
+        architecture=_architecture_info(arch, info.parameters, host) if arch is not None else None,
         model=info.model,
         fingerprint=info.fingerprint,
         engine=info.engine,
@@ -230,6 +237,23 @@ def model_info(
         ),
         chat_template=chat_template,
         variants=[variant_info(v) for v in variants.variants],
+    )
+
+
+def _architecture_info(arch: Architecture, parameters: int, host: ModelHost | None) -> pb.ArchitectureInfo:
+    return pb.ArchitectureInfo(
+        model_type=arch.model_type,
+        family=arch.family,
+        attention=arch.attention,
+        layers=arch.layers,
+        heads=arch.heads,
+        kv_heads=arch.kv_heads,
+        experts=arch.experts,
+        top_k=arch.top_k,
+        ssm=arch.ssm,
+        active_parameters=arch.active_parameters(parameters),
+        kv_cache_bytes_per_token=host.kv_bytes_per_token() if host is not None else 0,
+        random_init=arch.random_init,
     )
 
 
@@ -268,7 +292,8 @@ def variant_info(v: Variant) -> pb.VariantInfo:
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
-    """`variants`: the server's VariantSet, or one Runner (a server with a single variant)."""
+    """`variants`: the server's VariantSet, or one Runner (a server with a single variant); `models`: the
+    hosted models when the server hosts several (server/models.py; the first's variants are `variants`)."""
 
     def __init__(
         self,
@@ -279,10 +304,12 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         telemetry: TelemetrySource | None = None,
         auth: AuthConfig | None = None,
         max_reply_bytes: int = 16 << 20,
+        models: Models | None = None,
     ) -> None:
         if isinstance(variants, Runner):
             variants = VariantSet([Variant(variants.engine, variants)])
         self.variants = variants
+        self.models = models  # None: one model, `variants`
         self.runner = variants.default.runner  # the default variant's (its engine answers model questions)
         self.limits = limits
         self.defaults = defaults or SamplingDefaults()
@@ -303,12 +330,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             )
         cap = self.limits.max_request_s
         try:
-            request = to_request(msg, self.limits, self.runner.engine.info.max_context, self.defaults)
+            variants, defaults = self.variants, self.defaults
+            host = self._host(msg.model if msg.HasField("model") else None)
+            if host is not None:
+                variants, defaults = host.variants, host.sampling_defaults
+            request = to_request(msg, self.limits, variants.default.engine.info.max_context, defaults)
             objective, budget = to_route(msg)
+            if host is not None and self.models is not None:
+                self.models.check_adapter(host, request.adapter)
             # NOTE: choosing (which peeks at the adapter's version) and the runner's lease on that version
             # happen in one event-loop step on Python >= 3.11 (_bounded's timeout_at): no load or unload slips
             # between them (on 3.10 a version swapped in between is refused by the engine, never mixed up).
-            variant, note, met = self.variants.choose(objective, budget, request.adapter, msg.strict_budget)
+            variant, note, met = variants.choose(objective, budget, request.adapter, msg.strict_budget)
             async for event in _bounded(variant.runner.run(request, note), cap):
                 yield request, event, variant, met
         except EffllmError as err:
@@ -329,6 +362,26 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 grpc.StatusCode.INTERNAL, f"engine failed on this request: {type(err).__name__}"
             )
 
+    def _host(self, name: str | None) -> ModelHost | None:
+        """The request's model (None: the default); NOT_FOUND naming `model` for one not hosted. None on
+        a service built without `models` (one model: `self.variants`)."""
+        if self.models is None:
+            if name:  # a one-model service answers to its own name only
+                info = self.variants.default.engine.info
+                if name != info.model:
+                    hosted = f"(hosted: {info.model})"
+                    raise EffllmError("not_found", f"model: {name[:80]!r} is not hosted here {hosted}")
+            return None
+        return self.models.get(name)
+
+    def _model_name(self, variant: Variant) -> str:
+        """The name of the hosted model `variant` belongs to (what requests put in `model`)."""
+        if self.models is not None:
+            for host in self.models:
+                if variant in host.variants.variants:
+                    return host.name
+        return variant.engine.info.model
+
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
@@ -341,6 +394,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 reply.finish_reason = FINISH[event.finish_reason]
                 reply.adapter = event.adapter
                 reply.variant = variant.name
+                reply.model = self._model_name(variant)
                 if met is not None:
                     reply.budget_met = met
                 _fill_final(reply.usage, reply.timings, event)
@@ -357,6 +411,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                 out.final.finish_reason = FINISH[event.finish_reason]
                 out.final.adapter = event.adapter
                 out.final.variant = variant.name
+                out.final.model = self._model_name(variant)
                 if met is not None:
                     out.final.budget_met = met
                 _fill_final(out.final.usage, out.final.timings, event)
@@ -367,7 +422,24 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     ) -> pb.ModelInfo:
         if not self.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
-        return model_info(self.variants, self.limits, self.defaults, self.chat_template)
+        try:
+            host = self._host(request.model if request.HasField("model") else None)
+        except EffllmError as err:
+            await context.abort(STATUS[err.code], err.message)
+        return self._model_info(host)
+
+    def _model_info(self, host: ModelHost | None) -> pb.ModelInfo:
+        if host is None:
+            return model_info(self.variants, self.limits, self.defaults, self.chat_template)
+        return model_info(host.variants, self.limits, host.sampling_defaults, host.chat_template, host)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        if not self.ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading")
+        hosts: list[ModelHost | None] = list(self.models) if self.models is not None else [None]
+        return pb.ListModelsResponse(models=[self._model_info(h) for h in hosts])
 
     async def GetTelemetry(
         self, request: pb.GetTelemetryRequest, context: grpc.aio.ServicerContext
@@ -408,7 +480,10 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerStats:
-        runners = [v.runner for v in self.variants.variants]
+        if self.models is not None:
+            runners = [v.runner for _, v in self.models.variants()]
+        else:
+            runners = [v.runner for v in self.variants.variants]
         return pb.ServerStats(
             running=sum(r.running for r in runners),
             queued=sum(r.queued for r in runners),

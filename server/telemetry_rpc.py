@@ -147,6 +147,7 @@ def _figures(a: dict[str, Any], start_ns: int, end_ns: int) -> pb.RequestFigures
         error=str(a.get("error.type", "")),
         variant=str(a.get("effllm.route.variant", "")),
         objective=str(a.get("effllm.route.objective", "")),
+        model=str(a.get("effllm.model", "")),
     )
     if "effllm.energy_j" in a:
         figures.energy_j = float(a["effllm.energy_j"])

@@ -51,6 +51,7 @@ KEPT = frozenset(
         "effllm.energy.source",
         "effllm.route.variant",
         "effllm.route.objective",
+        "effllm.model",
         "error.type",
     }
 )
@@ -84,6 +85,8 @@ class RequestStart:
     variant: str = ""
     precision: str = ""
     engine: str = ""
+    # The base model it runs on (a server hosting several: its name there); "" = the served model.
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -222,9 +225,14 @@ class RequestTrace:
         name, version = split_adapter(start.adapter)
         s = observer.served
         precision, engine = start.precision or s.precision, start.engine or s.engine
-        self.variant = start.variant or f"{precision}:{engine}"  # its engine: the energy group
+        self.model = start.model or s.model
+        self.variant = start.variant or f"{precision}:{engine}"
+        # its engine is the energy group: variant names repeat across models, so another model's are qualified
+        self.group = self.variant if self.model == s.model else f"{self.model}/{self.variant}"
         self.labels = {
             **observer.labels,
+            "gen_ai.request.model": self.model,
+            "effllm.model": self.model,
             "effllm.precision": precision,
             "effllm.variant": self.variant,
             "gen_ai.operation.name": _operation(start.chat),
@@ -234,9 +242,9 @@ class RequestTrace:
         span = trace.get_current_span()
         self._own = not (span.is_recording() and getattr(span, "kind", None) == SpanKind.SERVER)
         if self._own:
-            span = observer.tracer.start_span(SPAN_PREFIX + observer.served.model, kind=SpanKind.SERVER)
+            span = observer.tracer.start_span(SPAN_PREFIX + self.model, kind=SpanKind.SERVER)
         else:
-            span.update_name(SPAN_PREFIX + observer.served.model)
+            span.update_name(SPAN_PREFIX + self.model)
         self.span = span
         self._running = False
         self._done = False
@@ -245,7 +253,8 @@ class RequestTrace:
             {
                 "gen_ai.operation.name": _operation(start.chat),
                 "gen_ai.provider.name": PROVIDER,
-                "gen_ai.request.model": s.model,
+                "gen_ai.request.model": self.model,
+                "effllm.model": self.model,
                 "gen_ai.request.max_tokens": start.max_tokens,
                 "gen_ai.request.temperature": start.temperature,
                 "gen_ai.request.top_p": start.top_p,
@@ -293,12 +302,12 @@ class RequestTrace:
         """The request holds a batch slot: from now on it shares the energy, with its variant's engine as
         its group (telemetry/attribution.py: an interval is split per busy engine, then per request)."""
         if self.o.attributor is not None:
-            self.o.attributor.start(self.start.request_id, group=self.variant)
+            self.o.attributor.start(self.start.request_id, group=self.group)
         self._running = True
 
     def _energy(self) -> None:
         if self._running and self.o.attributor is not None:
-            share = self.o.attributor.finish(self.start.request_id, group=self.variant)
+            share = self.o.attributor.finish(self.start.request_id, group=self.group)
             self.energy = share
             self._set({"effllm.energy_j": share.joules, "effllm.energy.source": share.source})
             self.o.instruments.energy.add(share.joules, {**self.labels, "effllm.energy.source": share.source})
@@ -313,7 +322,7 @@ class RequestTrace:
         labels = {**self.labels, "effllm.adapter": name}
         self._set(
             {
-                "gen_ai.response.model": self.o.served.model,
+                "gen_ai.response.model": self.model,
                 "gen_ai.usage.input_tokens": end.input_tokens,
                 "gen_ai.usage.output_tokens": end.output_tokens,
                 "gen_ai.response.finish_reasons": [end.finish_reason],
@@ -363,7 +372,7 @@ class RequestTrace:
                 trace_id=format(ctx.trace_id, "032x") if ctx.trace_id else "",
                 span_id=format(ctx.span_id, "016x") if ctx.span_id else "",
                 parent_span_id="",
-                name=SPAN_PREFIX + self.o.served.model,
+                name=SPAN_PREFIX + self.model,
                 kind=SPAN_KIND_SERVER,
                 start_ns=self.started_ns,
                 end_ns=time.time_ns(),

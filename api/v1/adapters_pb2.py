@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x66\x66llm/v1/adapters.proto\x12\teffllm.v1\"A\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"E\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x03(\t\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.effllm.v1.AdapterInfo\"B\n\x11PinAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\"\x85\x03\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\r\n\x05\x61lpha\x18\x05 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x07 \x01(\t\x12\x11\n\tresidency\x18\x08 \x01(\t\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x0e\n\x06load_s\x18\n \x01(\x01\x12\x17\n\x0frequests_served\x18\x0b \x01(\x03\x12\x16\n\x0elast_used_unix\x18\x0c \x01(\x01\x12\x11\n\tin_flight\x18\r \x01(\x05\x12\x0e\n\x06latest\x18\x0e \x01(\x08\x12\x16\n\x0e\x63ontent_sha256\x18\x0f \x01(\t\x12\x10\n\x08variants\x18\x10 \x03(\t\x12\x18\n\x10skipped_variants\x18\x11 \x03(\t\x12-\n\x08replicas\x18\x12 \x03(\x0b\x32\x1b.effllm.v1.ReplicaResidency\"6\n\x10ReplicaResidency\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x11\n\tresidency\x18\x02 \x01(\t2\xbf\x02\n\x0e\x41\x64\x61pterService\x12\x44\n\x0bLoadAdapter\x12\x1d.effllm.v1.LoadAdapterRequest\x1a\x16.effllm.v1.AdapterInfo\x12R\n\rUnloadAdapter\x12\x1f.effllm.v1.UnloadAdapterRequest\x1a .effllm.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.effllm.v1.ListAdaptersRequest\x1a\x1f.effllm.v1.ListAdaptersResponse\x12\x42\n\nPinAdapter\x12\x1c.effllm.v1.PinAdapterRequest\x1a\x16.effllm.v1.AdapterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x66\x66llm/v1/adapters.proto\x12\teffllm.v1\"_\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x12\n\x05model\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_model\"c\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\x12\x12\n\x05model\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_model\")\n\x15UnloadAdapterResponse\x12\x10\n\x08unloaded\x18\x01 \x03(\t\"3\n\x13ListAdaptersRequest\x12\x12\n\x05model\x18\x01 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_model\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.effllm.v1.AdapterInfo\"`\n\x11PinAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06pinned\x18\x03 \x01(\x08\x12\x12\n\x05model\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x08\n\x06_model\"\x94\x03\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\r\n\x05\x61lpha\x18\x05 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x07 \x01(\t\x12\x11\n\tresidency\x18\x08 \x01(\t\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12\x0e\n\x06load_s\x18\n \x01(\x01\x12\x17\n\x0frequests_served\x18\x0b \x01(\x03\x12\x16\n\x0elast_used_unix\x18\x0c \x01(\x01\x12\x11\n\tin_flight\x18\r \x01(\x05\x12\x0e\n\x06latest\x18\x0e \x01(\x08\x12\x16\n\x0e\x63ontent_sha256\x18\x0f \x01(\t\x12\x10\n\x08variants\x18\x10 \x03(\t\x12\x18\n\x10skipped_variants\x18\x11 \x03(\t\x12-\n\x08replicas\x18\x12 \x03(\x0b\x32\x1b.effllm.v1.ReplicaResidency\x12\r\n\x05model\x18\x13 \x01(\t\"6\n\x10ReplicaResidency\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x11\n\tresidency\x18\x02 \x01(\t2\xbf\x02\n\x0e\x41\x64\x61pterService\x12\x44\n\x0bLoadAdapter\x12\x1d.effllm.v1.LoadAdapterRequest\x1a\x16.effllm.v1.AdapterInfo\x12R\n\rUnloadAdapter\x12\x1f.effllm.v1.UnloadAdapterRequest\x1a .effllm.v1.UnloadAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.effllm.v1.ListAdaptersRequest\x1a\x1f.effllm.v1.ListAdaptersResponse\x12\x42\n\nPinAdapter\x12\x1c.effllm.v1.PinAdapterRequest\x1a\x16.effllm.v1.AdapterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'effllm.api.v1.adapters_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOADADAPTERREQUEST']._serialized_start=39
-  _globals['_LOADADAPTERREQUEST']._serialized_end=104
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=106
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=175
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=177
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=218
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=220
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=241
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=243
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=307
-  _globals['_PINADAPTERREQUEST']._serialized_start=309
-  _globals['_PINADAPTERREQUEST']._serialized_end=375
-  _globals['_ADAPTERINFO']._serialized_start=378
-  _globals['_ADAPTERINFO']._serialized_end=767
-  _globals['_REPLICARESIDENCY']._serialized_start=769
-  _globals['_REPLICARESIDENCY']._serialized_end=823
-  _globals['_ADAPTERSERVICE']._serialized_start=826
-  _globals['_ADAPTERSERVICE']._serialized_end=1145
+  _globals['_LOADADAPTERREQUEST']._serialized_end=134
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=136
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=235
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=237
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=278
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=280
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=331
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=333
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=397
+  _globals['_PINADAPTERREQUEST']._serialized_start=399
+  _globals['_PINADAPTERREQUEST']._serialized_end=495
+  _globals['_ADAPTERINFO']._serialized_start=498
+  _globals['_ADAPTERINFO']._serialized_end=902
+  _globals['_REPLICARESIDENCY']._serialized_start=904
+  _globals['_REPLICARESIDENCY']._serialized_end=958
+  _globals['_ADAPTERSERVICE']._serialized_start=961
+  _globals['_ADAPTERSERVICE']._serialized_end=1280
 # @@protoc_insertion_point(module_scope)

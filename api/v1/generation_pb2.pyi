@@ -77,7 +77,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "adapter", "request_id", "sampling", "objective", "budget", "strict_budget")
+    __slots__ = ("prompt", "messages", "adapter", "request_id", "sampling", "objective", "budget", "strict_budget", "model")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class GenerateRequest(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     STRICT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: Messages
     adapter: str
@@ -94,7 +95,8 @@ class GenerateRequest(_message.Message):
     objective: Objective
     budget: Budget
     strict_budget: bool
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., strict_budget: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[Messages, _Mapping]] = ..., adapter: _Optional[str] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., strict_budget: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("max_time_to_first_token_s", "max_time_per_output_token_s", "max_joules_per_token", "min_quality")
@@ -133,7 +135,7 @@ class Timings(_message.Message):
     def __init__(self, queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., total_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "timings", "adapter", "variant", "budget_met", "replica")
+    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "timings", "adapter", "variant", "budget_met", "replica", "model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +146,7 @@ class GenerateResponse(_message.Message):
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MET_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -154,10 +157,11 @@ class GenerateResponse(_message.Message):
     variant: str
     budget_met: bool
     replica: str
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ..., replica: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class StreamFinal(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "adapter", "variant", "budget_met", "replica")
+    __slots__ = ("finish_reason", "usage", "timings", "adapter", "variant", "budget_met", "replica", "model")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +169,7 @@ class StreamFinal(_message.Message):
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     BUDGET_MET_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
@@ -172,7 +177,8 @@ class StreamFinal(_message.Message):
     variant: str
     budget_met: bool
     replica: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ..., replica: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., adapter: _Optional[str] = ..., variant: _Optional[str] = ..., budget_met: _Optional[bool] = ..., replica: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "final")
@@ -187,8 +193,48 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: _Optional[_Union[StreamFinal, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class ArchitectureInfo(_message.Message):
+    __slots__ = ("model_type", "family", "attention", "layers", "heads", "kv_heads", "experts", "top_k", "ssm", "active_parameters", "kv_cache_bytes_per_token", "random_init")
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SSM_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_INIT_FIELD_NUMBER: _ClassVar[int]
+    model_type: str
+    family: str
+    attention: str
+    layers: int
+    heads: int
+    kv_heads: int
+    experts: int
+    top_k: int
+    ssm: bool
+    active_parameters: int
+    kv_cache_bytes_per_token: int
+    random_init: bool
+    def __init__(self, model_type: _Optional[str] = ..., family: _Optional[str] = ..., attention: _Optional[str] = ..., layers: _Optional[int] = ..., heads: _Optional[int] = ..., kv_heads: _Optional[int] = ..., experts: _Optional[int] = ..., top_k: _Optional[int] = ..., ssm: _Optional[bool] = ..., active_parameters: _Optional[int] = ..., kv_cache_bytes_per_token: _Optional[int] = ..., random_init: _Optional[bool] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("precisions", "adapter_methods", "max_adapter_rank", "max_adapters_per_batch")
@@ -203,7 +249,7 @@ class Capabilities(_message.Message):
     def __init__(self, precisions: _Optional[_Iterable[str]] = ..., adapter_methods: _Optional[_Iterable[str]] = ..., max_adapter_rank: _Optional[int] = ..., max_adapters_per_batch: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size", "sampling_defaults", "chat_template", "variants", "replicas")
+    __slots__ = ("model", "fingerprint", "engine", "precision", "max_context", "capabilities", "weight_bytes", "weight_ratio_to_bf16", "device", "parameters", "max_concurrency", "queue_size", "sampling_defaults", "chat_template", "variants", "replicas", "name", "architecture")
     class ReplicasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +273,8 @@ class ModelInfo(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     model: str
     fingerprint: str
     engine: str
@@ -243,7 +291,9 @@ class ModelInfo(_message.Message):
     chat_template: bool
     variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
     replicas: _containers.MessageMap[str, ModelInfo]
-    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., replicas: _Optional[_Mapping[str, ModelInfo]] = ...) -> None: ...
+    name: str
+    architecture: ArchitectureInfo
+    def __init__(self, model: _Optional[str] = ..., fingerprint: _Optional[str] = ..., engine: _Optional[str] = ..., precision: _Optional[str] = ..., max_context: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., weight_bytes: _Optional[int] = ..., weight_ratio_to_bf16: _Optional[float] = ..., device: _Optional[str] = ..., parameters: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., sampling_defaults: _Optional[_Union[SamplingDefaults, _Mapping]] = ..., chat_template: _Optional[bool] = ..., variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., replicas: _Optional[_Mapping[str, ModelInfo]] = ..., name: _Optional[str] = ..., architecture: _Optional[_Union[ArchitectureInfo, _Mapping]] = ...) -> None: ...
 
 class VariantInfo(_message.Message):
     __slots__ = ("name", "precision", "engine", "weight_bytes", "perplexity", "quality", "live", "adapter_methods", "state", "explored", "engine_state")
@@ -420,7 +470,7 @@ class ResourceSample(_message.Message):
     def __init__(self, t_unix_s: _Optional[float] = ..., memory_utilisation: _Optional[float] = ..., utilisation: _Optional[float] = ..., power_w: _Optional[float] = ..., energy_j: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
 
 class RequestFigures(_message.Message):
-    __slots__ = ("request_id", "adapter", "start_unix_s", "end_unix_s", "input_tokens", "output_tokens", "queue_s", "time_to_first_token_s", "decode_s", "energy_j", "energy_source", "error", "variant", "objective")
+    __slots__ = ("request_id", "adapter", "start_unix_s", "end_unix_s", "input_tokens", "output_tokens", "queue_s", "time_to_first_token_s", "decode_s", "energy_j", "energy_source", "error", "variant", "objective", "model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     START_UNIX_S_FIELD_NUMBER: _ClassVar[int]
@@ -435,6 +485,7 @@ class RequestFigures(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter: str
     start_unix_s: float
@@ -449,7 +500,8 @@ class RequestFigures(_message.Message):
     error: str
     variant: str
     objective: str
-    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., error: _Optional[str] = ..., variant: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., start_unix_s: _Optional[float] = ..., end_unix_s: _Optional[float] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., time_to_first_token_s: _Optional[float] = ..., decode_s: _Optional[float] = ..., energy_j: _Optional[float] = ..., energy_source: _Optional[str] = ..., error: _Optional[str] = ..., variant: _Optional[str] = ..., objective: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GroupFigures(_message.Message):
     __slots__ = ("adapter", "precision", "requests", "errors", "output_tokens", "energy_j", "j_per_token", "energy_source", "amu", "pcu", "aec_w")

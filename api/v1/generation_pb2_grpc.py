@@ -59,6 +59,11 @@ class GenerationServiceStub:
                 request_serializer=effllm_dot_v1_dot_generation__pb2.GetTelemetryRequest.SerializeToString,
                 response_deserializer=effllm_dot_v1_dot_generation__pb2.Telemetry.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/effllm.v1.GenerationService/ListModels',
+                request_serializer=effllm_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=effllm_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -99,6 +104,13 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every base model this server hosts, in order (the first is the default of a request naming none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetTelemetry,
                     request_deserializer=effllm_dot_v1_dot_generation__pb2.GetTelemetryRequest.FromString,
                     response_serializer=effllm_dot_v1_dot_generation__pb2.Telemetry.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=effllm_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
+                    response_serializer=effllm_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class GenerationService:
             '/effllm.v1.GenerationService/GetTelemetry',
             effllm_dot_v1_dot_generation__pb2.GetTelemetryRequest.SerializeToString,
             effllm_dot_v1_dot_generation__pb2.Telemetry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/effllm.v1.GenerationService/ListModels',
+            effllm_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
+            effllm_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +154,10 @@ class AdapterRegistry:
         self._snapshots = Snapshots()
         # NAME@VERSION -> content sha256 of every version this server has loaded (kept after unload)
         self._identity: dict[str, str] = {}
+        # On a server hosting several models (server/models.py): this registry's model, and the hosted model
+        # a base fingerprint belongs to, so a wrong-base refusal names both models.
+        self.model = ""
+        self.model_of: Callable[[str], str | None] | None = None
         if config.root is not None:
             sweep_stale()  # snapshot folders of servers killed before they could remove theirs
         set_resident_adapters_source(lambda: list(self._entries))
@@ -234,6 +238,8 @@ class AdapterRegistry:
             methods=tuple(info.adapter_methods),
             values=values,
             content_sha256=content_sha256,
+            served_model=self.model,
+            model_of=self.model_of,
         )
 
     async def load(self, name: str, version: str = "", path: str = "") -> Entry:

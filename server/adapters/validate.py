@@ -20,6 +20,7 @@ import mmap
 import re
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,13 +338,27 @@ def validate(
     methods: tuple[str, ...],
     values: bool = False,
     content_sha256: str = "",
+    served_model: str = "",
+    model_of: Callable[[str], str | None] | None = None,
 ) -> Validated:
     """All checks, cheapest first; raise on the first failure. `values`: also read every weight (NaN/inf)
     and take the content hash (done on the snapshot the engine reads, not in the shared root).
     `content_sha256`: the folder's content hash when the caller already has it (the snapshot is hashed
-    as it is copied, see snapshot.py): it is not read again for it."""
+    as it is copied, see snapshot.py): it is not read again for it. `served_model` / `model_of` (fingerprint
+    -> a hosted model's name): a server hosting several models names both in a wrong-base refusal."""
     try:
-        return _validate(folder, root, base, base_fingerprint, max_rank, methods, values, content_sha256)
+        return _validate(
+            folder,
+            root,
+            base,
+            base_fingerprint,
+            max_rank,
+            methods,
+            values,
+            content_sha256,
+            served_model,
+            model_of,
+        )
     except EffllmError:
         raise
     except Exception as exc:  # a case no check foresaw: still the adapter's fault, never UNKNOWN
@@ -360,6 +375,8 @@ def _validate(
     methods: tuple[str, ...],
     values: bool,
     known_digest: str,
+    served_model: str = "",
+    model_of: Callable[[str], str | None] | None = None,
 ) -> Validated:
     config = _read_config(folder, root)
     weights = file_inside(root, folder, WEIGHTS)
@@ -390,6 +407,13 @@ def _validate(
         offered = ", ".join(methods) or "none (the server runs without adapters)"
         raise _fail(f"method: {method} adapters are not supported by this engine (it serves: {offered})")
     if manifest and manifest.base_fingerprint and manifest.base_fingerprint != base_fingerprint:
+        owner = model_of(manifest.base_fingerprint) if model_of is not None else None
+        if owner is not None:
+            raise _fail(
+                f"model: adapter {folder.parent.name}/{folder.name}/ belongs to model {owner} (its "
+                f"{MANIFEST} base_fingerprint {manifest.base_fingerprint[:12]}…), not to model "
+                f"{served_model} ({base_fingerprint[:12]}…); load it with model={owner}"
+            )
         raise _fail(
             f"{MANIFEST}: base_fingerprint {manifest.base_fingerprint[:12]}… was trained on another base "
             f"model than the one served ({base_fingerprint[:12]}…)"

@@ -259,6 +259,20 @@ class FrontGeneration(pb_grpc.GenerationServiceServicer):
             out.replicas[rid].CopyFrom(info)
         return out
 
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        """Every model, as the replicas host them (the same flags: one replica's list, each model with every
+        replica's own answer in `replicas`)."""
+        await self._admit(context)
+        replies = await _every(self.cluster, "ListModels", request, context, pb.ListModelsResponse)
+        out = pb.ListModelsResponse()
+        out.CopyFrom(replies[sorted(replies)[0]])
+        for rid in sorted(replies):
+            for model, theirs in zip(out.models, replies[rid].models, strict=False):
+                model.replicas[rid].CopyFrom(theirs)
+        return out
+
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerStats:
@@ -353,14 +367,14 @@ class FrontAdapters(apb_grpc.AdapterServiceServicer):
     ) -> apb.AdapterInfo:
         replies = await _every(self.cluster, "LoadAdapter", request, context, apb.AdapterInfo)
         first = next(iter(replies.values()))
-        await self.ledger.loaded.remote(request.name, first.version, request.path)
+        await self.ledger.loaded.remote(request.name, first.version, request.path, request.model)
         return _merged(first, replies)
 
     async def UnloadAdapter(
         self, request: apb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
     ) -> apb.UnloadAdapterResponse:
         replies = await _every(self.cluster, "UnloadAdapter", request, context, apb.UnloadAdapterResponse)
-        await self.ledger.unloaded.remote(request.name, request.version)
+        await self.ledger.unloaded.remote(request.name, request.version, request.model)
         keys = sorted({k for r in replies.values() for k in r.unloaded})
         return apb.UnloadAdapterResponse(unloaded=keys)
 
@@ -369,7 +383,7 @@ class FrontAdapters(apb_grpc.AdapterServiceServicer):
     ) -> apb.AdapterInfo:
         replies = await _every(self.cluster, "PinAdapter", request, context, apb.AdapterInfo)
         first = next(iter(replies.values()))
-        await self.ledger.pinned.remote(f"{first.name}@{first.version}", request.pinned)
+        await self.ledger.pinned.remote(f"{first.name}@{first.version}", request.pinned, request.model)
         return _merged(first, replies)
 
     async def ListAdapters(

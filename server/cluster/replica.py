@@ -42,6 +42,7 @@ UNARY: dict[str, tuple[str, Any]] = {
     "GetModelInfo": ("generation", pb.GetModelInfoRequest),
     "GetStats": ("generation", pb.GetStatsRequest),
     "GetTelemetry": ("generation", pb.GetTelemetryRequest),
+    "ListModels": ("generation", pb.ListModelsRequest),
     "LoadAdapter": ("adapters", apb.LoadAdapterRequest),
     "UnloadAdapter": ("adapters", apb.UnloadAdapterRequest),
     "ListAdapters": ("adapters", apb.ListAdaptersRequest),
@@ -101,7 +102,8 @@ class Replica:
         lifeline.install()  # engine children die with this replica
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         args = argparse.Namespace(**flags)
-        engine_args, engines, config, _ = assemble(args, auth, None)
+        core = assemble(args, auth, None)
+        engines = core.engines
         host = engines[0] if len(engines) == 1 else VariantAdapters(engines)
         if telemetry is not None and telemetry.enabled:
             base = telemetry.run_dir or Path(".")
@@ -114,14 +116,19 @@ class Replica:
                 resource_attributes={**telemetry.resource_attributes, "service.instance.id": self.replica_id},
             )
         tele = start_telemetry(
-            engines[0], telemetry, lambda: (self.server.variants.queued, self.server.variants.running)
+            engines[0], telemetry, lambda: (self.server.models.queued, self.server.models.running)
         )
         self._loading: dict[str, asyncio.Lock] = {}
         self.adapter_loads = 0  # adapters this replica loaded on demand (the router sent it their requests)
         self.requests_warm = 0  # requests for an adapter this replica already held
         self.requests_cold = 0  # requests for an adapter that waited for its load here
         self.server: EffllmServer = EffllmServer(
-            engines, config, build_registry(engine_args, args.adapter_unload_wait, host), tele
+            engines,
+            core.config,
+            build_registry(core.engine_args, args.adapter_unload_wait, host),
+            tele,
+            name=core.name,
+            more=core.more,
         )
         await self.server.load()
         await self._replay()
@@ -135,23 +142,27 @@ class Replica:
             ledger = ray.get_actor(LEDGER, namespace=NAMESPACE)
         except ValueError:
             return  # no ledger: a deployment without a front (tests of this class alone)
-        for name, version, path, pinned in await ledger.entries.remote():
+        for model, name, version, path, pinned in await ledger.entries.remote():
             try:
-                entry = await self.server.adapters.load(name, version, path)
+                registry = self.server.models.get(model).adapters
+                entry = await registry.load(name, version, path)
                 if pinned:
-                    await self.server.adapters.pin(entry.spec.name, entry.spec.version, True)
+                    await registry.pin(entry.spec.name, entry.spec.version, True)
             except EffllmError as err:
                 log.warning(
                     "replica %s: ledger adapter %s@%s not loaded: %s", self.replica_id, name, version, err
                 )
 
-    async def _hold(self, ref: str) -> None:
+    async def _hold(self, ref: str, model: str = "") -> None:
         """A request for an adapter in the adapter root that this replica does not hold: the router chose
-        this replica for it (placement.py), so load it here first, once however many requests wait.
-        Counts the request warm (held already) or cold (it waited for a load, its own or another's)."""
-        registry = self.server.adapters
+        this replica for it (placement.py), so load it here first (for the request's model), once however
+        many requests wait. Counts the request warm (held already) or cold (it waited for a load)."""
         if not ref:
             return
+        try:
+            registry = self.server.models.get(model).adapters
+        except EffllmError:
+            return  # a model not hosted: the servicer refuses it, naming the field
         if registry.peek(ref) is not None:
             self.requests_warm += 1
             return
@@ -161,7 +172,7 @@ class Replica:
             name, version = parse_ref(ref)
         except (EffllmError, ValueError):
             return  # malformed: the servicer refuses it, naming the field
-        async with self._loading.setdefault(ref, asyncio.Lock()):
+        async with self._loading.setdefault(f"{model}/{ref}", asyncio.Lock()):
             self.requests_cold += 1
             if registry.peek(ref) is not None:
                 return
@@ -178,7 +189,7 @@ class Replica:
         service, cls = UNARY[method]
         message = cls.FromString(request)
         if method == "Generate":
-            await self._hold(message.adapter)
+            await self._hold(message.adapter, message.model)
         servicer: Any = self.server.generation if service == "generation" else self.server.adapter_service
         reply = await getattr(servicer, method)(message, ReplicaContext(metadata))
         if method == "GetStats":  # what only a replica knows: its adapter affinity
@@ -193,7 +204,7 @@ class Replica:
         """GenerateStream: this replica's id first, then each message's bytes."""
         yield self.replica_id
         message = pb.GenerateRequest.FromString(request)
-        await self._hold(message.adapter)
+        await self._hold(message.adapter, message.model)
         events = self.server.generation.GenerateStream(message, ReplicaContext(metadata))
         try:
             async for message in events:
@@ -204,19 +215,20 @@ class Replica:
     def record_routing_stats(self) -> dict[str, Any]:
         """What the front chooses by besides its own in-flight counts (placement.state_of reads it), sent
         every half second; running and queued are for logs only (they lag)."""
-        variants = self.server.variants.variants
+        variants = [v for _, v in self.server.models.variants()]  # every hosted model's
         held: set[str] = set()
-        for entry in self.server.adapters.entries():
-            held.add(entry.key)
-            if self.server.adapters.is_latest(entry):
-                held.add(entry.spec.name)
+        for model in self.server.models:
+            for entry in model.adapters.entries():
+                held.add(entry.key)
+                if model.adapters.is_latest(entry):
+                    held.add(entry.spec.name)
         measured = [v.figures for v in variants if v.alive]  # a dead variant serves nothing
         return {
             "replica_id": self.replica_id,
             "adapter_loads": self.adapter_loads,
             "adapters": sorted(held),
-            "running": self.server.variants.running,
-            "queued": self.server.variants.queued,
+            "running": self.server.models.running,
+            "queued": self.server.models.queued,
             "slots": sum(v.runner.max_concurrency for v in variants),
             "ttft_s": min((f.ttft_s for f in measured), default=0.0),
             "tpot_s": min((f.tpot_s for f in measured), default=0.0),
@@ -226,30 +238,32 @@ class Replica:
     def check_health(self) -> None:
         """Serve replaces a replica whose check raises: healthy while any variant is alive (a dead variant
         leaves routing, the others serve on, as in the single server)."""
-        if not any(v.alive for v in self.server.variants.variants):
+        if not any(v.alive for _, v in self.server.models.variants()):
             raise RuntimeError(f"replica {self.replica_id}: every engine died")
 
 
 class Ledger:
     """The cluster's admin record (a small named Ray actor, launch.py): published and pinned adapters, in
-    load order, that a replica started later loads before it takes traffic."""
+    load order, each for its model ("": the first), that a replica started later loads before it takes
+    traffic."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[str, str, str, bool]] = {}  # name -> (name, version, path, pinned)
+        # (model, name) -> (model, name, version, path, pinned)
+        self._entries: dict[tuple[str, str], tuple[str, str, str, str, bool]] = {}
 
-    def loaded(self, name: str, version: str, path: str) -> None:
-        pinned = self._entries.get(name, (name, "", "", False))[3]
-        self._entries[name] = (name, version, path, pinned)
+    def loaded(self, name: str, version: str, path: str, model: str = "") -> None:
+        pinned = self._entries.get((model, name), (model, name, "", "", False))[4]
+        self._entries[model, name] = (model, name, version, path, pinned)
 
-    def unloaded(self, name: str, version: str) -> None:
-        kept = self._entries.get(name)
-        if kept is not None and version in ("", kept[1]):
-            del self._entries[name]
+    def unloaded(self, name: str, version: str, model: str = "") -> None:
+        kept = self._entries.get((model, name))
+        if kept is not None and version in ("", kept[2]):
+            del self._entries[model, name]
 
-    def pinned(self, ref: str, pinned: bool) -> None:
+    def pinned(self, ref: str, pinned: bool, model: str = "") -> None:
         name, version = parse_ref(ref)
-        kept = self._entries.get(name, (name, version, "", False))
-        self._entries[name] = (kept[0], kept[1] or version, kept[2], pinned)
+        kept = self._entries.get((model, name), (model, name, version, "", False))
+        self._entries[model, name] = (model, kept[1], kept[2] or version, kept[3], pinned)
 
-    def entries(self) -> list[tuple[str, str, str, bool]]:
+    def entries(self) -> list[tuple[str, str, str, str, bool]]:
         return list(self._entries.values())

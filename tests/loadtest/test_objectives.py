@@ -21,7 +21,7 @@ from effllm.common.budget import Budget
 from effllm.loadtest.campaign import Campaign, run
 from effllm.loadtest.cli import workload_from_args
 from effllm.loadtest.config import LoadConfig
-from effllm.loadtest.objectives import OBJECTIVES, ObjectiveMix
+from effllm.loadtest.objectives import OBJECTIVES, ModelMix, ObjectiveMix
 from effllm.loadtest.options import config_from_options
 from effllm.loadtest.render import markdown, variant_shares
 from effllm.loadtest.report import build, per_objective, read_rows
@@ -261,3 +261,49 @@ def test_real_campaign_with_objectives(vllm_server: ServerProcess, tmp_path: Pat
         assert o["variants"] == {names[0]: 1.0}, name
         assert o["budget_met_share"] == 1.0 and o["budget_judged"] == o["ok"], name
         assert o["energy_from"] == "usage.energy_joules", name
+
+
+def test_a_model_mix_sends_the_same_requests_each_naming_its_drawn_model() -> None:
+    mixed = replace(_workload(objectives=""), models=ModelMix.parse("a=0.7,b=0.3"))
+    stream, plain = mixed.requests(0), _workload(objectives="").requests(0)
+    sent = [(stream.next(), stream.gap(2.0)) for _ in range(2000)]
+    # its own generator: the same prompts, lengths and arrivals as without a mix, only the model added
+    assert [(replace(s, model=""), g) for s, g in sent] == [
+        (plain.next(), plain.gap(2.0)) for _ in range(2000)
+    ]
+    share = sum(s.model == "a" for s, _ in sent) / len(sent)
+    assert {s.model for s, _ in sent} == {"a", "b"} and 0.65 < share < 0.75
+    assert LoadConfig.from_dict(json.loads(LoadConfig(workload=mixed).to_json())).workload == mixed
+    on_b = next(s for s, _ in sent if s.model == "b")
+    assert generate_request(on_b, mixed, "r1").model == "b"
+    assert not generate_request(plain.next(), _workload(objectives=""), "r2").HasField("model")
+    w = workload_from_args(build_parser().parse_args(["load", "--rate", "1", "--models", "x=2,y"]))
+    assert w.models == ModelMix(("x", "y"), (2.0, 1.0))
+    ns = argparse.Namespace(effllm_models="solo")
+    assert config_from_options(ns, "127.0.0.1:1", users=1).workload.models == ModelMix(("solo",), (1.0,))
+    assert ModelMix.parse("") is None
+    for bad, why in (
+        ("a=1,a=2", "given twice"),
+        ("a=-1", ">= 0"),
+        ("=1", "name is missing"),
+        (",", "use NAME"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(why)) as err:
+            ModelMix.parse(bad)
+        assert str(err.value).startswith("--models")
+
+
+def test_the_report_has_a_table_per_model() -> None:
+    rows = [
+        _row("a1", None, 0.1, 10, model="a", variant="fp32:hf"),
+        _row("a2", None, 0.3, 10, model="a", variant="fp32:hf"),
+        _row("b1", None, 0.2, 20, model="b", variant="fp32:hf"),
+        _row("b2", None, 0.0, 0, model="b", status="RESOURCE_EXHAUSTED", ttft_s=None),
+    ]
+    rep = build(rows)
+    per = rep["per_model"]
+    assert list(per) == ["a", "b"] and per["a"]["ok"] == 2 and per["a"]["output_tokens"] == 20
+    assert per["b"]["requests"] == 2 and per["b"]["errors"] == {"RESOURCE_EXHAUSTED": 1}
+    md = markdown({"two models": rep})
+    assert "### Per model" in md and "| model | ok / requests |" in md
+    assert "per_model" not in build([{**r, "model": None} for r in rows])

@@ -47,10 +47,12 @@ class WordTokenizer:
 
 
 class FakeEngine:
-    def __init__(self, max_context: int = MAX_CONTEXT) -> None:
+    def __init__(
+        self, max_context: int = MAX_CONTEXT, model: str = "fake", fingerprint: str = "fake-fingerprint"
+    ) -> None:
         self.info = EngineInfo(
-            model="fake",
-            fingerprint="fake-fingerprint",
+            model=model,
+            fingerprint=fingerprint,
             engine="fake",
             precision="fp32",
             max_context=max_context,

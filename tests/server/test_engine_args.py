@@ -5,7 +5,7 @@ configs' shared defaults are the same numbers. Pure: no model, no engine."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,11 @@ def test_from_cli_args_reads_what_the_flags_set(tmp_path: Path) -> None:
     }
     argv = [x for flag, (value, _, _) in flags.items() for x in (flag, value)]
     argv += ["--variant", "bf16", "--variant", "int4:hf", "--vllm-compile", "--no-compile-decode"]
+    argv += ["--model", "other", "--model", "third=/x", "--model-max-concurrency", "third=1"]
     got = EngineArgs.from_cli_args(serve_parser().parse_args(argv))
     want: dict[str, Any] = {name: value for _, name, value in flags.values()}
     want.update(variants=("bf16", "int4:hf"), vllm_compile=True, compile_decode=False)
+    want.update(more_models=("other", "third=/x"), model_max_concurrency=("third=1",))
     assert got == EngineArgs(**want)
     assert set(want) == {f.name for f in fields(EngineArgs)}  # every field is covered above
 
@@ -130,3 +132,30 @@ def test_the_engine_configs_share_its_defaults(config: Any, pairs: dict[str, str
 def test_bad_values_are_refused_by_name(bad: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         EngineArgs(**bad)
+
+
+def test_several_models_each_get_their_own_variants(tmp_path: Path) -> None:
+    from effllm.server.engine_args import model_name, models_with_variants
+
+    (tmp_path / "tinyfam").mkdir()
+    argv = ["--model", "smollm2-135m", "--model", str(tmp_path / "tinyfam"), "--model", "g=/nowhere/x"]
+    argv += ["--variant", "fp32", "--variant", "tinyfam=bf16:hf", "--variant", "g=int4:hf"]
+    argv += ["--max-concurrency", "4", "--model-max-concurrency", "g=1"]
+    args = EngineArgs.from_cli_args(serve_parser().parse_args(argv))
+    assert args.model == "smollm2-135m" and len(args.more_models) == 2
+    got = models_with_variants(args)
+    assert [(n, a.model, a.variants, a.max_concurrency) for n, a in got] == [
+        ("smollm2-135m", "smollm2-135m", ("fp32",), 4),
+        ("tinyfam", str(tmp_path / "tinyfam"), ("bf16:hf",), 4),
+        ("g", "/nowhere/x", ("int4:hf",), 1),
+    ]
+    assert all(a.more_models == () and a.model_max_concurrency == () for _, a in got)
+    with pytest.raises(ValueError, match="'h' is not a --model"):
+        models_with_variants(replace(args, model_max_concurrency=("h=1",)))
+    with pytest.raises(ValueError, match="N is a whole number >= 1"):
+        models_with_variants(replace(args, model_max_concurrency=("g=0",)))
+    assert model_name(None) == "" and models_with_variants(EngineArgs())[0] == ("", EngineArgs())
+    with pytest.raises(ValueError, match="model 'nope' is not a --model"):
+        models_with_variants(replace(args, variants=("nope=fp32",)))
+    with pytest.raises(ValueError, match="names a model twice"):
+        models_with_variants(EngineArgs(model="a=/x", more_models=("a=/y",)))

@@ -176,3 +176,26 @@ def test_the_variant_gauge_shows_a_dead_variant() -> None:
     states["bf16:vllm"] = False
     points = _points(reader)["effllm.variant.alive"]
     assert {p.attributes["effllm.variant"]: p.value for p in points} == {"bf16:vllm": 0, "int4:hf": 1}
+
+
+def test_requests_on_two_models_carry_their_model_and_share_energy_per_engine(setup) -> None:  # type: ignore[no-untyped-def]
+    """A server hosting several models: each request's span and metrics name its model, and the same
+    variant name on two models is two engines for the energy split."""
+    observer, spans, reader, energy_file = setup
+    on_m = observer.begin(RequestStart("m0", False, 8, 1.0, 1.0, "", "fp32:hf", "fp32", "hf", "M"))
+    on_b = observer.begin(RequestStart("b0", False, 8, 1.0, 1.0, "", "fp32:hf", "fp32", "hf", "b"))
+    for t in (on_m, on_b):
+        t.scheduled()
+    energy_file.write_text("4000000\n")  # 4 J with both engines busy: 2 J each
+    assert observer.attributor is not None
+    assert sorted(observer.attributor.busy_groups()) == ["b/fp32:hf", "fp32:hf"]
+    end = RequestEnd(3, 4, "length", "", 0.0, 0.1, 0.3, 0.4)
+    for t in (on_m, on_b):
+        t.finish(end)
+    assert on_b.energy is not None and on_b.energy.joules == pytest.approx(2.0)
+    by_id = {s.attributes["gen_ai.response.id"]: s for s in spans.get_finished_spans()}
+    b0 = by_id["b0"].attributes
+    assert b0["effllm.model"] == "b" and b0["gen_ai.request.model"] == "b"
+    assert by_id["b0"].name.endswith(" b") and by_id["m0"].attributes["effllm.model"] == "M"
+    durations = _points(reader)["gen_ai.server.request.duration"]
+    assert sorted(p.attributes["effllm.model"] for p in durations) == ["M", "b"]
