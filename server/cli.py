@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             lifeline.install()  # before the engine forks its core: children die with us, even on SIGKILL
             core = assemble(args, auth, tls)
-            engine_args, engines, config, defaults = core.engine_args, core.engines, core.config, core.defaults
+            engine_args, engines = core.engine_args, core.engines
+            config, defaults = core.config, core.defaults
             engine = engines[0]
             host: AdapterHost = engine if len(engines) == 1 else VariantAdapters(engines)
     except (ValueError, OSError) as err:

@@ -177,9 +177,12 @@ def test_admin_calls_are_cluster_wide_and_a_replacement_replica_loads_the_set(fr
     )
     assert next(stream).token_ids  # producing
     with ThreadPoolExecutor(5) as pool:
+        # the die- request first, while f3's holder has only the stream in flight (below the spill point,
+        # so it lands there whatever the demo requests do); then traffic while that replica dies
+        die = pool.submit(front.generate, "f3", "die-now", 4)
+        time.sleep(0.2)
         work = [pool.submit(front.generate, "demo@1", "", 8) for _ in range(4)]
-        work.append(pool.submit(front.generate, "f3", "die-now", 4))
-        results = [w.result(timeout=300) for w in work]
+        results = [w.result(timeout=300) for w in [die, *work]]
     assert all(reply.usage.output_tokens >= 1 for reply, _ in results)
     with pytest.raises(grpc.RpcError) as cut:
         list(stream)
