@@ -8,10 +8,11 @@ campaign. Prints tables (with the CPU and load average) and writes JSON.
    OMP_NUM_THREADS is --threads on both sides (Ray's workers inherit it).
 2. `--part campaign`: `--replicas 2` with --adapters adapters under one adapter root, two of them pinned
    through the front (cluster-wide), then `effllm load --target FRONT` (Locust, closed loop, Zipf
-   popularity): a warm-up campaign, then the measured one. Warm share = requests served by a replica that
-   already held their adapter (GetStats adapter_requests_warm / (warm + cold), the measured campaign's
-   deltas), loads per replica, failed requests by status. With --kill, one replica's process is SIGKILLed
-   halfway through the measured campaign: a failed request that had received no token is a defect (the
+   popularity): a warm-up (one request per adapter, then a --warm-up campaign), then the measured one.
+   Warm share = requests served by a replica that already held their adapter (GetStats
+   adapter_requests_warm / (warm + cold), the measured campaign's deltas), loads per replica, failed
+   requests by status. With --kill, one replica's process is SIGKILLed halfway through the measured
+   campaign: a failed request that had received no token is a defect (the
    front retries those); the replacement replica must hold the pinned set before it serves.
 
     python bench/cluster.py --part hop --precision bf16 --repeats 3
@@ -149,8 +150,14 @@ def campaign(a: argparse.Namespace, logs: Path) -> dict[str, Any]:
             for name in names[:2]:  # cluster-wide, and into the ledger a replacement replica replays
                 c.load_adapter(name, "1")
                 c.pin_adapter(name, "1")
-        print(f"  warm-up campaign ({a.warm_up:.0f} s)", flush=True)
-        load(server.target, names, a, logs / "warm-up", a.warm_up)
+        # warm-up: one request per adapter (each is loaded on the replica it is assigned to), then a short
+        # campaign; the measured one follows
+        touch = [{"prompt": "Hi", "adapter": n, "max_new_tokens": 2} for n in names]
+        warm = asyncio.run(closed_loop(server.target, a.users, touch, timeout=600))
+        print(f"  warm-up: {len(warm.counts)} adapters touched, {len(warm.failures)} failed", flush=True)
+        if a.warm_up > 0:
+            print(f"  warm-up campaign ({a.warm_up:.0f} s)", flush=True)
+            load(server.target, names, a, logs / "warm-up", a.warm_up)
         before = stats(server.target)
         killed: dict[str, Any] = {}
         if a.kill:
@@ -184,8 +191,12 @@ def campaign(a: argparse.Namespace, logs: Path) -> dict[str, Any]:
         after = stats(server.target)
     finally:
         server.stop(timeout=180)
-    warm = after.adapter_requests_warm - before.adapter_requests_warm
-    cold = after.adapter_requests_cold - before.adapter_requests_cold
+    # per replica alive at the end (a killed replica's counts die with it; a replacement starts at 0)
+    warm = cold = 0
+    for rid, now in after.replicas.items():
+        was = before.replicas[rid] if rid in before.replicas else pb.ServerStats()
+        warm += now.adapter_requests_warm - was.adapter_requests_warm
+        cold += now.adapter_requests_cold - was.adapter_requests_cold
     failed: dict[str, int] = {}
     for r in rows:
         if r.get("status") != "OK":
