@@ -30,7 +30,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -55,13 +54,13 @@ async def run_level(engine: Any, c: int, max_new: int) -> dict[str, float]:
     the process's CPU seconds over the level."""
     import psutil
 
-    from effllm.server.engines.base import ChatTurn, GenerationRequest, Sampling
+    from effllm.server.engines.base import GenerationRequest, Sampling
 
     async def one(i: int) -> tuple[float, float, int]:
         request = GenerationRequest(
             f"arch-{c}-{i}-{time.monotonic_ns()}",
             Sampling(max_new_tokens=max_new, temperature=0.0, ignore_eos=True),
-            messages=(ChatTurn("user", PROMPT),),
+            prompt=PROMPT,  # a prompt, not chat turns: base models (Gemma-3-270M) have no chat template
         )
         t0 = time.perf_counter()
         first = last = 0.0
@@ -124,7 +123,12 @@ async def bench_model(name: str, path: Path, args: argparse.Namespace, watts: fl
         "experts": f"{arch.top_k}/{arch.experts}" if arch.experts else "",
         "random_init": arch.random_init,
     }
-    ok, reason = engine_support("hf", config, precision=args.precision, max_concurrency=max(args.concurrency))
+    levels_asked = list(args.concurrency)
+    ok, reason = engine_support("hf", config, precision=args.precision, max_concurrency=max(levels_asked))
+    if not ok and engine_support("hf", config, precision=args.precision, max_concurrency=1)[0]:
+        # it runs one row at a time (e.g. Gemma's sliding-window caches): measure c=1 only, say why
+        print(f"  {name}: c=1 only on the hf engine: {reason}", flush=True)
+        row["note"], levels_asked, ok = f"c=1 only: {reason}", [1], True
     if not ok:
         print(f"  {name}: refused on the hf engine: {reason}", flush=True)
         if args.transformers_rows and arch.ssm:
@@ -132,13 +136,13 @@ async def bench_model(name: str, path: Path, args: argparse.Namespace, watts: fl
         return {**row, "refused": reason}
     engine = HfEngine(
         resolve_model(str(path)),
-        HfConfig(precision=args.precision, max_concurrency=max(args.concurrency), max_context=512),
+        HfConfig(precision=args.precision, max_concurrency=max(levels_asked), max_context=512),
     )
     await engine.start()
     try:
         await run_level(engine, 1, 2)  # warm-up
         levels = {}
-        for c in args.concurrency:
+        for c in levels_asked:
             level = await run_level(engine, c, args.max_new)
             level["joules_per_token"] = level["cpu_s"] * watts / level["tokens"]
             levels[str(c)] = level
@@ -256,7 +260,10 @@ def table(rows: list[dict[str, Any]], concurrency: list[int]) -> str:
             f"{r['kv_bytes_per_token']:.0f} / {r['kv_bytes_per_token_computed']}",
         ]
         for c in concurrency:
-            lv = r["levels"][str(c)]
+            lv = r["levels"].get(str(c))
+            if lv is None:  # not measured at this concurrency (the row's note says why)
+                cells += ["-"] * 4
+                continue
             cells += [
                 f"{lv['ttft_ms']:.1f}",
                 f"{lv['tpot_ms']:.1f}",
@@ -267,7 +274,9 @@ def table(rows: list[dict[str, Any]], concurrency: list[int]) -> str:
     return "\n".join(lines)
 
 
-def html_report(rows: list[dict[str, Any]], report: dict[str, Any], concurrency: list[int]) -> str | None:
+def html_report(
+    rows: list[dict[str, Any]], report: dict[str, Any], concurrency: list[int], machine: str
+) -> str | None:
     try:
         import matplotlib
 
@@ -284,7 +293,8 @@ def html_report(rows: list[dict[str, Any]], report: dict[str, Any], concurrency:
             width = 0.8 / len(concurrency)
             for j, c in enumerate(concurrency):
                 xs = [i + j * width for i in range(len(served))]
-                ax.bar(xs, [r["levels"][str(c)][key] for r in served], width, label=f"c={c}")
+                ys = [r["levels"].get(str(c), {}).get(key, 0.0) for r in served]
+                ax.bar(xs, ys, width, label=f"c={c}")
             ax.legend()
         else:
             ax.bar(range(len(served)), [r[key] for r in served])
@@ -299,8 +309,7 @@ def html_report(rows: list[dict[str, Any]], report: dict[str, Any], concurrency:
         )
     head = (
         f"<h1>effllm architecture table (RANDOM-INIT weights: costs, not quality)</h1>"
-        f"<p>CPU {report['cpu_model']}, {os.cpu_count()} cores; load average {report['loadavg_start']} -> "
-        f"{report['loadavg_end']}; {report['args']['max_new']} new tokens, {report['args']['precision']}; "
+        f"<p>{machine}; {report['args']['max_new']} new tokens, {report['args']['precision']}; "
         f"J/token estimated at {report['watts_per_core']} W per busy core. *: transformers' generate, not "
         "the hf engine (which refuses attention-free models).</p>"
     )
@@ -367,7 +376,7 @@ def main() -> int:
     print(table(rows, args.concurrency))
     print(f"wrote {out}")
     if args.html:
-        page = html_report(rows, report, args.concurrency)
+        page = html_report(rows, report, args.concurrency, header(record))
         if page is None:
             print("no matplotlib: no HTML report", file=sys.stderr)
         else:
