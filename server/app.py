@@ -49,6 +49,9 @@ ENGINE_DIED_EXIT = 3
 SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["GenerationService"].full_name, ADAPTER_SERVICE_NAME)
 
 
+MAX_STREAM_INTERVAL = 64  # tokens per GenerateStream message, at most
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -74,6 +77,9 @@ class ServerConfig:
     watts_per_core: float | None = None
     # At most this share of routed requests goes to a stale variant to refresh its figures (0: never).
     explore_share: float = EXPLORE_SHARE
+    # GenerateStream: up to this many tokens per message (the first token always alone, at once; the final
+    # message flushes): fewer, larger messages cost less per token on every hop (vLLM's --stream-interval).
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -86,6 +92,8 @@ class ServerConfig:
             raise ValueError(f"default_objective {self.default_objective!r} is not one of {OBJECTIVES}")
         if not 0.0 <= self.explore_share <= 1.0:
             raise ValueError(f"explore_share {self.explore_share} is not in 0..1")
+        if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
+            raise ValueError(f"stream_interval {self.stream_interval} is not in 1..{MAX_STREAM_INTERVAL}")
 
 
 class EffllmServer:
@@ -141,6 +149,7 @@ class EffllmServer:
             # a margin under the message cap for the frame and the metadata
             max_reply_bytes=config.max_message_bytes - 512,
             models=self.models,
+            stream_interval=config.stream_interval,
         )
         self.adapter_service = AdapterService(self.adapters, self.variants.holders, models=self.models)
         self.health = HealthServicer()

@@ -305,6 +305,7 @@ def assemble(args: argparse.Namespace, auth: AuthConfig, tls: TlsConfig | None) 
         default_objective=args.default_objective,
         watts_per_core=args.watts_per_core,
         explore_share=args.explore_share,
+        stream_interval=engine_args.stream_interval,
     )
     return Core(engine_args, engines, config, defaults, name, more)
 

@@ -305,6 +305,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         auth: AuthConfig | None = None,
         max_reply_bytes: int = 16 << 20,
         models: Models | None = None,
+        stream_interval: int = 1,
     ) -> None:
         if isinstance(variants, Runner):
             variants = VariantSet([Variant(variants.engine, variants)])
@@ -317,6 +318,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.telemetry = telemetry  # answers GetTelemetry; None: the server runs without telemetry
         self.auth = auth or AuthConfig()  # who sees per-request telemetry (the interceptor does the rest)
         self.max_reply_bytes = max_reply_bytes  # the server's message cap (GetTelemetry refuses past it)
+        self.stream_interval = stream_interval  # tokens per GenerateStream message (after the first)
         self._telemetry_turn = asyncio.Lock()
         self.ready = False  # set once the engine has started
         self.draining = False
@@ -403,9 +405,23 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        held: list[TokenEvent] = []  # events not sent yet (stream_interval > 1): never the first token's
+        sent_first = False
         async for req, event, variant, met in self._events(request, context):
+            held.append(event)
+            if (
+                self.stream_interval > 1
+                and event.finish_reason is None
+                and sent_first
+                and sum(len(e.token_ids) for e in held) < self.stream_interval
+            ):
+                continue
+            events, held = held, []
+            sent_first = sent_first or any(e.token_ids for e in events)
             out = pb.GenerateStreamResponse(
-                request_id=req.request_id, text=event.text, token_ids=list(event.token_ids)
+                request_id=req.request_id,
+                text="".join(e.text for e in events),
+                token_ids=[t for e in events for t in e.token_ids],
             )
             if event.finish_reason is not None:
                 out.final.finish_reason = FINISH[event.finish_reason]

@@ -209,3 +209,16 @@ async def test_a_request_the_dying_engine_held_ends_unavailable_not_internal() -
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "variant fp32:fake: its engine died (ScriptedEngineDead)" in (err.value.details() or "")
         assert await asyncio.wait_for(live.exit, 10) == ENGINE_DIED_EXIT  # one variant: as before
+
+
+async def test_stream_interval_sends_the_first_token_alone_then_gathers_up_to_n() -> None:
+    for interval, sizes in ((1, [1] * 10), (4, [1, 4, 4, 1])):
+        async with serving(stream_interval=interval) as live:
+            call = live.stub.GenerateStream(build_request("a b", max_new_tokens=10), timeout=5)
+            messages = [await first_message(call), *await the_rest(call)]
+        assert [len(m.token_ids) for m in messages] == sizes, interval
+        assert sum(len(m.token_ids) for m in messages) == 10 and messages[-1].final.usage.output_tokens == 10
+        assert "".join(m.text for m in messages) == " b" * 10  # no token or text lost in the gathering
+        assert [m.HasField("final") for m in messages] == [False] * (len(sizes) - 1) + [True]
+    with pytest.raises(ValueError, match="stream_interval 0"):
+        ServerConfig(stream_interval=0)
