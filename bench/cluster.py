@@ -48,7 +48,7 @@ PROMPT = "Here is a long, detailed story about a lighthouse keeper.\n\nChapter {
 
 def server_flags(a: argparse.Namespace, replicas: int, extra: list[str]) -> list[str]:
     flags = ["--engine", a.engine, "--precision", a.precision, "--max-concurrency", str(a.concurrency)]
-    flags += ["--max-context", "512", "--no-telemetry", *extra]
+    flags += ["--max-context", "512", "--no-telemetry", *a.serve_arg, *extra]
     if replicas:
         flags += ["--replicas", str(replicas), "--ray-cpus", str(os.cpu_count() or 2)]
         flags += ["--replica-cpus", str(a.replica_cpus)]
@@ -239,6 +239,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=120.0, help="campaign: seconds of the measured one")
     ap.add_argument("--kill", action="store_true", help="campaign: SIGKILL one replica halfway")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve-arg", action="append", default=[], help="extra `effllm serve` flag, every side")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     record = machine_record()
