@@ -11,7 +11,8 @@ Conventions:
   benchmark convention, so numbers compare.
 - adapter popularity: `uniform`, `zipf` (P(rank i) ∝ 1/i^α over the N names, α = 0 is uniform) or
   `round_robin` (one adapter per request, cycling: the worst case for adapter locality); `base_share` of
-  requests goes to the base model before any adapter is drawn.
+  requests goes to the base model before any adapter is drawn. A name written MODEL:NAME belongs to that
+  base model: a request on a model draws among its own adapters (and the unqualified ones).
 - shapes give a target (users for closed loop, req/s for open loop) as a function of elapsed time.
 - objectives (loadtest/objectives.py): each request's objective is drawn from the mix on a generator of
   its own, so adding a mix never changes a seed's prompts, lengths or arrivals.
@@ -275,13 +276,26 @@ class AdapterMix:
             return w / w.sum()
         return np.full(n, 1.0 / n)
 
-    def pick(self, rng: np.random.Generator, index: int) -> str:
-        """`index` is the request's sequence number in its stream (used by round_robin)."""
+    def pick(self, rng: np.random.Generator, index: int, model: str = "") -> str:
+        """`index` is the request's sequence number in its stream (used by round_robin). Names written
+        MODEL:NAME belong to that base model: a request on `model` draws among its own (by their rank in
+        `names`) and the unqualified ones, and goes to the base when it has none; the name sent is NAME."""
         if self.kind == "none" or (self.base_share and rng.random() < self.base_share):
             return ""
+        if not any(":" in n for n in self.names):
+            if self.kind == "round_robin":
+                return self.names[index % len(self.names)]
+            return self.names[int(rng.choice(len(self.names), p=self.probabilities()))]
+        mine = [i for i, n in enumerate(self.names) if n.rpartition(":")[0] in ("", model)]
+        u = rng.random()  # one draw whatever the model, so every mix keeps the stream's sequence
+        if not mine:
+            return ""
         if self.kind == "round_robin":
-            return self.names[index % len(self.names)]
-        return self.names[int(rng.choice(len(self.names), p=self.probabilities()))]
+            i = mine[index % len(mine)]
+        else:
+            p = self.probabilities()[mine]
+            i = mine[min(int(np.searchsorted(np.cumsum(p / p.sum()), u, side="right")), len(mine) - 1)]
+        return self.names[i].rpartition(":")[2]
 
 
 @dataclass(frozen=True)
@@ -506,4 +520,4 @@ class RequestStream:
         max_new = prompt.max_new_tokens or w.output.one(rng)
         objective = w.objectives.pick(self._objective_rng) if w.objectives else ""
         model = w.models.pick(self._model_rng) if w.models else ""
-        return RequestSpec(i, prompt, max_new, w.adapters.pick(rng, i), objective, model)
+        return RequestSpec(i, prompt, max_new, w.adapters.pick(rng, i, model), objective, model)

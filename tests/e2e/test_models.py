@@ -35,6 +35,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_adapters(tiny: Path, adapter_root: AdapterRoot) -> tuple[str, ...]:
+    """Two LoRA adapters of the tiny model in the shared adapter root (names no other test uses)."""
+    from effllm.tuner.synthetic import make_adapter
+
+    names = ("tiny-a", "tiny-b")
+    for seed, name in enumerate(names):
+        make_adapter(tiny, adapter_root.root / name / "1", rank=4, seed=seed)
+    return names
+
+
+@pytest.fixture(scope="module")
 def two(tiny: Path, adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[ServerProcess]:
     models = ["--model", "smollm2-135m", "--model", f"tiny={tiny}"]
     if GEMMA:  # Gemma 3's sliding-window caches: the hf engine batches them one row at a time
@@ -104,14 +115,21 @@ def test_an_adapter_for_one_model_is_refused_for_the_other_naming_both(two: Serv
         assert [a.name for a in client.list_adapters(model="tiny")] == []
 
 
-def test_a_campaign_over_two_models_reports_each(two: ServerProcess, tmp_path: Path) -> None:
-    """Real Locust against the server: every request names its drawn model (the sequence a replay of the
-    seed gives), each is served by that model, and the report has one row per model, none failed."""
+def test_a_campaign_over_two_models_reports_each(
+    two: ServerProcess, tmp_path: Path, tiny_adapters: tuple[str, ...]
+) -> None:
+    """Real Locust against the server, a Zipf campaign over two models with adapters on both (MODEL:NAME
+    in the mix): every request names its drawn model (the sequence a replay of the seed gives) and one of
+    that model's adapters or the base, each is served by that model, none failed; one report row per model."""
+    with two.client() as client:
+        client.load_adapter("demo", model="smollm2-135m", timeout=300)
+        for name in tiny_adapters:
+            client.load_adapter(name, model="tiny", timeout=300)
     from effllm.loadtest.campaign import Campaign, run
     from effllm.loadtest.config import LoadConfig
     from effllm.loadtest.objectives import ModelMix
     from effllm.loadtest.report import read_rows
-    from effllm.loadtest.workload import LengthDist, PromptSource, Workload
+    from effllm.loadtest.workload import AdapterMix, LengthDist, PromptSource, Workload
 
     wl = Workload(
         seed=3,
@@ -120,6 +138,9 @@ def test_a_campaign_over_two_models_reports_each(two: ServerProcess, tmp_path: P
         output=LengthDist.parse("4"),
         ignore_eos=True,
         models=ModelMix.parse("smollm2-135m=1,tiny=1"),
+        adapters=AdapterMix(
+            "zipf", ("smollm2-135m:demo", *(f"tiny:{n}" for n in tiny_adapters)), base_share=0.2
+        ),
     )
     cfg = LoadConfig(
         targets=(two.target,), workload=wl, duration_s=4.0, timeout_s=120.0, run_dir=str(tmp_path)
@@ -130,6 +151,9 @@ def test_a_campaign_over_two_models_reports_each(two: ServerProcess, tmp_path: P
     replay = wl.requests(0)
     assert [r["model"] for r in rows] == [replay.next().model for _ in rows]
     assert all(r["served_model"] == r["model"] for r in rows)
+    own = {"smollm2-135m": {"demo"}, "tiny": set(tiny_adapters)}
+    adapters = [(r["model"], r["adapter"]) for r in rows if r.get("adapter")]
+    assert adapters and all(a in own[m] for m, a in adapters), adapters  # each on its own model
     per = rep["per_model"]
     assert set(per) == {r["model"] for r in rows} and sum(m["requests"] for m in per.values()) == len(rows)
     for name, m in per.items():

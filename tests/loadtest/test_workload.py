@@ -54,6 +54,23 @@ def test_base_share_uniform_and_round_robin() -> None:
     assert [rr.pick(rng, i) for i in range(6)] == ["x", "y", "z", "x", "y", "z"]
 
 
+def test_model_qualified_adapters_are_drawn_for_their_own_model() -> None:
+    """MODEL:NAME adapters belong to that model: a request on it draws among its own, Zipf by their rank
+    (a model without any goes to the base); the name sent is bare."""
+    names = ("a:a1", "a:a2", "b:b1", "a:a3", "b:b2")
+    mix = AdapterMix("zipf", names, alpha=1.0)
+    rng = np.random.default_rng(6)
+    on_a = [mix.pick(rng, i, "a") for i in range(20_000)]
+    assert set(on_a) == {"a1", "a2", "a3"}
+    p = np.array([1 / 1, 1 / 2, 1 / 4])  # their ranks among all names: 1, 2 and 4
+    freq = np.array([on_a.count(n) for n in ("a1", "a2", "a3")]) / len(on_a)
+    assert np.abs(freq - p / p.sum()).max() < 0.015
+    assert set(mix.pick(rng, i, "b") for i in range(200)) == {"b1", "b2"}
+    assert mix.pick(rng, 0, "c") == ""  # a model with no adapter of its own: the base
+    rr = AdapterMix("round_robin", names)
+    assert [rr.pick(rng, i, "b") for i in range(4)] == ["b1", "b2", "b1", "b2"]
+
+
 def test_lengths_parse_and_sample() -> None:
     rng = np.random.default_rng(5)
     assert set(LengthDist.parse("17").sample(rng, 100)) == {17}
