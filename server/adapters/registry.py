@@ -365,6 +365,8 @@ class AdapterRegistry:
             with phase("probe"):
                 finite = bool(await probe(spec))
             problem = "" if finite else "its logits on a probe prompt are not finite (NaN or inf)"
+        except EffllmError as err:  # the engine's own words: which module, what is wrong
+            problem = err.message
         except Exception as exc:
             log.exception("probe of adapter %s failed", key)
             problem = f"the probe failed ({type(exc).__name__}: {str(exc)[:120]})"
