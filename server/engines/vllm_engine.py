@@ -397,7 +397,7 @@ class VllmEngine:
     async def score(self, token_ids: Sequence[int]) -> list[float]:
         """Log-probabilities of `token_ids[1:]` from vLLM's `prompt_logprobs` (max_tokens=1), on the base
         model (the null adapter on CPU, which changes nothing). NOTE: on CPU the first logprobs request
-        would compile vLLM's logprobs op with Inductor (see probe_adapter), but an eager engine core runs
+        would compile vLLM's logprobs op with Inductor, but an eager engine core runs
         it eager (engine_core_env); the server only scores when it hosts several variants."""
         import uuid
 
