@@ -150,7 +150,8 @@ class Batch:
     def _forward(self, group_key: str, rows: list[Row], **inputs: Any) -> torch.Tensor:
         """Last-position logits [B, vocab] in fp32 for `rows`, all on the same adapter group."""
         inputs.update(use_cache=True, logits_to_keep=1)
-        with self._adapted(group_key, [self.stack.slot(r.key) for r in rows]):
+        slots = [] if group_key else [self.stack.slot(r.key) for r in rows]  # a PEFT group has none
+        with self._adapted(group_key, slots):
             out = self.base(**inputs)
         return out.logits[:, -1, :].float()
 
