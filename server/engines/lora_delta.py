@@ -8,7 +8,8 @@ caught once the registry's scan has refused NaN/inf weights is finite weights wh
 `scale * B @ (A @ x)` of every module on a fixed input `x` of unit RMS (what a pre-norm block feeds its
 projections), computed in fp32 and cast to the engine's dtype, must be finite and at most DELTA_LIMIT.
 
-Invariant: reads only the file it is given (the registry's private snapshot, already scanned); no state.
+Invariant: reads only the file it is given (the registry's private snapshot, already scanned); keeps no state
+but the fixed probe inputs.
 """
 
 from __future__ import annotations
