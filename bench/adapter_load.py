@@ -4,8 +4,9 @@ For each engine: a real `effllm serve` with an adapter root of rank-R PEFT LoRA 
 distinct weights), a few warm-up loads, then N LoadAdapter / UnloadAdapter pairs over gRPC on an idle
 server, timed at the client. The server's own split of each load (registry.LoadPhases: validate,
 snapshot, scan, lock, engine_add, probe, evict; both engines do their probe's work inside engine_add:
-hf in the add's worker job, vLLM beside add_lora) is read back from its log. Prints a table with the CPU (lscpu's model name) and
-the load average, and writes JSON. Run it on an idle machine: a busy one measures its neighbours.
+hf in the add's worker job, vLLM beside add_lora) is read back from its log. Prints a table with the
+CPU (lscpu's model name) and the load average, and writes JSON. Run it on an idle machine: a busy one
+measures its neighbours.
 
     python bench/adapter_load.py                                   # hf and vllm, bf16, rank 16, N=50
     python bench/adapter_load.py --engines hf --trials 3 --warmup 1 # does it run?
