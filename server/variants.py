@@ -270,11 +270,15 @@ class VariantAdapters:
                 await engine.add_adapter(spec)
                 took.append(engine)
                 probe = getattr(engine, "probe_adapter", None)
-                if probe is not None and not await probe(spec):
+                try:
+                    finite = probe is None or await probe(spec)
+                    problem = "" if finite else "its logits on a probe prompt are not finite"
+                except EffllmError as err:  # the engine's own words: which module, what is wrong
+                    problem = err.message
+                if problem:
                     raise EffllmError(
                         "failed_precondition",
-                        f"adapter: {spec.key} refused: its logits on a probe prompt are not finite on "
-                        f"{variant_name(engine.info)}",
+                        f"adapter: {spec.key} refused: {problem} on {variant_name(engine.info)}",
                     )
         except BaseException:
             for engine in took:  # no variant keeps a version the others refused

@@ -61,7 +61,8 @@ class RegistryConfig:
 class LoadPhases:
     """Wall time per phase of one load, in the order they ran: validate (in place), snapshot (copy and
     content hash), scan (the snapshot validated again, every weight read for NaN/inf), lock (waiting
-    for other mutations), engine_add, probe, evict."""
+    for other mutations), engine_add, probe, evict. Both engines run their probe's work inside
+    engine_add (hf: in the add's worker job; vLLM: beside add_lora), so probe is only reading it back."""
 
     def __init__(self) -> None:
         self.spent: dict[str, float] = {}
@@ -371,6 +372,8 @@ class AdapterRegistry:
             with phase("probe"):
                 finite = bool(await probe(spec))
             problem = "" if finite else "its logits on a probe prompt are not finite (NaN or inf)"
+        except EffllmError as err:  # the engine's own words: which module, what is wrong
+            problem = err.message
         except Exception as exc:
             log.exception("probe of adapter %s failed", key)
             problem = f"the probe failed ({type(exc).__name__}: {str(exc)[:120]})"

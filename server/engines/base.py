@@ -191,5 +191,7 @@ class AdapterProbe(Protocol):
     routable; an engine without it is trusted (validation already refused non-finite files)."""
 
     async def probe_adapter(self, spec: AdapterSpec) -> bool:
-        """True when a short forward on `spec` (a few prompt tokens) gives finite logits."""
+        """True when `spec` passes the engine's numeric check (the hf engine: one token's forward on
+        it is finite; vLLM: lora_delta). False, or EffllmError whose message says what is wrong (the
+        registry puts it in its refusal), when it does not."""
         ...

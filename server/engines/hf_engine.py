@@ -337,9 +337,8 @@ class HfEngine:
         await self._on_worker(self._started_batch().remove_adapter, key)
 
     async def probe_adapter(self, spec: AdapterSpec) -> bool:
-        """One prefill of one or two tokens on `spec` (between steps, on the worker): are its logits
-        finite? Every adapted Linear of every layer runs on them, which is what the check needs. Right
-        after add_adapter this is the probe that ran with the add (same worker job)."""
+        """One token's forward on `spec` (between steps, on the worker; Batch.probe): is it finite?
+        Right after add_adapter this is the probe that ran with the add (same worker job)."""
         result = self._probed.pop(spec.key, None)
         if result is None:
             result = await self._on_worker(self._probe, spec, self._probe_ids())
@@ -348,23 +347,11 @@ class HfEngine:
         return bool(result)
 
     def _probe_ids(self) -> list[int]:
-        # the shortest prompt: the cost of a forward grows with its tokens, the check does not need them
-        return list(self._tokenizer.encode("The capital of France is"))[:2]
+        # one token: a forward's cost grows with its tokens, and every adapted Linear runs on the first
+        return list(self._tokenizer.encode("The capital of France is"))[:1]
 
     def _probe(self, spec: AdapterSpec, ids: list[int]) -> bool:
-        import torch
-
-        from .base import Sampling
-        from .hf_decoder import Row
-        from .hf_text import TextStream
-
-        text = TextStream(self._tokenizer, ids, ())
-        batch = self._started_batch()
-        row = Row(f"probe-{spec.key}", ids, Sampling(max_new_tokens=1), spec, text, torch.Generator())
-        row.group = batch.group_of(row)  # the stacked path, or PEFT's own group for DoRA and the like
-        with torch.inference_mode():
-            logits, _cache = batch.prefill(row)  # [vocab] fp32
-        return bool(torch.isfinite(logits).all())
+        return self._started_batch().probe(spec.key, ids[0])
 
     async def score(self, token_ids: Sequence[int]) -> list[float]:
         """Log-probabilities of `token_ids[1:]`: one base-model forward on the worker, between steps."""

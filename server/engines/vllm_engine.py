@@ -128,11 +128,6 @@ def apply_cpu_omp_bind(bind: str | None) -> str:
     return os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
-def probe_checks_logits(config: VllmConfig) -> bool:
-    """Does `probe_adapter` read logprobs (finiteness), or only see a token come out? See probe_adapter."""
-    return config.device != "cpu" or config.enforce_eager
-
-
 def engine_core_env(config: VllmConfig) -> dict[str, str]:
     """Environment for vLLM's engine-core process only. Eager on CPU: torch.compile off in it, so the one
     compiled op on our path, the rank count behind every logprobs request (vllm/v1/sample/ops/logprobs.py:
@@ -210,6 +205,9 @@ class VllmEngine:
         self._null_slots = 1 if config.enable_lora and config.device == "cpu" else 0
         self._null_lora: Any = None
         self._null_dir: tempfile.TemporaryDirectory[str] | None = None
+        # the probe's outcome per adapter key, computed beside add_lora and read by probe_adapter: ""
+        # (good) or the problem
+        self._probed: dict[str, str] = {}
         self._core: list[ProcessTree] = []  # the processes AsyncLLM spawned (engine core, its workers)
 
     async def start(self) -> None:
@@ -362,57 +360,44 @@ class VllmEngine:
         lora_id = self._next_lora_id
         self._next_lora_id += 1
         self._lora_ids[spec.key] = lora_id
+        # the probe's check runs in a thread of this process while the engine core loads the adapter
+        check = asyncio.ensure_future(asyncio.to_thread(self._delta_problem, spec))
         try:
             await self._llm.add_lora(self._lora_request(spec))
         except BaseException:
             del self._lora_ids[spec.key]
+            await asyncio.gather(check, return_exceptions=True)
             raise
+        self._probed[spec.key] = await check
+
+    def _delta_problem(self, spec: AdapterSpec) -> str:
+        import torch
+
+        from .lora_delta import delta_problem, lora_scale
+
+        dtype = getattr(torch, _DTYPES.get(self.config.precision, "bfloat16"))
+        return delta_problem(spec.path, lora_scale(spec.method, spec.rank, spec.alpha), dtype)
 
     async def probe_adapter(self, spec: AdapterSpec) -> bool:
-        """A 1-token greedy generate on `spec` with logprobs: are they finite (no NaN/inf logits)?
+        """True when every adapted module's update on a probe input is finite and bounded (lora_delta);
+        raises EffllmError naming the module otherwise. Right after add_adapter this is the check that
+        ran beside vLLM's add_lora; it reads the snapshot in this process, never the engine core.
 
-        On vLLM's CPU backend logprobs run a torch.compile'd op (v1/sample/ops/logprobs.py): the first
-        request asking for them compiles C++ with Inductor, minutes on a busy 2-core box (seen to push
-        start-up with --preload past 300 s, and to fail on a shared Inductor cache). An eager engine core
-        (the CPU default, `engine_core_env`) runs that op eager, so the probe checks finiteness there as
-        on CUDA. Only a compiled engine core on CPU (`enforce_eager=False`) keeps the probe a smoke test
-        (the adapter runs one token); registry validation already refused non-finite config numbers and
-        weights, which is what poisons the output most often."""
-        import math
-        import uuid
-
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        # one or two tokens: a prefill's cost grows with its tokens, and every adapted module of every
-        # layer already runs on the first one
-        ids = list(self.renderer.tokenizer.encode("The capital of France is"))[:2]
-        with_logprobs = probe_checks_logits(self.config)
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=1 if with_logprobs else None,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
-        request_id = f"probe-{uuid.uuid4().hex}"
-        values: list[float] = []
-        produced = 0
-        async for out in self._llm.generate(
-            TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=self._lora_request(spec)
-        ):
-            for completion in out.outputs:
-                produced += len(completion.token_ids)
-                for step in completion.logprobs or ():
-                    values.extend(lp.logprob for lp in step.values())
-        if not with_logprobs:
-            return produced > 0
-        return bool(values) and all(math.isfinite(v) for v in values)
+        NOTE: until issue 28 this was a 1-token greedy generate on `spec` reading its logprobs: one step
+        of the engine core (50-100 ms on CPU, its worker on one torch thread) on top of the load, which
+        kept LoadAdapter over its 50 ms budget. The registry's scan refuses NaN/inf weights; what the
+        forward caught beyond it, finite weights whose products overflow, this check sees too."""
+        problem = self._probed.pop(spec.key, None)
+        if problem is None:
+            problem = await asyncio.to_thread(self._delta_problem, spec)
+        if problem:
+            raise EffllmError("failed_precondition", problem)
+        return True
 
     async def score(self, token_ids: Sequence[int]) -> list[float]:
         """Log-probabilities of `token_ids[1:]` from vLLM's `prompt_logprobs` (max_tokens=1), on the base
         model (the null adapter on CPU, which changes nothing). NOTE: on CPU the first logprobs request
-        would compile vLLM's logprobs op with Inductor (see probe_adapter), but an eager engine core runs
+        would compile vLLM's logprobs op with Inductor, but an eager engine core runs
         it eager (engine_core_env); the server only scores when it hosts several variants."""
         import uuid
 
@@ -475,6 +460,7 @@ class VllmEngine:
         await self._llm.add_lora(self._null_lora)  # not pinned: see __init__
 
     async def remove_adapter(self, key: str) -> None:
+        self._probed.pop(key, None)
         lora_id = self._lora_ids.pop(key, None)
         if lora_id is not None and self._llm is not None:
             await self._llm.remove_lora(lora_id)

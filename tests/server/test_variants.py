@@ -82,6 +82,28 @@ async def test_a_failed_load_on_one_variant_leaves_none_holding_it() -> None:
     assert not good.adapters and "x@1" not in host.held
 
 
+class Explaining(FakeEngine):
+    """A probe that says what is wrong (as vLLM's lora_delta does) instead of answering False."""
+
+    async def probe_adapter(self, spec: AdapterSpec) -> bool:
+        raise EffllmError("failed_precondition", "its update of q_proj on a probe input is not finite")
+
+
+async def test_a_probe_refusal_names_its_reason_and_variant_and_leaves_none_holding_it() -> None:
+    good, explaining = fake("fp32"), Explaining()
+    explaining.info = replace(
+        explaining.info, precision="bf16", adapter_methods=("lora",), max_adapter_rank=16
+    )
+    host = VariantAdapters([good, explaining])
+    with pytest.raises(EffllmError) as err:
+        await host.add_adapter(spec("lora", "x@1"))
+    assert err.value.code == "failed_precondition"
+    assert err.value.message == (
+        "adapter: x@1 refused: its update of q_proj on a probe input is not finite on bf16:fake"
+    )
+    assert not good.adapters and not explaining.adapters and "x@1" not in host.held
+
+
 async def test_an_adapter_no_variant_serves_is_refused() -> None:
     host = VariantAdapters([fake("int4", ("lora",)), fake("bf16", ("lora",))])
     with pytest.raises(EffllmError) as err:

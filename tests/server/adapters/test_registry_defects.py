@@ -25,6 +25,7 @@ class ProbedEngine(RecordingEngine):
         self.refuse: set[str] = set()
         self.nan: set[str] = set()
         self.crash: set[str] = set()
+        self.explain: dict[str, str] = {}  # key -> the EffllmError message its probe raises
         self.probed: list[str] = []
 
     async def add_adapter(self, spec: AdapterSpec) -> None:
@@ -36,6 +37,8 @@ class ProbedEngine(RecordingEngine):
         self.probed.append(spec.key)
         if spec.key in self.crash:
             raise ValueError("probe crashed")
+        if spec.key in self.explain:
+            raise EffllmError("failed_precondition", self.explain[spec.key])
         return spec.key not in self.nan
 
 
@@ -77,6 +80,13 @@ async def test_probe_with_non_finite_logits_is_refused_and_evicts_nothing(adapte
     with pytest.raises(EffllmError) as exc:
         await reg.load("f4", "1")
     assert exc.value.code == "failed_precondition" and "probe failed" in exc.value.message
+    # an engine that says what is wrong (vLLM's lora_delta) is quoted as it is, never as a crash
+    engine.crash.clear()
+    engine.explain["f4@1"] = "its update of q_proj on a probe input is not finite"
+    with pytest.raises(EffllmError) as exc:
+        await reg.load("f4", "1")
+    assert exc.value.message == "adapter: f4@1 refused: its update of q_proj on a probe input is not finite"
+    assert "f4@1" not in engine.loaded and sorted(e.key for e in reg.entries()) == ["f1@1", "f2@1"]
 
 
 async def test_unload_waits_outside_the_lock(adapter_root) -> None:

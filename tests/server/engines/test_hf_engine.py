@@ -282,6 +282,68 @@ async def test_probe_runs_with_the_add_and_sees_non_finite_weights(
     assert tokens(after) == reference(PROMPTS[0], good.key)
 
 
+async def test_probe_is_one_token_through_the_decoder_and_sees_overflow(
+    engine: HfEngine, specs: dict[str, AdapterSpec], tmp_path: Any
+) -> None:
+    """Issue 28: the probe is one token's forward through the decoder (no LM head, which a q/v adapter
+    does not touch: a fifth of the model's weight reads saved) and still refuses finite weights whose
+    products overflow (every weight 1e30: the scan passes them, only a forward sees it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    batch = engine._batch
+    assert batch is not None
+    await engine.probe_adapter(specs["lora1"])  # uses up the result kept from the add, if any
+    head, body = batch.base.get_output_embeddings(), batch.base.get_decoder()
+    calls: list[tuple[str, int]] = []
+    hooks = [
+        head.register_forward_hook(lambda _m, _a, _o: calls.append(("head", 0))),
+        body.register_forward_hook(
+            lambda _m, a, kw, _o: calls.append(("body", kw["input_ids"].shape[1])), with_kwargs=True
+        ),
+    ]
+    try:
+        assert await engine.probe_adapter(specs["lora1"]) is True
+        assert calls == [("body", 1)]  # one token, the decoder alone, once
+        huge_path = shutil.copytree(specs["lora1"].path, tmp_path / "huge" / "1")
+        weights = load_file(huge_path / "adapter_model.safetensors")
+        save_file({k: v.fill_(1e30) for k, v in weights.items()}, huge_path / "adapter_model.safetensors")
+        huge = AdapterSpec("huge", "1", huge_path, "lora", 8, 16.0, ("q_proj", "v_proj"))
+        await engine.add_adapter(huge)
+        try:
+            assert await engine.probe_adapter(huge) is False
+        finally:
+            await engine.remove_adapter(huge.key)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("path", ["stacked", "peft"])
+async def test_probe_runs_the_head_when_the_adapter_targets_it(
+    engine: HfEngine, tmp_path: Any, path: str
+) -> None:
+    """An adapter on lm_head is probed through the head too: a NaN there is refused, on the stacked path
+    (lora_A/lora_B only) and on PEFT's (PEFT saved the tied embedding with it)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_adapter(model().path, tmp_path / path / "1", rank=4, seed=7, targets=("lm_head",))
+    weights = load_file(folder / "adapter_model.safetensors")
+    if path == "stacked":
+        weights = {k: v for k, v in weights.items() if ".lora_" in k}
+    key = next(k for k in sorted(weights) if k.endswith("lora_B.weight"))
+    weights[key][0, 0] = float("nan")
+    save_file(weights, folder / "adapter_model.safetensors")
+    spec = AdapterSpec(path, "1", folder, "lora", 4, 8.0, ("lm_head",))
+    await engine.add_adapter(spec)
+    try:
+        assert (spec.key in engine._batch.stack) == (path == "stacked")  # type: ignore[union-attr]
+        assert await engine.probe_adapter(spec) is False
+    finally:
+        await engine.remove_adapter(spec.key)
+
+
 async def test_adapters_per_batch_limit_holds_rows_back(specs: dict[str, AdapterSpec]) -> None:
     config = HfConfig(precision="fp32", max_concurrency=4, max_adapters_per_batch=1, max_context=512)
     eng = HfEngine(model(), config)
