@@ -6,7 +6,7 @@ with its own batch, KV cache and Runner (admission), plus what the router needs 
   quartiles of the last WINDOW per-request values) and sample count; until the first request, the
   start-up figures of `measure()`: the median of START_UP_REPEATS runs, each one request at batch 1 and
   one batch of START_UP_BATCH requests, START_UP_TOKENS greedy tokens each (min/max over the repeats as
-  the spread). J/token at start-up is the engine's OWN CPU time (`Engine.cpu_seconds`: vLLM's engine
+  the spread), the variants taking turns repeat by repeat in alternating order. J/token at start-up is the engine's OWN CPU time (`Engine.cpu_seconds`: vLLM's engine
   core, the hf worker thread and its share of torch's pool, never a neighbour's) x watts per core,
   "estimated".
 - `VariantAdapters`: the adapter registry's engine when there are several variants: a version goes to
@@ -430,17 +430,19 @@ class VariantSet:
         for v in self.variants:
             t0 = time.perf_counter()
             ppl[v.name] = await _perplexity(v.engine)
-            t1 = time.perf_counter()  # scoring's own time: vLLM's first logprobs request may compile
-            await _warm_up(v, default_max_new_tokens, watts)
+            # scoring's own time: vLLM's first logprobs request may compile
+            log.info("variant %s: held-out set scored in %.1fs", v.name, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        await _warm_up(self.variants, default_max_new_tokens, watts)
+        for v in self.variants:
             f = v.figures
             tpot, joules = f.spread("tpot_s"), f.spread("j_per_token")
             log.info(
-                "variant %s: perplexity %.4f on the held-out set (scored in %.1fs); start-up TTFT %.3fs, "
+                "variant %s: perplexity %.4f on the held-out set; start-up TTFT %.3fs, "
                 "TPOT %.4fs (%.4f-%.4f), ~%.3g J/token (%.3g-%.3g, estimated at %g W/core), median of %d "
-                "repeats (%.1fs)",
+                "repeats (every variant's, alternating: %.1fs)",
                 v.name,
                 ppl[v.name],
-                t1 - t0,
                 f.prefill_s,
                 f.tpot_s,
                 tpot.lo,
@@ -512,45 +514,56 @@ async def _run(engine: Engine, batch: int, tokens: int) -> _Run:
     )
 
 
-async def _warm_up(v: Variant, default_max_new_tokens: int, watts: float) -> None:
+async def _warm_up(variants: Sequence[Variant], default_max_new_tokens: int, watts: float) -> None:
     """START_UP_REPEATS repeats, each one request at batch 1 (its TTFT, TPOT and J/token: the router's
     figures are per batch-1 row, `batch_seen` 1, and live figures from lone requests compare with them)
     and one batch of START_UP_BATCH (its J/token logged beside), after one unmeasured batch that pays
-    lazy initialisation. The figures are the medians, the spreads min..max over the repeats. J/token counts
-    the engine's own CPU (Engine.cpu_seconds) only: another variant's engine spinning beside it (vLLM's
-    engine core polls between steps) is not this variant's cost."""
-    wide = max(1, min(START_UP_BATCH, v.runner.max_concurrency if v.runner is not None else START_UP_BATCH))
-    await _run(v.engine, wide, 4)
-    samples: dict[str, list[float]] = {name: [] for name in SPREAD_FIGURES}
-    batched_j: list[float] = []  # J/token at batch `wide`: logged beside the batch-1 figure
-    for _ in range(START_UP_REPEATS):
-        alone = await _run(v.engine, 1, START_UP_TOKENS)
-        batched = await _run(v.engine, wide, START_UP_TOKENS) if wide > 1 else None
-        if alone.tokens < 2:
+    lazy initialisation. The variants take turns, repeat by repeat, in alternating order, so a stretch of
+    a busier machine falls on every variant's repeats rather than on all of one's. The figures are the
+    medians, the spreads min..max over the repeats. J/token counts the engine's own CPU
+    (Engine.cpu_seconds) only: another variant's engine spinning beside it (vLLM's engine core polls
+    between steps) is not this variant's cost."""
+
+    def wide(v: Variant) -> int:
+        slots = v.runner.max_concurrency if v.runner is not None else START_UP_BATCH
+        return max(1, min(START_UP_BATCH, slots))
+
+    for v in variants:
+        await _run(v.engine, wide(v), 4)
+    samples: dict[str, dict[str, list[float]]] = {v.name: {n: [] for n in SPREAD_FIGURES} for v in variants}
+    batched_j: dict[str, list[float]] = {v.name: [] for v in variants}  # J/token at batch `wide`
+    for repeat in range(START_UP_REPEATS):
+        for v in variants if repeat % 2 == 0 else list(variants)[::-1]:
+            alone = await _run(v.engine, 1, START_UP_TOKENS)
+            batched = await _run(v.engine, wide(v), START_UP_TOKENS) if wide(v) > 1 else None
+            if alone.tokens < 2:
+                continue
+            mine = samples[v.name]
+            mine["ttft_s"].append(alone.prefill_s)
+            mine["prefill_s"].append(alone.prefill_s)
+            mine["tpot_s"].append(alone.tpot_s)
+            # J/token of a batch-1 row, as the live figures a lone request then yields: a figure from the
+            # batch (cheaper per token) beside another variant's live batch-1 figure would favour it unfairly
+            mine["j_per_token"].append(alone.cpu_s * watts / alone.tokens)
+            if batched is not None and batched.tokens:
+                batched_j[v.name].append(batched.cpu_s * watts / batched.tokens)
+    for v in variants:
+        mine = samples[v.name]
+        if not mine["tpot_s"]:
             continue
-        samples["ttft_s"].append(alone.prefill_s)
-        samples["prefill_s"].append(alone.prefill_s)
-        samples["tpot_s"].append(alone.tpot_s)
-        # J/token of a batch-1 row, as the live figures a lone request then yields: a figure from the
-        # batch (cheaper per token) beside another variant's live batch-1 figure would favour it unfairly
-        samples["j_per_token"].append(alone.cpu_s * watts / alone.tokens)
-        if batched is not None and batched.tokens:
-            batched_j.append(batched.cpu_s * watts / batched.tokens)
-    if not samples["tpot_s"]:
-        return
-    f = v.figures
-    f.startup = {name: spread_of(values) for name, values in samples.items()}
-    for name in SPREAD_FIGURES:
-        setattr(f, name, f.startup[name].median)
-    f.energy_source = "estimated"
-    f.service_s = f.prefill_s + f.tpot_s * max(default_max_new_tokens - 1, 1)
-    f.newest_s = time.monotonic()
-    if batched_j:
-        log.info(
-            "variant %s: start-up J/token %.3g at batch 1, %.3g at batch %d (median of %d)",
-            v.name,
-            f.j_per_token,
-            statistics.median(batched_j),
-            wide,
-            len(batched_j),
-        )
+        f = v.figures
+        f.startup = {name: spread_of(values) for name, values in mine.items()}
+        for name in SPREAD_FIGURES:
+            setattr(f, name, f.startup[name].median)
+        f.energy_source = "estimated"
+        f.service_s = f.prefill_s + f.tpot_s * max(default_max_new_tokens - 1, 1)
+        f.newest_s = time.monotonic()
+        if batched_j[v.name]:
+            log.info(
+                "variant %s: start-up J/token %.3g at batch 1, %.3g at batch %d (median of %d)",
+                v.name,
+                f.j_per_token,
+                statistics.median(batched_j[v.name]),
+                wide(v),
+                len(batched_j[v.name]),
+            )

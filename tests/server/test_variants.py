@@ -317,6 +317,35 @@ def small_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(variants_mod, "START_UP_BATCH", 2)
 
 
+async def test_start_up_repeats_take_turns_in_alternating_order(small_start_up: None) -> None:
+    """Every variant's repeats interleave (A B, B A, A B, ...), so a busier stretch of the machine falls on
+    both variants' figures instead of on all of one's; each still gets START_UP_REPEATS samples."""
+    order: list[str] = []
+
+    class Logged(FakeEngine):
+        async def generate(self, request: Any) -> Any:
+            order.append(self.info.precision)
+            async for event in super().generate(request):
+                yield event
+
+    engines = []
+    for precision in ("fp32", "int4"):
+        e = Logged(max_context=256)
+        e.info = replace(e.info, precision=precision)  # type: ignore[arg-type]
+        await e.start()
+        engines.append(e)
+    variants = VariantSet([Variant(e, Runner(e, 1, 0)) for e in engines])
+    await variants.measure(default_max_new_tokens=8)
+    # one slot each (no batched runs): each variant's unmeasured warm-up run, then one run per repeat and
+    # variant, alternating
+    turns = [
+        ("fp32", "int4") if r % 2 == 0 else ("int4", "fp32") for r in range(variants_mod.START_UP_REPEATS)
+    ]
+    assert order == ["fp32", "int4", *(p for turn in turns for p in turn)]
+    for v in variants.variants:
+        assert v.figures.spread("j_per_token").samples == variants_mod.START_UP_REPEATS
+
+
 class ChildWorker(FakeEngine):
     """Decodes in a long-lived child process, as vLLM's engine core does: every token costs the child
     CPU_PER_TOKEN_S of CPU and this process next to nothing; its own CPU is that child's tree."""
