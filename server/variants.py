@@ -6,9 +6,9 @@ with its own batch, KV cache and Runner (admission), plus what the router needs 
   quartiles of the last WINDOW per-request values) and sample count; until the first request, the
   start-up figures of `measure()`: the median of START_UP_REPEATS runs, each one request at batch 1 and
   one batch of START_UP_BATCH requests, START_UP_TOKENS greedy tokens each (min/max over the repeats as
-  the spread), the variants taking turns repeat by repeat in alternating order. J/token at start-up is the engine's OWN CPU time (`Engine.cpu_seconds`: vLLM's engine
-  core, the hf worker thread and its share of torch's pool, never a neighbour's) x watts per core,
-  "estimated".
+  the spread), the variants taking turns repeat by repeat in alternating order. J/token at start-up is
+  the engine's OWN CPU time (`Engine.cpu_seconds`: vLLM's engine core, the hf worker thread and its share
+  of torch's pool, never a neighbour's) x watts per core, "estimated".
 - `VariantAdapters`: the adapter registry's engine when there are several variants: a version goes to
   every variant that can serve it (method and rank), the others are recorded as skipped with why; a
   failure on one variant removes it again from those that took it, so no variant is left half-loaded.

@@ -46,7 +46,15 @@ import torch
 
 from .hf_decoder import Row
 from .hf_lora import StackedLora
-from .hf_static import StaticKV, decode_step, lora_inputs, module_names, read_weights, unsupported
+from .hf_static import (
+    StaticKV,
+    decode_step,
+    fuse_projections,
+    lora_inputs,
+    module_names,
+    read_weights,
+    unsupported,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +180,7 @@ class CompiledDecoder:
         self.stack = stack
         self.device = torch.device(device)
         self.names = module_names(model.config.num_hidden_layers)
+        self.fused = fuse_projections(model, stack.linears)  # q/k/v and gate/up: one product each
         self.weights = read_weights(model, stack.linears)
         self.kv = StaticKV(self.weights, max_rows, max_len, self.weights.norm.dtype, self.device)
         self.buckets = buckets(max_rows)

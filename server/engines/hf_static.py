@@ -17,6 +17,7 @@ DynamicCache holds for the row in slot s; a position past a row's length is writ
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -48,6 +49,8 @@ class Layer(NamedTuple):
     input_norm: torch.Tensor  # [hidden]
     post_norm: torch.Tensor  # [hidden]
     linears: tuple[Linear, ...]  # in LINEARS order
+    qkv: Linear | None  # [q+k+v, hidden]: q/k/v_proj's weights as row blocks of one tensor (fused)
+    gate_up: Linear | None  # [2 * intermediate, hidden]: gate_proj's, then up_proj's (fused)
 
 
 class DecodeWeights(NamedTuple):
@@ -79,6 +82,69 @@ def unsupported(model: Any, linears: dict[str, nn.Linear]) -> str | None:
     return None
 
 
+_FUSED = ((_Q, _K, _V), (_GATE, _UP))  # groups of a layer's LINEARS that one fused product reads
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """A dense tensor (not a torchao int4 one or another subclass, whose layout is not rows of floats)."""
+    return type(t) is torch.Tensor
+
+
+def fuse_projections(model: Any, linears: dict[str, nn.Linear]) -> int:
+    """Give each layer's q/k/v_proj and gate/up_proj weights (and biases) one storage, as adjacent row
+    blocks: a new [sum of outs, in] tensor per group, each module's weight then a view of its block (the
+    same Parameter object, `.data` swapped: hooks, PEFT wrappers and the eager forward see the same values
+    in the same layout). The old tensors are freed as each group is copied, so memory stays one copy.
+    Skips a group whose weights are not plain dense tensors (int4) or whose biases are mixed. Returns the
+    groups fused (already fused ones count too)."""
+    fused = 0
+    with torch.no_grad():
+        for i in range(model.config.num_hidden_layers):
+            for group in _FUSED:
+                modules = [linears[f"model.layers.{i}.{LINEARS[j]}"] for j in group]
+                weights = [m.weight.detach() for m in modules]
+                biases = [m.bias for m in modules]
+                if not all(_plain(w) for w in weights) or len({b is None for b in biases}) > 1:
+                    continue
+                if _joined(weights) is None:
+                    whole = torch.cat(weights, dim=0)
+                    for m, block in zip(modules, _blocks(whole, weights), strict=True):
+                        m.weight.data = block
+                    if biases[0] is not None:
+                        whole_bias = torch.cat([b.detach() for b in biases if b is not None], dim=0)
+                        for m, block in zip(modules, _blocks(whole_bias, weights), strict=True):
+                            m.bias.data = block
+                fused += 1
+    return fused
+
+
+def _blocks(whole: torch.Tensor, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`whole` cut along dim 0 into views as tall as `parts`."""
+    return list(whole.split([p.shape[0] for p in parts], dim=0))
+
+
+def _joined(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The one tensor whose consecutive row blocks `parts` are (a view of their shared storage), or None
+    when they are not laid out so (not fused, a subclass, no bias)."""
+    if any(p is None or not _plain(p) or not p.is_contiguous() for p in parts):
+        return None
+    tensors = [p for p in parts if p is not None]
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        same = t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if (
+            not same
+            or t.storage_offset() != offset
+            or t.shape[1:] != first.shape[1:]
+            or t.dtype != first.dtype
+        ):
+            return None
+        offset += t.numel()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
 def read_weights(model: Any, linears: dict[str, nn.Linear]) -> DecodeWeights:
     """The model's own tensors (the Linears as hf_lora found them, before PEFT wraps any), detached: the
     same storage, but with requires_grad False for good, so PEFT freezing the base later (it flips the
@@ -90,17 +156,28 @@ def read_weights(model: Any, linears: dict[str, nn.Linear]) -> DecodeWeights:
         module = linears[name]
         return Linear(module.weight.detach(), None if module.bias is None else module.bias.detach())
 
-    layers = tuple(
-        Layer(
-            layer.input_layernorm.weight.detach(),
-            layer.post_attention_layernorm.weight.detach(),
-            tuple(linear(f"model.layers.{i}.{name}") for name in LINEARS),
+    def fused(lins: tuple[Linear, ...], group: tuple[int, ...]) -> Linear | None:
+        weight = _joined([lins[j].weight for j in group])
+        if weight is None:
+            return None
+        bias = _joined([lins[j].bias for j in group])
+        return None if bias is None and lins[group[0]].bias is not None else Linear(weight, bias)
+
+    layers = []
+    for i, layer in enumerate(inner.layers):
+        lins = tuple(linear(f"model.layers.{i}.{name}") for name in LINEARS)
+        layers.append(
+            Layer(
+                layer.input_layernorm.weight.detach(),
+                layer.post_attention_layernorm.weight.detach(),
+                lins,
+                fused(lins, _FUSED[0]),
+                fused(lins, _FUSED[1]),
+            )
         )
-        for i, layer in enumerate(inner.layers)
-    )
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return DecodeWeights(
-        layers=layers,
+        layers=tuple(layers),
         norm=inner.norm.weight.detach(),
         head=linear("lm_head"),
         eps=float(inner.norm.variance_epsilon),
@@ -183,13 +260,36 @@ def _linear(
     x: torch.Tensor, lin: Linear, lora: Lora, rows: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
     """x [B, 1, in] -> [B, 1, out]; with the row's stacked adapter as hf_lora adds it (slot 0: zeros)."""
-    out = F.linear(x, lin.weight, lin.bias)
+    return _add_lora(x, F.linear(x, lin.weight, lin.bias), lora, rows, scale)
+
+
+def _add_lora(
+    x: torch.Tensor, out: torch.Tensor, lora: Lora, rows: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """A Linear's output `out` [B, 1, out] for input x plus its rows' stacked adapter delta, cast back."""
     if lora is None:
         return out
     a, b = lora
     xa = torch.bmm(x.to(LORA_DTYPE), a.index_select(0, rows).transpose(1, 2))  # [B, 1, r]
     delta = torch.bmm(xa, b.index_select(0, rows).transpose(1, 2)) * scale  # [B, 1, out]
     return (out + delta).to(out.dtype)
+
+
+def _projections(
+    x: torch.Tensor,
+    lin: tuple[Linear, ...],
+    fused: Linear | None,
+    group: tuple[int, ...],
+    lo: tuple[Lora, ...],
+    rows: torch.Tensor,
+    scale: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The outputs [B, 1, out_j] of the Linears `group` on x: one product on their fused weight when
+    there is one (split into each Linear's block), else one product each; adapters per Linear."""
+    if fused is None:
+        return [_linear(x, lin[j], lo[j], rows, scale) for j in group]
+    outs = F.linear(x, fused.weight, fused.bias).split([lin[j].weight.shape[0] for j in group], dim=-1)
+    return [_add_lora(x, out, lo[j], rows, scale) for out, j in zip(outs, group, strict=True)]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -227,9 +327,10 @@ def decode_step(
         lo = loras[i * per_layer : (i + 1) * per_layer]
         lin = layer.linears
         h = _rms_norm(x, layer.input_norm, w.eps)
-        q = _linear(h, lin[_Q], lo[_Q], rows, scale).view(b, 1, w.heads, w.head_dim).transpose(1, 2)
-        k = _linear(h, lin[_K], lo[_K], rows, scale).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
-        v = _linear(h, lin[_V], lo[_V], rows, scale).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
+        q, k, v = _projections(h, lin, layer.qkv, (_Q, _K, _V), lo, rows, scale)
+        q = q.view(b, 1, w.heads, w.head_dim).transpose(1, 2)
+        k = k.view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
+        v = v.view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
         q = (q * cos4) + (_rotate_half(q) * sin4)  # [B, heads, 1, head_dim]
         k = (k * cos4) + (_rotate_half(k) * sin4)  # [B, kv_heads, 1, head_dim]
         kc, vc = k_cache[i], v_cache[i]
@@ -245,8 +346,7 @@ def decode_step(
         )  # [B, heads, 1, head_dim]
         x = x + _linear(att.transpose(1, 2).reshape(b, 1, -1), lin[_O], lo[_O], rows, scale)
         h = _rms_norm(x, layer.post_norm, w.eps)
-        gate = _linear(h, lin[_GATE], lo[_GATE], rows, scale)
-        up = _linear(h, lin[_UP], lo[_UP], rows, scale)
+        gate, up = _projections(h, lin, layer.gate_up, (_GATE, _UP), lo, rows, scale)
         x = x + _linear(F.silu(gate) * up, lin[_DOWN], lo[_DOWN], rows, scale)
     h = _rms_norm(x, w.norm, w.eps)
     return _linear(h, w.head, loras[-1], rows, scale)[:, 0].float()

@@ -212,6 +212,82 @@ async def test_compiled_equals_eager_and_peft_with_mixed_adapters_and_joiners(
     assert decoder.kv.in_use() == 0 and compiled.running() == 0  # every slot freed
 
 
+def test_fused_projections_share_the_modules_storage_and_keep_every_output(
+    tiny: ResolvedModel, specs: dict[str, AdapterSpec]
+) -> None:
+    """q/k/v and gate/up fused into one tensor each: the modules' weights become views of it (no second
+    copy), the eager forward's logits are bit-identical, and the static step on the fused weights gives
+    the unfused step's greedy tokens and logits, with a rsLoRA adapter on every Linear (deltas per block)."""
+    from transformers import AutoModelForCausalLM
+
+    from effllm.server.engines.hf_lora import StackedLora, read_lora
+    from effllm.server.engines.hf_static import (
+        StaticKV,
+        decode_step,
+        fuse_projections,
+        lora_inputs,
+        module_names,
+        read_weights,
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.path, dtype=torch.float32).eval()
+    stack = StackedLora(model, "cpu", 4)
+    stack.add("rs", read_lora(specs["rs"].path, stack.linears))  # type: ignore[arg-type]
+    ids = torch.tensor([[1, 450, 2211, 7300, 10631, 526]])
+    names = module_names(model.config.num_hidden_layers)
+
+    def static_logits() -> tuple[torch.Tensor, list[int]]:
+        """The static step, eagerly, on rows (base, rsLoRA) decoding 6 tokens after ids[0, 0]."""
+        w = read_weights(model, stack.linears)
+        kv = StaticKV(w, 2, 16, torch.float32, "cpu")
+        rows, scale = torch.tensor([0, 1]), stack.scale[[0, 1]].view(-1, 1, 1)
+        tok, out, picks = torch.tensor([1, 1]), [], []
+        for p in range(6):
+            pos = torch.tensor([p, p])
+            x = model.get_input_embeddings()(tok[:, None])
+            cos, sin = model.model.rotary_emb(x, pos[:, None])
+            mask = torch.arange(8)[None, :] <= pos[:, None]
+            logits = decode_step(
+                w, x, cos, sin, pos, mask, kv.k, kv.v, rows, scale, lora_inputs(stack, names)
+            )
+            tok = logits.argmax(-1)
+            out.append(logits)
+            picks += tok.tolist()
+        return torch.stack(out), picks
+
+    with torch.inference_mode():
+        plain_forward = model(input_ids=ids).logits
+        plain, plain_tokens = static_logits()
+        assert all(
+            layer.qkv is None and layer.gate_up is None for layer in read_weights(model, stack.linears).layers
+        )
+        before = sum(p.numel() for p in model.parameters())
+        assert fuse_projections(model, stack.linears) == 2 * model.config.num_hidden_layers
+        weights = read_weights(model, stack.linears)
+        for i, layer in enumerate(weights.layers):
+            attn, mlp = model.model.layers[i].self_attn, model.model.layers[i].mlp
+            assert layer.qkv is not None and layer.gate_up is not None
+            parts = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+            assert layer.qkv.weight.shape == (sum(p.shape[0] for p in parts), 128)
+            assert torch.equal(layer.qkv.weight, torch.cat(parts))
+            offset = 0
+            for part in parts:  # views of the fused tensor: same storage, adjacent row blocks
+                assert part.untyped_storage().data_ptr() == layer.qkv.weight.untyped_storage().data_ptr()
+                assert part.storage_offset() == layer.qkv.weight.storage_offset() + offset
+                offset += part.numel()
+            assert layer.gate_up.weight.data_ptr() == mlp.gate_proj.weight.data_ptr()
+            assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight[-1].data_ptr() + 128 * 4
+        assert sum(p.numel() for p in model.parameters()) == before
+        ptr = weights.layers[0].qkv.weight.data_ptr()  # type: ignore[union-attr]
+        assert fuse_projections(model, stack.linears) == 2 * model.config.num_hidden_layers  # idempotent
+        assert read_weights(model, stack.linears).layers[0].qkv.weight.data_ptr() == ptr  # type: ignore[union-attr]
+        assert torch.equal(model(input_ids=ids).logits, plain_forward)  # the eager path reads the same
+        fused, fused_tokens = static_logits()
+    assert fused_tokens == plain_tokens
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert plain_tokens[0::2] != plain_tokens[1::2]  # the adapter row differs: its deltas are applied
+
+
 def test_buckets() -> None:
     assert buckets(1) == (1,) and buckets(8) == (1, 2, 4, 8) and buckets(32) == (1, 2, 4, 8, 16, 32)
     assert buckets(5) == (1, 2, 4, 5)
