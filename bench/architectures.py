@@ -7,6 +7,8 @@ new tokens (greedy, ignore_eos) at each concurrency:
        against computed from config.json)
   AL   TTFT and TPOT (median over the requests of a level)
   AT   output tokens/s of the level
+  PCU  the process's CPU seconds over the level / (wall seconds x CPUs)
+  MCR  the row's weight bytes / the hf engine's int4 weight bytes of the same model (`--no-mcr`: skipped)
   AEC  joules per token, ESTIMATED: process CPU seconds x watts per core (telemetry/energy.py)
   parameters and active parameters (MoE: the routed experts a token skips are not active)
 
@@ -30,6 +32,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +48,7 @@ METRICS = {  # JSON key -> (column, unit) of the table and plots
     "ttft_ms": ("TTFT", "ms"),
     "tpot_ms": ("TPOT", "ms"),
     "tokens_per_s": ("AT", "tok/s"),
+    "pcu": ("PCU", "share of the CPUs"),
     "joules_per_token": ("J/token (est.)", "J"),
 }
 
@@ -86,6 +90,7 @@ async def run_level(engine: Any, c: int, max_new: int) -> dict[str, float]:
         "tpot_ms": statistics.median(r[1] for r in results) * 1e3,
         "tokens_per_s": tokens / seconds,
         "cpu_s": cpu_s,
+        "pcu": cpu_s / (seconds * (os.cpu_count() or 1)),  # the machine's CPUs this process kept busy
         "tokens": tokens,
     }
 
@@ -150,6 +155,7 @@ async def bench_model(name: str, path: Path, args: argparse.Namespace, watts: fl
         info = engine.info
     finally:
         await engine.shutdown()
+    mcr = await int4_ratio(path, info.weight_bytes) if args.mcr else None
     dtype, dtype_bytes = (torch.float32, 4) if args.precision == "fp32" else (torch.bfloat16, 2)
     return {
         **row,
@@ -157,10 +163,28 @@ async def bench_model(name: str, path: Path, args: argparse.Namespace, watts: fl
         "parameters": info.parameters,
         "active_parameters": arch.active_parameters(info.parameters),
         "weight_mb": info.weight_bytes / 1e6,
+        "mcr_int4": mcr,
         "kv_bytes_per_token": measure_kv_bytes_per_token(path, dtype),
         "kv_bytes_per_token_computed": arch.kv_bytes_per_token(dtype_bytes),
         "levels": levels,
     }
+
+
+async def int4_ratio(path: Path, weight_bytes: int) -> float | None:
+    """MCR of the hf engine's int4 weights: this row's weight bytes over the int4 engine's (None: int4
+    cannot quantise this model's shapes here)."""
+    from effllm.common.model import resolve_model
+    from effllm.server.engines.hf_engine import HfConfig, HfEngine
+
+    engine = HfEngine(resolve_model(str(path)), HfConfig(precision="int4", max_concurrency=1, max_context=64))
+    try:
+        await engine.start()
+        return weight_bytes / engine.info.weight_bytes
+    except Exception as err:  # reported in the row, the table goes on
+        print(f"  {path.name}: no int4 here ({type(err).__name__}: {str(err)[:120]})", flush=True)
+        return None
+    finally:
+        await engine.shutdown()
 
 
 def bench_transformers(
@@ -217,7 +241,8 @@ def bench_transformers(
             "ttft_ms": (steps[0] - t0) * 1e3,
             "tpot_ms": (steps[-1] - steps[0]) / max(1, len(steps) - 1) * 1e3,
             "tokens_per_s": tokens / seconds,
-            "cpu_s": sum(proc.cpu_times()[:2]) - cpu0,
+            "cpu_s": (cpu := sum(proc.cpu_times()[:2]) - cpu0),
+            "pcu": cpu / (seconds * (os.cpu_count() or 1)),
             "tokens": tokens,
         }
 
@@ -241,9 +266,10 @@ def bench_transformers(
 
 
 def table(rows: list[dict[str, Any]], concurrency: list[int]) -> str:
-    cols = ["model", "engine", "attention", "params (active)", "weights MB", "KV B/token meas./comp."]
+    cols = ["model", "engine", "attention", "params (active)", "weights MB", "MCR int4"]
+    cols += ["KV B/token meas./comp."]
     for c in concurrency:
-        cols += [f"TTFT ms c={c}", f"TPOT ms c={c}", f"tok/s c={c}", f"J/token c={c} (est.)"]
+        cols += [f"TTFT ms c={c}", f"TPOT ms c={c}", f"tok/s c={c}", f"PCU c={c}", f"J/token c={c} (est.)"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         name = r["name"] + (" (random-init)" if r["random_init"] else "")
@@ -257,17 +283,19 @@ def table(rows: list[dict[str, Any]], concurrency: list[int]) -> str:
             r["attention"] + moe,
             f"{r['parameters'] / 1e6:.2f}M ({r['active_parameters'] / 1e6:.2f}M)",
             f"{r['weight_mb']:.1f}",
+            f"{r['mcr_int4']:.2f}" if r.get("mcr_int4") else "-",
             f"{r['kv_bytes_per_token']:.0f} / {r['kv_bytes_per_token_computed']}",
         ]
         for c in concurrency:
             lv = r["levels"].get(str(c))
             if lv is None:  # not measured at this concurrency (the row's note says why)
-                cells += ["-"] * 4
+                cells += ["-"] * 5
                 continue
             cells += [
                 f"{lv['ttft_ms']:.1f}",
                 f"{lv['tpot_ms']:.1f}",
                 f"{lv['tokens_per_s']:.1f}",
+                f"{100 * lv['pcu']:.0f} %",
                 f"{lv['joules_per_token']:.3f}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -289,7 +317,7 @@ def html_report(
     figures = []
     for key, (label, unit) in METRICS.items():
         fig, ax = plt.subplots(figsize=(7, 3.2))
-        if key in ("ttft_ms", "tpot_ms", "tokens_per_s", "joules_per_token"):
+        if key in ("ttft_ms", "tpot_ms", "tokens_per_s", "pcu", "joules_per_token"):
             width = 0.8 / len(concurrency)
             for j, c in enumerate(concurrency):
                 xs = [i + j * width for i in range(len(served))]
@@ -330,6 +358,9 @@ def main() -> int:
     p.add_argument("--watts-per-core", type=float, default=None, help="default: EFFLLM_WATTS_PER_CORE or 10")
     p.add_argument("--out", default="runs/bench-architectures.json")
     p.add_argument("--html", default="", help="also write an HTML report here (needs matplotlib)")
+    p.add_argument(
+        "--no-mcr", dest="mcr", action="store_false", help="skip the int4 engine per row (MCR column)"
+    )
     p.add_argument(
         "--no-transformers-rows",
         dest="transformers_rows",
