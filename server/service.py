@@ -406,18 +406,19 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         held: list[TokenEvent] = []  # events not sent yet (stream_interval > 1): never the first token's
-        sent_first = False
+        held_tokens, sent_first = 0, False
         async for req, event, variant, met in self._events(request, context):
             held.append(event)
+            held_tokens += len(event.token_ids)
             if (
                 self.stream_interval > 1
-                and event.finish_reason is None
                 and sent_first
-                and sum(len(e.token_ids) for e in held) < self.stream_interval
+                and event.finish_reason is None
+                and held_tokens < self.stream_interval
             ):
                 continue
             events, held = held, []
-            sent_first = sent_first or any(e.token_ids for e in events)
+            sent_first, held_tokens = sent_first or held_tokens > 0, 0
             out = pb.GenerateStreamResponse(
                 request_id=req.request_id,
                 text="".join(e.text for e in events),
